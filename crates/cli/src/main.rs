@@ -1,0 +1,2 @@
+//! The `starflow` command-line tool.
+fn main() {}

@@ -1,0 +1,1 @@
+//! Data: loading, validation, normalisation, splits, batching and the synthetic generator.

@@ -1,0 +1,3 @@
+//! Reports on finished runs: denormalised metrics, calibration, plots.
+//!
+//! Not implemented yet (issue #6); the crate exists so that the workspace layout is fixed.
