@@ -1,0 +1,162 @@
+//! The [`Backbone`] trait, construction by name, and the split between trainable parameters and BatchNorm
+//! buffers.
+//!
+//! **API boundary**: the training crate builds a backbone with [`backbone`] from a name in its config and a
+//! `VarBuilder`, calls [`Backbone::forward_t`], and hands the optimiser only [`trainable_vars`]. Adding a
+//! backbone is one file plus one line in [`backbone`].
+
+use std::sync::Mutex;
+
+use candle_core::{Result as CandleResult, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use rand::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::config::{BackboneConfig, ComputePath};
+use crate::layers::{Block, BlockSpec};
+use crate::{ModelError, Result};
+
+/// A network mapping spectra `(b, 1, input_len)` to flow parameters `(b, n_params)`.
+pub trait Backbone: Send + Sync + std::fmt::Debug {
+    /// The name this backbone is built by (see [`BACKBONE_NAMES`]).
+    fn name(&self) -> &'static str;
+    /// The configuration it was built with.
+    fn config(&self) -> &BackboneConfig;
+    /// Forward pass; `train` selects batch statistics (and updates the running ones) and dropout.
+    fn forward_t(&self, x: &Tensor, train: bool) -> CandleResult<Tensor>;
+    /// Restarts the dropout generator from `seed` (for example at a resumed epoch).
+    fn reseed_dropout(&self, seed: u64);
+}
+
+/// Names accepted by [`backbone`].
+pub const BACKBONE_NAMES: &[&str] = &["cnn", "tiny_cnn"];
+
+/// Builds the backbone called `name` (one of [`BACKBONE_NAMES`]) with parameters from `vb`.
+pub fn backbone(name: &str, cfg: &BackboneConfig, vb: VarBuilder) -> Result<Box<dyn Backbone>> {
+    match name {
+        "cnn" => Ok(Box::new(crate::cnn::cnn_model(cfg, vb)?)),
+        "tiny_cnn" => Ok(Box::new(crate::tiny_cnn::tiny_cnn(cfg, vb)?)),
+        _ => Err(ModelError::UnknownBackbone {
+            name: name.to_string(),
+            valid: BACKBONE_NAMES,
+        }),
+    }
+}
+
+/// Whether a `VarMap` name is a BatchNorm buffer (running statistics), saved with the weights but never
+/// optimised or weight-decayed.
+pub fn is_buffer(name: &str) -> bool {
+    name.ends_with(".running_mean") || name.ends_with(".running_var")
+}
+
+/// The optimiser's variables: every variable of `varmap` except the BatchNorm buffers, sorted by name.
+pub fn trainable_vars(varmap: &VarMap) -> Vec<Var> {
+    named_vars(varmap, false)
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect()
+}
+
+/// The BatchNorm buffers of `varmap` with their names, sorted by name.
+pub fn buffer_vars(varmap: &VarMap) -> Vec<(String, Var)> {
+    named_vars(varmap, true)
+}
+
+fn named_vars(varmap: &VarMap, buffers: bool) -> Vec<(String, Var)> {
+    let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+    let mut vars: Vec<(String, Var)> = data
+        .iter()
+        .filter(|(name, _)| is_buffer(name) == buffers)
+        .map(|(name, var)| (name.clone(), var.clone()))
+        .collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    vars
+}
+
+/// The convolutional trunk shared by the backbones, with the dropout generator.
+#[derive(Debug)]
+pub(crate) struct Trunk {
+    blocks: Vec<Block>,
+    path: ComputePath,
+    rng: Mutex<ChaCha8Rng>,
+}
+
+impl Trunk {
+    /// Builds the blocks, checking that `input_len` survives every one; returns the trunk and the
+    /// output length.
+    pub fn new(
+        name: &'static str,
+        specs: &[BlockSpec],
+        cfg: &BackboneConfig,
+        vb: &VarBuilder,
+    ) -> Result<(Self, usize)> {
+        cfg.validate()?;
+        let mut l = cfg.input_len;
+        for spec in specs {
+            l = spec.out_len(l).ok_or(ModelError::InputTooShort {
+                backbone: name,
+                input_len: cfg.input_len,
+                min_len: min_len(specs),
+            })?;
+        }
+        let blocks = specs
+            .iter()
+            .map(|s| Block::new(*s, vb))
+            .collect::<CandleResult<Vec<_>>>()?;
+        let trunk = Self {
+            blocks,
+            path: cfg.path,
+            rng: Mutex::new(ChaCha8Rng::seed_from_u64(cfg.seed)),
+        };
+        Ok((trunk, l))
+    }
+
+    pub fn reseed(&self, seed: u64) {
+        *self.rng.lock().unwrap_or_else(|e| e.into_inner()) = ChaCha8Rng::seed_from_u64(seed);
+    }
+
+    /// Runs every block. In training mode one `u64` is drawn from the generator per block, in block order,
+    /// and seeds that block's mask ([`crate::dropout_mask`] with rows `(item, channel)` of the conv output).
+    pub fn forward(&self, x: &Tensor, train: bool) -> CandleResult<Tensor> {
+        let (_, c, _) = x.dims3()?;
+        if c != 1 {
+            candle_core::bail!("backbone input must be (b, 1, n_pix), got {:?}", x.shape());
+        }
+        let fast = self.path == ComputePath::Fast && x.device().is_cpu();
+        let seeds: Vec<Option<u64>> = if train {
+            let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
+            self.blocks.iter().map(|_| Some(rng.next_u64())).collect()
+        } else {
+            vec![None; self.blocks.len()]
+        };
+        let mut h = x.clone();
+        for (block, seed) in self.blocks.iter().zip(seeds) {
+            h = block.forward(&h, train, fast, seed)?;
+        }
+        Ok(h)
+    }
+
+    pub fn n_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    pub fn last_channels(&self) -> usize {
+        self.blocks.last().map_or(1, |b| b.spec().c_out)
+    }
+}
+
+/// Smallest input length every block accepts.
+fn min_len(specs: &[BlockSpec]) -> usize {
+    (1..1 << 20)
+        .find(|&l0| {
+            let mut l = l0;
+            specs.iter().all(|s| match s.out_len(l) {
+                Some(v) => {
+                    l = v;
+                    true
+                }
+                None => false,
+            })
+        })
+        .unwrap_or(usize::MAX)
+}

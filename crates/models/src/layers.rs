@@ -1,0 +1,206 @@
+//! The convolutional block shared by both backbones, `conv -> [ReLU] -> [BatchNorm] -> Dropout -> AvgPool`,
+//! with its two implementations (fused CPU kernels, stock candle ops) and the BatchNorm running statistics.
+//!
+//! BatchNorm running statistics live in the `VarBuilder` under `<bn>.running_mean` / `<bn>.running_var`, so
+//! they are saved and loaded with the weights; they are updated here (PyTorch semantics: momentum 0.1,
+//! unbiased batch variance) and must be excluded from the optimiser with [`crate::is_buffer`].
+
+use std::sync::Arc;
+
+use candle_core::{DType, Result, Tensor, Var};
+use candle_nn::{Init, VarBuilder};
+
+use crate::config::BN_MOMENTUM;
+use crate::ops::block::{fused_block, fused_block_reference, BatchStats, BlockNorm, DropoutMask};
+use crate::ops::conv1d::{conv1d, conv1d_reference};
+use crate::ops::dropout::dropout_mask;
+
+/// Pooling at the end of a block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pool {
+    /// Average over non-overlapping windows of this width (1: no pooling).
+    Window(usize),
+    /// Average over the whole length (output length 1).
+    Global,
+}
+
+/// Static description of one block.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BlockSpec {
+    pub c_in: usize,
+    pub c_out: usize,
+    pub k: usize,
+    pub relu: bool,
+    pub bn: bool,
+    /// Dropout probability of this block.
+    pub dropout: f64,
+    pub pool: Pool,
+    /// `VarBuilder` prefix of the convolution (`.weight`, `.bias`).
+    pub conv_name: &'static str,
+    /// `VarBuilder` prefix of the BatchNorm (`.weight`, `.bias`, `.running_mean`, `.running_var`).
+    pub bn_name: &'static str,
+}
+
+impl BlockSpec {
+    /// Output length for input length `l`, or `None` if the block cannot run on it.
+    pub fn out_len(&self, l: usize) -> Option<usize> {
+        let conv = l.checked_sub(self.k - 1).filter(|&v| v > 0)?;
+        match self.pool {
+            Pool::Global => Some(1),
+            Pool::Window(w) => Some(conv / w).filter(|&v| v > 0),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct BatchNorm {
+    gamma: Tensor,
+    beta: Tensor,
+    running_mean: Var,
+    running_var: Var,
+}
+
+impl BatchNorm {
+    fn new(c: usize, vb: VarBuilder) -> Result<Self> {
+        let gamma = vb.get_with_hints(c, "weight", Init::Const(1.0))?;
+        let beta = vb.get_with_hints(c, "bias", Init::Const(0.0))?;
+        let running_mean = vb.get_with_hints(c, "running_mean", Init::Const(0.0))?;
+        let running_var = vb.get_with_hints(c, "running_var", Init::Const(1.0))?;
+        Ok(Self {
+            gamma,
+            beta,
+            running_mean: Var::from_tensor(&running_mean)?,
+            running_var: Var::from_tensor(&running_var)?,
+        })
+    }
+
+    /// PyTorch's update: `running = (1 - m) running + m batch`, with the unbiased batch variance.
+    fn update(&self, stats: &BatchStats) -> Result<()> {
+        let m = BN_MOMENTUM;
+        let unbias = if stats.n > 1 {
+            stats.n as f64 / (stats.n - 1) as f64
+        } else {
+            1.0
+        };
+        let rm: Vec<f64> = self
+            .running_mean
+            .as_tensor()
+            .to_dtype(DType::F64)?
+            .to_vec1()?;
+        let rv: Vec<f64> = self
+            .running_var
+            .as_tensor()
+            .to_dtype(DType::F64)?
+            .to_vec1()?;
+        let new_mean: Vec<f64> = rm
+            .iter()
+            .zip(&stats.mean)
+            .map(|(r, b)| (1.0 - m) * r + m * b)
+            .collect();
+        let new_var: Vec<f64> = rv
+            .iter()
+            .zip(&stats.var)
+            .map(|(r, b)| (1.0 - m) * r + m * b * unbias)
+            .collect();
+        let dev = self.running_mean.device();
+        let dt = self.running_mean.dtype();
+        self.running_mean
+            .set(&Tensor::from_vec(new_mean, rm.len(), dev)?.to_dtype(dt)?)?;
+        self.running_var
+            .set(&Tensor::from_vec(new_var, rv.len(), dev)?.to_dtype(dt)?)?;
+        Ok(())
+    }
+}
+
+/// One convolutional block with its parameters.
+#[derive(Debug)]
+pub(crate) struct Block {
+    spec: BlockSpec,
+    weight: Tensor,
+    bias: Tensor,
+    bn: Option<BatchNorm>,
+}
+
+impl Block {
+    pub fn new(spec: BlockSpec, vb: &VarBuilder) -> Result<Self> {
+        let fan_in = (spec.c_in * spec.k) as f64;
+        let bound = 1.0 / fan_in.sqrt();
+        let init = Init::Uniform {
+            lo: -bound,
+            up: bound,
+        };
+        let cvb = vb.pp(spec.conv_name);
+        let weight = cvb.get_with_hints((spec.c_out, spec.c_in, spec.k), "weight", init)?;
+        let bias = cvb.get_with_hints(spec.c_out, "bias", init)?;
+        let bn = if spec.bn {
+            Some(BatchNorm::new(spec.c_out, vb.pp(spec.bn_name))?)
+        } else {
+            None
+        };
+        Ok(Self {
+            spec,
+            weight,
+            bias,
+            bn,
+        })
+    }
+
+    pub fn spec(&self) -> &BlockSpec {
+        &self.spec
+    }
+
+    /// Runs the block on `x (b, c_in, l)`; `dropout_seed` is `Some` in training mode.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        train: bool,
+        fast: bool,
+        dropout_seed: Option<u64>,
+    ) -> Result<Tensor> {
+        let z = if fast {
+            conv1d(x, &self.weight, &self.bias)?
+        } else {
+            conv1d_reference(x, &self.weight, &self.bias)?
+        };
+        let (b, c, l) = z.dims3()?;
+        let dropout = match dropout_seed {
+            Some(seed) if train && self.spec.dropout > 0.0 => Some(DropoutMask {
+                mask: Arc::new(dropout_mask(seed, b * c, l, self.spec.dropout)),
+                p: self.spec.dropout,
+            }),
+            _ => None,
+        };
+        let running_mean;
+        let running_var;
+        let norm = match &self.bn {
+            None => BlockNorm::None,
+            Some(bn) if train => BlockNorm::Batch {
+                gamma: &bn.gamma,
+                beta: &bn.beta,
+            },
+            Some(bn) => {
+                running_mean = bn.running_mean.as_tensor().detach();
+                running_var = bn.running_var.as_tensor().detach();
+                BlockNorm::Running {
+                    gamma: &bn.gamma,
+                    beta: &bn.beta,
+                    mean: &running_mean,
+                    var: &running_var,
+                }
+            }
+        };
+        let pool = match self.spec.pool {
+            Pool::Window(w) => w,
+            Pool::Global => l,
+        };
+        let (y, stats) = if fast {
+            fused_block(&z, norm, dropout.as_ref(), self.spec.relu, pool)?
+        } else {
+            fused_block_reference(&z, norm, dropout.as_ref(), self.spec.relu, pool)?
+        };
+        if let (Some(bn), Some(stats)) = (&self.bn, stats) {
+            bn.update(&stats)?;
+        }
+        Ok(y)
+    }
+}

@@ -1,0 +1,550 @@
+//! One fused element-wise block: `AvgPool_k(Dropout(BatchNorm(ReLU(z))))` as a candle `CustomOp3`.
+//!
+//! Why: on the CPU the stock composition of these layers costs a dozen allocating passes over the largest
+//! activations of the network; fused, the forward is at most two passes (batch statistics, then
+//! normalise/mask/pool) and the backward two passes (per-channel sums, then the input gradient).
+//! Each stage is optional: ReLU on/off, BatchNorm off / with batch statistics (training) / with given running
+//! statistics (evaluation), a dropout keep-mask or none, pool window `k >= 1` (output length `l / k`, the
+//! tail dropped as PyTorch's `AvgPool1d` does; `k = l` is a global average pool).
+//!
+//! Backward with batch statistics (per channel, over the `n = b l` elements, `x̂ = (r - mean) / σ`, `g` the
+//! gradient at the BatchNorm output): `dβ = Σ g`, `dγ = Σ g x̂`,
+//! `dr = γ / σ (g - Σ g / n - x̂ Σ g x̂ / n)`, `dz = dr [z > 0]`. Rows `(item, channel)` run in parallel;
+//! per-row sums accumulate in f64.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
+
+use super::{contiguous_slice, with_cpu_slice, Elem};
+use crate::config::BN_EPS;
+
+/// Which BatchNorm the block applies.
+#[derive(Debug, Clone, Copy)]
+pub enum BlockNorm<'a> {
+    /// No BatchNorm.
+    None,
+    /// BatchNorm with the statistics of this batch (training); gradients flow through the statistics.
+    Batch { gamma: &'a Tensor, beta: &'a Tensor },
+    /// BatchNorm with given (running) statistics (evaluation).
+    Running {
+        gamma: &'a Tensor,
+        beta: &'a Tensor,
+        mean: &'a Tensor,
+        var: &'a Tensor,
+    },
+}
+
+/// A dropout keep-mask (1 keep, 0 drop) over the block's input `(b, c, l)` and its drop probability.
+#[derive(Debug, Clone)]
+pub struct DropoutMask {
+    pub mask: Arc<Vec<u8>>,
+    pub p: f64,
+}
+
+/// Batch statistics of a block run with [`BlockNorm::Batch`]: per-channel mean and biased variance over
+/// `n` elements.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchStats {
+    pub mean: Vec<f64>,
+    pub var: Vec<f64>,
+    pub n: usize,
+}
+
+#[derive(Debug, Clone)]
+enum Norm {
+    None,
+    Batch,
+    Running { mean: Vec<f64>, var: Vec<f64> },
+}
+
+struct BlockOp {
+    relu: bool,
+    norm: Norm,
+    mask: Option<DropoutMask>,
+    pool: usize,
+    saved: Arc<Mutex<Option<BatchStats>>>,
+}
+
+/// Per-channel `(mean, 1/σ)` of the normalisation, or `None` without BatchNorm.
+type Affine = Option<(Vec<f64>, Vec<f64>)>;
+
+impl BlockOp {
+    fn relu<T: Elem>(&self, v: T) -> T {
+        if self.relu && v.to64() <= 0.0 {
+            T::of(0.0)
+        } else {
+            v
+        }
+    }
+
+    fn batch_stats<T: Elem>(&self, z: &[T], c: usize, l: usize) -> BatchStats {
+        let rows: Vec<(f64, f64)> = z
+            .par_chunks(l)
+            .map(|row| {
+                let (mut s, mut ss) = (0f64, 0f64);
+                for chunk in row.chunks(512) {
+                    let (mut cs, mut css) = (T::of(0.0), T::of(0.0));
+                    for &v in chunk {
+                        let r = self.relu(v);
+                        cs += r;
+                        css += r * r;
+                    }
+                    s += cs.to64();
+                    ss += css.to64();
+                }
+                (s, ss)
+            })
+            .collect();
+        let n = rows.len() / c * l;
+        let mut mean = vec![0f64; c];
+        let mut var = vec![0f64; c];
+        for (r, (s, ss)) in rows.iter().enumerate() {
+            mean[r % c] += s;
+            var[r % c] += ss;
+        }
+        for (m, v) in mean.iter_mut().zip(var.iter_mut()) {
+            *m /= n as f64;
+            *v = (*v / n as f64 - *m * *m).max(0.0);
+        }
+        BatchStats { mean, var, n }
+    }
+
+    /// The per-channel normalisation used by forward and backward (`None` without BatchNorm).
+    fn affine<T: Elem>(&self, z: &[T], c: usize, l: usize) -> Affine {
+        let (mean, var) = match &self.norm {
+            Norm::None => return None,
+            Norm::Running { mean, var } => (mean.clone(), var.clone()),
+            Norm::Batch => {
+                let mut saved = self.saved.lock().unwrap_or_else(|e| e.into_inner());
+                let stats = match &*saved {
+                    Some(s) => s.clone(),
+                    None => {
+                        let s = self.batch_stats(z, c, l);
+                        *saved = Some(s.clone());
+                        s
+                    }
+                };
+                (stats.mean, stats.var)
+            }
+        };
+        let inv_std = var.iter().map(|v| 1.0 / (v + BN_EPS).sqrt()).collect();
+        Some((mean, inv_std))
+    }
+
+    fn fwd<T: Elem>(&self, z: &[T], gamma: &[T], beta: &[T], c: usize, l: usize) -> Vec<T> {
+        let l_out = l / self.pool;
+        let affine = self.affine(z, c, l);
+        // y = a r + s per channel.
+        let (a, s): (Vec<T>, Vec<T>) = match &affine {
+            None => (vec![T::of(1.0); c], vec![T::of(0.0); c]),
+            Some((mean, inv_std)) => (0..c)
+                .map(|ch| {
+                    let a = gamma[ch].to64() * inv_std[ch];
+                    (T::of(a), T::of(beta[ch].to64() - mean[ch] * a))
+                })
+                .unzip(),
+        };
+        let keep = self
+            .mask
+            .as_ref()
+            .map(|m| (m.mask.as_slice(), T::of(1.0 / (1.0 - m.p))));
+        let inv_pool = T::of(1.0 / self.pool as f64);
+        let mut out = vec![T::of(0.0); z.len() / l * l_out];
+        out.par_chunks_mut(l_out.max(1))
+            .zip(z.par_chunks(l))
+            .enumerate()
+            .for_each(|(row, (o, zr))| {
+                let (ar, sr) = (a[row % c], s[row % c]);
+                match keep {
+                    None => {
+                        for (oj, win) in o.iter_mut().zip(zr.chunks_exact(self.pool)) {
+                            let mut acc = T::of(0.0);
+                            for &v in win {
+                                acc += ar * self.relu(v) + sr;
+                            }
+                            *oj = acc * inv_pool;
+                        }
+                    }
+                    Some((mask, scale)) => {
+                        let mr = &mask[row * l..(row + 1) * l];
+                        for ((oj, win), mw) in o
+                            .iter_mut()
+                            .zip(zr.chunks_exact(self.pool))
+                            .zip(mr.chunks_exact(self.pool))
+                        {
+                            let mut acc = T::of(0.0);
+                            for (&v, &m) in win.iter().zip(mw) {
+                                let y = ar * self.relu(v) + sr;
+                                acc += if m != 0 { y } else { T::of(0.0) };
+                            }
+                            *oj = acc * inv_pool * scale;
+                        }
+                    }
+                }
+            });
+        out
+    }
+
+    /// Returns `(dz, dγ, dβ)`; the last two are empty without BatchNorm.
+    fn bwd<T: Elem>(
+        &self,
+        z: &[T],
+        gamma: &[T],
+        gout: &[T],
+        c: usize,
+        l: usize,
+    ) -> (Vec<T>, Vec<T>, Vec<T>) {
+        let pool = self.pool;
+        let l_out = l / pool;
+        let affine = self.affine(z, c, l);
+        let scale = self.mask.as_ref().map_or(1.0, |m| 1.0 / (1.0 - m.p));
+        let g_scale = T::of(scale / pool as f64);
+        let mask = self.mask.as_ref().map(|m| m.mask.as_slice());
+        // Gradient at the BatchNorm output for element j of row `row`.
+        let g_at = |row: usize, go: &[T], j: usize| -> T {
+            if j >= l_out * pool {
+                return T::of(0.0);
+            }
+            match mask {
+                Some(m) if m[row * l + j] == 0 => T::of(0.0),
+                _ => go[j / pool] * g_scale,
+            }
+        };
+        let mut dz = vec![T::of(0.0); z.len()];
+        let Some((mean, inv_std)) = affine else {
+            dz.par_chunks_mut(l)
+                .zip(z.par_chunks(l))
+                .zip(gout.par_chunks(l_out.max(1)))
+                .enumerate()
+                .for_each(|(row, ((dzr, zr), go))| {
+                    for (j, (d, &v)) in dzr.iter_mut().zip(zr).enumerate() {
+                        let g = g_at(row, go, j);
+                        *d = if self.relu && v.to64() <= 0.0 {
+                            T::of(0.0)
+                        } else {
+                            g
+                        };
+                    }
+                });
+            return (dz, vec![], vec![]);
+        };
+        // Pass A: per-row sums of g and g x̂.
+        let row_sums: Vec<(f64, f64)> = z
+            .par_chunks(l)
+            .zip(gout.par_chunks(l_out.max(1)))
+            .enumerate()
+            .map(|(row, (zr, go))| {
+                let ch = row % c;
+                let (neg_mean, is) = (T::of(-mean[ch]), T::of(inv_std[ch]));
+                let (mut sg, mut sgx) = (0f64, 0f64);
+                for (j0, chunk) in zr.chunks(512).enumerate() {
+                    let (mut cg, mut cgx) = (T::of(0.0), T::of(0.0));
+                    for (q, &v) in chunk.iter().enumerate() {
+                        let g = g_at(row, go, j0 * 512 + q);
+                        let xhat = (self.relu(v) + neg_mean) * is;
+                        cg += g;
+                        cgx += g * xhat;
+                    }
+                    sg += cg.to64();
+                    sgx += cgx.to64();
+                }
+                (sg, sgx)
+            })
+            .collect();
+        let mut sum_g = vec![0f64; c];
+        let mut sum_gx = vec![0f64; c];
+        for (row, (sg, sgx)) in row_sums.iter().enumerate() {
+            sum_g[row % c] += sg;
+            sum_gx[row % c] += sgx;
+        }
+        let batch = matches!(self.norm, Norm::Batch);
+        let n = (z.len() / c) as f64;
+        dz.par_chunks_mut(l)
+            .zip(z.par_chunks(l))
+            .zip(gout.par_chunks(l_out.max(1)))
+            .enumerate()
+            .for_each(|(row, ((dzr, zr), go))| {
+                let ch = row % c;
+                let coef = T::of(gamma[ch].to64() * inv_std[ch]);
+                let (m, is) = (T::of(-mean[ch]), T::of(inv_std[ch]));
+                let (mg, mgx) = if batch {
+                    (T::of(-sum_g[ch] / n), T::of(-sum_gx[ch] / n))
+                } else {
+                    (T::of(0.0), T::of(0.0))
+                };
+                for (j, (d, &v)) in dzr.iter_mut().zip(zr).enumerate() {
+                    if self.relu && v.to64() <= 0.0 {
+                        *d = T::of(0.0);
+                        continue;
+                    }
+                    let g = g_at(row, go, j);
+                    let xhat = (v + m) * is;
+                    *d = coef * (g + mg + xhat * mgx);
+                }
+            });
+        let dgamma = sum_gx.into_iter().map(T::of).collect();
+        let dbeta = sum_g.into_iter().map(T::of).collect();
+        (dz, dgamma, dbeta)
+    }
+}
+
+impl CustomOp3 for BlockOp {
+    fn name(&self) -> &'static str {
+        "starflow-relu-bn-dropout-pool"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, c, l) = l1.shape().dims3()?;
+        let shape = Shape::from((b, c, l / self.pool));
+        let op = self.name();
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                CpuStorage::F32(self.fwd::<f32>(
+                    contiguous_slice(op, s1, l1)?,
+                    contiguous_slice(op, s2, l2)?,
+                    contiguous_slice(op, s3, l3)?,
+                    c,
+                    l,
+                ))
+            }
+            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
+                CpuStorage::F64(self.fwd::<f64>(
+                    contiguous_slice(op, s1, l1)?,
+                    contiguous_slice(op, s2, l2)?,
+                    contiguous_slice(op, s3, l3)?,
+                    c,
+                    l,
+                ))
+            }
+            _ => bail!(
+                "{op}: expected f32 or f64 inputs of one dtype, got {:?}",
+                s1.dtype()
+            ),
+        };
+        Ok((out, shape))
+    }
+
+    fn bwd(
+        &self,
+        z: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        match z.dtype() {
+            DType::F32 => self.bwd_tensors::<f32>(z, gamma, beta, grad_res),
+            DType::F64 => self.bwd_tensors::<f64>(z, gamma, beta, grad_res),
+            dt => bail!("{}: backward expects f32 or f64, got {dt:?}", self.name()),
+        }
+    }
+}
+
+impl BlockOp {
+    fn bwd_tensors<T: Elem>(
+        &self,
+        z: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        gout: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let op = "starflow-relu-bn-dropout-pool backward";
+        let (_, c, l) = z.dims3()?;
+        let (dz, dgamma, dbeta) = with_cpu_slice::<T, _>(op, z, |zs| {
+            with_cpu_slice::<T, _>(op, gamma, |gs| {
+                with_cpu_slice::<T, _>(op, gout, |gos| Ok(self.bwd(zs, gs, gos, c, l)))
+            })
+        })?;
+        let dev = z.device();
+        let dz = Tensor::from_vec(dz, z.shape(), dev)?;
+        if matches!(self.norm, Norm::None) {
+            return Ok((Some(dz), None, None));
+        }
+        Ok((
+            Some(dz),
+            Some(Tensor::from_vec(dgamma, gamma.shape(), dev)?),
+            Some(Tensor::from_vec(dbeta, beta.shape(), dev)?),
+        ))
+    }
+}
+
+fn check(z: &Tensor, norm: &BlockNorm, dropout: Option<&DropoutMask>, pool: usize) -> Result<()> {
+    let (b, c, l) = z.dims3()?;
+    if pool == 0 || pool > l {
+        bail!(
+            "fused block: pool window {pool} must lie in 1..={l} for input {:?}",
+            z.shape()
+        );
+    }
+    let per_channel = |t: &Tensor, what: &str| -> Result<()> {
+        if t.dims() != [c] {
+            bail!(
+                "fused block: {what} has shape {:?}, expected [{c}]",
+                t.shape()
+            );
+        }
+        Ok(())
+    };
+    match norm {
+        BlockNorm::None => {}
+        BlockNorm::Batch { gamma, beta } => {
+            per_channel(gamma, "gamma")?;
+            per_channel(beta, "beta")?;
+        }
+        BlockNorm::Running {
+            gamma,
+            beta,
+            mean,
+            var,
+        } => {
+            per_channel(gamma, "gamma")?;
+            per_channel(beta, "beta")?;
+            per_channel(mean, "running mean")?;
+            per_channel(var, "running var")?;
+        }
+    }
+    if let Some(d) = dropout {
+        if d.mask.len() != b * c * l {
+            bail!(
+                "fused block: dropout mask has {} elements, input {:?}",
+                d.mask.len(),
+                z.shape()
+            );
+        }
+        if !(0.0..1.0).contains(&d.p) {
+            bail!("fused block: dropout p {} outside [0, 1)", d.p);
+        }
+    }
+    Ok(())
+}
+
+/// `AvgPool_pool(Dropout(BatchNorm(ReLU?(z))))` for `z (b, c, l)` -> `(b, c, l / pool)` on the CPU (f32/f64),
+/// with a fused backward to `z`, γ and β. Returns the batch statistics with [`BlockNorm::Batch`] (for the
+/// running-statistics update, which the caller owns).
+pub fn fused_block(
+    z: &Tensor,
+    norm: BlockNorm,
+    dropout: Option<&DropoutMask>,
+    relu: bool,
+    pool: usize,
+) -> Result<(Tensor, Option<BatchStats>)> {
+    check(z, &norm, dropout, pool)?;
+    if !z.device().is_cpu() {
+        bail!(
+            "fused block: the fused kernel runs on the CPU only, got {:?}",
+            z.device()
+        );
+    }
+    let c = z.dim(1)?;
+    let saved = Arc::new(Mutex::new(None));
+    let (gamma, beta, norm_kind) = match norm {
+        BlockNorm::None => {
+            let ones = Tensor::ones(c, z.dtype(), z.device())?;
+            (ones.clone(), ones.zeros_like()?, Norm::None)
+        }
+        BlockNorm::Batch { gamma, beta } => (gamma.clone(), beta.clone(), Norm::Batch),
+        BlockNorm::Running {
+            gamma,
+            beta,
+            mean,
+            var,
+        } => (
+            gamma.clone(),
+            beta.clone(),
+            Norm::Running {
+                mean: mean.to_dtype(DType::F64)?.to_vec1()?,
+                var: var.to_dtype(DType::F64)?.to_vec1()?,
+            },
+        ),
+    };
+    let op = BlockOp {
+        relu,
+        norm: norm_kind,
+        mask: dropout.cloned(),
+        pool,
+        saved: saved.clone(),
+    };
+    let out = z
+        .contiguous()?
+        .apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)?;
+    let stats = saved.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    Ok((out, stats))
+}
+
+/// The same block from candle's stock tensor ops (any device; the stock path of the backbones).
+pub fn fused_block_reference(
+    z: &Tensor,
+    norm: BlockNorm,
+    dropout: Option<&DropoutMask>,
+    relu: bool,
+    pool: usize,
+) -> Result<(Tensor, Option<BatchStats>)> {
+    check(z, &norm, dropout, pool)?;
+    let (b, c, l) = z.dims3()?;
+    let r = if relu { z.relu()? } else { z.clone() };
+    let per_channel = |t: &Tensor| t.reshape((1, c, 1));
+    let (y, stats) = match norm {
+        BlockNorm::None => (r, None),
+        BlockNorm::Batch { gamma, beta } => {
+            let mean = r.mean_keepdim(2)?.mean_keepdim(0)?;
+            let centred = r.broadcast_sub(&mean)?;
+            let var = centred.sqr()?.mean_keepdim(2)?.mean_keepdim(0)?;
+            let y = centred
+                .broadcast_div(&(var.clone() + BN_EPS)?.sqrt()?)?
+                .broadcast_mul(&per_channel(gamma)?)?
+                .broadcast_add(&per_channel(beta)?)?;
+            let stats = BatchStats {
+                mean: mean.flatten_all()?.to_dtype(DType::F64)?.to_vec1()?,
+                var: var.flatten_all()?.to_dtype(DType::F64)?.to_vec1()?,
+                n: b * l,
+            };
+            (y, Some(stats))
+        }
+        BlockNorm::Running {
+            gamma,
+            beta,
+            mean,
+            var,
+        } => {
+            let y = r
+                .broadcast_sub(&per_channel(mean)?)?
+                .broadcast_div(&(per_channel(var)? + BN_EPS)?.sqrt()?)?
+                .broadcast_mul(&per_channel(gamma)?)?
+                .broadcast_add(&per_channel(beta)?)?;
+            (y, None)
+        }
+    };
+    let y = match dropout {
+        None => y,
+        Some(d) => {
+            let scale = 1.0 / (1.0 - d.p);
+            let m: Vec<f32> = d
+                .mask
+                .iter()
+                .map(|&k| f32::from(k) * scale as f32)
+                .collect();
+            let m = Tensor::from_vec(m, (b, c, l), z.device())?.to_dtype(z.dtype())?;
+            (y * m)?
+        }
+    };
+    let l_out = l / pool;
+    let pooled = if pool == 1 {
+        y
+    } else {
+        y.narrow(D::Minus1, 0, l_out * pool)?
+            .reshape((b, c, l_out, pool))?
+            .mean(D::Minus1)?
+    };
+    Ok((pooled, stats))
+}

@@ -1,0 +1,80 @@
+//! Fast CPU kernels wrapped as candle `CustomOp`s with hand-written backward passes.
+//!
+//! Dispatch rules: every op here runs on CPU storage in f32 or f64 (other dtypes are an error); the backbones
+//! call them only on the CPU with [`crate::ComputePath::Fast`] and use candle's stock ops everywhere else.
+//! Each op sits in its own file with a `*_reference` twin built from stock tensor ops:
+//! - [`conv1d`]: valid (unpadded, stride 1) conv1d + bias as per-item im2col + one `gemm` call, rayon over
+//!   the batch; its backward uses strided `gemm` calls and never builds a column buffer.
+//! - [`block`]: ReLU + BatchNorm (batch or running statistics) + Dropout + AvgPool in one pass over memory,
+//!   with a fused backward that includes the gradient through the batch statistics.
+//! - [`dropout`]: seeded, stream-split dropout masks shared by both paths and by the tests.
+
+pub mod block;
+pub mod conv1d;
+pub mod dropout;
+
+use candle_core::{bail, CpuStorage, Layout, Result, Storage, Tensor};
+
+/// Floating-point element types the kernels support (f32 and f64, accumulating statistics in f64).
+pub trait Elem:
+    candle_core::WithDType
+    + Copy
+    + Send
+    + Sync
+    + 'static
+    + std::ops::Add<Output = Self>
+    + std::ops::Mul<Output = Self>
+    + std::ops::AddAssign
+{
+    fn of(v: f64) -> Self;
+    fn to64(self) -> f64;
+}
+
+impl Elem for f32 {
+    #[inline(always)]
+    fn of(v: f64) -> Self {
+        v as f32
+    }
+    #[inline(always)]
+    fn to64(self) -> f64 {
+        self as f64
+    }
+}
+
+impl Elem for f64 {
+    #[inline(always)]
+    fn of(v: f64) -> Self {
+        v
+    }
+    #[inline(always)]
+    fn to64(self) -> f64 {
+        self
+    }
+}
+
+/// The contiguous slice of a CPU storage described by `layout`, or an error naming `op`.
+pub(crate) fn contiguous_slice<'a, T: Elem>(
+    op: &str,
+    storage: &'a CpuStorage,
+    layout: &Layout,
+) -> Result<&'a [T]> {
+    let data = storage.as_slice::<T>()?;
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => bail!("{op}: input must be contiguous, got layout {layout:?}"),
+    }
+}
+
+/// Runs `f` on the contiguous CPU data of `t` (made contiguous first if needed).
+pub(crate) fn with_cpu_slice<T: Elem, R>(
+    op: &str,
+    t: &Tensor,
+    f: impl FnOnce(&[T]) -> Result<R>,
+) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(cpu) => f(contiguous_slice::<T>(op, cpu, layout)?),
+        _ => bail!("{op}: backward runs on the CPU only"),
+    }
+}

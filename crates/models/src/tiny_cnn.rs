@@ -1,0 +1,100 @@
+//! `TinyCNN`, the reference's second backbone: conv k5 1 -> 32, k5 32 -> 32 + AvgPool 3, k5 32 -> 64 +
+//! AvgPool 3, k1 64 -> 128 + AvgPool 2, k3 128 -> 128 (ReLU, BatchNorm, Dropout in each; Dropout twice the
+//! base rate in the last), k1 128 -> 128 + Dropout (twice the base rate); then a Linear applied along the
+//! length axis (`l_final -> 32` per channel), ReLU, flatten to `128 * 32`, Linear -> 128, ReLU, Linear ->
+//! `n_params`. `l_final` is derived from the input length (907 for 16384 pixels) instead of hard-coded.
+//!
+//! Variable names follow the PyTorch reference's `nn.Sequential` indices (`model.0`, `model.2`, ...), so the
+//! safetensors keys match a converted PyTorch state dict.
+
+use candle_core::{Result as CandleResult, Tensor};
+use candle_nn::{linear, Linear, Module, VarBuilder};
+
+use crate::backbone::{Backbone, Trunk};
+use crate::config::BackboneConfig;
+use crate::layers::{BlockSpec, Pool};
+use crate::Result;
+
+/// Output width of the length-axis Linear.
+const LEN_FEATURES: usize = 32;
+
+/// The reference's TinyCNN backbone.
+#[derive(Debug)]
+pub struct TinyCnn {
+    cfg: BackboneConfig,
+    trunk: Trunk,
+    final_len: usize,
+    len_linear: Linear,
+    linear1: Linear,
+    output: Linear,
+}
+
+fn specs(p: f64) -> Vec<BlockSpec> {
+    #[allow(clippy::too_many_arguments)]
+    let block = |c_in, c_out, k, relu, bn, dropout, pool, conv_name, bn_name| BlockSpec {
+        c_in,
+        c_out,
+        k,
+        relu,
+        bn,
+        dropout,
+        pool: Pool::Window(pool),
+        conv_name,
+        bn_name,
+    };
+    vec![
+        block(1, 32, 5, true, true, p, 1, "model.0", "model.2"),
+        block(32, 32, 5, true, true, p, 3, "model.4", "model.6"),
+        block(32, 64, 5, true, true, p, 3, "model.9", "model.11"),
+        block(64, 128, 1, true, true, p, 2, "model.14", "model.16"),
+        block(128, 128, 3, true, true, 2.0 * p, 1, "model.19", "model.21"),
+        block(128, 128, 1, false, false, 2.0 * p, 1, "model.23", ""),
+    ]
+}
+
+/// Builds [`TinyCnn`] from `vb` (name `"tiny_cnn"` in [`crate::backbone`]).
+pub fn tiny_cnn(cfg: &BackboneConfig, vb: VarBuilder) -> Result<TinyCnn> {
+    let (trunk, final_len) = Trunk::new("tiny_cnn", &specs(cfg.dropout), cfg, &vb)?;
+    let channels = trunk.last_channels();
+    Ok(TinyCnn {
+        cfg: *cfg,
+        trunk,
+        final_len,
+        len_linear: linear(final_len, LEN_FEATURES, vb.pp("model.25"))?,
+        linear1: linear(channels * LEN_FEATURES, 128, vb.pp("model.28"))?,
+        output: linear(128, cfg.n_params, vb.pp("model.30"))?,
+    })
+}
+
+impl TinyCnn {
+    /// Length of the trunk's output, the input width of the length-axis Linear.
+    pub fn final_len(&self) -> usize {
+        self.final_len
+    }
+}
+
+impl Backbone for TinyCnn {
+    fn name(&self) -> &'static str {
+        "tiny_cnn"
+    }
+
+    fn config(&self) -> &BackboneConfig {
+        &self.cfg
+    }
+
+    fn forward_t(&self, x: &Tensor, train: bool) -> CandleResult<Tensor> {
+        let h = self.trunk.forward(x, train)?;
+        let (b, c, l) = h.dims3()?;
+        let h = self
+            .len_linear
+            .forward(&h.reshape((b * c, l))?)?
+            .relu()?
+            .reshape((b, c * LEN_FEATURES))?;
+        let h = self.linear1.forward(&h)?.relu()?;
+        self.output.forward(&h)
+    }
+
+    fn reseed_dropout(&self, seed: u64) {
+        self.trunk.reseed(seed);
+    }
+}
