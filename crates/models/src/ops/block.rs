@@ -18,6 +18,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
+use super::dropout::keep_scale;
 use super::{contiguous_slice, with_cpu_slice, Elem};
 use crate::config::BN_EPS;
 
@@ -150,7 +151,7 @@ impl BlockOp {
         let keep = self
             .mask
             .as_ref()
-            .map(|m| (m.mask.as_slice(), T::of(1.0 / (1.0 - m.p))));
+            .map(|m| (m.mask.as_slice(), T::of(keep_scale(m.p))));
         let inv_pool = T::of(1.0 / self.pool as f64);
         let mut out = vec![T::of(0.0); z.len() / l * l_out];
         out.par_chunks_mut(l_out.max(1))
@@ -200,7 +201,7 @@ impl BlockOp {
         let pool = self.pool;
         let l_out = l / pool;
         let affine = self.affine(z, c, l);
-        let scale = self.mask.as_ref().map_or(1.0, |m| 1.0 / (1.0 - m.p));
+        let scale = self.mask.as_ref().map_or(1.0, |m| keep_scale(m.p));
         let g_scale = T::of(scale / pool as f64);
         let mask = self.mask.as_ref().map(|m| m.mask.as_slice());
         // Gradient at the BatchNorm output for element j of row `row`.
@@ -528,12 +529,8 @@ pub fn fused_block_reference(
     let y = match dropout {
         None => y,
         Some(d) => {
-            let scale = 1.0 / (1.0 - d.p);
-            let m: Vec<f32> = d
-                .mask
-                .iter()
-                .map(|&k| f32::from(k) * scale as f32)
-                .collect();
+            let scale = keep_scale(d.p);
+            let m: Vec<f64> = d.mask.iter().map(|&k| f64::from(k) * scale).collect();
             let m = Tensor::from_vec(m, (b, c, l), z.device())?.to_dtype(z.dtype())?;
             (y * m)?
         }

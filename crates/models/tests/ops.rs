@@ -1,0 +1,249 @@
+//! The custom CPU ops on small sizes: forward against their stock-op `*_reference` twins, hand-written
+//! backward against f64 central finite differences, dropout masks.
+
+mod common;
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor, Var};
+use common::*;
+use starflow_models::dropout_mask;
+use starflow_models::ops::block::{fused_block, fused_block_reference, BlockNorm, DropoutMask};
+use starflow_models::ops::conv1d::{conv1d, conv1d_reference};
+
+const EPS: f64 = 1e-6;
+
+/// Checks the gradient of `sum(f(inputs) * r)` for every element of every input against central
+/// differences in f64.
+fn check_fd(shapes: &[Vec<usize>], seed: u64, f: &dyn Fn(&[Tensor]) -> Tensor, what: &str) {
+    let mut vals: Vec<Vec<f64>> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| randn(s.iter().product(), seed + i as u64))
+        .collect();
+    let vars: Vec<Var> = vals
+        .iter()
+        .zip(shapes)
+        .map(|(v, s)| Var::from_tensor(&tensor(v, s, DType::F64)).unwrap())
+        .collect();
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let y = f(&ts);
+    let r = Tensor::from_vec(randn(y.elem_count(), seed + 100), y.shape(), &Device::Cpu).unwrap();
+    let grads = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let loss = |vals: &[Vec<f64>]| -> f64 {
+        let ts: Vec<Tensor> = vals
+            .iter()
+            .zip(shapes)
+            .map(|(v, s)| tensor(v, s, DType::F64))
+            .collect();
+        (f(&ts) * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    for (i, var) in vars.iter().enumerate() {
+        let ana = to_vec(grads.get(var.as_tensor()).expect("gradient"));
+        let mut num = vec![0.0; ana.len()];
+        for (j, n) in num.iter_mut().enumerate() {
+            let orig = vals[i][j];
+            vals[i][j] = orig + EPS;
+            let up = loss(&vals);
+            vals[i][j] = orig - EPS;
+            let down = loss(&vals);
+            vals[i][j] = orig;
+            *n = (up - down) / (2.0 * EPS);
+        }
+        let err = rel_err(&ana, &num);
+        assert!(err < 1e-6, "{what}: input {i} gradient rel err {err:e}");
+    }
+}
+
+#[test]
+fn conv1d_forward_matches_stock() {
+    for (b, c_in, l, c_out, k) in [
+        (1, 1, 17, 4, 3),
+        (3, 5, 23, 7, 3),
+        (2, 4, 9, 3, 1),
+        (2, 3, 12, 2, 5),
+    ] {
+        let x = tensor(&randn(b * c_in * l, 1), &[b, c_in, l], DType::F32);
+        let w = tensor(&randn(c_out * c_in * k, 2), &[c_out, c_in, k], DType::F32);
+        let bias = tensor(&randn(c_out, 3), &[c_out], DType::F32);
+        let got = to_vec(&conv1d(&x, &w, &bias).unwrap());
+        let want = to_vec(&conv1d_reference(&x, &w, &bias).unwrap());
+        assert!(
+            rel_err(&got, &want) < 1e-5,
+            "conv1d {b} {c_in} {l} {c_out} {k}"
+        );
+    }
+}
+
+#[test]
+fn conv1d_gradient_matches_finite_differences() {
+    for (b, c_in, l, c_out, k) in [
+        (1, 1, 11, 3, 3),
+        (3, 3, 10, 4, 3),
+        (2, 4, 7, 2, 1),
+        (2, 2, 9, 3, 5),
+    ] {
+        check_fd(
+            &[vec![b, c_in, l], vec![c_out, c_in, k], vec![c_out]],
+            10,
+            &|t| conv1d(&t[0], &t[1], &t[2]).unwrap(),
+            &format!("conv1d b={b} c_in={c_in} l={l} c_out={c_out} k={k}"),
+        );
+    }
+}
+
+#[test]
+fn conv1d_non_contiguous_input() {
+    let x = tensor(&randn(2 * 9 * 3, 4), &[2, 9, 3], DType::F32)
+        .transpose(1, 2)
+        .unwrap();
+    let w = tensor(&randn(4 * 3 * 3, 5), &[4, 3, 3], DType::F32);
+    let bias = tensor(&randn(4, 6), &[4], DType::F32);
+    let got = to_vec(&conv1d(&x, &w, &bias).unwrap());
+    let want = to_vec(&conv1d_reference(&x.contiguous().unwrap(), &w, &bias).unwrap());
+    assert!(rel_err(&got, &want) < 1e-5);
+}
+
+/// The block configurations the backbones use, on an input `(b, c, l)`.
+fn block_cases() -> Vec<(&'static str, bool, &'static str, bool, usize)> {
+    // (name, relu, norm, dropout, pool)
+    vec![
+        ("relu-batchnorm-dropout-pool2", true, "batch", true, 2),
+        ("relu-batchnorm-pool3", true, "batch", false, 3),
+        ("relu-batchnorm-dropout", true, "batch", true, 1),
+        ("relu-running-dropout-pool2", true, "running", true, 2),
+        ("relu-dropout-pool2", true, "none", true, 2),
+        ("dropout-global", false, "none", true, 0),
+    ]
+}
+
+fn run_block(
+    t: &[Tensor],
+    relu: bool,
+    norm: &str,
+    mask: Option<&DropoutMask>,
+    pool: usize,
+    fast: bool,
+) -> Tensor {
+    let l = t[0].dim(2).unwrap();
+    let pool = if pool == 0 { l } else { pool };
+    let stats = [
+        Tensor::new(&[0.1f64, -0.2, 0.3], &Device::Cpu).unwrap(),
+        Tensor::new(&[0.5f64, 1.5, 2.0], &Device::Cpu).unwrap(),
+    ];
+    let norm = match norm {
+        "batch" => BlockNorm::Batch {
+            gamma: &t[1],
+            beta: &t[2],
+        },
+        "running" => BlockNorm::Running {
+            gamma: &t[1],
+            beta: &t[2],
+            mean: &stats[0],
+            var: &stats[1],
+        },
+        _ => BlockNorm::None,
+    };
+    let f = if fast {
+        fused_block
+    } else {
+        fused_block_reference
+    };
+    f(&t[0], norm, mask, relu, pool).unwrap().0
+}
+
+#[test]
+fn fused_block_matches_reference_and_finite_differences() {
+    for (b, l) in [(1, 13), (3, 11)] {
+        let c = 3;
+        let mask = DropoutMask {
+            mask: Arc::new(dropout_mask(9, b * c, l, 0.3)),
+            p: 0.3,
+        };
+        for (name, relu, norm, dropout, pool) in block_cases() {
+            let mask = dropout.then_some(&mask);
+            let shapes = [vec![b, c, l], vec![c], vec![c]];
+            let t: Vec<Tensor> = shapes
+                .iter()
+                .enumerate()
+                .map(|(i, s)| tensor(&randn(s.iter().product(), 30 + i as u64), s, DType::F64))
+                .collect();
+            let fast = to_vec(&run_block(&t, relu, norm, mask, pool, true));
+            let stock = to_vec(&run_block(&t, relu, norm, mask, pool, false));
+            let err = rel_err(&fast, &stock);
+            assert!(
+                err < 1e-10,
+                "{name} b={b}: forward differs from reference by {err:e}"
+            );
+            let f32s: Vec<Tensor> = t.iter().map(|x| x.to_dtype(DType::F32).unwrap()).collect();
+            let fast32 = to_vec(&run_block(&f32s, relu, norm, mask, pool, true));
+            assert!(rel_err(&fast32, &stock) < 1e-5, "{name} b={b}: f32 forward");
+            // The fused backward (gradients to z, gamma and beta) against finite differences.
+            let n_inputs = if norm == "none" { 1 } else { 3 };
+            check_fd(
+                &shapes[..n_inputs],
+                40,
+                &|t| {
+                    let mut t = t.to_vec();
+                    while t.len() < 3 {
+                        t.push(Tensor::ones(c, DType::F64, &Device::Cpu).unwrap());
+                    }
+                    run_block(&t, relu, norm, mask, pool, true)
+                },
+                &format!("fused block {name} b={b}"),
+            );
+        }
+    }
+}
+
+#[test]
+fn fused_block_returns_batch_statistics() {
+    let (b, c, l) = (2, 3, 10);
+    let z = tensor(&randn(b * c * l, 50), &[b, c, l], DType::F32);
+    let gamma = Tensor::ones(c, DType::F32, &Device::Cpu).unwrap();
+    let beta = Tensor::zeros(c, DType::F32, &Device::Cpu).unwrap();
+    let norm = BlockNorm::Batch {
+        gamma: &gamma,
+        beta: &beta,
+    };
+    let (_, fast) = fused_block(&z, norm, None, true, 2).unwrap();
+    let (_, stock) = fused_block_reference(&z, norm, None, true, 2).unwrap();
+    let (fast, stock) = (fast.unwrap(), stock.unwrap());
+    assert_eq!(fast.n, b * l);
+    assert!(rel_err(&fast.mean, &stock.mean) < 1e-6);
+    assert!(rel_err(&fast.var, &stock.var) < 1e-5);
+}
+
+#[test]
+fn fused_block_large_magnitudes_stay_finite() {
+    let (b, c, l) = (2, 3, 16);
+    let z = (tensor(&randn(b * c * l, 60), &[b, c, l], DType::F32) * 1e6).unwrap();
+    let gamma = Tensor::ones(c, DType::F32, &Device::Cpu).unwrap();
+    let beta = Tensor::zeros(c, DType::F32, &Device::Cpu).unwrap();
+    let norm = BlockNorm::Batch {
+        gamma: &gamma,
+        beta: &beta,
+    };
+    let y = fused_block(&z, norm, None, true, 2).unwrap().0;
+    assert!(to_vec(&y).iter().all(|v| v.is_finite()));
+}
+
+#[test]
+fn dropout_masks_are_seeded_and_thread_independent() {
+    let a = dropout_mask(5, 64, 1000, 0.1);
+    let b = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap()
+        .install(|| dropout_mask(5, 64, 1000, 0.1));
+    assert_eq!(a, b, "same seed, same mask, any thread count");
+    assert_ne!(a, dropout_mask(6, 64, 1000, 0.1));
+    let dropped = a.iter().filter(|&&m| m == 0).count() as f64 / a.len() as f64;
+    assert!((dropped - 0.1).abs() < 0.01, "drop fraction {dropped}");
+    assert!(dropout_mask(5, 4, 10, 0.0).iter().all(|&m| m == 1));
+}
