@@ -1,2 +1,179 @@
-//! The `starflow` command-line tool.
-fn main() {}
+//! The `starflow` command-line tool: a thin layer that parses arguments, calls one library
+//! function per subcommand and prints the result. User errors exit with code 2 and a one-line
+//! message that names the file, the problem and the fix; they never panic.
+
+mod inspect;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use starflow_data::{DataError, LoadOptions, SynthConfig};
+
+/// Predict t_eff, log_g and fe_h with calibrated uncertainties from stellar spectra.
+#[derive(Parser, Debug)]
+#[command(name = "starflow", version, about, propagate_version = true)]
+struct Cli {
+    /// More log output (-v info, -vv debug); RUST_LOG overrides it.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Generate a GALAH-like synthetic data set (spectra.npy, labels.npy, wavelength.npy, crlb.npy, synth.json).
+    Synth(SynthArgs),
+    /// Print shapes, dtypes, label statistics, non-finite counts and the SNR summary of a data set.
+    Inspect(InspectArgs),
+}
+
+#[derive(Args, Debug)]
+struct SynthArgs {
+    /// Number of stars.
+    #[arg(long, default_value_t = 8914)]
+    n: usize,
+    /// Random seed: the same seed gives the same bytes.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Output directory (created if missing).
+    #[arg(long)]
+    out: PathBuf,
+    /// Pixels per camera (4096 like GALAH; smaller only for quick experiments).
+    #[arg(long, default_value_t = 4096)]
+    pixels_per_camera: usize,
+    /// Fraction of giants in the population.
+    #[arg(long, default_value_t = 0.22)]
+    giant_fraction: f64,
+    /// Lowest per-pixel SNR.
+    #[arg(long, default_value_t = 15.0)]
+    snr_min: f64,
+    /// Highest per-pixel SNR.
+    #[arg(long, default_value_t = 250.0)]
+    snr_max: f64,
+}
+
+/// Where a data set comes from, shared by every command that reads one.
+#[derive(Args, Debug)]
+pub struct DataArgs {
+    /// Directory holding spectra.npy and labels.npy.
+    #[arg(long, conflicts_with_all = ["spectra", "labels", "h5"])]
+    pub data: Option<PathBuf>,
+    /// Spectra file (.npy, float32 or float64, shape (n_stars, n_pix)).
+    #[arg(long, requires = "labels")]
+    pub spectra: Option<PathBuf>,
+    /// Labels file (.npy, shape (n_stars, n_columns)).
+    #[arg(long, requires = "spectra")]
+    pub labels: Option<PathBuf>,
+    /// HDF5 file holding both arrays (needs the `hdf5` feature).
+    #[arg(long)]
+    pub h5: Option<PathBuf>,
+    /// HDF5 dataset name of the spectra.
+    #[arg(long, default_value = "spectra")]
+    pub h5_spectra: String,
+    /// HDF5 dataset name of the labels.
+    #[arg(long, default_value = "labels")]
+    pub h5_labels: String,
+    /// One name per label column, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "mass,age,l_bol,dist,t_eff,log_g,fe_h,SNR")]
+    pub label_names: Vec<String>,
+    /// The label columns to predict, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "t_eff,log_g,fe_h")]
+    pub targets: Vec<String>,
+    /// Skip rows with NaN or inf in the spectra or targets instead of failing.
+    #[arg(long)]
+    pub drop_nonfinite: bool,
+}
+
+impl DataArgs {
+    pub fn load_options(&self) -> LoadOptions {
+        LoadOptions {
+            label_names: self.label_names.clone(),
+            targets: self.targets.clone(),
+            drop_nonfinite: self.drop_nonfinite,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+}
+
+fn init_tracing(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn synth(args: &SynthArgs) -> anyhow::Result<()> {
+    let cfg = SynthConfig {
+        n: args.n,
+        seed: args.seed,
+        pixels_per_camera: args.pixels_per_camera,
+        giant_fraction: args.giant_fraction,
+        snr_min: args.snr_min,
+        snr_max: args.snr_max,
+        ..SynthConfig::default()
+    };
+    cfg.validate()?;
+    let bar = ProgressBar::new(cfg.n as u64).with_style(
+        ProgressStyle::with_template("synth {bar:40} {pos}/{len} stars [{elapsed} < {eta}]")
+            .context("progress bar template")?,
+    );
+    let start = std::time::Instant::now();
+    let data = starflow_data::generate(&cfg, &|k| bar.inc(k))?;
+    bar.finish_and_clear();
+    let gen_s = start.elapsed().as_secs_f64();
+    data.write(&args.out)?;
+    tracing::info!(seconds = gen_s, "generated");
+    println!(
+        "wrote {} stars x {} pixels to {} (generated in {:.1} s, written in {:.1} s)",
+        cfg.n,
+        data.n_pix,
+        args.out.display(),
+        gen_s,
+        start.elapsed().as_secs_f64() - gen_s
+    );
+    Ok(())
+}
+
+/// True when the error comes from the user's input rather than from a bug.
+fn is_user_error(err: &anyhow::Error) -> bool {
+    err.chain().any(|e| {
+        e.downcast_ref::<DataError>().is_some_and(DataError::is_user_error)
+            || e.downcast_ref::<inspect::UserError>().is_some()
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.verbose);
+    let result = match &cli.command {
+        Command::Synth(a) => synth(a),
+        Command::Inspect(a) => inspect::run(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            if is_user_error(&e) {
+                ExitCode::from(2)
+            } else {
+                ExitCode::from(1)
+            }
+        }
+    }
+}
