@@ -19,7 +19,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 
-use crate::special::{logsumexp, softplus_t20, softplus_t20_grad, BoundedLog, Nonlinearity};
+use crate::special::{softplus_t20, BoundedLog, Nonlinearity};
 
 /// Borrows the contiguous f64 data of a custom-op input or fails with the op's name.
 fn f64_slice<'a>(
@@ -211,33 +211,46 @@ pub(crate) struct MixtureSpec {
     pub nonlin: Nonlinearity,
 }
 
-/// Per-kernel intermediate values for one (row, dimension).
+/// Per-kernel intermediate values of one (row, dimension), everything the backward pass needs
+/// so that it is pure arithmetic.
 #[derive(Debug, Default)]
 pub(crate) struct MixScratch {
-    lw: Vec<f64>,
-    dlw: Vec<f64>,
-    ln: Vec<f64>,
-    dln: Vec<f64>,
+    /// `u_k = (x - m_k) / w_k`.
     u: Vec<f64>,
-    af: Vec<f64>,
-    asv: Vec<f64>,
-    afd: Vec<f64>,
-    lse_n: f64,
+    /// `1 / w_k`.
+    inv_w: Vec<f64>,
+    /// `d log w_k / d r_k`.
+    dlw: Vec<f64>,
+    /// `d log n_k / d r_k`.
+    dln: Vec<f64>,
+    /// `pi_k = n_k / sum n`.
+    pi: Vec<f64>,
+    /// `d softplus(-u_k) / d(-u_k)` with the reference's threshold.
+    dsp: Vec<f64>,
+    /// Softmax weights of the three log-sum-exps (log F, log S, log f) over the kernels.
+    wf: Vec<f64>,
+    ws: Vec<f64>,
+    wd: Vec<f64>,
+    /// Log-space terms before the log-sum-exps.
+    lpi: Vec<f64>,
+    lw: Vec<f64>,
 }
 
 impl MixScratch {
     pub(crate) fn new(k: usize) -> Self {
         let z = vec![0.0; k];
         Self {
-            lw: z.clone(),
-            dlw: z.clone(),
-            ln: z.clone(),
-            dln: z.clone(),
             u: z.clone(),
-            af: z.clone(),
-            asv: z.clone(),
-            afd: z,
-            lse_n: 0.0,
+            inv_w: z.clone(),
+            dlw: z.clone(),
+            dln: z.clone(),
+            pi: z.clone(),
+            dsp: z.clone(),
+            wf: z.clone(),
+            ws: z.clone(),
+            wd: z.clone(),
+            lpi: z.clone(),
+            lw: z,
         }
     }
 }
@@ -250,6 +263,24 @@ pub(crate) struct MixValue {
     pub lpdf: f64,
 }
 
+/// `log(sum_k exp(a_k))` of the terms in `w`, leaving the softmax weights in `w`.
+#[inline]
+fn lse_weights(w: &mut [f64]) -> f64 {
+    let m = w.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if !m.is_finite() {
+        w.iter_mut().for_each(|a| *a = 0.0);
+        return m;
+    }
+    let mut sum = 0.0;
+    for a in w.iter_mut() {
+        *a = (*a - m).exp();
+        sum += *a;
+    }
+    let inv = 1.0 / sum;
+    w.iter_mut().for_each(|a| *a *= inv);
+    m + sum.ln()
+}
+
 impl MixtureSpec {
     /// Width of the mixture part of a layer's parameter slice: means, widths and weights.
     pub(crate) fn n_params(&self) -> usize {
@@ -257,42 +288,51 @@ impl MixtureSpec {
     }
 
     /// Evaluates the mixture of math §3b at `x` for dimension `j` of one parameter row
-    /// (`row` = the `3 K d` mixture parameters), filling `s` for a backward pass.
+    /// (`row` = the `3 K d` mixture parameters), filling `s` for a backward pass:
+    /// `log F = lse_k(log pi - sp(-u))`, `log S = lse_k(log pi - u - sp(-u))`,
+    /// `log f = lse_k(log pi - log w - u - 2 sp(-u))` with `sp` PyTorch's softplus.
     #[inline]
     pub(crate) fn eval(&self, row: &[f64], j: usize, x: f64, s: &mut MixScratch) -> MixValue {
         let (k_n, d) = (self.n_kernels, self.dim);
+        let mut n_sum = 0.0;
         for k in 0..k_n {
-            let (lw, dlw) = self.width.eval(row[k_n * d + k * d + j]);
-            let (ln, dln) = self.norm.eval(row[2 * k_n * d + k * d + j]);
+            let (w, lw, dlw) = self.width.eval_full(row[k_n * d + k * d + j]);
+            let (n, _, dln) = self.norm.eval_full(row[2 * k_n * d + k * d + j]);
+            s.inv_w[k] = 1.0 / w;
             s.lw[k] = lw;
             s.dlw[k] = dlw;
-            s.ln[k] = ln;
             s.dln[k] = dln;
+            s.pi[k] = n;
+            n_sum += n;
         }
-        s.lse_n = logsumexp(&s.ln);
+        let ln_sum = n_sum.ln();
+        let inv_sum = 1.0 / n_sum;
         for k in 0..k_n {
-            let lpi = s.ln[k] - s.lse_n;
-            let u = (x - row[k * d + j]) / s.lw[k].exp();
-            let sp = softplus_t20(-u);
+            // log pi = log n - logsumexp(log n), with n in [lo, lo + hi] so no shift is needed.
+            let lpi = s.pi[k].ln() - ln_sum;
+            s.pi[k] *= inv_sum;
+            s.lpi[k] = lpi;
+            let u = (x - row[k * d + j]) * s.inv_w[k];
+            let (sp, dsp) = softplus_t20(-u);
             s.u[k] = u;
-            s.af[k] = lpi - sp;
-            s.asv[k] = lpi - u - sp;
-            s.afd[k] = lpi - s.lw[k] - u - 2.0 * sp;
+            s.dsp[k] = dsp;
+            s.wf[k] = lpi - sp;
+            s.ws[k] = lpi - u - sp;
+            s.wd[k] = lpi - s.lw[k] - u - 2.0 * sp;
         }
         MixValue {
-            lf: logsumexp(&s.af),
-            ls: logsumexp(&s.asv),
-            lpdf: logsumexp(&s.afd),
+            lf: lse_weights(&mut s.wf),
+            ls: lse_weights(&mut s.ws),
+            lpdf: lse_weights(&mut s.wd),
         }
     }
 
     /// Vector-Jacobian product of [`Self::eval`] (which must have just filled `s`) given the
-    /// gradients with respect to `log F`, `log S` and `log f`; accumulates into `grow` (same
-    /// layout as `row`) and returns the gradient with respect to `x`.
+    /// gradients with respect to `log F`, `log S` and `log f`; adds into `grow` (same layout as
+    /// `row`) and returns the gradient with respect to `x`.
     #[inline]
     pub(crate) fn backward(
         &self,
-        v: MixValue,
         g: (f64, f64, f64),
         j: usize,
         s: &MixScratch,
@@ -305,33 +345,81 @@ impl MixtureSpec {
         // First pass: the per-kernel terms. The normalisation gradient needs the sum over all
         // kernels, so it is finished in a second pass.
         for k in 0..k_n {
-            let ga = g_lf * (s.af[k] - v.lf).exp();
-            let gs = g_ls * (s.asv[k] - v.ls).exp();
-            let gd = g_lpdf * (s.afd[k] - v.lpdf).exp();
+            let ga = g_lf * s.wf[k];
+            let gs = g_ls * s.ws[k];
+            let gd = g_lpdf * s.wd[k];
             let u = s.u[k];
-            let dsp = softplus_t20_grad(-u);
+            let dsp = s.dsp[k];
             // aF = lpi - sp(-u); aS = lpi - u - sp(-u); af = lpi - lw - u - 2 sp(-u).
             let gu = ga * dsp + gs * (dsp - 1.0) + gd * (2.0 * dsp - 1.0);
             let glpi = ga + gs + gd;
-            let inv_w = (-s.lw[k]).exp();
             // u = (x - m) / w: du/dx = 1/w, du/dm = -1/w, du/dlog w = -u.
-            gx += gu * inv_w;
-            grow[k * d + j] += -gu * inv_w;
-            let glw = -gd - gu * u;
-            grow[k_n * d + k * d + j] += glw * s.dlw[k];
+            gx += gu * s.inv_w[k];
+            grow[k * d + j] -= gu * s.inv_w[k];
+            grow[k_n * d + k * d + j] += (-gd - gu * u) * s.dlw[k];
             grow[2 * k_n * d + k * d + j] += glpi * s.dln[k];
             sum_glpi += glpi;
         }
-        // log pi_k = log n_k - logsumexp(log n): subtract softmax(log n)_k * sum of gradients.
+        // log pi_k = log n_k - log sum n: subtract pi_k times the sum of the gradients.
         for k in 0..k_n {
-            let p = (s.ln[k] - s.lse_n).exp();
-            grow[2 * k_n * d + k * d + j] -= p * sum_glpi * s.dln[k];
+            grow[2 * k_n * d + k * d + j] -= s.pi[k] * sum_glpi * s.dln[k];
         }
         gx
     }
 }
 
-struct MixtureOp(MixtureSpec);
+/// The op; when `jac` is set, the forward pass also stores each (row, dimension)'s Jacobian of
+/// `(y, log dy/dx)` with respect to `x` and the row's mixture parameters, so that the backward
+/// pass is a contraction.
+struct MixtureOp {
+    spec: MixtureSpec,
+    jac: Option<std::sync::Mutex<Vec<f64>>>,
+}
+
+impl MixtureOp {
+    /// Entries stored per (row, dimension): for y and for log-det, `d/dx` and the `3 K`
+    /// parameters of that dimension.
+    fn jac_stride(&self) -> usize {
+        2 * (1 + 3 * self.spec.n_kernels)
+    }
+
+    /// Value and (optionally) Jacobian of every (row, dimension).
+    fn compute(&self, x: &[f64], th: &[f64], mut jac: Option<&mut [f64]>) -> Vec<f64> {
+        let spec = &self.spec;
+        let (d, p, k_n) = (spec.dim, spec.n_params(), spec.n_kernels);
+        let b = x.len() / d;
+        let stride = self.jac_stride();
+        let mut out = vec![0.0; b * 2 * d];
+        let mut s = MixScratch::new(k_n);
+        // Scratch gradient rows for the two Jacobian rows (only dimension j's columns are used).
+        let mut gy = vec![0.0; p];
+        let mut gl = vec![0.0; p];
+        for i in 0..b {
+            let row = &th[i * p..(i + 1) * p];
+            for j in 0..d {
+                let v = spec.eval(row, j, x[i * d + j], &mut s);
+                let e = spec.nonlin.eval(v.lf, v.ls);
+                out[i * 2 * d + j] = e.y;
+                out[i * 2 * d + d + j] = v.lpdf + e.t;
+                if let Some(jac) = jac.as_deref_mut() {
+                    let dst = &mut jac[(i * d + j) * stride..(i * d + j + 1) * stride];
+                    let cols = (0..3 * k_n).map(|c| (c / k_n) * k_n * d + (c % k_n) * d + j);
+                    for c in cols.clone() {
+                        gy[c] = 0.0;
+                        gl[c] = 0.0;
+                    }
+                    dst[0] = spec.backward((e.dy_dlf, e.dy_dls, 0.0), j, &s, &mut gy);
+                    dst[stride / 2] = spec.backward((e.dt_dlf, e.dt_dls, 1.0), j, &s, &mut gl);
+                    for (n, c) in cols.enumerate() {
+                        dst[1 + n] = gy[c];
+                        dst[stride / 2 + 1 + n] = gl[c];
+                    }
+                }
+            }
+        }
+        out
+    }
+}
 
 impl CustomOp2 for MixtureOp {
     fn name(&self) -> &'static str {
@@ -347,20 +435,20 @@ impl CustomOp2 for MixtureOp {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = f64_slice(self.name(), s1, l1)?;
         let th = f64_slice(self.name(), s2, l2)?;
-        let spec = &self.0;
-        let (d, p) = (spec.dim, spec.n_params());
+        let d = self.spec.dim;
         let b = x.len() / d;
-        let mut out = vec![0.0; b * 2 * d];
-        let mut s = MixScratch::new(spec.n_kernels);
-        for i in 0..b {
-            let row = &th[i * p..(i + 1) * p];
-            for j in 0..d {
-                let v = spec.eval(row, j, x[i * d + j], &mut s);
-                let e = spec.nonlin.eval(v.lf, v.ls);
-                out[i * 2 * d + j] = e.y;
-                out[i * 2 * d + d + j] = v.lpdf + e.t;
+        let out = match &self.jac {
+            Some(cache) => {
+                let mut jac = vec![0.0; b * d * self.jac_stride()];
+                let out = self.compute(x, th, Some(&mut jac));
+                match cache.lock() {
+                    Ok(mut guard) => *guard = jac,
+                    Err(_) => bail!("mixture-nonlinearity: jacobian cache poisoned"),
+                }
+                out
             }
-        }
+            None => self.compute(x, th, None),
+        };
         Ok((CpuStorage::F64(out), Shape::from((b, 2 * d))))
     }
 
@@ -371,26 +459,39 @@ impl CustomOp2 for MixtureOp {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let x = flat(arg1)?;
-        let th = flat(arg2)?;
+        let spec = &self.spec;
+        let (d, p, k_n) = (spec.dim, spec.n_params(), spec.n_kernels);
+        let b = arg1.dims()[0];
+        let stride = self.jac_stride();
+        let cached = match &self.jac {
+            Some(cache) => match cache.lock() {
+                Ok(guard) => guard.clone(),
+                Err(_) => bail!("mixture-nonlinearity: jacobian cache poisoned"),
+            },
+            None => Vec::new(),
+        };
+        let jac = if cached.len() == b * d * stride {
+            cached
+        } else {
+            // Not recorded in the forward pass: recompute.
+            let mut jac = vec![0.0; b * d * stride];
+            self.compute(&flat(arg1)?, &flat(arg2)?, Some(&mut jac));
+            jac
+        };
         let g = flat(grad_res)?;
-        let spec = &self.0;
-        let (d, p) = (spec.dim, spec.n_params());
-        let b = x.len() / d;
-        let mut gx = vec![0.0; x.len()];
-        let mut gth = vec![0.0; th.len()];
-        let mut s = MixScratch::new(spec.n_kernels);
+        let mut gx = vec![0.0; b * d];
+        let mut gth = vec![0.0; b * p];
         for i in 0..b {
-            let row = &th[i * p..(i + 1) * p];
-            let grow = &mut gth[i * p..(i + 1) * p];
             for j in 0..d {
-                let v = spec.eval(row, j, x[i * d + j], &mut s);
-                let e = spec.nonlin.eval(v.lf, v.ls);
-                let gy = g[i * 2 * d + j];
-                let gld = g[i * 2 * d + d + j];
-                let g_lf = gy * e.dy_dlf + gld * e.dt_dlf;
-                let g_ls = gy * e.dy_dls + gld * e.dt_dls;
-                gx[i * d + j] = spec.backward(v, (g_lf, g_ls, gld), j, &s, grow);
+                let (gy, gl) = (g[i * 2 * d + j], g[i * 2 * d + d + j]);
+                let src = &jac[(i * d + j) * stride..(i * d + j + 1) * stride];
+                let (jy, jl) = src.split_at(stride / 2);
+                gx[i * d + j] = gy * jy[0] + gl * jl[0];
+                let grow = &mut gth[i * p..(i + 1) * p];
+                for n in 0..3 * k_n {
+                    let c = (n / k_n) * k_n * d + (n % k_n) * d + j;
+                    grow[c] = gy * jy[1 + n] + gl * jl[1 + n];
+                }
             }
         }
         let gx = Tensor::from_vec(gx, arg1.shape(), arg1.device())?;
@@ -402,7 +503,8 @@ impl CustomOp2 for MixtureOp {
 /// The per-dimension map of a Gaussianization layer (math §3b–§3c): for `x: (b, d)` and the
 /// mixture parameters `theta: (b, 3 K d)` (means, raw widths, raw weights, each `(K, d)`
 /// row-major) returns `(b, 2 d)`: the values `y` in columns `0..d` and the per-dimension
-/// `log dy/dx` in columns `d..2d`. Differentiable with respect to both inputs.
+/// `log dy/dx` in columns `d..2d`. Differentiable with respect to both inputs; when either
+/// input is tracked, the forward pass records the local Jacobian for the backward pass.
 pub(crate) fn mixture_nonlinearity(
     x: &Tensor,
     theta: &Tensor,
@@ -419,6 +521,10 @@ pub(crate) fn mixture_nonlinearity(
             spec.n_params()
         );
     }
-    x.contiguous()?
-        .apply_op2(&theta.contiguous()?, MixtureOp(spec))
+    let tracked = x.track_op() || theta.track_op();
+    let op = MixtureOp {
+        spec,
+        jac: tracked.then(|| std::sync::Mutex::new(Vec::new())),
+    };
+    x.contiguous()?.apply_op2(&theta.contiguous()?, op)
 }
