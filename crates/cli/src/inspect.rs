@@ -44,7 +44,11 @@ pub fn load(args: &DataArgs) -> anyhow::Result<Dataset> {
 }
 
 #[cfg(feature = "hdf5")]
-fn load_h5(path: &std::path::Path, args: &DataArgs, opts: &starflow_data::LoadOptions) -> anyhow::Result<Dataset> {
+fn load_h5(
+    path: &std::path::Path,
+    args: &DataArgs,
+    opts: &starflow_data::LoadOptions,
+) -> anyhow::Result<Dataset> {
     let names = starflow_data::hdf5_input::Hdf5Names {
         spectra: args.h5_spectra.clone(),
         labels: args.h5_labels.clone(),
@@ -53,7 +57,11 @@ fn load_h5(path: &std::path::Path, args: &DataArgs, opts: &starflow_data::LoadOp
 }
 
 #[cfg(not(feature = "hdf5"))]
-fn load_h5(path: &std::path::Path, _args: &DataArgs, _opts: &starflow_data::LoadOptions) -> anyhow::Result<Dataset> {
+fn load_h5(
+    path: &std::path::Path,
+    _args: &DataArgs,
+    _opts: &starflow_data::LoadOptions,
+) -> anyhow::Result<Dataset> {
     Err(UserError(format!(
         "{}: this starflow was built without HDF5 support; rebuild with `cargo build --release -p starflow-cli --features hdf5` (needs libhdf5-dev), or convert the file to .npy",
         path.display()
@@ -129,7 +137,12 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
             let col: Vec<f64> = (0..rows).map(|r| all[r * cols + c]).collect();
             stats_row(&name, &col);
         }
-        if let Some(c) = data.label_names.iter().position(|n| n == "SNR").filter(|&c| c < cols) {
+        if let Some(c) = data
+            .label_names
+            .iter()
+            .position(|n| n == "SNR")
+            .filter(|&c| c < cols)
+        {
             let mut snr: Vec<f64> = (0..rows)
                 .map(|r| all[r * cols + c])
                 .filter(|v| v.is_finite())

@@ -46,7 +46,7 @@ struct SynthArgs {
     #[arg(long, default_value_t = 4096)]
     pixels_per_camera: usize,
     /// Fraction of giants in the population.
-    #[arg(long, default_value_t = 0.22)]
+    #[arg(long, default_value_t = 0.18)]
     giant_fraction: f64,
     /// Lowest per-pixel SNR.
     #[arg(long, default_value_t = 15.0)]
@@ -78,7 +78,11 @@ pub struct DataArgs {
     #[arg(long, default_value = "labels")]
     pub h5_labels: String,
     /// One name per label column, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "mass,age,l_bol,dist,t_eff,log_g,fe_h,SNR")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "mass,age,l_bol,dist,t_eff,log_g,fe_h,SNR"
+    )]
     pub label_names: Vec<String>,
     /// The label columns to predict, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "t_eff,log_g,fe_h")]
@@ -153,7 +157,8 @@ fn synth(args: &SynthArgs) -> anyhow::Result<()> {
 /// True when the error comes from the user's input rather than from a bug.
 fn is_user_error(err: &anyhow::Error) -> bool {
     err.chain().any(|e| {
-        e.downcast_ref::<DataError>().is_some_and(DataError::is_user_error)
+        e.downcast_ref::<DataError>()
+            .is_some_and(DataError::is_user_error)
             || e.downcast_ref::<inspect::UserError>().is_some()
     })
 }

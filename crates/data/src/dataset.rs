@@ -87,7 +87,11 @@ pub struct FileSummary {
 }
 
 /// Counts non-finite values of a 2-D array per row, in parallel; returns (count, offending rows).
-fn scan_nonfinite(rows: usize, cols: usize, read: impl Fn(usize, &mut [f32]) + Sync) -> (usize, Vec<usize>) {
+fn scan_nonfinite(
+    rows: usize,
+    cols: usize,
+    read: impl Fn(usize, &mut [f32]) + Sync,
+) -> (usize, Vec<usize>) {
     let per_row: Vec<usize> = (0..rows)
         .into_par_iter()
         .map_init(
@@ -162,7 +166,10 @@ impl Dataset {
         let (rows_s, n_pix) = spectra.shape2("spectra")?;
         let (rows_l, n_cols) = labels_arr.shape2("labels")?;
         let labels = labels_arr.to_f64_vec();
-        let paths = (spectra.path().to_path_buf(), labels_arr.path().to_path_buf());
+        let paths = (
+            spectra.path().to_path_buf(),
+            labels_arr.path().to_path_buf(),
+        );
         Self::build(
             Spectra::Npy(spectra),
             (rows_s, n_pix),
@@ -182,8 +189,8 @@ impl Dataset {
         paths: (PathBuf, PathBuf),
         opts: &LoadOptions,
     ) -> Result<Self> {
-        let rows_s = if n_pix == 0 { 0 } else { spectra.len() / n_pix };
-        let rows_l = if n_cols == 0 { 0 } else { labels.len() / n_cols };
+        let rows_s = spectra.len().checked_div(n_pix).unwrap_or(0);
+        let rows_l = labels.len().checked_div(n_cols).unwrap_or(0);
         Self::build(
             Spectra::Owned(spectra),
             (rows_s, n_pix),
@@ -254,18 +261,27 @@ impl Dataset {
             }
         }
         if target_cols.is_empty() {
-            return Err(DataError::config("targets", "at least one target column is needed"));
+            return Err(DataError::config(
+                "targets",
+                "at least one target column is needed",
+            ));
         }
 
         // Non-finite values: in the spectra, or in the target columns (others are not used).
         let (_, bad_spec) = match &spectra {
-            Spectra::Npy(a) => scan_nonfinite(rows_s, n_pix, |i, buf| a.read_f32_into(i * n_pix, buf)),
+            Spectra::Npy(a) => {
+                scan_nonfinite(rows_s, n_pix, |i, buf| a.read_f32_into(i * n_pix, buf))
+            }
             Spectra::Owned(v) => scan_nonfinite(rows_s, n_pix, |i, buf| {
                 buf.copy_from_slice(&v[i * n_pix..(i + 1) * n_pix])
             }),
         };
         let bad_lab: Vec<usize> = (0..rows_l)
-            .filter(|&r| target_cols.iter().any(|&c| !labels[r * n_cols + c].is_finite()))
+            .filter(|&r| {
+                target_cols
+                    .iter()
+                    .any(|&c| !labels[r * n_cols + c].is_finite())
+            })
             .collect();
         if !opts.drop_nonfinite {
             if !bad_spec.is_empty() {
@@ -294,7 +310,9 @@ impl Dataset {
         let mut dropped: Vec<usize> = bad_spec.into_iter().chain(bad_lab).collect();
         dropped.sort_unstable();
         dropped.dedup();
-        let rows: Vec<usize> = (0..rows_s).filter(|r| dropped.binary_search(r).is_err()).collect();
+        let rows: Vec<usize> = (0..rows_s)
+            .filter(|r| dropped.binary_search(r).is_err())
+            .collect();
         if rows.is_empty() {
             return Err(DataError::invalid(
                 &spectra_path,
@@ -352,7 +370,10 @@ impl Dataset {
 
     /// Names of the predicted columns.
     pub fn target_names(&self) -> Vec<String> {
-        self.target_cols.iter().map(|&c| self.label_names[c].clone()).collect()
+        self.target_cols
+            .iter()
+            .map(|&c| self.label_names[c].clone())
+            .collect()
     }
 
     /// Names of every label column.
@@ -379,14 +400,22 @@ impl Dataset {
     pub fn targets(&self, i: usize) -> Vec<f64> {
         let r = self.rows[i];
         let n_cols = self.label_names.len();
-        self.target_cols.iter().map(|&c| self.labels[r * n_cols + c]).collect()
+        self.target_cols
+            .iter()
+            .map(|&c| self.labels[r * n_cols + c])
+            .collect()
     }
 
     /// Every value of a label column by name, for usable stars.
     pub fn column(&self, name: &str) -> Option<Vec<f64>> {
         let c = self.label_names.iter().position(|n| n == name)?;
         let n_cols = self.label_names.len();
-        Some(self.rows.iter().map(|&r| self.labels[r * n_cols + c]).collect())
+        Some(
+            self.rows
+                .iter()
+                .map(|&r| self.labels[r * n_cols + c])
+                .collect(),
+        )
     }
 
     /// Copies the raw flux of star `i` into `out` (length `n_pix`).

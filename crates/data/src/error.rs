@@ -59,7 +59,11 @@ impl DataError {
         !matches!(self, DataError::Io { .. } | DataError::Candle(_))
     }
 
-    pub(crate) fn npy(path: impl Into<PathBuf>, problem: impl Into<String>, fix: impl Into<String>) -> Self {
+    pub(crate) fn npy(
+        path: impl Into<PathBuf>,
+        problem: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> Self {
         DataError::Npy {
             path: path.into(),
             problem: problem.into(),

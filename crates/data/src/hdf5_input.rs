@@ -34,7 +34,11 @@ fn h5err(path: &Path, e: hdf5::Error, fix: &str) -> DataError {
     }
 }
 
-fn read_2d<T: hdf5::H5Type>(file: &hdf5::File, path: &Path, name: &str) -> Result<(Vec<T>, usize, usize)> {
+fn read_2d<T: hdf5::H5Type>(
+    file: &hdf5::File,
+    path: &Path,
+    name: &str,
+) -> Result<(Vec<T>, usize, usize)> {
     let ds = file.dataset(name).map_err(|e| {
         h5err(
             path,
@@ -54,7 +58,11 @@ fn read_2d<T: hdf5::H5Type>(file: &hdf5::File, path: &Path, name: &str) -> Resul
         }
     };
     let data = ds.read_raw::<T>().map_err(|e| {
-        h5err(path, e, &format!("dataset '{name}' must hold floating-point numbers"))
+        h5err(
+            path,
+            e,
+            &format!("dataset '{name}' must hold floating-point numbers"),
+        )
     })?;
     Ok((data, r, c))
 }
@@ -68,13 +76,17 @@ pub fn load_hdf5(path: impl AsRef<Path>, names: &Hdf5Names, opts: &LoadOptions) 
             source: std::io::Error::from(std::io::ErrorKind::NotFound),
         });
     }
-    let file = hdf5::File::open(path).map_err(|e| h5err(path, e, "pass a valid HDF5 (.h5) file"))?;
+    let file =
+        hdf5::File::open(path).map_err(|e| h5err(path, e, "pass a valid HDF5 (.h5) file"))?;
     let (spectra, rows_s, n_pix) = read_2d::<f32>(&file, path, &names.spectra)?;
     let (labels, rows_l, n_cols) = read_2d::<f64>(&file, path, &names.labels)?;
     if rows_s != rows_l {
         return Err(DataError::invalid(
             path,
-            format!("row-count mismatch: '{}' has {rows_s} rows, '{}' has {rows_l}", names.spectra, names.labels),
+            format!(
+                "row-count mismatch: '{}' has {rows_s} rows, '{}' has {rows_l}",
+                names.spectra, names.labels
+            ),
             "row i of each dataset must describe the same star",
         ));
     }

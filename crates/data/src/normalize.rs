@@ -74,7 +74,7 @@ impl LabelScaler {
         }
         let std: Vec<f64> = var.iter().map(|v| (v / n).sqrt()).collect();
         for (name, s) in names.iter().zip(&std) {
-            if !(*s > 0.0) {
+            if !s.is_finite() || *s <= 0.0 {
                 return Err(DataError::config(
                     "split",
                     format!("label '{name}' is constant within the training split; use a larger data set or another seed"),

@@ -56,7 +56,9 @@ pub struct Header {
 impl Header {
     /// Number of elements (product of the shape; 1 for a 0-d array).
     pub fn n_elements(&self) -> Option<usize> {
-        self.shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        self.shape
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
     }
 }
 
@@ -74,7 +76,8 @@ fn header_err(problem: impl Into<String>, fix: &str) -> HeaderError {
     }
 }
 
-const FIX_RESAVE: &str = "re-save the array with numpy: np.save(path, np.asarray(arr, dtype=np.float32))";
+const FIX_RESAVE: &str =
+    "re-save the array with numpy: np.save(path, np.asarray(arr, dtype=np.float32))";
 
 /// Parses the magic, version and header dictionary at the start of `bytes`.
 ///
@@ -160,7 +163,12 @@ struct Dict {
 
 /// Parses the Python dict literal numpy writes: `{'descr': '<f4', 'fortran_order': False, 'shape': (3, 4), }`.
 fn parse_dict(text: &str) -> std::result::Result<Dict, HeaderError> {
-    let bad = |what: &str| header_err(format!("malformed npy header ({what}): {text:?}"), FIX_RESAVE);
+    let bad = |what: &str| {
+        header_err(
+            format!("malformed npy header ({what}): {text:?}"),
+            FIX_RESAVE,
+        )
+    };
     let mut s = text.trim();
     s = s
         .strip_prefix('{')
@@ -205,7 +213,10 @@ fn parse_dict(text: &str) -> std::result::Result<Dict, HeaderError> {
                         continue;
                     }
                     let part = part.strip_suffix('L').unwrap_or(part);
-                    shape.push(part.parse::<usize>().map_err(|_| bad("non-integer dimension"))?);
+                    shape.push(
+                        part.parse::<usize>()
+                            .map_err(|_| bad("non-integer dimension"))?,
+                    );
                 }
                 dict.shape = Some(shape);
                 &inner[close + 1..]
@@ -282,7 +293,11 @@ impl NpyArray {
             })?
             .len();
         if file.metadata().map(|m| m.is_dir()).unwrap_or(false) {
-            return Err(DataError::npy(&path, "is a directory, not an npy file", "pass the .npy file inside it"));
+            return Err(DataError::npy(
+                &path,
+                "is a directory, not an npy file",
+                "pass the .npy file inside it",
+            ));
         }
         let bytes = if len < 4096 {
             Bytes::Owned(std::fs::read(&path).map_err(|source| DataError::Io {
@@ -357,7 +372,10 @@ impl NpyArray {
             &[r, c] => Ok((r, c)),
             s => Err(DataError::invalid(
                 &self.path,
-                format!("{what} must be a 2-D array, found {}-D with shape {s:?}", s.len()),
+                format!(
+                    "{what} must be a 2-D array, found {}-D with shape {s:?}",
+                    s.len()
+                ),
                 format!("save {what} as a (rows, columns) array"),
             )),
         }
@@ -371,7 +389,8 @@ impl NpyArray {
     /// A zero-copy view when the data is little-endian float32 and 4-byte aligned (always the case
     /// for files written by numpy, whose headers are padded to 64 bytes).
     pub fn as_f32_slice(&self) -> Option<&[f32]> {
-        if self.header.dtype != Dtype::F32 || self.header.big_endian || cfg!(target_endian = "big") {
+        if self.header.dtype != Dtype::F32 || self.header.big_endian || cfg!(target_endian = "big")
+        {
             return None;
         }
         let data = self.data();
@@ -464,7 +483,10 @@ pub fn npy_header<T: NpyElement>(shape: &[usize]) -> Vec<u8> {
         [n] => format!("({n},)"),
         s => format!(
             "({})",
-            s.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")
+            s.iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     };
     let mut dict = format!(
@@ -498,7 +520,11 @@ pub fn write_npy<T: NpyElement>(path: impl AsRef<Path>, shape: &[usize], data: &
     if n != data.len() {
         return Err(DataError::config(
             "npy shape",
-            format!("shape {shape:?} does not match {} values for {}", data.len(), path.display()),
+            format!(
+                "shape {shape:?} does not match {} values for {}",
+                data.len(),
+                path.display()
+            ),
         ));
     }
     atomic_write_with(path, |w| {
@@ -574,9 +600,18 @@ mod tests {
     #[test]
     fn parses_numpy_spellings() {
         for (dict, shape) in [
-            ("{'descr': '<f8', 'fortran_order': False, 'shape': (5,), }", vec![5]),
-            ("{'descr': '<f8', 'fortran_order': False, 'shape': (), }", vec![]),
-            ("{\"descr\": \"<f8\", \"fortran_order\": False, \"shape\": (3L, 4L)}", vec![3, 4]),
+            (
+                "{'descr': '<f8', 'fortran_order': False, 'shape': (5,), }",
+                vec![5],
+            ),
+            (
+                "{'descr': '<f8', 'fortran_order': False, 'shape': (), }",
+                vec![],
+            ),
+            (
+                "{\"descr\": \"<f8\", \"fortran_order\": False, \"shape\": (3L, 4L)}",
+                vec![3, 4],
+            ),
         ] {
             let mut b = MAGIC.to_vec();
             b.extend_from_slice(&[1, 0]);

@@ -36,7 +36,11 @@ impl Default for SplitFractions {
 impl SplitFractions {
     /// Checks ranges and that the fractions sum to 1 (within 1e-6).
     pub fn validate(&self) -> Result<()> {
-        for (name, f) in [("train", self.train), ("val", self.val), ("test", self.test)] {
+        for (name, f) in [
+            ("train", self.train),
+            ("val", self.val),
+            ("test", self.test),
+        ] {
             if !(f.is_finite() && (0.0..=1.0).contains(&f)) {
                 return Err(DataError::config(
                     format!("split.{name}"),
@@ -82,12 +86,19 @@ impl Split {
         if n_train == 0 {
             return Err(DataError::config(
                 "split.train",
-                format!("{n} stars with a train fraction of {} leaves no training star", fractions.train),
+                format!(
+                    "{n} stars with a train fraction of {} leaves no training star",
+                    fractions.train
+                ),
             ));
         }
         let test = idx.split_off(n_train + n_val);
         let val = idx.split_off(n_train);
-        Ok(Split { train: idx, val, test })
+        Ok(Split {
+            train: idx,
+            val,
+            test,
+        })
     }
 }
 
@@ -131,7 +142,10 @@ impl Batcher<'_> {
                 self.dataset.flux_into(i, row);
                 self.flux.apply(row);
             });
-        let mut y: Vec<f64> = indices.iter().flat_map(|&i| self.dataset.targets(i)).collect();
+        let mut y: Vec<f64> = indices
+            .iter()
+            .flat_map(|&i| self.dataset.targets(i))
+            .collect();
         self.scaler.to_z(&mut y);
         let d = self.scaler.mean.len();
         Ok(Batch {

@@ -15,7 +15,18 @@ fn write_h5(path: &std::path::Path, spectra_name: &str, rows_labels: usize) {
         .write_raw(&spectra)
         .unwrap();
     let labels: Vec<f64> = (0..rows_labels)
-        .flat_map(|i| [1.0, 2.0, 1.0, 10.0, 5000.0 + i as f64, 4.0 + 0.1 * i as f64, -0.1 * i as f64, 40.0])
+        .flat_map(|i| {
+            [
+                1.0,
+                2.0,
+                1.0,
+                10.0,
+                5000.0 + i as f64,
+                4.0 + 0.1 * i as f64,
+                -0.1 * i as f64,
+                40.0,
+            ]
+        })
         .collect();
     f.new_dataset::<f64>()
         .shape((rows_labels, 8))
@@ -47,12 +58,24 @@ fn missing_dataset_and_row_mismatch_are_clear() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("galah.h5");
     write_h5(&p, "flux", 4);
-    let e = load_hdf5(&p, &Hdf5Names::default(), &LoadOptions::default()).unwrap_err().to_string();
+    let e = load_hdf5(&p, &Hdf5Names::default(), &LoadOptions::default())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("galah.h5") && e.contains("'spectra'"), "{e}");
     let q = dir.path().join("mismatch.h5");
     write_h5(&q, "spectra", 3);
-    let e = load_hdf5(&q, &Hdf5Names::default(), &LoadOptions::default()).unwrap_err().to_string();
-    assert!(e.contains("mismatch.h5") && e.contains("row-count mismatch"), "{e}");
-    let e = load_hdf5(dir.path().join("none.h5"), &Hdf5Names::default(), &LoadOptions::default()).unwrap_err();
+    let e = load_hdf5(&q, &Hdf5Names::default(), &LoadOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("mismatch.h5") && e.contains("row-count mismatch"),
+        "{e}"
+    );
+    let e = load_hdf5(
+        dir.path().join("none.h5"),
+        &Hdf5Names::default(),
+        &LoadOptions::default(),
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("none.h5"), "{e}");
 }

@@ -6,7 +6,16 @@ use starflow_data::npy::{encode_npy, write_npy, NpyArray};
 use starflow_data::{Dataset, LoadOptions};
 
 fn labels_row(i: usize) -> [f64; 8] {
-    [1.0, 4.0, 1.0, 100.0, 5000.0 + 10.0 * i as f64, 4.0 + 0.01 * i as f64, -0.2 + 0.01 * i as f64, 50.0]
+    [
+        1.0,
+        4.0,
+        1.0,
+        100.0,
+        5000.0 + 10.0 * i as f64,
+        4.0 + 0.01 * i as f64,
+        -0.2 + 0.01 * i as f64,
+        50.0,
+    ]
 }
 
 /// Writes a valid pair of files with `n` stars of `n_pix` pixels.
@@ -53,7 +62,10 @@ fn valid_pair_loads_zero_copy() {
     assert_eq!(ds.n_pix(), 4100);
     assert_eq!(ds.target_names(), ["t_eff", "log_g", "fe_h"]);
     assert_eq!(ds.targets(3), vec![5030.0, 4.03, -0.17]);
-    assert!(NpyArray::open(&s).unwrap().as_f32_slice().is_some(), "f32 spectra must be mapped, not copied");
+    assert!(
+        NpyArray::open(&s).unwrap().as_f32_slice().is_some(),
+        "f32 spectra must be mapped, not copied"
+    );
     let mut row = vec![0f32; 4100];
     ds.flux_into(1, &mut row);
     assert_eq!(row[0], 0.5 + ((4100 % 7) as f32) * 0.1);
@@ -64,8 +76,21 @@ fn float64_spectra_and_float32_labels_load() {
     let dir = tempfile::tempdir().unwrap();
     let s = dir.path().join("s.npy");
     let l = dir.path().join("l.npy");
-    write_npy(&s, &[3, 5], &(0..15).map(|k| k as f64 * 0.25).collect::<Vec<f64>>()).unwrap();
-    write_npy(&l, &[3, 8], &(0..3).flat_map(labels_row).map(|v| v as f32).collect::<Vec<f32>>()).unwrap();
+    write_npy(
+        &s,
+        &[3, 5],
+        &(0..15).map(|k| k as f64 * 0.25).collect::<Vec<f64>>(),
+    )
+    .unwrap();
+    write_npy(
+        &l,
+        &[3, 8],
+        &(0..3)
+            .flat_map(labels_row)
+            .map(|v| v as f32)
+            .collect::<Vec<f32>>(),
+    )
+    .unwrap();
     let ds = Dataset::load_npy(&s, &l, &LoadOptions::default()).unwrap();
     let mut row = vec![0f32; 5];
     ds.flux_into(2, &mut row);
@@ -87,9 +112,15 @@ fn not_an_npy_file_and_empty_file() {
     let (_, l) = write_pair(dir.path(), 3, 8);
     let bad = dir.path().join("bad.npy");
     std::fs::write(&bad, "mass,age\n1,2\n").unwrap();
-    assert_mentions(&load_err(&bad, &l, &LoadOptions::default()), &["bad.npy", "not an npy file"]);
+    assert_mentions(
+        &load_err(&bad, &l, &LoadOptions::default()),
+        &["bad.npy", "not an npy file"],
+    );
     std::fs::write(&bad, "").unwrap();
-    assert_mentions(&load_err(&bad, &l, &LoadOptions::default()), &["bad.npy", "empty"]);
+    assert_mentions(
+        &load_err(&bad, &l, &LoadOptions::default()),
+        &["bad.npy", "empty"],
+    );
 }
 
 #[test]
@@ -98,7 +129,10 @@ fn truncated_data() {
     let (s, l) = write_pair(dir.path(), 4, 2000);
     let bytes = std::fs::read(&s).unwrap();
     std::fs::write(&s, &bytes[..bytes.len() - 100]).unwrap();
-    assert_mentions(&load_err(&s, &l, &LoadOptions::default()), &["spectra.npy", "truncated", "32000 bytes"]);
+    assert_mentions(
+        &load_err(&s, &l, &LoadOptions::default()),
+        &["spectra.npy", "truncated", "32000 bytes"],
+    );
 }
 
 #[test]
@@ -106,7 +140,10 @@ fn unsupported_dtype() {
     let dir = tempfile::tempdir().unwrap();
     let (s, l) = write_pair(dir.path(), 3, 8);
     patch_header(&s, "'<f4'", "'<i4'");
-    assert_mentions(&load_err(&s, &l, &LoadOptions::default()), &["spectra.npy", "unsupported dtype '<i4'", "astype"]);
+    assert_mentions(
+        &load_err(&s, &l, &LoadOptions::default()),
+        &["spectra.npy", "unsupported dtype '<i4'", "astype"],
+    );
 }
 
 #[test]
@@ -114,7 +151,10 @@ fn fortran_order() {
     let dir = tempfile::tempdir().unwrap();
     let (s, l) = write_pair(dir.path(), 3, 8);
     patch_header(&s, "'fortran_order': False", "'fortran_order': True ");
-    assert_mentions(&load_err(&s, &l, &LoadOptions::default()), &["spectra.npy", "Fortran", "ascontiguousarray"]);
+    assert_mentions(
+        &load_err(&s, &l, &LoadOptions::default()),
+        &["spectra.npy", "Fortran", "ascontiguousarray"],
+    );
 }
 
 #[test]
@@ -123,7 +163,10 @@ fn wrong_rank() {
     let (_, l) = write_pair(dir.path(), 3, 8);
     let s = dir.path().join("flat.npy");
     write_npy(&s, &[24], &[1f32; 24]).unwrap();
-    assert_mentions(&load_err(&s, &l, &LoadOptions::default()), &["flat.npy", "2-D", "1-D"]);
+    assert_mentions(
+        &load_err(&s, &l, &LoadOptions::default()),
+        &["flat.npy", "2-D", "1-D"],
+    );
 }
 
 #[test]
@@ -131,8 +174,16 @@ fn row_count_mismatch() {
     let dir = tempfile::tempdir().unwrap();
     let (s, _) = write_pair(dir.path(), 4, 8);
     let l = dir.path().join("l3.npy");
-    write_npy(&l, &[3, 8], &(0..3).flat_map(labels_row).collect::<Vec<_>>()).unwrap();
-    assert_mentions(&load_err(&s, &l, &LoadOptions::default()), &["l3.npy", "row-count mismatch", "4 spectra", "3 label rows"]);
+    write_npy(
+        &l,
+        &[3, 8],
+        &(0..3).flat_map(labels_row).collect::<Vec<_>>(),
+    )
+    .unwrap();
+    assert_mentions(
+        &load_err(&s, &l, &LoadOptions::default()),
+        &["l3.npy", "row-count mismatch", "4 spectra", "3 label rows"],
+    );
 }
 
 #[test]
@@ -140,9 +191,17 @@ fn too_few_label_columns() {
     let dir = tempfile::tempdir().unwrap();
     let (s, _) = write_pair(dir.path(), 3, 8);
     let l = dir.path().join("l.npy");
-    write_npy(&l, &[3, 3], &[5000.0, 4.0, 0.0, 5100.0, 4.1, 0.1, 5200.0, 4.2, 0.2]).unwrap();
+    write_npy(
+        &l,
+        &[3, 3],
+        &[5000.0, 4.0, 0.0, 5100.0, 4.1, 0.1, 5200.0, 4.2, 0.2],
+    )
+    .unwrap();
     let msg = load_err(&s, &l, &LoadOptions::default());
-    assert_mentions(&msg, &["l.npy", "too few label columns", "has 3", "--label-names"]);
+    assert_mentions(
+        &msg,
+        &["l.npy", "too few label columns", "has 3", "--label-names"],
+    );
     // Naming the three columns makes the same file valid.
     let opts = LoadOptions {
         label_names: vec!["t_eff".into(), "log_g".into(), "fe_h".into()],
@@ -159,7 +218,10 @@ fn unknown_target() {
         targets: vec!["teff".into()],
         ..LoadOptions::default()
     };
-    assert_mentions(&load_err(&s, &l, &opts), &["unknown label column 'teff'", "t_eff"]);
+    assert_mentions(
+        &load_err(&s, &l, &opts),
+        &["unknown label column 'teff'", "t_eff"],
+    );
 }
 
 #[test]
@@ -175,10 +237,18 @@ fn nonfinite_values_are_reported_and_can_be_dropped() {
     write_npy(&s, &[20, n_pix], &spectra).unwrap();
     let mut labels: Vec<f64> = (0..20).flat_map(labels_row).collect();
     labels[5 * 8 + 6] = f64::NAN; // fe_h of row 5
-    labels[2 * 8 + 0] = f64::NAN; // mass of row 2: not a target, must not matter
+    labels[2 * 8] = f64::NAN; // mass of row 2: not a target, must not matter
     write_npy(&l, &[20, 8], &labels).unwrap();
     let msg = load_err(&s, &l, &LoadOptions::default());
-    assert_mentions(&msg, &["spectra.npy", "6 spectra contain non-finite", "3, 7, 11, 12, 13, ...", "--drop-nonfinite"]);
+    assert_mentions(
+        &msg,
+        &[
+            "spectra.npy",
+            "6 spectra contain non-finite",
+            "3, 7, 11, 12, 13, ...",
+            "--drop-nonfinite",
+        ],
+    );
     let opts = LoadOptions {
         drop_nonfinite: true,
         ..LoadOptions::default()
@@ -190,7 +260,10 @@ fn nonfinite_values_are_reported_and_can_be_dropped() {
     assert_eq!(ds.file_row(3), 4);
     // Non-finite targets alone are reported against the labels file.
     write_npy(&s, &[20, n_pix], &vec![1f32; 20 * n_pix]).unwrap();
-    assert_mentions(&load_err(&s, &l, &LoadOptions::default()), &["labels.npy", "1 rows have non-finite target", "5"]);
+    assert_mentions(
+        &load_err(&s, &l, &LoadOptions::default()),
+        &["labels.npy", "1 rows have non-finite target", "5"],
+    );
 }
 
 #[test]
@@ -203,13 +276,18 @@ fn constant_label_column() {
     }
     let l = dir.path().join("labels.npy");
     write_npy(&l, &[5, 8], &labels).unwrap();
-    assert_mentions(&load_err(&s, &l, &LoadOptions::default()), &["labels.npy", "'log_g'", "constant"]);
+    assert_mentions(
+        &load_err(&s, &l, &LoadOptions::default()),
+        &["labels.npy", "'log_g'", "constant"],
+    );
 }
 
 #[test]
 fn header_parser_matches_numpy_bytes() {
     // Bytes numpy 1.26 writes for np.save(f, np.zeros((2, 3), np.float32)).
-    let mut numpy = b"\x93NUMPY\x01\x00v\x00{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }".to_vec();
+    let mut numpy =
+        b"\x93NUMPY\x01\x00v\x00{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }"
+            .to_vec();
     while numpy.len() < 127 {
         numpy.push(b' ');
     }

@@ -2,26 +2,74 @@
 
 use candle_core::Device;
 use starflow_data::npy::write_npy;
-use starflow_data::{epoch_order, Batcher, Dataset, FluxTransform, LabelScaler, LoadOptions, Split, SplitFractions};
+use starflow_data::{
+    epoch_order, Batcher, Dataset, FluxTransform, LabelScaler, LoadOptions, Split, SplitFractions,
+};
 
 #[test]
 fn reference_split_sizes_and_determinism() {
     let s = Split::new(8914, SplitFractions::default(), 42).unwrap();
-    assert_eq!((s.train.len(), s.val.len(), s.test.len()), (6239, 1337, 1338));
-    let mut all: Vec<usize> = s.train.iter().chain(&s.val).chain(&s.test).copied().collect();
+    assert_eq!(
+        (s.train.len(), s.val.len(), s.test.len()),
+        (6239, 1337, 1338)
+    );
+    let mut all: Vec<usize> = s
+        .train
+        .iter()
+        .chain(&s.val)
+        .chain(&s.test)
+        .copied()
+        .collect();
     all.sort_unstable();
-    assert_eq!(all, (0..8914).collect::<Vec<_>>(), "splits must partition the stars");
+    assert_eq!(
+        all,
+        (0..8914).collect::<Vec<_>>(),
+        "splits must partition the stars"
+    );
     assert_eq!(s, Split::new(8914, SplitFractions::default(), 42).unwrap());
-    assert_ne!(s.train, Split::new(8914, SplitFractions::default(), 43).unwrap().train);
+    assert_ne!(
+        s.train,
+        Split::new(8914, SplitFractions::default(), 43)
+            .unwrap()
+            .train
+    );
 }
 
 #[test]
 fn bad_fractions_are_rejected() {
     for (f, needle) in [
-        (SplitFractions { train: 0.7, val: 0.2, test: 0.2 }, "sum to 1"),
-        (SplitFractions { train: -0.1, val: 0.6, test: 0.5 }, "split.train"),
-        (SplitFractions { train: 0.0, val: 0.5, test: 0.5 }, "greater than 0"),
-        (SplitFractions { train: f64::NAN, val: 0.5, test: 0.5 }, "between 0 and 1"),
+        (
+            SplitFractions {
+                train: 0.7,
+                val: 0.2,
+                test: 0.2,
+            },
+            "sum to 1",
+        ),
+        (
+            SplitFractions {
+                train: -0.1,
+                val: 0.6,
+                test: 0.5,
+            },
+            "split.train",
+        ),
+        (
+            SplitFractions {
+                train: 0.0,
+                val: 0.5,
+                test: 0.5,
+            },
+            "greater than 0",
+        ),
+        (
+            SplitFractions {
+                train: f64::NAN,
+                val: 0.5,
+                test: 0.5,
+            },
+            "between 0 and 1",
+        ),
     ] {
         let e = Split::new(100, f, 1).unwrap_err().to_string();
         assert!(e.contains(needle), "{e}");
@@ -41,9 +89,22 @@ fn epoch_orders_are_seeded_permutations() {
 }
 
 fn dataset(dir: &std::path::Path, n: usize, n_pix: usize) -> Dataset {
-    let spectra: Vec<f32> = (0..n * n_pix).map(|k| if k % 5 == 0 { 0.0 } else { 1.5 }).collect();
+    let spectra: Vec<f32> = (0..n * n_pix)
+        .map(|k| if k % 5 == 0 { 0.0 } else { 1.5 })
+        .collect();
     let labels: Vec<f64> = (0..n)
-        .flat_map(|i| [1.0, 1.0, 1.0, 1.0, 4000.0 + 100.0 * i as f64, 1.0 + 0.5 * i as f64, -1.0 + 0.1 * i as f64, 30.0])
+        .flat_map(|i| {
+            [
+                1.0,
+                1.0,
+                1.0,
+                1.0,
+                4000.0 + 100.0 * i as f64,
+                1.0 + 0.5 * i as f64,
+                -1.0 + 0.1 * i as f64,
+                30.0,
+            ]
+        })
         .collect();
     write_npy(dir.join("spectra.npy"), &[n, n_pix], &spectra).unwrap();
     write_npy(dir.join("labels.npy"), &[n, 8], &labels).unwrap();
@@ -82,14 +143,21 @@ fn batches_have_the_right_shapes_values_and_remainder() {
         device: Device::Cpu,
     };
     let order: Vec<usize> = (0..10).collect();
-    let batches: Vec<_> = b.batches(&order, 4).unwrap().collect::<Result<_, _>>().unwrap();
+    let batches: Vec<_> = b
+        .batches(&order, 4)
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
     assert_eq!(batches.len(), 3);
     assert_eq!(batches[0].x.dims(), [4, 1, 8]);
     assert_eq!(batches[2].x.dims(), [2, 1, 8]);
     assert_eq!(batches[2].y.dims(), [2, 3]);
     assert_eq!(batches[2].indices, [8, 9]);
     let x: Vec<f32> = batches[0].x.flatten_all().unwrap().to_vec1().unwrap();
-    assert!((x[0] - 0.2f32.ln()).abs() < 1e-6, "zero flux is floored at 0.2 before the log");
+    assert!(
+        (x[0] - 0.2f32.ln()).abs() < 1e-6,
+        "zero flux is floored at 0.2 before the log"
+    );
     assert!((x[1] - 1.5f32.ln()).abs() < 1e-6);
     let y: Vec<f64> = batches[0].y.flatten_all().unwrap().to_vec1().unwrap();
     assert!((y[0] - (4000.0 - sc.mean[0]) / sc.std[0]).abs() < 1e-12);

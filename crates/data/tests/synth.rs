@@ -36,8 +36,14 @@ fn grid_matches_the_hermes_cameras() {
     assert_eq!((w[4096], w[8191]), (5649.0, 5873.0));
     assert_eq!((w[8192], w[12287]), (6481.0, 6739.0));
     assert_eq!((w[12288], w[16383]), (7590.0, 7890.0));
-    assert!(m.lines.len() >= 300, "a few hundred lines, got {}", m.lines.len());
-    for name in ["H I", "K I", "O I", "Ca I", "Fe I", "Fe II", "Ti I", "Ti II", "Sc II", "Ba II", "Li I"] {
+    assert!(
+        m.lines.len() >= 300,
+        "a few hundred lines, got {}",
+        m.lines.len()
+    );
+    for name in [
+        "H I", "K I", "O I", "Ca I", "Fe I", "Fe II", "Ti I", "Ti II", "Sc II", "Ba II", "Li I",
+    ] {
         assert!(m.lines.iter().any(|l| l.species == name), "{name} missing");
     }
 }
@@ -49,7 +55,10 @@ fn h_alpha_grows_with_t_eff() {
         .iter()
         .map(|&t| ew(&m, &flux(&m, t, 4.4, 0.0), 6562.8, 15.0))
         .collect();
-    assert!(ews.windows(2).all(|p| p[1] > p[0] * 1.1), "H-alpha EW vs t_eff: {ews:?}");
+    assert!(
+        ews.windows(2).all(|p| p[1] > p[0] * 1.1),
+        "H-alpha EW vs t_eff: {ews:?}"
+    );
     // The line core reaches ~0.2 of the continuum, as in GALAH.
     let f = flux(&m, 5800.0, 4.4, 0.0);
     let core = f[9480..9500].iter().copied().fold(1.0, f64::min);
@@ -63,10 +72,16 @@ fn metal_lines_grow_with_fe_h_and_saturate() {
         .iter()
         .map(|&z| species_ew(&m, &flux(&m, 5700.0, 4.4, z), "Fe I"))
         .collect();
-    assert!(ews.windows(2).all(|p| p[1] > p[0]), "Fe I EW vs fe_h: {ews:?}");
+    assert!(
+        ews.windows(2).all(|p| p[1] > p[0]),
+        "Fe I EW vs fe_h: {ews:?}"
+    );
     // Curve of growth: weak lines scale ~10^[Fe/H], so the summed EW grows by less than 10^1.4
     // from -1.0 to +0.4 because the strong lines saturate.
-    assert!(ews[3] / ews[0] < 10f64.powf(1.4) * 0.5, "no saturation: {ews:?}");
+    assert!(
+        ews[3] / ews[0] < 10f64.powf(1.4) * 0.5,
+        "no saturation: {ews:?}"
+    );
 }
 
 #[test]
@@ -87,21 +102,31 @@ fn pressure_wings_grow_with_gravity() {
             ew(&m, &f, center + 1.25, 0.75) + ew(&m, &f, center - 1.25, 0.75)
         };
         let (dwarf, giant) = (wing(4.6), wing(2.0));
-        assert!(dwarf > giant * 1.3, "{name} wings dwarf {dwarf} giant {giant}");
+        assert!(
+            dwarf > giant * 1.3,
+            "{name} wings dwarf {dwarf} giant {giant}"
+        );
     }
 }
 
 #[test]
 fn crlb_shrinks_as_snr_grows() {
     let m = model();
-    let l = Labels { t_eff: 5600.0, log_g: 4.3, fe_h: -0.1 };
+    let l = Labels {
+        t_eff: 5600.0,
+        log_g: 4.3,
+        fe_h: -0.1,
+    };
     let n = m.n_pix();
     let mut scratch = [vec![0.0; n], vec![0.0; n]];
     let lo = m.crlb(&l, &Nuisance::quiet(), 20.0, &mut scratch);
     let hi = m.crlb(&l, &Nuisance::quiet(), 200.0, &mut scratch);
     for k in 0..3 {
         assert!(lo[k].is_finite() && lo[k] > 0.0, "{lo:?}");
-        assert!((lo[k] / hi[k] - 10.0).abs() < 1e-6, "CRLB must scale as 1/SNR: {lo:?} {hi:?}");
+        assert!(
+            (lo[k] / hi[k] - 10.0).abs() < 1e-6,
+            "CRLB must scale as 1/SNR: {lo:?} {hi:?}"
+        );
     }
     // Without noise-free information the bound would be infinite; a singular Fisher matrix must
     // show as infinity, not as a tiny number: a star with SNR 0 has no information.
@@ -119,18 +144,42 @@ fn same_seed_same_bytes_and_files_load_back() {
     };
     let a = tempfile::tempdir().unwrap();
     let b = tempfile::tempdir().unwrap();
-    starflow_data::generate(&cfg, &|_| {}).unwrap().write(a.path()).unwrap();
+    starflow_data::generate(&cfg, &|_| {})
+        .unwrap()
+        .write(a.path())
+        .unwrap();
     // A different thread count must not change a byte.
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
-    pool.install(|| starflow_data::generate(&cfg, &|_| {}).unwrap().write(b.path()).unwrap());
-    for f in ["spectra.npy", "labels.npy", "wavelength.npy", "crlb.npy", "synth.json"] {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    pool.install(|| {
+        starflow_data::generate(&cfg, &|_| {})
+            .unwrap()
+            .write(b.path())
+            .unwrap()
+    });
+    for f in [
+        "spectra.npy",
+        "labels.npy",
+        "wavelength.npy",
+        "crlb.npy",
+        "synth.json",
+    ] {
         assert_eq!(
             std::fs::read(a.path().join(f)).unwrap(),
             std::fs::read(b.path().join(f)).unwrap(),
             "{f} differs"
         );
     }
-    let other = starflow_data::generate(&SynthConfig { seed: 10, ..cfg.clone() }, &|_| {}).unwrap();
+    let other = starflow_data::generate(
+        &SynthConfig {
+            seed: 10,
+            ..cfg.clone()
+        },
+        &|_| {},
+    )
+    .unwrap();
     let first = starflow_data::generate(&cfg, &|_| {}).unwrap();
     assert_ne!(first.spectra, other.spectra);
 
@@ -139,11 +188,17 @@ fn same_seed_same_bytes_and_files_load_back() {
     assert_eq!(ds.n_pix(), 1024);
     for i in 0..24 {
         let t = ds.targets(i);
-        assert!((4000.0..6700.0).contains(&t[0]) && (1.2..4.8).contains(&t[1]) && (-1.4..0.5).contains(&t[2]), "{t:?}");
+        assert!(
+            (4000.0..6700.0).contains(&t[0])
+                && (1.2..4.8).contains(&t[1])
+                && (-1.4..0.5).contains(&t[2]),
+            "{t:?}"
+        );
     }
     let snr = ds.column("SNR").unwrap();
     assert!(snr.iter().all(|s| (15.0..=250.0).contains(s)));
-    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(a.path().join("synth.json")).unwrap()).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(a.path().join("synth.json")).unwrap()).unwrap();
     assert_eq!(json["config"]["seed"], 9);
     assert!(json["generator_version"].is_string());
 }
@@ -162,7 +217,9 @@ fn population_is_galah_like() {
             starflow_data::synth::draw_star(&mut rng, &cfg)
         })
         .collect();
-    let mean = |f: &dyn Fn(&starflow_data::synth::Star) -> f64| stars.iter().map(f).sum::<f64>() / stars.len() as f64;
+    let mean = |f: &dyn Fn(&starflow_data::synth::Star) -> f64| {
+        stars.iter().map(f).sum::<f64>() / stars.len() as f64
+    };
     let t = mean(&|s| s.labels.t_eff);
     let g = mean(&|s| s.labels.log_g);
     let z = mean(&|s| s.labels.fe_h);

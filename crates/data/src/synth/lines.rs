@@ -63,27 +63,153 @@ struct Species {
 }
 
 const SPECIES: &[Species] = &[
-    Species { name: "H I", kind: LineKind::Balmer, chi_ion: 13.6, mass: 1.0, alpha: false },
-    Species { name: "Li I", kind: LineKind::Lithium, chi_ion: 5.39, mass: 7.0, alpha: false },
-    Species { name: "O I", kind: LineKind::OxygenTriplet, chi_ion: 13.6, mass: 16.0, alpha: true },
-    Species { name: "Na I", kind: LineKind::Neutral, chi_ion: 5.14, mass: 23.0, alpha: false },
-    Species { name: "Mg I", kind: LineKind::Neutral, chi_ion: 7.65, mass: 24.3, alpha: true },
-    Species { name: "Al I", kind: LineKind::Neutral, chi_ion: 5.99, mass: 27.0, alpha: false },
-    Species { name: "Si I", kind: LineKind::Neutral, chi_ion: 8.15, mass: 28.1, alpha: true },
-    Species { name: "K I", kind: LineKind::Neutral, chi_ion: 4.34, mass: 39.1, alpha: false },
-    Species { name: "Ca I", kind: LineKind::Neutral, chi_ion: 6.11, mass: 40.1, alpha: true },
-    Species { name: "Sc II", kind: LineKind::Ionised, chi_ion: 6.56, mass: 45.0, alpha: false },
-    Species { name: "Ti I", kind: LineKind::Neutral, chi_ion: 6.83, mass: 47.9, alpha: true },
-    Species { name: "Ti II", kind: LineKind::Ionised, chi_ion: 6.83, mass: 47.9, alpha: true },
-    Species { name: "Cr I", kind: LineKind::Neutral, chi_ion: 6.77, mass: 52.0, alpha: false },
-    Species { name: "Cr II", kind: LineKind::Ionised, chi_ion: 6.77, mass: 52.0, alpha: false },
-    Species { name: "Fe I", kind: LineKind::Neutral, chi_ion: 7.90, mass: 55.8, alpha: false },
-    Species { name: "Fe II", kind: LineKind::Ionised, chi_ion: 7.90, mass: 55.8, alpha: false },
-    Species { name: "Ni I", kind: LineKind::Neutral, chi_ion: 7.64, mass: 58.7, alpha: false },
-    Species { name: "Cu I", kind: LineKind::Neutral, chi_ion: 7.73, mass: 63.5, alpha: false },
-    Species { name: "Zn I", kind: LineKind::Neutral, chi_ion: 9.39, mass: 65.4, alpha: false },
-    Species { name: "Rb I", kind: LineKind::Neutral, chi_ion: 4.18, mass: 85.5, alpha: false },
-    Species { name: "Ba II", kind: LineKind::Ionised, chi_ion: 5.21, mass: 137.3, alpha: false },
+    Species {
+        name: "H I",
+        kind: LineKind::Balmer,
+        chi_ion: 13.6,
+        mass: 1.0,
+        alpha: false,
+    },
+    Species {
+        name: "Li I",
+        kind: LineKind::Lithium,
+        chi_ion: 5.39,
+        mass: 7.0,
+        alpha: false,
+    },
+    Species {
+        name: "O I",
+        kind: LineKind::OxygenTriplet,
+        chi_ion: 13.6,
+        mass: 16.0,
+        alpha: true,
+    },
+    Species {
+        name: "Na I",
+        kind: LineKind::Neutral,
+        chi_ion: 5.14,
+        mass: 23.0,
+        alpha: false,
+    },
+    Species {
+        name: "Mg I",
+        kind: LineKind::Neutral,
+        chi_ion: 7.65,
+        mass: 24.3,
+        alpha: true,
+    },
+    Species {
+        name: "Al I",
+        kind: LineKind::Neutral,
+        chi_ion: 5.99,
+        mass: 27.0,
+        alpha: false,
+    },
+    Species {
+        name: "Si I",
+        kind: LineKind::Neutral,
+        chi_ion: 8.15,
+        mass: 28.1,
+        alpha: true,
+    },
+    Species {
+        name: "K I",
+        kind: LineKind::Neutral,
+        chi_ion: 4.34,
+        mass: 39.1,
+        alpha: false,
+    },
+    Species {
+        name: "Ca I",
+        kind: LineKind::Neutral,
+        chi_ion: 6.11,
+        mass: 40.1,
+        alpha: true,
+    },
+    Species {
+        name: "Sc II",
+        kind: LineKind::Ionised,
+        chi_ion: 6.56,
+        mass: 45.0,
+        alpha: false,
+    },
+    Species {
+        name: "Ti I",
+        kind: LineKind::Neutral,
+        chi_ion: 6.83,
+        mass: 47.9,
+        alpha: true,
+    },
+    Species {
+        name: "Ti II",
+        kind: LineKind::Ionised,
+        chi_ion: 6.83,
+        mass: 47.9,
+        alpha: true,
+    },
+    Species {
+        name: "Cr I",
+        kind: LineKind::Neutral,
+        chi_ion: 6.77,
+        mass: 52.0,
+        alpha: false,
+    },
+    Species {
+        name: "Cr II",
+        kind: LineKind::Ionised,
+        chi_ion: 6.77,
+        mass: 52.0,
+        alpha: false,
+    },
+    Species {
+        name: "Fe I",
+        kind: LineKind::Neutral,
+        chi_ion: 7.90,
+        mass: 55.8,
+        alpha: false,
+    },
+    Species {
+        name: "Fe II",
+        kind: LineKind::Ionised,
+        chi_ion: 7.90,
+        mass: 55.8,
+        alpha: false,
+    },
+    Species {
+        name: "Ni I",
+        kind: LineKind::Neutral,
+        chi_ion: 7.64,
+        mass: 58.7,
+        alpha: false,
+    },
+    Species {
+        name: "Cu I",
+        kind: LineKind::Neutral,
+        chi_ion: 7.73,
+        mass: 63.5,
+        alpha: false,
+    },
+    Species {
+        name: "Zn I",
+        kind: LineKind::Neutral,
+        chi_ion: 9.39,
+        mass: 65.4,
+        alpha: false,
+    },
+    Species {
+        name: "Rb I",
+        kind: LineKind::Neutral,
+        chi_ion: 4.18,
+        mass: 85.5,
+        alpha: false,
+    },
+    Species {
+        name: "Ba II",
+        kind: LineKind::Ionised,
+        chi_ion: 5.21,
+        mass: 137.3,
+        alpha: false,
+    },
 ];
 
 /// Index of a species in the table; every name used in this file is in it (tested).
@@ -173,8 +299,8 @@ const NAMED: &[Named] = &[
     (6609.11, "Fe I", 2.56, 0.3, 0.05),
     (6643.63, "Ni I", 1.68, 0.4, 0.04),
     (6677.99, "Fe I", 2.69, 1.0, 0.06),
-    (6696.02, "Al I", 3.14, 0.0, 0.05),
-    (6698.67, "Al I", 3.14, -0.3, 0.05),
+    (6696.02, "Al I", 3.143, 0.0, 0.05),
+    (6698.67, "Al I", 3.143, -0.3, 0.05),
     (6705.10, "Fe I", 4.61, -0.1, 0.04),
     (6707.80, "Li I", 0.00, 0.0, 0.01),
     (6710.32, "Fe I", 1.49, -0.6, 0.03),
@@ -223,7 +349,9 @@ pub fn line_list(cameras: &[(f64, f64)]) -> Vec<Line> {
     let mut lines: Vec<Line> = NAMED
         .iter()
         .filter(|(wl, ..)| cameras.iter().any(|&(a, b)| *wl >= a && *wl <= b))
-        .map(|&(wl, sp, chi_exc, log_tau_sun, damping)| make_line(wl, sp, chi_exc, log_tau_sun, damping))
+        .map(|&(wl, sp, chi_exc, log_tau_sun, damping)| {
+            make_line(wl, sp, chi_exc, log_tau_sun, damping)
+        })
         .collect();
     let mut rng = ChaCha8Rng::seed_from_u64(0x5eed_11e5);
     let total_w: f64 = WEAK_MIX.iter().map(|(_, w)| w).sum();

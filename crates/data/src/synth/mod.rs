@@ -77,7 +77,7 @@ impl Default for SynthConfig {
             seed: 42,
             pixels_per_camera: 4096,
             resolving_power: 28_000.0,
-            giant_fraction: 0.22,
+            giant_fraction: 0.18,
             snr_min: 15.0,
             snr_max: 250.0,
         }
@@ -92,18 +92,30 @@ impl SynthConfig {
             return bad("n", "must be at least 1".into());
         }
         if self.pixels_per_camera < 16 {
-            return bad("pixels_per_camera", format!("must be at least 16 (got {})", self.pixels_per_camera));
+            return bad(
+                "pixels_per_camera",
+                format!("must be at least 16 (got {})", self.pixels_per_camera),
+            );
         }
-        if !(self.resolving_power > 1000.0) {
-            return bad("resolving_power", format!("must exceed 1000 (got {})", self.resolving_power));
+        if self.resolving_power.is_nan() || self.resolving_power <= 1000.0 {
+            return bad(
+                "resolving_power",
+                format!("must exceed 1000 (got {})", self.resolving_power),
+            );
         }
         if !(0.0..=1.0).contains(&self.giant_fraction) {
-            return bad("giant_fraction", format!("must be within 0..1 (got {})", self.giant_fraction));
+            return bad(
+                "giant_fraction",
+                format!("must be within 0..1 (got {})", self.giant_fraction),
+            );
         }
         if !(self.snr_min > 0.0 && self.snr_max >= self.snr_min) {
             return bad(
                 "snr_min/snr_max",
-                format!("need 0 < snr_min <= snr_max (got {} and {})", self.snr_min, self.snr_max),
+                format!(
+                    "need 0 < snr_min <= snr_max (got {} and {})",
+                    self.snr_min, self.snr_max
+                ),
             );
         }
         Ok(())
@@ -183,7 +195,7 @@ impl Nuisance {
 /// Positions of the telluric O2 A-band residuals: a fixed set between 7594 and 7700 A, dense at the
 /// band head.
 fn telluric_lines() -> Vec<f64> {
-    let mut rng = ChaCha8Rng::seed_from_u64(0x7e11_0c);
+    let mut rng = ChaCha8Rng::seed_from_u64(0x007e_110c);
     (0..48)
         .map(|_| {
             let u: f64 = rng.random();
@@ -204,19 +216,20 @@ pub fn draw_star(rng: &mut ChaCha8Rng, cfg: &SynthConfig) -> Star {
     };
     let (t_eff, log_g, mass, age) = if giant {
         let log_g = loop {
-            let v = 2.5 + 0.55 * n01(rng);
+            let v = 2.6 + 0.5 * n01(rng);
             if (1.3..=3.5).contains(&v) {
                 break v;
             }
         };
         // The red giant branch: cooler at lower gravity, and cooler when metal-rich.
-        let t = (4350.0 + 330.0 * (log_g - 1.3) - 250.0 * fe_h + 90.0 * n01(rng)).clamp(4100.0, 5300.0);
+        let t =
+            (4350.0 + 330.0 * (log_g - 1.3) - 250.0 * fe_h + 90.0 * n01(rng)).clamp(4100.0, 5300.0);
         let mass: f64 = rng.random_range(0.9..2.2);
         let age = (10.0 * mass.powf(-2.5) * rng.random_range(1.05..1.25)).clamp(0.3, 13.5);
         (t, log_g, mass, age)
     } else {
         let t = loop {
-            let v = 5750.0 + 430.0 * n01(rng);
+            let v = 5650.0 + 400.0 * n01(rng);
             if (4500.0..=6600.0).contains(&v) {
                 break v;
             }
@@ -307,7 +320,11 @@ fn line_strength(line: &Line, l: &Labels, nu: &Nuisance) -> f64 {
     let d_theta = 5040.0 / l.t_eff - THETA_SUN;
     let d_g = l.log_g - 4.44;
     // Alpha elements are enhanced in metal-poor stars, as in the Galactic disc.
-    let alpha_fe = if line.alpha { (-0.3 * l.fe_h).clamp(0.0, 0.3) } else { 0.0 };
+    let alpha_fe = if line.alpha {
+        (-0.3 * l.fe_h).clamp(0.0, 0.3)
+    } else {
+        0.0
+    };
     let x_h = l.fe_h + alpha_fe + nu.x_fe.get(line.species_idx).copied().unwrap_or(0.0);
     match line.kind {
         LineKind::Neutral => x_h + 0.35 * (line.chi_ion - line.chi_exc) * d_theta + 0.05 * d_g,
@@ -377,7 +394,11 @@ impl Model {
             }
             // Pressure (van der Waals) broadening: gas pressure grows with gravity, more for
             // neutral lines than for ionised ones.
-            let p_exp = if line.kind == LineKind::Ionised { 0.2 } else { 0.5 };
+            let p_exp = if line.kind == LineKind::Ionised {
+                0.2
+            } else {
+                0.5
+            };
             let a = line.damping * 10f64.powf(p_exp * d_g) * (sigma_dopp / sigma).max(0.3);
             let d_max = 0.88;
             let coef = a / std::f64::consts::PI.sqrt();
@@ -398,7 +419,9 @@ impl Model {
         if nu.telluric > 0.0 {
             let width = 0.07; // Angstrom: unresolved telluric residuals, a few pixels wide
             for (k, &wl) in self.telluric.iter().enumerate() {
-                let amp = 0.6 * nu.telluric * nu.telluric_pattern.get(k).copied().unwrap_or(0.0)
+                let amp = 0.6
+                    * nu.telluric
+                    * nu.telluric_pattern.get(k).copied().unwrap_or(0.0)
                     * (1.0 - (wl - 7594.0) / 150.0);
                 self.pixel_range(wl - 5.0 * width, wl + 5.0 * width, |i0, i1| {
                     for (j, o) in out[i0..i1].iter_mut().enumerate() {
@@ -432,7 +455,11 @@ impl Model {
     /// steeply with t_eff (n = 2 population) and mildly with gravity.
     fn balmer(&self, line: &Line, tau_scale: f64, sigma: f64, l: &Labels, out: &mut [f64]) {
         let is_alpha = line.wl > 6000.0;
-        let (wing0, w, core) = if is_alpha { (3.0, 1.0, 30.0) } else { (1.6, 0.8, 15.0) };
+        let (wing0, w, core) = if is_alpha {
+            (3.0, 1.0, 30.0)
+        } else {
+            (1.6, 0.8, 15.0)
+        };
         let wing = wing0 * tau_scale;
         let w = w * (1.0 + 0.1 * (l.log_g - 4.44));
         let inv = 1.0 / (std::f64::consts::SQRT_2 * sigma * 1.8);
@@ -453,7 +480,13 @@ impl Model {
     /// Cramer-Rao lower bound on the standard deviation of (t_eff, log_g, fe_h) in K, dex, dex:
     /// sqrt(diag(F^-1)) with Fisher matrix F = J^T J * snr^2, J the central-difference label
     /// derivatives of the noiseless flux, nuisances held fixed.
-    pub fn crlb(&self, l: &Labels, nu: &Nuisance, snr: f64, scratch: &mut [Vec<f64>; 2]) -> [f64; 3] {
+    pub fn crlb(
+        &self,
+        l: &Labels,
+        nu: &Nuisance,
+        snr: f64,
+        scratch: &mut [Vec<f64>; 2],
+    ) -> [f64; 3] {
         let steps = [10.0, 0.01, 0.01];
         let n = self.n_pix();
         let mut jac = vec![0.0; 3 * n];
@@ -484,7 +517,8 @@ impl Model {
         let mut f = [[0.0; 3]; 3];
         for r in 0..3 {
             for c in r..3 {
-                let s: f64 = (0..n).map(|k| jac[r * n + k] * jac[c * n + k]).sum::<f64>() * snr * snr;
+                let s: f64 =
+                    (0..n).map(|k| jac[r * n + k] * jac[c * n + k]).sum::<f64>() * snr * snr;
                 f[r][c] = s;
                 f[c][r] = s;
             }
@@ -498,14 +532,15 @@ impl Model {
 
 /// Inverse of a symmetric 3x3 matrix by cofactors; `None` when singular.
 fn invert3(m: &[[f64; 3]; 3]) -> Option<[[f64; 3]; 3]> {
-    let c = |r0: usize, r1: usize, c0: usize, c1: usize| m[r0][c0] * m[r1][c1] - m[r0][c1] * m[r1][c0];
+    let c =
+        |r0: usize, r1: usize, c0: usize, c1: usize| m[r0][c0] * m[r1][c1] - m[r0][c1] * m[r1][c0];
     let cof = [
         [c(1, 2, 1, 2), -c(1, 2, 0, 2), c(1, 2, 0, 1)],
         [-c(0, 2, 1, 2), c(0, 2, 0, 2), -c(0, 2, 0, 1)],
         [c(0, 1, 1, 2), -c(0, 1, 0, 2), c(0, 1, 0, 1)],
     ];
     let det = m[0][0] * cof[0][0] + m[0][1] * cof[0][1] + m[0][2] * cof[0][2];
-    if !(det.abs() > 0.0) || !det.is_finite() {
+    if det == 0.0 || !det.is_finite() {
         return None;
     }
     let mut inv = [[0.0; 3]; 3];
