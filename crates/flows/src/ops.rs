@@ -291,8 +291,73 @@ impl MixtureSpec {
     /// (`row` = the `3 K d` mixture parameters), filling `s` for a backward pass:
     /// `log F = lse_k(log pi - sp(-u))`, `log S = lse_k(log pi - u - sp(-u))`,
     /// `log f = lse_k(log pi - log w - u - 2 sp(-u))` with `sp` PyTorch's softplus.
+    ///
+    /// The sums are formed in linear space (`pi sigmoid(u)` etc., with the softplus threshold
+    /// reproduced: for `u < -20` the terms are `pi e^u`, `pi` and `pi e^u / w`), which needs one
+    /// `exp` per kernel instead of five transcendentals; when a sum would underflow it falls
+    /// back to the log-space form.
     #[inline]
     pub(crate) fn eval(&self, row: &[f64], j: usize, x: f64, s: &mut MixScratch) -> MixValue {
+        let (k_n, d) = (self.n_kernels, self.dim);
+        let mut n_sum = 0.0;
+        for k in 0..k_n {
+            let (w, dlw) = self.width.eval_linear(row[k_n * d + k * d + j]);
+            let (n, dln) = self.norm.eval_linear(row[2 * k_n * d + k * d + j]);
+            s.inv_w[k] = 1.0 / w;
+            s.dlw[k] = dlw;
+            s.dln[k] = dln;
+            s.pi[k] = n;
+            n_sum += n;
+        }
+        let inv_sum = 1.0 / n_sum;
+        let (mut f_cdf, mut s_cdf, mut pdf) = (0.0, 0.0, 0.0);
+        for k in 0..k_n {
+            let pi = s.pi[k] * inv_sum;
+            s.pi[k] = pi;
+            let inv_w = s.inv_w[k];
+            let u = (x - row[k * d + j]) * inv_w;
+            let (fk, sk, dk, dsp) = if u < -20.0 {
+                let e = u.exp();
+                (pi * e, pi, pi * e * inv_w, 1.0)
+            } else {
+                let e = (-u.abs()).exp();
+                let a = 1.0 / (1.0 + e);
+                let dk = pi * inv_w * e * a * a;
+                if u >= 0.0 {
+                    (pi * a, pi * e * a, dk, e * a)
+                } else {
+                    (pi * e * a, pi * a, dk, a)
+                }
+            };
+            s.u[k] = u;
+            s.dsp[k] = dsp;
+            s.wf[k] = fk;
+            s.ws[k] = sk;
+            s.wd[k] = dk;
+            f_cdf += fk;
+            s_cdf += sk;
+            pdf += dk;
+        }
+        const TINY: f64 = 1e-290;
+        if !(f_cdf > TINY && s_cdf > TINY && pdf > TINY) {
+            return self.eval_log(row, j, x, s);
+        }
+        let (fi, si, di) = (1.0 / f_cdf, 1.0 / s_cdf, 1.0 / pdf);
+        for k in 0..k_n {
+            s.wf[k] *= fi;
+            s.ws[k] *= si;
+            s.wd[k] *= di;
+        }
+        MixValue {
+            lf: f_cdf.ln(),
+            ls: s_cdf.ln(),
+            lpdf: pdf.ln(),
+        }
+    }
+
+    /// The log-space form of [`Self::eval`] (the reference's own), for points so far from
+    /// every kernel that the linear sums underflow.
+    fn eval_log(&self, row: &[f64], j: usize, x: f64, s: &mut MixScratch) -> MixValue {
         let (k_n, d) = (self.n_kernels, self.dim);
         let mut n_sum = 0.0;
         for k in 0..k_n {
@@ -327,44 +392,46 @@ impl MixtureSpec {
         }
     }
 
-    /// Vector-Jacobian product of [`Self::eval`] (which must have just filled `s`) given the
-    /// gradients with respect to `log F`, `log S` and `log f`; adds into `grow` (same layout as
-    /// `row`) and returns the gradient with respect to `x`.
+    /// The two Jacobian rows of [`Self::eval`] (which must have just filled `s`) for the
+    /// gradient triples `gy` and `gl` with respect to `(log F, log S, log f)`: writes
+    /// `d/dx` to `jy[0]`, `jl[0]` and the `3 K` parameters of this dimension (means, widths,
+    /// weights, kernel-major) to `[1..]`.
     #[inline]
-    pub(crate) fn backward(
+    pub(crate) fn jacobian_rows(
         &self,
-        g: (f64, f64, f64),
-        j: usize,
+        gy: (f64, f64, f64),
+        gl: (f64, f64, f64),
         s: &MixScratch,
-        grow: &mut [f64],
-    ) -> f64 {
-        let (k_n, d) = (self.n_kernels, self.dim);
-        let (g_lf, g_ls, g_lpdf) = g;
-        let mut gx = 0.0;
-        let mut sum_glpi = 0.0;
-        // First pass: the per-kernel terms. The normalisation gradient needs the sum over all
-        // kernels, so it is finished in a second pass.
+        jy: &mut [f64],
+        jl: &mut [f64],
+    ) {
+        let k_n = self.n_kernels;
+        let (mut gx_y, mut gx_l, mut sum_y, mut sum_l) = (0.0, 0.0, 0.0, 0.0);
         for k in 0..k_n {
-            let ga = g_lf * s.wf[k];
-            let gs = g_ls * s.ws[k];
-            let gd = g_lpdf * s.wd[k];
-            let u = s.u[k];
-            let dsp = s.dsp[k];
-            // aF = lpi - sp(-u); aS = lpi - u - sp(-u); af = lpi - lw - u - 2 sp(-u).
-            let gu = ga * dsp + gs * (dsp - 1.0) + gd * (2.0 * dsp - 1.0);
-            let glpi = ga + gs + gd;
+            let (wf, ws, wd, u, dsp, inv_w) =
+                (s.wf[k], s.ws[k], s.wd[k], s.u[k], s.dsp[k], s.inv_w[k]);
+            // aF = lpi - sp(-u); aS = lpi - u - sp(-u); af = lpi - lw - u - 2 sp(-u);
             // u = (x - m) / w: du/dx = 1/w, du/dm = -1/w, du/dlog w = -u.
-            gx += gu * s.inv_w[k];
-            grow[k * d + j] -= gu * s.inv_w[k];
-            grow[k_n * d + k * d + j] += (-gd - gu * u) * s.dlw[k];
-            grow[2 * k_n * d + k * d + j] += glpi * s.dln[k];
-            sum_glpi += glpi;
+            let one = |g: (f64, f64, f64), jr: &mut [f64], gx: &mut f64, sum: &mut f64| {
+                let (ga, gs, gd) = (g.0 * wf, g.1 * ws, g.2 * wd);
+                let gu = ga * dsp + gs * (dsp - 1.0) + gd * (2.0 * dsp - 1.0);
+                let glpi = ga + gs + gd;
+                *gx += gu * inv_w;
+                jr[1 + k] = -gu * inv_w;
+                jr[1 + k_n + k] = (-gd - gu * u) * s.dlw[k];
+                jr[1 + 2 * k_n + k] = glpi * s.dln[k];
+                *sum += glpi;
+            };
+            one(gy, jy, &mut gx_y, &mut sum_y);
+            one(gl, jl, &mut gx_l, &mut sum_l);
         }
         // log pi_k = log n_k - log sum n: subtract pi_k times the sum of the gradients.
         for k in 0..k_n {
-            grow[2 * k_n * d + k * d + j] -= s.pi[k] * sum_glpi * s.dln[k];
+            jy[1 + 2 * k_n + k] -= s.pi[k] * sum_y * s.dln[k];
+            jl[1 + 2 * k_n + k] -= s.pi[k] * sum_l * s.dln[k];
         }
-        gx
+        jy[0] = gx_y;
+        jl[0] = gx_l;
     }
 }
 
@@ -391,9 +458,6 @@ impl MixtureOp {
         let stride = self.jac_stride();
         let mut out = vec![0.0; b * 2 * d];
         let mut s = MixScratch::new(k_n);
-        // Scratch gradient rows for the two Jacobian rows (only dimension j's columns are used).
-        let mut gy = vec![0.0; p];
-        let mut gl = vec![0.0; p];
         for i in 0..b {
             let row = &th[i * p..(i + 1) * p];
             for j in 0..d {
@@ -403,17 +467,14 @@ impl MixtureOp {
                 out[i * 2 * d + d + j] = v.lpdf + e.t;
                 if let Some(jac) = jac.as_deref_mut() {
                     let dst = &mut jac[(i * d + j) * stride..(i * d + j + 1) * stride];
-                    let cols = (0..3 * k_n).map(|c| (c / k_n) * k_n * d + (c % k_n) * d + j);
-                    for c in cols.clone() {
-                        gy[c] = 0.0;
-                        gl[c] = 0.0;
-                    }
-                    dst[0] = spec.backward((e.dy_dlf, e.dy_dls, 0.0), j, &s, &mut gy);
-                    dst[stride / 2] = spec.backward((e.dt_dlf, e.dt_dls, 1.0), j, &s, &mut gl);
-                    for (n, c) in cols.enumerate() {
-                        dst[1 + n] = gy[c];
-                        dst[stride / 2 + 1 + n] = gl[c];
-                    }
+                    let (jy, jl) = dst.split_at_mut(stride / 2);
+                    spec.jacobian_rows(
+                        (e.dy_dlf, e.dy_dls, 0.0),
+                        (e.dt_dlf, e.dt_dls, 1.0),
+                        &s,
+                        jy,
+                        jl,
+                    );
                 }
             }
         }

@@ -79,6 +79,21 @@ impl BoundedLog {
         (w, w.ln(), self.hi * s * one_m_s / w)
     }
 
+    /// Returns `(exp(B(r)), dB/dr)` without the logarithm.
+    #[inline]
+    pub(crate) fn eval_linear(&self, r: f64) -> (f64, f64) {
+        let v = r - self.shift;
+        let e = (-v.abs()).exp();
+        let inv = 1.0 / (1.0 + e);
+        let (s, one_m_s) = if v >= 0.0 {
+            (inv, e * inv)
+        } else {
+            (e * inv, inv)
+        };
+        let w = self.lo + self.hi * s;
+        (w, self.hi * s * one_m_s / w)
+    }
+
     /// Returns `(B(r), dB/dr)`.
     #[inline]
     pub(crate) fn eval(&self, r: f64) -> (f64, f64) {
@@ -145,15 +160,6 @@ pub(crate) fn erfinv(y: f64) -> f64 {
         r -= q / (1.0 + r * q);
     }
     r
-}
-
-/// Standard normal CDF and survival function, both accurate in the far tails:
-/// returns `(ln Phi(z), ln(1 - Phi(z)))`.
-pub(crate) fn log_ndtr_pair(z: f64) -> (f64, f64) {
-    let s = std::f64::consts::FRAC_1_SQRT_2;
-    let lower = 0.5 * libm::erfc(-z * s);
-    let upper = 0.5 * libm::erfc(z * s);
-    (lower.ln(), upper.ln())
 }
 
 /// The per-dimension nonlinearity of a Gaussianization layer (math §3c), applied to the
@@ -266,10 +272,11 @@ fn inormal_tail(lf: f64, ls: f64, f: f64) -> NonlinEval {
 /// inverts the Winitzki approximation in closed form. A `z` that falls in the small gap between
 /// the branches (where the reference map is discontinuous) maps to the switch point.
 pub(crate) fn inormal_target_logit(z: f64) -> f64 {
-    let (lf_c, ls_c) = log_ndtr_pair(z);
-    let f_c = lf_c.exp();
-    if f_c > INORMAL_TAIL && f_c < 1.0 - INORMAL_TAIL {
-        return lf_c - ls_c;
+    // Phi(z) from one erfc on the side where it is small; the other side is exact as 1 - it.
+    let small_c = 0.5 * libm::erfc(z.abs() * std::f64::consts::FRAC_1_SQRT_2);
+    if small_c > INORMAL_TAIL {
+        let logit = small_c.ln() - (-small_c).ln_1p();
+        return if z < 0.0 { logit } else { -logit };
     }
     // Tail: with q = z^2 / 2 = R - C, R^2 = C^2 - L/a and C = c + L/2 give
     // L = -(q^2 + 2 q c) / (q + 1/a), and F (1 - F) = exp(L) / 4.
