@@ -11,8 +11,9 @@ use candle_core::{DType, Result, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
 
 use crate::config::BN_MOMENTUM;
-use crate::ops::block::{fused_block, fused_block_reference, BatchStats, BlockNorm, DropoutMask};
-use crate::ops::conv1d::{conv1d, conv1d_reference};
+use crate::ops::block::{fused_block_reference, BatchStats, BlockNorm, DropoutMask};
+use crate::ops::conv1d::conv1d_reference;
+use crate::ops::conv_block::conv_block;
 use crate::ops::dropout::dropout_mask;
 
 /// Pooling at the end of a block.
@@ -157,12 +158,8 @@ impl Block {
         fast: bool,
         dropout_seed: Option<u64>,
     ) -> Result<Tensor> {
-        let z = if fast {
-            conv1d(x, &self.weight, &self.bias)?
-        } else {
-            conv1d_reference(x, &self.weight, &self.bias)?
-        };
-        let (b, c, l) = z.dims3()?;
+        let (b, _, l_in) = x.dims3()?;
+        let (c, l) = (self.spec.c_out, l_in + 1 - self.spec.k);
         let dropout = match dropout_seed {
             Some(seed) if train && self.spec.dropout > 0.0 => Some(DropoutMask {
                 mask: Arc::new(dropout_mask(seed, b * c, l, self.spec.dropout)),
@@ -194,8 +191,17 @@ impl Block {
             Pool::Global => l,
         };
         let (y, stats) = if fast {
-            fused_block(&z, norm, dropout.as_ref(), self.spec.relu, pool)?
+            conv_block(
+                x,
+                &self.weight,
+                &self.bias,
+                norm,
+                dropout.as_ref(),
+                self.spec.relu,
+                pool,
+            )?
         } else {
+            let z = conv1d_reference(x, &self.weight, &self.bias)?;
             fused_block_reference(&z, norm, dropout.as_ref(), self.spec.relu, pool)?
         };
         if let (Some(bn), Some(stats)) = (&self.bn, stats) {

@@ -55,48 +55,76 @@ pub struct BatchStats {
 }
 
 #[derive(Debug, Clone)]
-enum Norm {
+pub(crate) enum Norm {
     None,
     Batch,
     Running { mean: Vec<f64>, var: Vec<f64> },
 }
 
-struct BlockOp {
+pub(crate) struct BlockOp {
     relu: bool,
     norm: Norm,
     mask: Option<DropoutMask>,
     pool: usize,
-    saved: Arc<Mutex<Option<BatchStats>>>,
+    pub(crate) saved: Arc<Mutex<Option<BatchStats>>>,
 }
 
 /// Per-channel `(mean, 1/σ)` of the normalisation, or `None` without BatchNorm.
 type Affine = Option<(Vec<f64>, Vec<f64>)>;
 
-impl BlockOp {
-    fn relu<T: Elem>(&self, v: T) -> T {
-        if self.relu && v.to64() <= 0.0 {
-            T::of(0.0)
-        } else {
-            v
+/// Eight-lane sums `(Σ a, Σ b)` of two derived sequences, accumulated in `T` per 512 elements and in f64
+/// across blocks (independent lanes let the compiler vectorise).
+#[inline(always)]
+fn lane_sums<T: Elem>(n: usize, f: impl Fn(usize) -> (T, T)) -> (f64, f64) {
+    const LANES: usize = 8;
+    let zero = T::of(0.0);
+    let (mut s1, mut s2) = (0f64, 0f64);
+    let mut start = 0;
+    while start < n {
+        let end = (start + 512).min(n);
+        let mut a = [zero; LANES];
+        let mut b = [zero; LANES];
+        let mut i = start;
+        while i + LANES <= end {
+            for q in 0..LANES {
+                let (x, y) = f(i + q);
+                a[q] += x;
+                b[q] += y;
+            }
+            i += LANES;
         }
+        for j in i..end {
+            let (x, y) = f(j);
+            a[0] += x;
+            b[0] += y;
+        }
+        s1 += a.iter().map(|v| v.to64()).sum::<f64>();
+        s2 += b.iter().map(|v| v.to64()).sum::<f64>();
+        start = end;
+    }
+    (s1, s2)
+}
+
+impl BlockOp {
+    /// Whether the block applies BatchNorm (and so has γ/β gradients).
+    pub(crate) fn has_norm(&self) -> bool {
+        !matches!(self.norm, Norm::None)
+    }
+
+    /// Output length for an input of length `l`.
+    pub(crate) fn out_len(&self, l: usize) -> usize {
+        l / self.pool
     }
 
     fn batch_stats<T: Elem>(&self, z: &[T], c: usize, l: usize) -> BatchStats {
+        let relu = self.relu;
         let rows: Vec<(f64, f64)> = z
             .par_chunks(l)
             .map(|row| {
-                let (mut s, mut ss) = (0f64, 0f64);
-                for chunk in row.chunks(512) {
-                    let (mut cs, mut css) = (T::of(0.0), T::of(0.0));
-                    for &v in chunk {
-                        let r = self.relu(v);
-                        cs += r;
-                        css += r * r;
-                    }
-                    s += cs.to64();
-                    ss += css.to64();
-                }
-                (s, ss)
+                lane_sums(row.len(), |i| {
+                    let r = if relu { row[i].relu() } else { row[i] };
+                    (r, r * r)
+                })
             })
             .collect();
         let n = rows.len() / c * l;
@@ -135,12 +163,22 @@ impl BlockOp {
         Some((mean, inv_std))
     }
 
-    fn fwd<T: Elem>(&self, z: &[T], gamma: &[T], beta: &[T], c: usize, l: usize) -> Vec<T> {
-        let l_out = l / self.pool;
+    pub(crate) fn fwd<T: Elem>(
+        &self,
+        z: &[T],
+        gamma: &[T],
+        beta: &[T],
+        c: usize,
+        l: usize,
+    ) -> Vec<T> {
+        let (pool, relu) = (self.pool, self.relu);
+        let l_out = l / pool;
+        let used = l_out * pool;
+        let zero = T::of(0.0);
         let affine = self.affine(z, c, l);
         // y = a r + s per channel.
         let (a, s): (Vec<T>, Vec<T>) = match &affine {
-            None => (vec![T::of(1.0); c], vec![T::of(0.0); c]),
+            None => (vec![T::of(1.0); c], vec![zero; c]),
             Some((mean, inv_std)) => (0..c)
                 .map(|ch| {
                     let a = gamma[ch].to64() * inv_std[ch];
@@ -148,40 +186,46 @@ impl BlockOp {
                 })
                 .unzip(),
         };
-        let keep = self
-            .mask
-            .as_ref()
-            .map(|m| (m.mask.as_slice(), T::of(keep_scale(m.p))));
-        let inv_pool = T::of(1.0 / self.pool as f64);
-        let mut out = vec![T::of(0.0); z.len() / l * l_out];
-        out.par_chunks_mut(l_out.max(1))
+        let mask = self.mask.as_ref().map(|m| m.mask.as_slice());
+        let scale = self.mask.as_ref().map_or(1.0, |m| keep_scale(m.p));
+        let out_scale = T::of(scale / pool as f64);
+        let mut out = vec![zero; z.len() / l * l_out];
+        out.par_chunks_mut(l_out)
             .zip(z.par_chunks(l))
             .enumerate()
-            .for_each(|(row, (o, zr))| {
+            .for_each_init(Vec::<T>::new, |buf, (row, (o, zr))| {
                 let (ar, sr) = (a[row % c], s[row % c]);
-                match keep {
-                    None => {
-                        for (oj, win) in o.iter_mut().zip(zr.chunks_exact(self.pool)) {
-                            let mut acc = T::of(0.0);
-                            for &v in win {
-                                acc += ar * self.relu(v) + sr;
-                            }
-                            *oj = acc * inv_pool;
+                buf.resize(used, zero);
+                let zr = &zr[..used];
+                if relu {
+                    for (y, &v) in buf.iter_mut().zip(zr) {
+                        *y = ar * v.relu() + sr;
+                    }
+                } else {
+                    for (y, &v) in buf.iter_mut().zip(zr) {
+                        *y = ar * v + sr;
+                    }
+                }
+                if let Some(mask) = mask {
+                    for (y, &m) in buf.iter_mut().zip(&mask[row * l..row * l + used]) {
+                        *y = *y * T::of_u8(m);
+                    }
+                }
+                match pool {
+                    1 => {
+                        for (oj, &y) in o.iter_mut().zip(buf.iter()) {
+                            *oj = y * out_scale;
                         }
                     }
-                    Some((mask, scale)) => {
-                        let mr = &mask[row * l..(row + 1) * l];
-                        for ((oj, win), mw) in o
-                            .iter_mut()
-                            .zip(zr.chunks_exact(self.pool))
-                            .zip(mr.chunks_exact(self.pool))
-                        {
-                            let mut acc = T::of(0.0);
-                            for (&v, &m) in win.iter().zip(mw) {
-                                let y = ar * self.relu(v) + sr;
-                                acc += if m != 0 { y } else { T::of(0.0) };
-                            }
-                            *oj = acc * inv_pool * scale;
+                    2 => {
+                        for (oj, w) in o.iter_mut().zip(buf.chunks_exact(2)) {
+                            *oj = (w[0] + w[1]) * out_scale;
+                        }
+                    }
+                    _ => {
+                        for (oj, w) in o.iter_mut().zip(buf.chunks_exact(pool)) {
+                            let (sum, _) = lane_sums(pool, |i| (w[i], zero));
+                            *oj = T::of(sum) * out_scale;
                         }
                     }
                 }
@@ -190,7 +234,7 @@ impl BlockOp {
     }
 
     /// Returns `(dz, dγ, dβ)`; the last two are empty without BatchNorm.
-    fn bwd<T: Elem>(
+    pub(crate) fn bwd<T: Elem>(
         &self,
         z: &[T],
         gamma: &[T],
@@ -198,61 +242,62 @@ impl BlockOp {
         c: usize,
         l: usize,
     ) -> (Vec<T>, Vec<T>, Vec<T>) {
-        let pool = self.pool;
+        let (pool, relu) = (self.pool, self.relu);
         let l_out = l / pool;
+        let used = l_out * pool;
+        let zero = T::of(0.0);
         let affine = self.affine(z, c, l);
         let scale = self.mask.as_ref().map_or(1.0, |m| keep_scale(m.p));
         let g_scale = T::of(scale / pool as f64);
         let mask = self.mask.as_ref().map(|m| m.mask.as_slice());
-        // Gradient at the BatchNorm output for element j of row `row`.
-        let g_at = |row: usize, go: &[T], j: usize| -> T {
-            if j >= l_out * pool {
-                return T::of(0.0);
-            }
-            match mask {
-                Some(m) if m[row * l + j] == 0 => T::of(0.0),
-                _ => go[j / pool] * g_scale,
-            }
+        let (neg_mean, inv_std): (Vec<T>, Vec<T>) = match &affine {
+            None => (vec![zero; c], vec![T::of(1.0); c]),
+            Some((mean, inv_std)) => (
+                mean.iter().map(|m| T::of(-m)).collect(),
+                inv_std.iter().map(|v| T::of(*v)).collect(),
+            ),
         };
-        let mut dz = vec![T::of(0.0); z.len()];
-        let Some((mean, inv_std)) = affine else {
-            dz.par_chunks_mut(l)
-                .zip(z.par_chunks(l))
-                .zip(gout.par_chunks(l_out.max(1)))
-                .enumerate()
-                .for_each(|(row, ((dzr, zr), go))| {
-                    for (j, (d, &v)) in dzr.iter_mut().zip(zr).enumerate() {
-                        let g = g_at(row, go, j);
-                        *d = if self.relu && v.to64() <= 0.0 {
-                            T::of(0.0)
-                        } else {
-                            g
-                        };
-                    }
-                });
-            return (dz, vec![], vec![]);
-        };
-        // Pass A: per-row sums of g and g x̂.
-        let row_sums: Vec<(f64, f64)> = z
-            .par_chunks(l)
-            .zip(gout.par_chunks(l_out.max(1)))
+        // Pass 1: the gradient g at the BatchNorm output, written into dz, and its per-row sums.
+        let mut dz = vec![zero; z.len()];
+        let row_sums: Vec<(f64, f64)> = dz
+            .par_chunks_mut(l)
+            .zip(z.par_chunks(l))
+            .zip(gout.par_chunks(l_out))
             .enumerate()
-            .map(|(row, (zr, go))| {
-                let ch = row % c;
-                let (neg_mean, is) = (T::of(-mean[ch]), T::of(inv_std[ch]));
-                let (mut sg, mut sgx) = (0f64, 0f64);
-                for (j0, chunk) in zr.chunks(512).enumerate() {
-                    let (mut cg, mut cgx) = (T::of(0.0), T::of(0.0));
-                    for (q, &v) in chunk.iter().enumerate() {
-                        let g = g_at(row, go, j0 * 512 + q);
-                        let xhat = (self.relu(v) + neg_mean) * is;
-                        cg += g;
-                        cgx += g * xhat;
+            .map(|(row, ((g, zr), go))| {
+                match pool {
+                    1 => {
+                        for (gj, &o) in g.iter_mut().zip(go) {
+                            *gj = o * g_scale;
+                        }
                     }
-                    sg += cg.to64();
-                    sgx += cgx.to64();
+                    2 => {
+                        for (w, &o) in g.chunks_exact_mut(2).zip(go) {
+                            let v = o * g_scale;
+                            w[0] = v;
+                            w[1] = v;
+                        }
+                    }
+                    _ => {
+                        for (w, &o) in g.chunks_exact_mut(pool).zip(go) {
+                            w.fill(o * g_scale);
+                        }
+                    }
                 }
-                (sg, sgx)
+                if let Some(mask) = mask {
+                    for (gj, &m) in g[..used].iter_mut().zip(&mask[row * l..row * l + used]) {
+                        *gj = *gj * T::of_u8(m);
+                    }
+                }
+                if affine.is_none() {
+                    return (0.0, 0.0);
+                }
+                let (nm, is) = (neg_mean[row % c], inv_std[row % c]);
+                let g = &*g;
+                lane_sums(used, |i| {
+                    let r = if relu { zr[i].relu() } else { zr[i] };
+                    (g[i], g[i] * ((r + nm) * is))
+                })
             })
             .collect();
         let mut sum_g = vec![0f64; c];
@@ -261,31 +306,46 @@ impl BlockOp {
             sum_g[row % c] += sg;
             sum_gx[row % c] += sgx;
         }
+        // Pass 2: through BatchNorm and ReLU, in place.
         let batch = matches!(self.norm, Norm::Batch);
         let n = (z.len() / c) as f64;
         dz.par_chunks_mut(l)
             .zip(z.par_chunks(l))
-            .zip(gout.par_chunks(l_out.max(1)))
             .enumerate()
-            .for_each(|(row, ((dzr, zr), go))| {
+            .for_each(|(row, (d, zr))| {
                 let ch = row % c;
-                let coef = T::of(gamma[ch].to64() * inv_std[ch]);
-                let (m, is) = (T::of(-mean[ch]), T::of(inv_std[ch]));
-                let (mg, mgx) = if batch {
-                    (T::of(-sum_g[ch] / n), T::of(-sum_gx[ch] / n))
-                } else {
-                    (T::of(0.0), T::of(0.0))
+                let (coef, nm, is, mg, mgx) = match &affine {
+                    None => (T::of(1.0), zero, zero, zero, zero),
+                    Some(_) if batch => (
+                        T::of(gamma[ch].to64() * inv_std[ch].to64()),
+                        neg_mean[ch],
+                        inv_std[ch],
+                        T::of(-sum_g[ch] / n),
+                        T::of(-sum_gx[ch] / n),
+                    ),
+                    Some(_) => (
+                        T::of(gamma[ch].to64() * inv_std[ch].to64()),
+                        zero,
+                        zero,
+                        zero,
+                        zero,
+                    ),
                 };
-                for (j, (d, &v)) in dzr.iter_mut().zip(zr).enumerate() {
-                    if self.relu && v.to64() <= 0.0 {
-                        *d = T::of(0.0);
-                        continue;
+                if relu {
+                    for (dj, &v) in d.iter_mut().zip(zr) {
+                        // For v > 0, relu(v) = v, so x̂ = (v - mean) / σ.
+                        let val = coef * (*dj + mg + (v + nm) * is * mgx);
+                        *dj = if v > zero { val } else { zero };
                     }
-                    let g = g_at(row, go, j);
-                    let xhat = (v + m) * is;
-                    *d = coef * (g + mg + xhat * mgx);
+                } else {
+                    for (dj, &v) in d.iter_mut().zip(zr) {
+                        *dj = coef * (*dj + mg + (v + nm) * is * mgx);
+                    }
                 }
             });
+        if affine.is_none() {
+            return (dz, vec![], vec![]);
+        }
         let dgamma = sum_gx.into_iter().map(T::of).collect();
         let dbeta = sum_g.into_iter().map(T::of).collect();
         (dz, dgamma, dbeta)
@@ -380,13 +440,14 @@ impl BlockOp {
     }
 }
 
-fn check(z: &Tensor, norm: &BlockNorm, dropout: Option<&DropoutMask>, pool: usize) -> Result<()> {
-    let (b, c, l) = z.dims3()?;
+pub(crate) fn check(
+    (b, c, l): (usize, usize, usize),
+    norm: &BlockNorm,
+    dropout: Option<&DropoutMask>,
+    pool: usize,
+) -> Result<()> {
     if pool == 0 || pool > l {
-        bail!(
-            "fused block: pool window {pool} must lie in 1..={l} for input {:?}",
-            z.shape()
-        );
+        bail!("fused block: pool window {pool} must lie in 1..={l} for input ({b}, {c}, {l})");
     }
     let per_channel = |t: &Tensor, what: &str| -> Result<()> {
         if t.dims() != [c] {
@@ -418,9 +479,8 @@ fn check(z: &Tensor, norm: &BlockNorm, dropout: Option<&DropoutMask>, pool: usiz
     if let Some(d) = dropout {
         if d.mask.len() != b * c * l {
             bail!(
-                "fused block: dropout mask has {} elements, input {:?}",
-                d.mask.len(),
-                z.shape()
+                "fused block: dropout mask has {} elements, input ({b}, {c}, {l})",
+                d.mask.len()
             );
         }
         if !(0.0..1.0).contains(&d.p) {
@@ -430,28 +490,19 @@ fn check(z: &Tensor, norm: &BlockNorm, dropout: Option<&DropoutMask>, pool: usiz
     Ok(())
 }
 
-/// `AvgPool_pool(Dropout(BatchNorm(ReLU?(z))))` for `z (b, c, l)` -> `(b, c, l / pool)` on the CPU (f32/f64),
-/// with a fused backward to `z`, γ and β. Returns the batch statistics with [`BlockNorm::Batch`] (for the
-/// running-statistics update, which the caller owns).
-pub fn fused_block(
-    z: &Tensor,
+/// The op for a block on `z (b, c, l)`, with the γ and β tensors it takes (ones and zeros without
+/// BatchNorm).
+pub(crate) fn block_op(
+    like: &Tensor,
+    c: usize,
     norm: BlockNorm,
     dropout: Option<&DropoutMask>,
     relu: bool,
     pool: usize,
-) -> Result<(Tensor, Option<BatchStats>)> {
-    check(z, &norm, dropout, pool)?;
-    if !z.device().is_cpu() {
-        bail!(
-            "fused block: the fused kernel runs on the CPU only, got {:?}",
-            z.device()
-        );
-    }
-    let c = z.dim(1)?;
-    let saved = Arc::new(Mutex::new(None));
+) -> Result<(BlockOp, Tensor, Tensor)> {
     let (gamma, beta, norm_kind) = match norm {
         BlockNorm::None => {
-            let ones = Tensor::ones(c, z.dtype(), z.device())?;
+            let ones = Tensor::ones(c, like.dtype(), like.device())?;
             (ones.clone(), ones.zeros_like()?, Norm::None)
         }
         BlockNorm::Batch { gamma, beta } => (gamma.clone(), beta.clone(), Norm::Batch),
@@ -474,8 +525,30 @@ pub fn fused_block(
         norm: norm_kind,
         mask: dropout.cloned(),
         pool,
-        saved: saved.clone(),
+        saved: Arc::new(Mutex::new(None)),
     };
+    Ok((op, gamma, beta))
+}
+
+/// `AvgPool_pool(Dropout(BatchNorm(ReLU?(z))))` for `z (b, c, l)` -> `(b, c, l / pool)` on the CPU (f32/f64),
+/// with a fused backward to `z`, γ and β. Returns the batch statistics with [`BlockNorm::Batch`] (for the
+/// running-statistics update, which the caller owns).
+pub fn fused_block(
+    z: &Tensor,
+    norm: BlockNorm,
+    dropout: Option<&DropoutMask>,
+    relu: bool,
+    pool: usize,
+) -> Result<(Tensor, Option<BatchStats>)> {
+    check(z.dims3()?, &norm, dropout, pool)?;
+    if !z.device().is_cpu() {
+        bail!(
+            "fused block: the fused kernel runs on the CPU only, got {:?}",
+            z.device()
+        );
+    }
+    let (op, gamma, beta) = block_op(z, z.dim(1)?, norm, dropout, relu, pool)?;
+    let saved = op.saved.clone();
     let out = z
         .contiguous()?
         .apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)?;
@@ -491,7 +564,7 @@ pub fn fused_block_reference(
     relu: bool,
     pool: usize,
 ) -> Result<(Tensor, Option<BatchStats>)> {
-    check(z, &norm, dropout, pool)?;
+    check(z.dims3()?, &norm, dropout, pool)?;
     let (b, c, l) = z.dims3()?;
     let r = if relu { z.relu()? } else { z.clone() };
     let per_channel = |t: &Tensor| t.reshape((1, c, 1));

@@ -3,9 +3,8 @@
 //! Why: candle 0.11.1's CPU conv1d is slow (im2col copies, page faults) and its backward is wrong (see the
 //! crate docs). Forward: per batch item, an im2col buffer `(c_in k, l_out)` (skipped for `k = 1`) and one
 //! `gemm` call `y = w (c_out, c_in k) col + bias`, rayon over the batch with one column buffer per task.
-//! Backward, without any column buffer, as `k` strided `gemm` calls per item:
-//! `dw[:, :, j] += dy (c_out, l_out) x[:, j..j + l_out]^T`, `dx[:, j..j + l_out] += w[:, :, j]^T dy`,
-//! `db = sum_t dy`. The weight gradient is accumulated per rayon task and summed at the end. The input
+//! Backward, per item: `dw += dy (c_out, l_out) col^T` (im2col rebuilt), `dcol = w^T dy` then col2im
+//! into `dx`, `db = sum_t dy`. The weight gradient is accumulated per rayon task and summed at the end. The input
 //! gradient is skipped when the input tracks no gradient (the spectrum itself).
 //! `gemm` picks AVX-512/AVX2/FMA/NEON kernels at run time, so no `target-cpu` flag is needed.
 
@@ -20,21 +19,21 @@ struct Conv1dOp;
 
 /// Sizes of one convolution: batch, input channels, input length, output channels, kernel width.
 #[derive(Clone, Copy, Debug)]
-struct Dims {
-    b: usize,
-    c_in: usize,
-    l: usize,
-    c_out: usize,
-    k: usize,
+pub(crate) struct Dims {
+    pub b: usize,
+    pub c_in: usize,
+    pub l: usize,
+    pub c_out: usize,
+    pub k: usize,
 }
 
 impl Dims {
-    fn l_out(&self) -> usize {
+    pub(crate) fn l_out(&self) -> usize {
         self.l + 1 - self.k
     }
 }
 
-fn dims(x: &Shape, w: &Shape, bias: &Shape) -> Result<Dims> {
+pub(crate) fn dims(x: &Shape, w: &Shape, bias: &Shape) -> Result<Dims> {
     let (b, c_in, l) = x.dims3()?;
     let (c_out, c_in_w, k) = w.dims3()?;
     let n_bias = bias.dims1()?;
@@ -59,7 +58,7 @@ fn inner_parallelism(n_tasks: usize) -> Parallelism {
     }
 }
 
-fn conv_fwd<T: Elem>(x: &[T], w: &[T], bias: &[T], d: Dims) -> Vec<T> {
+pub(crate) fn conv_fwd<T: Elem>(x: &[T], w: &[T], bias: &[T], d: Dims) -> Vec<T> {
     let (l_out, ck) = (d.l_out(), d.c_in * d.k);
     let zero = T::of(0.0);
     let mut y = vec![zero; d.b * d.c_out * l_out];
@@ -74,14 +73,7 @@ fn conv_fwd<T: Elem>(x: &[T], w: &[T], bias: &[T], d: Dims) -> Vec<T> {
             let rhs = if d.k == 1 {
                 xi
             } else {
-                col.resize(ck * l_out, zero);
-                for ci in 0..d.c_in {
-                    let xrow = &xi[ci * d.l..(ci + 1) * d.l];
-                    for j in 0..d.k {
-                        let r = ci * d.k + j;
-                        col[r * l_out..(r + 1) * l_out].copy_from_slice(&xrow[j..j + l_out]);
-                    }
-                }
+                im2col(xi, col, d);
                 &col[..]
             };
             // SAFETY: dst `yi` is (c_out, l_out) row-major and exclusively borrowed; lhs `w` is (c_out, c_in k)
@@ -113,8 +105,21 @@ fn conv_fwd<T: Elem>(x: &[T], w: &[T], bias: &[T], d: Dims) -> Vec<T> {
     y
 }
 
-/// Weight and bias gradients, accumulated over the batch in one buffer per rayon task.
-fn conv_bwd_weight<T: Elem>(x: &[T], gy: &[T], d: Dims) -> (Vec<T>, Vec<T>) {
+/// Writes the im2col matrix `(c_in k, l_out)` of one item `xi (c_in, l)` into `col`.
+fn im2col<T: Elem>(xi: &[T], col: &mut Vec<T>, d: Dims) {
+    let l_out = d.l_out();
+    col.resize(d.c_in * d.k * l_out, T::of(0.0));
+    for ci in 0..d.c_in {
+        let xrow = &xi[ci * d.l..(ci + 1) * d.l];
+        for j in 0..d.k {
+            let r = ci * d.k + j;
+            col[r * l_out..(r + 1) * l_out].copy_from_slice(&xrow[j..j + l_out]);
+        }
+    }
+}
+
+/// Weight and bias gradients, `dw += dy col^T`, accumulated over the batch in one buffer per rayon task.
+pub(crate) fn conv_bwd_weight<T: Elem>(x: &[T], gy: &[T], d: Dims) -> (Vec<T>, Vec<T>) {
     let (l_out, ck) = (d.l_out(), d.c_in * d.k);
     let n_tasks = rayon::current_num_threads().clamp(1, d.b.max(1));
     let per_task = d.b.div_ceil(n_tasks);
@@ -125,36 +130,40 @@ fn conv_bwd_weight<T: Elem>(x: &[T], gy: &[T], d: Dims) -> (Vec<T>, Vec<T>) {
         .map(|task| {
             let mut dw = vec![zero; d.c_out * ck];
             let mut db = vec![0f64; d.c_out];
+            let mut col = Vec::new();
             for i in task * per_task..((task + 1) * per_task).min(d.b) {
                 let xi = &x[i * d.c_in * d.l..(i + 1) * d.c_in * d.l];
                 let gyi = &gy[i * d.c_out * l_out..(i + 1) * d.c_out * l_out];
-                for j in 0..d.k {
-                    // SAFETY: dst element (co, ci) is dw[co ck + ci k + j] < c_out ck; lhs (co, t) is
-                    // gyi[co l_out + t]; rhs (t, ci) is xi[ci l + t + j] with t + j < l. `dw` is owned by
-                    // this task.
-                    unsafe {
-                        gemm::gemm(
-                            d.c_out,
-                            d.c_in,
-                            l_out,
-                            dw.as_mut_ptr().add(j),
-                            d.k as isize,
-                            ck as isize,
-                            true,
-                            gyi.as_ptr(),
-                            1,
-                            l_out as isize,
-                            xi.as_ptr().add(j),
-                            d.l as isize,
-                            1,
-                            T::of(1.0),
-                            T::of(1.0),
-                            false,
-                            false,
-                            false,
-                            par,
-                        )
-                    }
+                let col = if d.k == 1 {
+                    xi
+                } else {
+                    im2col(xi, &mut col, d);
+                    &col[..]
+                };
+                // SAFETY: dst `dw` (c_out, c_in k) row-major is owned by this task; lhs `gyi` is (c_out, l_out)
+                // row-major; rhs element (t, j) is col[j l_out + t], in bounds for t < l_out, j < c_in k.
+                unsafe {
+                    gemm::gemm(
+                        d.c_out,
+                        ck,
+                        l_out,
+                        dw.as_mut_ptr(),
+                        1,
+                        ck as isize,
+                        true,
+                        gyi.as_ptr(),
+                        1,
+                        l_out as isize,
+                        col.as_ptr(),
+                        l_out as isize,
+                        1,
+                        T::of(1.0),
+                        T::of(1.0),
+                        false,
+                        false,
+                        false,
+                        par,
+                    )
                 }
                 for (acc, row) in db.iter_mut().zip(gyi.chunks(l_out)) {
                     *acc += row.iter().map(|v| v.to64()).sum::<f64>();
@@ -177,40 +186,62 @@ fn conv_bwd_weight<T: Elem>(x: &[T], gy: &[T], d: Dims) -> (Vec<T>, Vec<T>) {
     (dw, db.into_iter().map(T::of).collect())
 }
 
-/// Input gradient, rayon over the batch.
-fn conv_bwd_input<T: Elem>(w: &[T], gy: &[T], d: Dims) -> Vec<T> {
+/// Input gradient `dcol = w^T dy` followed by col2im, rayon over the batch.
+pub(crate) fn conv_bwd_input<T: Elem>(w: &[T], gy: &[T], d: Dims) -> Vec<T> {
     let (l_out, ck) = (d.l_out(), d.c_in * d.k);
-    let mut dx = vec![T::of(0.0); d.b * d.c_in * d.l];
+    let zero = T::of(0.0);
+    let mut dx = vec![zero; d.b * d.c_in * d.l];
     let par = inner_parallelism(d.b);
     dx.par_chunks_mut(d.c_in * d.l)
         .enumerate()
-        .for_each(|(i, dxi)| {
+        .for_each_init(Vec::<T>::new, |dcol, (i, dxi)| {
             let gyi = &gy[i * d.c_out * l_out..(i + 1) * d.c_out * l_out];
-            for j in 0..d.k {
-                // SAFETY: dst (ci, t) is dxi[ci l + t + j] with t + j < l, exclusively borrowed; lhs (ci, co)
-                // is w[co ck + ci k + j]; rhs (co, t) is gyi[co l_out + t].
-                unsafe {
-                    gemm::gemm(
-                        d.c_in,
-                        l_out,
-                        d.c_out,
-                        dxi.as_mut_ptr().add(j),
-                        1,
-                        d.l as isize,
-                        true,
-                        w.as_ptr().add(j),
-                        ck as isize,
-                        d.k as isize,
-                        gyi.as_ptr(),
-                        1,
-                        l_out as isize,
-                        T::of(1.0),
-                        T::of(1.0),
-                        false,
-                        false,
-                        false,
-                        par,
-                    )
+            let direct = d.k == 1;
+            if !direct {
+                dcol.resize(ck * l_out, zero);
+            }
+            let dst = if direct {
+                dxi.as_mut_ptr()
+            } else {
+                dcol.as_mut_ptr()
+            };
+            // SAFETY: dst is `dxi` (c_in, l = l_out) when k = 1 or `dcol` (c_in k, l_out), row-major and
+            // exclusively borrowed; lhs element (j, co) is w[co c_in k + j]; rhs `gyi` is (c_out, l_out).
+            unsafe {
+                gemm::gemm(
+                    ck,
+                    l_out,
+                    d.c_out,
+                    dst,
+                    1,
+                    l_out as isize,
+                    false,
+                    w.as_ptr(),
+                    ck as isize,
+                    1,
+                    gyi.as_ptr(),
+                    1,
+                    l_out as isize,
+                    T::of(0.0),
+                    T::of(1.0),
+                    false,
+                    false,
+                    false,
+                    par,
+                )
+            }
+            if !direct {
+                for ci in 0..d.c_in {
+                    let xrow = &mut dxi[ci * d.l..(ci + 1) * d.l];
+                    for j in 0..d.k {
+                        let r = ci * d.k + j;
+                        for (a, &g) in xrow[j..j + l_out]
+                            .iter_mut()
+                            .zip(&dcol[r * l_out..(r + 1) * l_out])
+                        {
+                            *a += g;
+                        }
+                    }
                 }
             }
         });

@@ -4,13 +4,16 @@
 //! call them only on the CPU with [`crate::ComputePath::Fast`] and use candle's stock ops everywhere else.
 //! Each op sits in its own file with a `*_reference` twin built from stock tensor ops:
 //! - [`conv1d`]: valid (unpadded, stride 1) conv1d + bias as per-item im2col + one `gemm` call, rayon over
-//!   the batch; its backward uses strided `gemm` calls and never builds a column buffer.
+//!   the batch; its backward rebuilds the columns for the weight gradient and uses col2im for the input's.
 //! - [`block`]: ReLU + BatchNorm (batch or running statistics) + Dropout + AvgPool in one pass over memory,
 //!   with a fused backward that includes the gradient through the batch statistics.
+//! - [`conv_block`]: a convolution and its block in one op, so that the pre-activation never enters
+//!   candle's autograd (the backbones' fast path).
 //! - [`dropout`]: seeded, stream-split dropout masks shared by both paths and by the tests.
 
 pub mod block;
 pub mod conv1d;
+pub mod conv_block;
 pub mod dropout;
 
 use candle_core::{bail, CpuStorage, Layout, Result, Storage, Tensor};
@@ -25,15 +28,29 @@ pub trait Elem:
     + std::ops::Add<Output = Self>
     + std::ops::Mul<Output = Self>
     + std::ops::AddAssign
+    + std::ops::Sub<Output = Self>
+    + PartialOrd
 {
     fn of(v: f64) -> Self;
     fn to64(self) -> f64;
+    /// A keep-mask byte (0 or 1) as a number.
+    fn of_u8(v: u8) -> Self;
+    /// `max(self, 0)`.
+    fn relu(self) -> Self;
 }
 
 impl Elem for f32 {
     #[inline(always)]
     fn of(v: f64) -> Self {
         v as f32
+    }
+    #[inline(always)]
+    fn of_u8(v: u8) -> Self {
+        f32::from(v)
+    }
+    #[inline(always)]
+    fn relu(self) -> Self {
+        self.max(0.0)
     }
     #[inline(always)]
     fn to64(self) -> f64 {
@@ -45,6 +62,14 @@ impl Elem for f64 {
     #[inline(always)]
     fn of(v: f64) -> Self {
         v
+    }
+    #[inline(always)]
+    fn of_u8(v: u8) -> Self {
+        f64::from(v)
+    }
+    #[inline(always)]
+    fn relu(self) -> Self {
+        self.max(0.0)
     }
     #[inline(always)]
     fn to64(self) -> f64 {

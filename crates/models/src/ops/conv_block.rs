@@ -1,0 +1,190 @@
+//! A whole backbone block, `AvgPool(Dropout(BatchNorm(ReLU(conv1d(x) + bias))))`, as one candle `CustomOp3`.
+//!
+//! Why: candle's autograd accumulates every gradient as `zeros_like(t) + g`, two extra passes and a fresh
+//! allocation per tensor. Fusing the convolution with its element-wise block keeps the pre-activation `z`
+//! (the network's largest tensors) out of candle's graph: the op saves `z` itself and its backward hands
+//! the block's `dz` straight to the convolution kernels. Arguments are `x (b, c_in, l)`, `w (c_out, c_in, k)`
+//! and the per-channel parameters packed as `[bias | γ | β]` (`3 c_out`, or `c_out` without BatchNorm; the
+//! packing is a `cat` whose own backward splits the gradient). The kernels are those of [`super::conv1d`]
+//! and [`super::block`].
+
+use std::sync::Mutex;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+
+use super::block::{block_op, check, BatchStats, BlockNorm, BlockOp, DropoutMask};
+use super::conv1d::{conv_bwd_input, conv_bwd_weight, conv_fwd, dims, Dims};
+use super::{contiguous_slice, with_cpu_slice, Elem};
+
+struct ConvBlockOp {
+    block: BlockOp,
+    c_out: usize,
+    /// The convolution output `z`, saved by the forward for the backward.
+    z: Mutex<Option<CpuStorage>>,
+}
+
+impl ConvBlockOp {
+    fn dims(&self, x: &Shape, w: &Shape) -> Result<Dims> {
+        dims(x, w, &Shape::from(self.c_out))
+    }
+
+    fn fwd<T: Elem>(&self, x: &[T], w: &[T], params: &[T], d: Dims) -> (Vec<T>, Vec<T>) {
+        let c = d.c_out;
+        let z = conv_fwd(x, w, &params[..c], d);
+        let ones = vec![T::of(1.0); c];
+        let zeros = vec![T::of(0.0); c];
+        let (gamma, beta) = if self.block.has_norm() {
+            (&params[c..2 * c], &params[2 * c..3 * c])
+        } else {
+            (&ones[..], &zeros[..])
+        };
+        let out = self.block.fwd(&z, gamma, beta, c, d.l_out());
+        (out, z)
+    }
+
+    fn bwd_typed<T: Elem>(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        params: &Tensor,
+        gout: &Tensor,
+        z: &[T],
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let op = "starflow-conv-block backward";
+        let d = self.dims(x.shape(), w.shape())?;
+        let c = d.c_out;
+        let (dz, dgamma, dbeta) = with_cpu_slice::<T, _>(op, params, |ps| {
+            let ones = vec![T::of(1.0); c];
+            let gamma = if self.block.has_norm() {
+                &ps[c..2 * c]
+            } else {
+                &ones[..]
+            };
+            with_cpu_slice::<T, _>(op, gout, |gos| {
+                Ok(self.block.bwd(z, gamma, gos, c, d.l_out()))
+            })
+        })?;
+        let (dw, db) = with_cpu_slice::<T, _>(op, x, |xs| Ok(conv_bwd_weight(xs, &dz, d)))?;
+        let dx = if x.track_op() {
+            let dx = with_cpu_slice::<T, _>(op, w, |ws| Ok(conv_bwd_input(ws, &dz, d)))?;
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?)
+        } else {
+            None
+        };
+        let mut dparams = db;
+        dparams.extend(dgamma);
+        dparams.extend(dbeta);
+        let dev = x.device();
+        Ok((
+            dx,
+            Some(Tensor::from_vec(dw, w.shape(), dev)?),
+            Some(Tensor::from_vec(dparams, params.shape(), dev)?),
+        ))
+    }
+}
+
+impl CustomOp3 for ConvBlockOp {
+    fn name(&self) -> &'static str {
+        "starflow-conv-block"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = self.dims(l1.shape(), l2.shape())?;
+        let op = self.name();
+        let (out, z) = match (s1, s2, s3) {
+            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                let (out, z) = self.fwd::<f32>(
+                    contiguous_slice(op, s1, l1)?,
+                    contiguous_slice(op, s2, l2)?,
+                    contiguous_slice(op, s3, l3)?,
+                    d,
+                );
+                (CpuStorage::F32(out), CpuStorage::F32(z))
+            }
+            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
+                let (out, z) = self.fwd::<f64>(
+                    contiguous_slice(op, s1, l1)?,
+                    contiguous_slice(op, s2, l2)?,
+                    contiguous_slice(op, s3, l3)?,
+                    d,
+                );
+                (CpuStorage::F64(out), CpuStorage::F64(z))
+            }
+            _ => bail!(
+                "{op}: expected f32 or f64 inputs of one dtype, got {:?}",
+                s1.dtype()
+            ),
+        };
+        let l_pool = self.block.out_len(d.l_out());
+        *self.z.lock().unwrap_or_else(|e| e.into_inner()) = Some(z);
+        Ok((out, Shape::from((d.b, d.c_out, l_pool))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        params: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let saved = self.z.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(z) = saved.as_ref() else {
+            bail!("starflow-conv-block: backward before forward");
+        };
+        match (z, x.dtype()) {
+            (CpuStorage::F32(z), DType::F32) => self.bwd_typed::<f32>(x, w, params, grad_res, z),
+            (CpuStorage::F64(z), DType::F64) => self.bwd_typed::<f64>(x, w, params, grad_res, z),
+            _ => bail!("starflow-conv-block: backward expects f32 or f64"),
+        }
+    }
+}
+
+/// One fused block: valid conv1d of `x (b, c_in, l)` with `w (c_out, c_in, k)` and `bias (c_out)`, then
+/// [`super::block::fused_block`]'s ReLU/BatchNorm/Dropout/AvgPool, as one op with a hand-written backward
+/// to `x`, `w`, `bias`, γ and β. CPU only (f32/f64). Returns the batch statistics with
+/// [`BlockNorm::Batch`].
+pub fn conv_block(
+    x: &Tensor,
+    w: &Tensor,
+    bias: &Tensor,
+    norm: BlockNorm,
+    dropout: Option<&DropoutMask>,
+    relu: bool,
+    pool: usize,
+) -> Result<(Tensor, Option<BatchStats>)> {
+    let d = dims(x.shape(), w.shape(), bias.shape())?;
+    check((d.b, d.c_out, d.l_out()), &norm, dropout, pool)?;
+    if !x.device().is_cpu() {
+        bail!(
+            "conv block: the fused kernel runs on the CPU only, got {:?}",
+            x.device()
+        );
+    }
+    let (block, gamma, beta) = block_op(x, d.c_out, norm, dropout, relu, pool)?;
+    let params = if block.has_norm() {
+        Tensor::cat(&[bias, &gamma, &beta], 0)?
+    } else {
+        bias.clone()
+    };
+    let saved = block.saved.clone();
+    let op = ConvBlockOp {
+        block,
+        c_out: d.c_out,
+        z: Mutex::new(None),
+    };
+    let out = x
+        .contiguous()?
+        .apply_op3(&w.contiguous()?, &params.contiguous()?, op)?;
+    let stats = saved.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    Ok((out, stats))
+}
