@@ -13,6 +13,8 @@ use candle_core::Tensor;
 use crate::error::{FlowError, Result};
 
 /// One invertible layer of a conditional flow.
+// `from_base` is the direction's name (the style guide's), not a conversion constructor.
+#[allow(clippy::wrong_self_convention)]
 pub trait Bijector: Send + Sync + std::fmt::Debug {
     /// A short name for the layer type, used in messages.
     fn kind(&self) -> &'static str;

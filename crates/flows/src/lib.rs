@@ -38,3 +38,8 @@ pub use flow::{
 pub use gaussianization::{GaussianizationConfig, GaussianizationLayer};
 pub use special::Nonlinearity;
 pub use summary::{summarize_points, GaussianMoments, PosteriorSummary, Samples, QUANTILE_LEVELS};
+
+/// Compiles and runs the README's example as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
