@@ -19,7 +19,7 @@ use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Ten
 use rayon::prelude::*;
 
 use super::dropout::keep_scale;
-use super::{contiguous_slice, with_cpu_slice, Elem};
+use super::{assume_init, contiguous_slice, par_rows_uninit, with_cpu_slice, Elem};
 use crate::config::BN_EPS;
 
 /// Which BatchNorm the block applies.
@@ -189,48 +189,43 @@ impl BlockOp {
         let mask = self.mask.as_ref().map(|m| m.mask.as_slice());
         let scale = self.mask.as_ref().map_or(1.0, |m| keep_scale(m.p));
         let out_scale = T::of(scale / pool as f64);
-        let mut out = vec![zero; z.len() / l * l_out];
-        out.par_chunks_mut(l_out)
-            .zip(z.par_chunks(l))
-            .enumerate()
-            .for_each_init(Vec::<T>::new, |buf, (row, (o, zr))| {
-                let (ar, sr) = (a[row % c], s[row % c]);
-                buf.resize(used, zero);
-                let zr = &zr[..used];
-                if relu {
-                    for (y, &v) in buf.iter_mut().zip(zr) {
-                        *y = ar * v.relu() + sr;
-                    }
-                } else {
-                    for (y, &v) in buf.iter_mut().zip(zr) {
-                        *y = ar * v + sr;
+        par_rows_uninit(z.len() / l, l_out, Vec::<T>::new, |buf, row, o| {
+            let zr = &z[row * l..row * l + used];
+            let (ar, sr) = (a[row % c], s[row % c]);
+            buf.resize(used, zero);
+            if relu {
+                for (y, &v) in buf.iter_mut().zip(zr) {
+                    *y = ar * v.relu() + sr;
+                }
+            } else {
+                for (y, &v) in buf.iter_mut().zip(zr) {
+                    *y = ar * v + sr;
+                }
+            }
+            if let Some(mask) = mask {
+                for (y, &m) in buf.iter_mut().zip(&mask[row * l..row * l + used]) {
+                    *y = *y * T::of_u8(m);
+                }
+            }
+            match pool {
+                1 => {
+                    for (oj, &y) in o.iter_mut().zip(buf.iter()) {
+                        oj.write(y * out_scale);
                     }
                 }
-                if let Some(mask) = mask {
-                    for (y, &m) in buf.iter_mut().zip(&mask[row * l..row * l + used]) {
-                        *y = *y * T::of_u8(m);
+                2 => {
+                    for (oj, w) in o.iter_mut().zip(buf.chunks_exact(2)) {
+                        oj.write((w[0] + w[1]) * out_scale);
                     }
                 }
-                match pool {
-                    1 => {
-                        for (oj, &y) in o.iter_mut().zip(buf.iter()) {
-                            *oj = y * out_scale;
-                        }
-                    }
-                    2 => {
-                        for (oj, w) in o.iter_mut().zip(buf.chunks_exact(2)) {
-                            *oj = (w[0] + w[1]) * out_scale;
-                        }
-                    }
-                    _ => {
-                        for (oj, w) in o.iter_mut().zip(buf.chunks_exact(pool)) {
-                            let (sum, _) = lane_sums(pool, |i| (w[i], zero));
-                            *oj = T::of(sum) * out_scale;
-                        }
+                _ => {
+                    for (oj, w) in o.iter_mut().zip(buf.chunks_exact(pool)) {
+                        let (sum, _) = lane_sums(pool, |i| (w[i], zero));
+                        oj.write(T::of(sum) * out_scale);
                     }
                 }
-            });
-        out
+            }
+        })
     }
 
     /// Returns `(dz, dγ, dβ)`; the last two are empty without BatchNorm.
@@ -258,48 +253,60 @@ impl BlockOp {
             ),
         };
         // Pass 1: the gradient g at the BatchNorm output, written into dz, and its per-row sums.
-        let mut dz = vec![zero; z.len()];
-        let row_sums: Vec<(f64, f64)> = dz
-            .par_chunks_mut(l)
-            .zip(z.par_chunks(l))
-            .zip(gout.par_chunks(l_out))
-            .enumerate()
-            .map(|(row, ((g, zr), go))| {
+        let mut row_sums = vec![(0f64, 0f64); z.len() / l];
+        let sums = super::SendPtr(row_sums.as_mut_ptr());
+        let mut dz = par_rows_uninit(
+            z.len() / l,
+            l,
+            || (),
+            |_, row, g| {
+                let go = &gout[row * l_out..(row + 1) * l_out];
+                let zr = &z[row * l..(row + 1) * l];
                 match pool {
                     1 => {
                         for (gj, &o) in g.iter_mut().zip(go) {
-                            *gj = o * g_scale;
+                            gj.write(o * g_scale);
                         }
                     }
                     2 => {
                         for (w, &o) in g.chunks_exact_mut(2).zip(go) {
                             let v = o * g_scale;
-                            w[0] = v;
-                            w[1] = v;
+                            w[0].write(v);
+                            w[1].write(v);
                         }
                     }
                     _ => {
                         for (w, &o) in g.chunks_exact_mut(pool).zip(go) {
-                            w.fill(o * g_scale);
+                            for gj in w {
+                                gj.write(o * g_scale);
+                            }
                         }
                     }
                 }
+                for gj in &mut g[used..] {
+                    gj.write(zero);
+                }
+                // SAFETY: the pooled windows cover 0..used and the tail was zeroed just above.
+                let g = unsafe { assume_init(g) };
                 if let Some(mask) = mask {
                     for (gj, &m) in g[..used].iter_mut().zip(&mask[row * l..row * l + used]) {
                         *gj = *gj * T::of_u8(m);
                     }
                 }
                 if affine.is_none() {
-                    return (0.0, 0.0);
+                    return;
                 }
                 let (nm, is) = (neg_mean[row % c], inv_std[row % c]);
                 let g = &*g;
-                lane_sums(used, |i| {
+                let rs = lane_sums(used, |i| {
                     let r = if relu { zr[i].relu() } else { zr[i] };
                     (g[i], g[i] * ((r + nm) * is))
-                })
-            })
-            .collect();
+                });
+                // SAFETY: `row < row_sums.len()` and each row's task writes only its own entry; `row_sums`
+                // outlives this parallel section.
+                unsafe { *sums.ptr().add(row) = rs };
+            },
+        );
         let mut sum_g = vec![0f64; c];
         let mut sum_gx = vec![0f64; c];
         for (row, (sg, sgx)) in row_sums.iter().enumerate() {

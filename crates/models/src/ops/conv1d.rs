@@ -13,7 +13,7 @@ use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::{contiguous_slice, with_cpu_slice, Elem};
+use super::{assume_init, contiguous_slice, par_rows_uninit, with_cpu_slice, Elem};
 
 struct Conv1dOp;
 
@@ -60,49 +60,48 @@ fn inner_parallelism(n_tasks: usize) -> Parallelism {
 
 pub(crate) fn conv_fwd<T: Elem>(x: &[T], w: &[T], bias: &[T], d: Dims) -> Vec<T> {
     let (l_out, ck) = (d.l_out(), d.c_in * d.k);
-    let zero = T::of(0.0);
-    let mut y = vec![zero; d.b * d.c_out * l_out];
     let par = inner_parallelism(d.b);
-    y.par_chunks_mut(d.c_out * l_out)
-        .enumerate()
-        .for_each_init(Vec::<T>::new, |col, (i, yi)| {
-            let xi = &x[i * d.c_in * d.l..(i + 1) * d.c_in * d.l];
-            for (row, &bv) in yi.chunks_mut(l_out).zip(bias) {
-                row.fill(bv);
+    par_rows_uninit(d.b, d.c_out * l_out, Vec::<T>::new, |col, i, yi| {
+        let xi = &x[i * d.c_in * d.l..(i + 1) * d.c_in * d.l];
+        for (row, &bv) in yi.chunks_mut(l_out).zip(bias) {
+            for v in row {
+                v.write(bv);
             }
-            let rhs = if d.k == 1 {
-                xi
-            } else {
-                im2col(xi, col, d);
-                &col[..]
-            };
-            // SAFETY: dst `yi` is (c_out, l_out) row-major and exclusively borrowed; lhs `w` is (c_out, c_in k)
-            // row-major and rhs is (c_in k, l_out) row-major, all in bounds by construction of `d`.
-            unsafe {
-                gemm::gemm(
-                    d.c_out,
-                    l_out,
-                    ck,
-                    yi.as_mut_ptr(),
-                    1,
-                    l_out as isize,
-                    true,
-                    w.as_ptr(),
-                    1,
-                    ck as isize,
-                    rhs.as_ptr(),
-                    1,
-                    l_out as isize,
-                    T::of(1.0),
-                    T::of(1.0),
-                    false,
-                    false,
-                    false,
-                    par,
-                )
-            }
-        });
-    y
+        }
+        // SAFETY: every element of `yi` was just written with its channel's bias.
+        let yi = unsafe { assume_init(yi) };
+        let rhs = if d.k == 1 {
+            xi
+        } else {
+            im2col(xi, col, d);
+            &col[..]
+        };
+        // SAFETY: dst `yi` is (c_out, l_out) row-major and exclusively borrowed; lhs `w` is (c_out, c_in k)
+        // row-major and rhs is (c_in k, l_out) row-major, all in bounds by construction of `d`.
+        unsafe {
+            gemm::gemm(
+                d.c_out,
+                l_out,
+                ck,
+                yi.as_mut_ptr(),
+                1,
+                l_out as isize,
+                true,
+                w.as_ptr(),
+                1,
+                ck as isize,
+                rhs.as_ptr(),
+                1,
+                l_out as isize,
+                T::of(1.0),
+                T::of(1.0),
+                false,
+                false,
+                false,
+                par,
+            )
+        }
+    })
 }
 
 /// Writes the im2col matrix `(c_in k, l_out)` of one item `xi (c_in, l)` into `col`.

@@ -9,8 +9,6 @@
 //! Why not ChaCha per element: at batch 64 the first block alone needs 17 M draws per step; the finaliser
 //! is several times cheaper and statistically ample for dropout.
 
-use rayon::prelude::*;
-
 #[inline(always)]
 fn mix(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -21,24 +19,28 @@ fn mix(mut z: u64) -> u64 {
 
 /// Keep (1) / drop (0) mask of `n_rows * row_len` elements with drop probability `p`.
 pub fn dropout_mask(seed: u64, n_rows: usize, row_len: usize, p: f64) -> Vec<u8> {
-    let mut mask = vec![1u8; n_rows * row_len];
-    if p <= 0.0 || row_len == 0 {
-        return mask;
+    if row_len == 0 {
+        return vec![];
+    }
+    if p <= 0.0 {
+        return vec![1u8; n_rows * row_len];
     }
     let threshold = (p * 65536.0).round().min(65536.0) as u32;
-    mask.par_chunks_mut(row_len)
-        .enumerate()
-        .for_each(|(row, out)| {
+    super::par_rows_uninit(
+        n_rows,
+        row_len,
+        || (),
+        |_, row, out| {
             let key = mix(seed ^ mix(row as u64));
             for (group, chunk) in out.chunks_mut(4).enumerate() {
                 let h = mix(key.wrapping_add(group as u64));
                 for (q, m) in chunk.iter_mut().enumerate() {
                     let u = ((h >> (16 * q)) & 0xFFFF) as u32;
-                    *m = u8::from(u >= threshold);
+                    m.write(u8::from(u >= threshold));
                 }
             }
-        });
-    mask
+        },
+    )
 }
 
 /// Scale applied to kept elements so that the expectation is unchanged (`1 / (1 - p)`).

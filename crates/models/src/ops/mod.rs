@@ -103,3 +103,57 @@ pub(crate) fn with_cpu_slice<T: Elem, R>(
         _ => bail!("{op}: backward runs on the CPU only"),
     }
 }
+
+/// Builds a vector of `n_rows * row_len` elements without zeroing it first: `init(row, out)` runs in
+/// parallel (rayon, `for_each_init` with `scratch`) and must write every element of its row `out`, then may
+/// treat it as initialised through [`assume_init`].
+pub(crate) fn par_rows_uninit<T, S, F>(
+    n_rows: usize,
+    row_len: usize,
+    scratch: fn() -> S,
+    init: F,
+) -> Vec<T>
+where
+    T: Copy + Send + Sync,
+    S: Send,
+    F: Fn(&mut S, usize, &mut [std::mem::MaybeUninit<T>]) + Sync + Send,
+{
+    use rayon::prelude::*;
+    let n = n_rows * row_len;
+    let mut v: Vec<T> = Vec::with_capacity(n);
+    if row_len > 0 {
+        v.spare_capacity_mut()[..n]
+            .par_chunks_mut(row_len)
+            .enumerate()
+            .for_each_init(scratch, |s, (row, out)| init(s, row, out));
+    }
+    // SAFETY: capacity is at least `n`, and every one of the `n` elements was written by `init` (its
+    // contract: each call writes its whole row, and the rows tile `0..n`).
+    unsafe { v.set_len(n) };
+    v
+}
+
+/// Views a fully written row of `MaybeUninit<T>` as initialised.
+///
+/// # Safety
+/// Every element of `row` must have been written.
+pub(crate) unsafe fn assume_init<T>(row: &mut [std::mem::MaybeUninit<T>]) -> &mut [T] {
+    // SAFETY: `MaybeUninit<T>` has the layout of `T`, and the caller guarantees initialisation.
+    unsafe { &mut *(row as *mut [std::mem::MaybeUninit<T>] as *mut [T]) }
+}
+
+/// A raw pointer that may cross rayon's thread boundary; used only where each task writes its own element.
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr<T>(pub *mut T);
+
+impl<T> SendPtr<T> {
+    /// The pointer (a method, so that closures capture the whole `Send` wrapper).
+    pub(crate) fn ptr(self) -> *mut T {
+        self.0
+    }
+}
+// SAFETY: dereferenced only inside parallel tasks that write pairwise distinct elements of one allocation
+// that outlives the parallel section (stated at each use).
+unsafe impl<T> Send for SendPtr<T> {}
+// SAFETY: as above; no two tasks touch the same element.
+unsafe impl<T> Sync for SendPtr<T> {}
