@@ -3,6 +3,7 @@
 //! message that names the file, the problem and the fix; they never panic.
 
 mod inspect;
+mod train;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -29,6 +30,12 @@ enum Command {
     Synth(SynthArgs),
     /// Print shapes, dtypes, label statistics, non-finite counts and the SNR summary of a data set.
     Inspect(InspectArgs),
+    /// Train a backbone + flow on a data set (resumable; writes a run directory).
+    Train(train::TrainArgs),
+    /// Evaluate a trained run on a split: per-star posteriors and per-label metrics.
+    Evaluate(train::EvaluateArgs),
+    /// Posterior summaries for new spectra with a trained run.
+    Predict(train::PredictArgs),
 }
 
 #[derive(Args, Debug)]
@@ -160,6 +167,8 @@ fn is_user_error(err: &anyhow::Error) -> bool {
         e.downcast_ref::<DataError>()
             .is_some_and(DataError::is_user_error)
             || e.downcast_ref::<inspect::UserError>().is_some()
+            || e.downcast_ref::<starflow_training::TrainError>()
+                .is_some_and(starflow_training::TrainError::is_user_error)
     })
 }
 
@@ -169,6 +178,9 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Synth(a) => synth(a),
         Command::Inspect(a) => inspect::run(a),
+        Command::Train(a) => train::train(a),
+        Command::Evaluate(a) => train::evaluate(a),
+        Command::Predict(a) => train::predict(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,3 +1,20 @@
-//! Training: composes a backbone and a flow, minimises the negative log-likelihood, checkpoints.
+//! Training: composes a backbone and a flow into one model and trains it by minimising the mean
+//! negative log-likelihood of the z-scored labels; checkpoints every epoch; evaluates and predicts.
 //!
-//! Not implemented yet (issue #5); the crate exists so that the workspace layout is fixed.
+//! **Architecture invariant:** this crate composes `data`, `flows` and `models` and owns the run
+//! directory format (see [`run`]); it knows nothing of command lines, tables or plots.
+
+pub mod config;
+pub mod error;
+pub mod evaluate;
+pub mod model;
+pub mod optim;
+pub mod run;
+pub mod train;
+
+pub use config::TrainConfig;
+pub use error::{Result, TrainError};
+pub use evaluate::{evaluate, predict, Evaluation, LabelMetrics, StarPrediction};
+pub use model::StarModel;
+pub use run::{EpochRecord, RunDir, RunState};
+pub use train::{train, Observer, Quiet, TrainOptions};

@@ -1,0 +1,233 @@
+//! `starflow train`, `evaluate` and `predict`: argument parsing, progress bars and printing around
+//! the training crate.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use starflow_training::evaluate::predictions_csv;
+use starflow_training::run::write_text;
+use starflow_training::{EpochRecord, Evaluation, Observer, TrainConfig, TrainOptions};
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// TOML configuration (see configs/reference.toml); defaults apply to missing keys.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Override the flow: diagonal_gaussian, full_gaussian or full_flow.
+    #[arg(long)]
+    pub flow: Option<String>,
+    /// Override the backbone: cnn or tiny_cnn.
+    #[arg(long)]
+    pub backbone: Option<String>,
+    /// Override the number of epochs.
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Override any key: --set optim.lr=3e-4 (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Run directory (default runs/<backbone>-<flow>).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Continue an interrupted run in --out (its stored config is used; --epochs may extend it).
+    #[arg(long)]
+    pub resume: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct EvaluateArgs {
+    /// Run directory written by `starflow train`.
+    #[arg(long)]
+    pub run: PathBuf,
+    /// Split to evaluate: train, val or test.
+    #[arg(long, default_value = "test")]
+    pub split: String,
+    /// Posterior samples per star (non-Gaussian flows; Gaussian flows are exact).
+    #[arg(long, default_value_t = 1000)]
+    pub samples: usize,
+    /// Seed of the posterior sampler.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct PredictArgs {
+    /// Run directory written by `starflow train`.
+    #[arg(long)]
+    pub run: PathBuf,
+    /// Spectra to predict (.npy, same pixel grid as the training data).
+    #[arg(long)]
+    pub spectra: PathBuf,
+    /// Output CSV (default: predictions.csv next to the spectra).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    #[arg(long, default_value_t = 1000)]
+    pub samples: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// Progress bars for the training loop.
+struct Bars {
+    bar: std::cell::RefCell<Option<ProgressBar>>,
+}
+
+impl Observer for Bars {
+    fn message(&self, text: &str) {
+        eprintln!("{text}");
+    }
+    fn epoch_start(&self, epoch: usize, n_epochs: usize, n_steps: usize) {
+        let bar = ProgressBar::new(n_steps as u64).with_style(
+            ProgressStyle::with_template(
+                "epoch {prefix} {bar:30} {pos}/{len} [{elapsed} < {eta}] nll {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar.set_prefix(format!("{}/{}", epoch + 1, n_epochs));
+        *self.bar.borrow_mut() = Some(bar);
+    }
+    fn step(&self, step: usize, running_nll: f64) {
+        if let Some(b) = &*self.bar.borrow() {
+            b.set_position(step as u64 + 1);
+            b.set_message(format!("{running_nll:.4}"));
+        }
+    }
+    fn epoch_end(&self, r: &EpochRecord) {
+        if let Some(b) = self.bar.borrow_mut().take() {
+            b.finish_and_clear();
+        }
+        eprintln!(
+            "epoch {:>3}: train nll {:.4}  val nll {:.4}  lr {:.2e}  {:.1} s{}",
+            r.epoch + 1,
+            r.train_nll,
+            r.val_nll,
+            r.lr,
+            r.seconds,
+            if r.steps_skipped > 0 {
+                format!("  ({} steps skipped)", r.steps_skipped)
+            } else {
+                String::new()
+            }
+        );
+    }
+}
+
+pub fn train(a: &TrainArgs) -> anyhow::Result<()> {
+    let origin = a
+        .config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("<defaults>"));
+    let mut cfg = match &a.config {
+        Some(p) => TrainConfig::from_file(p)?,
+        None => TrainConfig::default(),
+    };
+    let mut sets = a.set.clone();
+    if let Some(f) = &a.flow {
+        sets.push(format!("model.flow=\"{f}\""));
+    }
+    if let Some(b) = &a.backbone {
+        sets.push(format!("model.backbone=\"{b}\""));
+    }
+    if let Some(e) = a.epochs {
+        sets.push(format!("optim.epochs={e}"));
+    }
+    cfg.apply_overrides(&sets, &origin)?;
+    let out = a.out.clone().unwrap_or_else(|| {
+        PathBuf::from(format!("runs/{}-{}", cfg.model.backbone, cfg.model.flow))
+    });
+    let observer = Bars {
+        bar: std::cell::RefCell::new(None),
+    };
+    let opts = TrainOptions {
+        out: out.clone(),
+        resume: a.resume,
+        inject_nan_steps: std::env::var("STARFLOW_INJECT_NAN_STEPS")
+            .ok()
+            .map(|s| s.split(',').filter_map(|v| v.trim().parse().ok()).collect())
+            .unwrap_or_default(),
+    };
+    let state = starflow_training::train(&cfg, &opts, &observer)?;
+    println!(
+        "run {}: {} epochs, best validation NLL {:.4} (epoch {}); {}",
+        out.display(),
+        state.epochs_done,
+        state.best_val_nll,
+        state.best_epoch,
+        state.stop_reason.as_deref().unwrap_or("stopped")
+    );
+    Ok(())
+}
+
+fn print_evaluation(e: &Evaluation) {
+    println!(
+        "{} / {} on {} ({} stars): NLL {:.4} (z-units), {:.4} (physical units)",
+        e.backbone, e.flow, e.split, e.n_stars, e.nll_z, e.nll
+    );
+    println!(
+        "  {:<7} {:>10} {:>10} {:>10} {:>7} {:>9} {:>8} {:>7} {:>7} {:>10}",
+        "label",
+        "RMSE",
+        "MAE",
+        "bias",
+        "R2",
+        "pull mean",
+        "pull std",
+        "cov68",
+        "cov95",
+        "RMSE/CRLB"
+    );
+    for l in &e.labels {
+        println!(
+            "  {:<7} {:>10.4} {:>10.4} {:>10.4} {:>7.3} {:>9.3} {:>8.3} {:>6.1}% {:>6.1}% {:>10}",
+            l.name,
+            l.rmse,
+            l.mae,
+            l.bias,
+            l.r2,
+            l.pull_mean,
+            l.pull_std,
+            100.0 * l.coverage_68,
+            100.0 * l.coverage_95,
+            l.rmse_over_crlb
+                .map(|r| format!("{r:.1}"))
+                .unwrap_or_else(|| "-".into())
+        );
+    }
+}
+
+pub fn evaluate(a: &EvaluateArgs) -> anyhow::Result<()> {
+    let e = starflow_training::evaluate(&a.run, &a.split, a.samples, a.seed)?;
+    let dir = a.run.join(format!("eval-{}", a.split));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let names: Vec<String> = e.labels.iter().map(|l| l.name.clone()).collect();
+    write_text(
+        &dir.join("predictions.csv"),
+        &predictions_csv(&names, &e.stars),
+    )?;
+    write_text(
+        &dir.join("metrics.json"),
+        &serde_json::to_string_pretty(&e)?,
+    )?;
+    print_evaluation(&e);
+    println!(
+        "wrote {}/predictions.csv and metrics.json ({:.1} s)",
+        dir.display(),
+        e.seconds
+    );
+    Ok(())
+}
+
+pub fn predict(a: &PredictArgs) -> anyhow::Result<()> {
+    let stars = starflow_training::predict(&a.run, &a.spectra, a.samples, a.seed)?;
+    let state = starflow_training::RunDir::new(&a.run).load_state()?;
+    let out = a.out.clone().unwrap_or_else(|| {
+        a.spectra
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join("predictions.csv")
+    });
+    write_text(&out, &predictions_csv(&state.scaler.names, &stars))?;
+    println!("wrote {} predictions to {}", stars.len(), out.display());
+    Ok(())
+}

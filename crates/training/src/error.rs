@@ -1,0 +1,89 @@
+//! The training crate's error type. User mistakes (a bad config, an incompatible run directory, a
+//! spectrum of the wrong length) are told apart from failures so that the CLI exits with code 2.
+
+use std::path::PathBuf;
+
+/// Everything that can fail while training, evaluating or predicting.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// A configuration file or override is invalid.
+    #[error("{path}: {problem}")]
+    Config { path: PathBuf, problem: String },
+    /// A run directory is missing, incomplete or from an incompatible version.
+    #[error("{path}: {problem}; fix: {fix}")]
+    Run {
+        path: PathBuf,
+        problem: String,
+        fix: String,
+    },
+    /// Input that does not fit the trained run (for example the wrong spectrum length).
+    #[error("{path}: {problem}; fix: {fix}")]
+    Input {
+        path: PathBuf,
+        problem: String,
+        fix: String,
+    },
+    /// Too many consecutive non-finite losses or gradients.
+    #[error("training diverged: {count} consecutive steps had a non-finite loss or gradient (epoch {epoch}); the last good checkpoint in {run} is intact; fix: lower optim.lr or set optim.grad_clip")]
+    Diverged {
+        count: usize,
+        epoch: usize,
+        run: PathBuf,
+    },
+    /// Writing or reading a file failed.
+    #[error("i/o error on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Data(#[from] starflow_data::DataError),
+    #[error(transparent)]
+    Flow(#[from] starflow_flows::FlowError),
+    #[error(transparent)]
+    Model(#[from] starflow_models::ModelError),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+impl TrainError {
+    /// True for errors caused by the user's input or settings.
+    pub fn is_user_error(&self) -> bool {
+        match self {
+            TrainError::Config { .. } | TrainError::Run { .. } | TrainError::Input { .. } => true,
+            TrainError::Data(e) => e.is_user_error(),
+            TrainError::Model(starflow_models::ModelError::InputTooShort { .. }) => true,
+            _ => false,
+        }
+    }
+
+    pub(crate) fn config(path: impl Into<PathBuf>, problem: impl Into<String>) -> Self {
+        TrainError::Config {
+            path: path.into(),
+            problem: problem.into(),
+        }
+    }
+
+    pub(crate) fn run(
+        path: impl Into<PathBuf>,
+        problem: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> Self {
+        TrainError::Run {
+            path: path.into(),
+            problem: problem.into(),
+            fix: fix.into(),
+        }
+    }
+
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        TrainError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// The crate's result type.
+pub type Result<T> = std::result::Result<T, TrainError>;

@@ -1,0 +1,159 @@
+//! The composed model: a backbone that emits f32 flow parameters, cast to f64 for the flow.
+//!
+//! The cast is part of the autograd graph, so gradients of the f64 negative log-likelihood flow
+//! back into the f32 network.
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use starflow_flows::{Flow, FullFlowConfig};
+use starflow_models::{Backbone, BackboneConfig, ComputePath};
+
+use crate::config::TrainConfig;
+use crate::error::Result;
+
+/// A backbone plus a flow, with the variables that hold the backbone's weights.
+pub struct StarModel {
+    pub backbone: Box<dyn Backbone>,
+    pub flow: Flow,
+    pub varmap: VarMap,
+    pub device: Device,
+}
+
+impl std::fmt::Debug for StarModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StarModel")
+            .field("backbone", &self.backbone.name())
+            .field("flow", &self.flow.name())
+            .finish()
+    }
+}
+
+/// Builds the flow named in the config for `dim` labels.
+pub fn build_flow(cfg: &TrainConfig, dim: usize) -> Result<Flow> {
+    let m = &cfg.model;
+    Ok(match m.flow.as_str() {
+        "full_flow" => starflow_flows::full_flow(&FullFlowConfig {
+            dim,
+            n_gaussianization_layers: m.flow_layers,
+            n_kernels: m.flow_kernels,
+        })?,
+        name => starflow_flows::flow_by_name(name, dim)?,
+    })
+}
+
+/// Selects the device named in the config.
+pub fn device(name: &str) -> Result<Device> {
+    Ok(match name {
+        "cuda" => Device::new_cuda(0)?,
+        "metal" => Device::new_metal(0)?,
+        _ => Device::Cpu,
+    })
+}
+
+impl StarModel {
+    /// Builds a freshly initialised model. candle's CPU backend draws initial weights from an
+    /// unseeded thread-local generator, so every trainable tensor is then re-drawn from the run's
+    /// seed (see [`seeded_init`]): the same seed gives the same initial weights.
+    pub fn new(cfg: &TrainConfig, input_len: usize, dim: usize, device: &Device) -> Result<Self> {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+        let model = Self::build(cfg, input_len, dim, vb, varmap, device)?;
+        seeded_init(&model.varmap, cfg.run.seed)?;
+        Ok(model)
+    }
+
+    /// Builds the model and loads its weights from a safetensors file.
+    pub fn load(
+        cfg: &TrainConfig,
+        input_len: usize,
+        dim: usize,
+        weights: &std::path::Path,
+        device: &Device,
+    ) -> Result<Self> {
+        let mut model = Self::new(cfg, input_len, dim, device)?;
+        model.varmap.load(weights)?;
+        Ok(model)
+    }
+
+    fn build(
+        cfg: &TrainConfig,
+        input_len: usize,
+        dim: usize,
+        vb: VarBuilder,
+        varmap: VarMap,
+        device: &Device,
+    ) -> Result<Self> {
+        let flow = build_flow(cfg, dim)?;
+        let bcfg = BackboneConfig {
+            n_params: flow.n_params(),
+            input_len,
+            dropout: cfg.model.dropout,
+            path: if cfg.model.compute_path == "stock" {
+                ComputePath::Stock
+            } else {
+                ComputePath::Fast
+            },
+            seed: cfg.run.seed,
+        };
+        let backbone = starflow_models::backbone(&cfg.model.backbone, &bcfg, vb)?;
+        Ok(StarModel {
+            backbone,
+            flow,
+            varmap,
+            device: device.clone(),
+        })
+    }
+
+    /// Raw flow parameters `(b, P)` in f64 for spectra `x: (b, 1, n_pix)`.
+    pub fn params(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        Ok(self.backbone.forward_t(x, train)?.to_dtype(DType::F64)?)
+    }
+
+    /// Per-star negative log-likelihood `(b,)` of z-scored labels `y: (b, d)`.
+    pub fn nll(&self, x: &Tensor, y: &Tensor, train: bool) -> Result<Tensor> {
+        let params = self.params(x, train)?;
+        Ok(self.flow.log_prob(&params, y)?.neg()?)
+    }
+}
+
+/// PyTorch's default initialisation, drawn from a seeded generator: every weight of rank >= 2 and
+/// its bias uniform in +-1/sqrt(fan_in) (fan_in = product of the trailing dimensions); rank-1
+/// tensors that start constant (BatchNorm scale and shift) and the BatchNorm buffers are kept.
+/// Variables are visited in name order, so the draw does not depend on hash-map order.
+pub fn seeded_init(varmap: &VarMap, seed: u64) -> Result<()> {
+    use rand::{Rng, SeedableRng};
+    let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    let fan_in_of = |name: &str| -> Option<usize> {
+        let prefix = name.rsplit_once('.').map(|(p, _)| p)?;
+        let w = data.get(&format!("{prefix}.weight"))?;
+        (w.rank() >= 2).then(|| w.dims()[1..].iter().product())
+    };
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    for name in names {
+        let var = &data[name];
+        if starflow_models::is_buffer(name) {
+            continue;
+        }
+        let fan_in = if var.rank() >= 2 {
+            Some(var.dims()[1..].iter().product::<usize>())
+        } else {
+            let v: Vec<f32> = var.as_tensor().to_dtype(DType::F32)?.to_vec1()?;
+            let constant = v.iter().all(|x| *x == v[0]);
+            if constant && !name.ends_with(".bias") || fan_in_of(name).is_none() {
+                None
+            } else {
+                fan_in_of(name)
+            }
+        };
+        let Some(fan_in) = fan_in else { continue };
+        let bound = 1.0 / (fan_in.max(1) as f32).sqrt();
+        let values: Vec<f32> = (0..var.elem_count())
+            .map(|_| rng.random_range(-bound..bound))
+            .collect();
+        let t = Tensor::from_vec(values, var.dims(), var.device())?.to_dtype(var.dtype())?;
+        var.set(&t)?;
+    }
+    Ok(())
+}

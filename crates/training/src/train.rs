@@ -1,0 +1,405 @@
+//! The training loop: epochs of shuffled batches, validation, early stopping and a checkpoint after
+//! every epoch, resumable to the bit.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Tensor};
+use starflow_data::{
+    epoch_order, Batcher, Dataset, FluxTransform, LabelScaler, LoadOptions, Split, SplitFractions,
+};
+
+use crate::config::TrainConfig;
+use crate::error::{Result, TrainError};
+use crate::model::{device, StarModel};
+use crate::optim::{learning_rate, Adam};
+use crate::run::{
+    load_tensors, save_tensors, write_text, EpochRecord, RunDir, RunState, RUN_FORMAT,
+};
+
+/// Receives progress; the CLI draws progress bars with it, tests ignore it.
+pub trait Observer {
+    /// A message for the user (data generation, resume, early stop).
+    fn message(&self, _text: &str) {}
+    /// Start of an epoch with `n_steps` batches.
+    fn epoch_start(&self, _epoch: usize, _n_epochs: usize, _n_steps: usize) {}
+    /// After each training step, with the running mean training NLL.
+    fn step(&self, _step: usize, _running_nll: f64) {}
+    /// After validation and the checkpoint.
+    fn epoch_end(&self, _record: &EpochRecord) {}
+}
+
+/// An observer that ignores everything.
+#[derive(Debug)]
+pub struct Quiet;
+impl Observer for Quiet {}
+
+/// The data a run trains on: the dataset, its split and normalisation.
+pub struct Prepared {
+    pub dataset: Dataset,
+    pub split: Split,
+    pub scaler: LabelScaler,
+    pub flux: FluxTransform,
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared")
+            .field("dataset", &self.dataset)
+            .finish()
+    }
+}
+
+/// Loads (generating first, for synthetic configs) and splits the data of a config.
+pub fn prepare_data(cfg: &TrainConfig, observer: &dyn Observer) -> Result<Prepared> {
+    let d = &cfg.data;
+    if d.synthetic && !d.dir.join("spectra.npy").exists() {
+        observer.message(&format!(
+            "generating the synthetic data set ({} stars, seed {}) into {}",
+            d.synthetic_n,
+            d.synthetic_seed,
+            d.dir.display()
+        ));
+        let synth = starflow_data::SynthConfig {
+            n: d.synthetic_n,
+            seed: d.synthetic_seed,
+            pixels_per_camera: d.synthetic_pixels_per_camera,
+            ..starflow_data::SynthConfig::default()
+        };
+        starflow_data::generate(&synth, &|_| {})?.write(&d.dir)?;
+    }
+    let opts = LoadOptions {
+        label_names: d.label_names.clone(),
+        targets: d.targets.clone(),
+        drop_nonfinite: d.drop_nonfinite,
+    };
+    let dataset = Dataset::load_dir(&d.dir, &opts)?;
+    let fractions = SplitFractions {
+        train: d.train_fraction,
+        val: d.val_fraction,
+        test: d.test_fraction,
+    };
+    let split = Split::new(dataset.len(), fractions, d.split_seed)?;
+    if split.val.is_empty() {
+        return Err(TrainError::config(
+            &d.dir,
+            format!(
+                "the validation split is empty ({} stars); use more data",
+                dataset.len()
+            ),
+        ));
+    }
+    let scaler = LabelScaler::fit(&dataset, &split.train)?;
+    Ok(Prepared {
+        dataset,
+        split,
+        scaler,
+        flux: FluxTransform::new(d.flux_floor)?,
+    })
+}
+
+/// Sets the global thread count once (rayon, which candle's CPU backend and our kernels use).
+pub fn set_threads(threads: usize) {
+    if threads > 0 {
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build_global();
+    }
+}
+
+/// Named trainable variables, sorted by name (the optimiser's state keys).
+fn trainable(model: &StarModel) -> Vec<(String, candle_core::Var)> {
+    let data = model
+        .varmap
+        .data()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let mut v: Vec<_> = data
+        .iter()
+        .filter(|(n, _)| !starflow_models::is_buffer(n))
+        .map(|(n, var)| (n.clone(), var.clone()))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+fn weights(model: &StarModel) -> std::collections::HashMap<String, Tensor> {
+    let data = model
+        .varmap
+        .data()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    data.iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect()
+}
+
+/// Mean NLL over `indices` in eval mode.
+pub fn mean_nll(
+    model: &StarModel,
+    batcher: &Batcher,
+    indices: &[usize],
+    batch_size: usize,
+) -> Result<f64> {
+    let mut total = 0.0;
+    for batch in batcher.batches(indices, batch_size)? {
+        let b = batch?;
+        let nll = model.nll(&b.x, &b.y, false)?;
+        total += nll.sum_all()?.to_scalar::<f64>()?;
+    }
+    Ok(total / indices.len() as f64)
+}
+
+/// Options of one `train` call.
+#[derive(Clone, Debug)]
+pub struct TrainOptions {
+    pub out: PathBuf,
+    pub resume: bool,
+    /// Test hook: a loss of NaN is injected at these global step numbers (0-based), as if the
+    /// network had produced it; used by the tests of the non-finite handling.
+    pub inject_nan_steps: Vec<u64>,
+}
+
+/// Trains a model as configured, writing the run directory; returns the final state.
+pub fn train(cfg: &TrainConfig, opts: &TrainOptions, observer: &dyn Observer) -> Result<RunState> {
+    let run = RunDir::new(&opts.out);
+    let existing = run.state().exists();
+    if existing && !opts.resume {
+        return Err(TrainError::run(
+            &run.root,
+            "the run directory already holds a run",
+            "pass --resume to continue it, or choose another --out",
+        ));
+    }
+    let (cfg, previous) = if existing {
+        let st = run.load_state()?;
+        let mut stored = st.config.clone();
+        // Only the epoch budget may change on resume; everything else comes from the run.
+        stored.optim.epochs = cfg.optim.epochs.max(stored.optim.epochs);
+        (stored, Some(st))
+    } else {
+        (cfg.clone(), None)
+    };
+    if previous
+        .as_ref()
+        .is_some_and(|p| p.finished && p.config.optim.epochs >= cfg.optim.epochs)
+    {
+        observer.message("the run is already finished");
+        return Ok(previous.expect("checked above"));
+    }
+    std::fs::create_dir_all(run.checkpoint_dir())
+        .map_err(|e| TrainError::io(run.checkpoint_dir(), e))?;
+    set_threads(cfg.run.threads);
+    let dev = device(&cfg.run.device)?;
+    let data = prepare_data(&cfg, observer)?;
+    let dim = data.scaler.mean.len();
+    let n_pix = data.dataset.n_pix();
+    let model = StarModel::new(&cfg, n_pix, dim, &dev)?;
+    let mut adam = Adam::new(trainable(&model), &cfg.optim)?;
+    let mut state = match previous {
+        Some(mut st) => {
+            if st.n_pix != n_pix || st.scaler != data.scaler {
+                return Err(TrainError::run(
+                    &run.root,
+                    "the data no longer matches the run (spectrum length or label statistics changed)",
+                    "resume with the data the run was trained on, or start a new run",
+                ));
+            }
+            if let (Some(m), Some(o)) = (&st.model_file, &st.optimizer_file) {
+                let mut vm = model.varmap.clone();
+                vm.load(run.root.join(m)).map_err(|e| {
+                    TrainError::run(
+                        run.root.join(m),
+                        format!("cannot load checkpoint ({e})"),
+                        "train again",
+                    )
+                })?;
+                adam.load_state(&load_tensors(&run.root.join(o), &dev)?, st.adam_steps)?;
+            }
+            observer.message(&format!("resuming after epoch {}", st.epochs_done));
+            st.config.optim.epochs = cfg.optim.epochs;
+            st.finished = false;
+            st.stop_reason = None;
+            st
+        }
+        None => {
+            write_text(&run.root.join("config.toml"), &cfg.to_toml())?;
+            RunState {
+                format: RUN_FORMAT,
+                starflow_version: env!("CARGO_PKG_VERSION").to_string(),
+                epochs_done: 0,
+                best_val_nll: f64::INFINITY,
+                best_epoch: 0,
+                epochs_since_best: 0,
+                adam_steps: 0,
+                finished: false,
+                stop_reason: None,
+                history: Vec::new(),
+                scaler: data.scaler.clone(),
+                flux_floor: data.flux.floor,
+                n_pix,
+                n_train: data.split.train.len(),
+                n_val: data.split.val.len(),
+                n_test: data.split.test.len(),
+                rng_scheme: format!("chacha8(seed={}, stream=epoch)", cfg.run.seed),
+                model_file: None,
+                optimizer_file: None,
+                config: cfg.clone(),
+            }
+        }
+    };
+    let batcher = Batcher {
+        dataset: &data.dataset,
+        flux: data.flux,
+        scaler: &data.scaler,
+        device: dev.clone(),
+    };
+    let bs = cfg.optim.batch_size;
+    let mut consecutive_bad = 0usize;
+    // Global step attempts so far (applied plus skipped), for the NaN-injection test hook.
+    let mut attempts: u64 = state.adam_steps
+        + state
+            .history
+            .iter()
+            .map(|r| r.steps_skipped as u64)
+            .sum::<u64>();
+    for epoch in state.epochs_done..cfg.optim.epochs {
+        let start = Instant::now();
+        let lr = learning_rate(&cfg.optim, epoch);
+        let order = epoch_order(&data.split.train, cfg.run.seed, epoch as u64);
+        model
+            .backbone
+            .reseed_dropout(cfg.run.seed ^ (epoch as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let n_steps = order.len().div_ceil(bs);
+        observer.epoch_start(epoch, cfg.optim.epochs, n_steps);
+        let (mut sum, mut count, mut skipped) = (0.0, 0usize, 0usize);
+        for (k, batch) in batcher.batches(&order, bs)?.enumerate() {
+            let b = batch?;
+            let nll = model.nll(&b.x, &b.y, true)?;
+            let mut loss = nll.mean_all()?;
+            if opts.inject_nan_steps.contains(&attempts) {
+                loss = (loss * f64::NAN)?;
+            }
+            attempts += 1;
+            let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let applied = if value.is_finite() {
+                adam.step(&loss.backward()?, lr)?.applied
+            } else {
+                false
+            };
+            if applied {
+                consecutive_bad = 0;
+                sum += value * b.indices.len() as f64;
+                count += b.indices.len();
+            } else {
+                skipped += 1;
+                consecutive_bad += 1;
+                tracing::warn!(
+                    epoch,
+                    step = k,
+                    loss = value,
+                    "skipped a step with a non-finite loss or gradient"
+                );
+                if consecutive_bad >= cfg.optim.max_bad_steps {
+                    return Err(TrainError::Diverged {
+                        count: consecutive_bad,
+                        epoch,
+                        run: run.root.clone(),
+                    });
+                }
+            }
+            observer.step(
+                k,
+                if count > 0 {
+                    sum / count as f64
+                } else {
+                    f64::NAN
+                },
+            );
+        }
+        let val_nll = mean_nll(&model, &batcher, &data.split.val, bs.max(64))?;
+        let record = EpochRecord {
+            epoch,
+            train_nll: if count > 0 {
+                sum / count as f64
+            } else {
+                f64::NAN
+            },
+            val_nll,
+            lr,
+            seconds: start.elapsed().as_secs_f64(),
+            steps_skipped: skipped,
+        };
+        // Checkpoint: epoch-named weights and moments first, the best weights if improved, then
+        // state.json as the commit point, and only then the previous epoch's files are removed.
+        let tag = format!("{:04}", epoch + 1);
+        let model_file = format!("checkpoint/model-e{tag}.safetensors");
+        let optim_file = format!("checkpoint/optimizer-e{tag}.safetensors");
+        save_tensors(&run.root.join(&model_file), &weights(&model))?;
+        save_tensors(&run.root.join(&optim_file), &adam.state_tensors())?;
+        if val_nll.is_finite() && val_nll < state.best_val_nll {
+            state.best_val_nll = val_nll;
+            state.best_epoch = epoch + 1;
+            state.epochs_since_best = 0;
+            save_tensors(&run.best_model(), &weights(&model))?;
+        } else {
+            state.epochs_since_best += 1;
+        }
+        let old = [state.model_file.take(), state.optimizer_file.take()];
+        state.model_file = Some(model_file);
+        state.optimizer_file = Some(optim_file);
+        state.epochs_done = epoch + 1;
+        state.adam_steps = adam.steps();
+        state.history.push(record.clone());
+        let patience_hit = cfg.optim.patience > 0 && state.epochs_since_best >= cfg.optim.patience;
+        let last = epoch + 1 == cfg.optim.epochs;
+        if patience_hit || last {
+            state.finished = true;
+            state.stop_reason = Some(if patience_hit && !last {
+                format!(
+                    "early stop: no better validation NLL for {} epochs",
+                    cfg.optim.patience
+                )
+            } else {
+                format!("completed {} epochs", cfg.optim.epochs)
+            });
+        }
+        write_text(&run.metrics(), &state.metrics_csv())?;
+        state.save(&run)?;
+        for f in old.into_iter().flatten() {
+            let _ = std::fs::remove_file(run.root.join(f));
+        }
+        observer.epoch_end(&record);
+        if state.finished {
+            if let Some(r) = &state.stop_reason {
+                observer.message(r);
+            }
+            break;
+        }
+    }
+    Ok(state)
+}
+
+/// Loads a finished (or interrupted) run's best model for evaluation and prediction.
+pub fn load_run(run_dir: &Path) -> Result<(RunState, StarModel)> {
+    let run = RunDir::new(run_dir);
+    let state = run.load_state()?;
+    if !run.best_model().exists() {
+        return Err(TrainError::run(
+            run.best_model(),
+            "the run has no model.safetensors yet (no epoch finished)",
+            "let training finish at least one epoch, or resume it with --resume",
+        ));
+    }
+    set_threads(state.config.run.threads);
+    let dev = device(&state.config.run.device)?;
+    let model = StarModel::load(
+        &state.config,
+        state.n_pix,
+        state.scaler.mean.len(),
+        &run.best_model(),
+        &dev,
+    )?;
+    Ok((state, model))
+}
