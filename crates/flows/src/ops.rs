@@ -18,6 +18,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
+use rayon::prelude::*;
 
 use crate::special::{softplus_t20, BoundedLog, Nonlinearity};
 
@@ -451,36 +452,59 @@ impl MixtureOp {
     }
 
     /// Value and (optionally) Jacobian of every (row, dimension).
-    fn compute(&self, x: &[f64], th: &[f64], mut jac: Option<&mut [f64]>) -> Vec<f64> {
+    fn compute(&self, x: &[f64], th: &[f64], jac: Option<&mut [f64]>) -> Vec<f64> {
         let spec = &self.spec;
         let (d, p, k_n) = (spec.dim, spec.n_params(), spec.n_kernels);
         let b = x.len() / d;
         let stride = self.jac_stride();
         let mut out = vec![0.0; b * 2 * d];
-        let mut s = MixScratch::new(k_n);
-        for i in 0..b {
-            let row = &th[i * p..(i + 1) * p];
-            for j in 0..d {
-                let v = spec.eval(row, j, x[i * d + j], &mut s);
-                let e = spec.nonlin.eval(v.lf, v.ls);
-                out[i * 2 * d + j] = e.y;
-                out[i * 2 * d + d + j] = v.lpdf + e.t;
-                if let Some(jac) = jac.as_deref_mut() {
-                    let dst = &mut jac[(i * d + j) * stride..(i * d + j + 1) * stride];
-                    let (jy, jl) = dst.split_at_mut(stride / 2);
-                    spec.jacobian_rows(
-                        (e.dy_dlf, e.dy_dls, 0.0),
-                        (e.dt_dlf, e.dt_dls, 1.0),
-                        &s,
-                        jy,
-                        jl,
-                    );
+        // Rows are independent: chunks of rows run in parallel (a single chunk below
+        // ROWS_PER_TASK rows, where threading costs more than it saves).
+        let rows = ROWS_PER_TASK;
+        let run = |(c, (out, jac)): (usize, (&mut [f64], Option<&mut [f64]>))| {
+            let mut s = MixScratch::new(k_n);
+            let mut jac = jac;
+            for (r, o) in out.chunks_exact_mut(2 * d).enumerate() {
+                let i = c * rows + r;
+                let row = &th[i * p..(i + 1) * p];
+                for j in 0..d {
+                    let v = spec.eval(row, j, x[i * d + j], &mut s);
+                    let e = spec.nonlin.eval(v.lf, v.ls);
+                    o[j] = e.y;
+                    o[d + j] = v.lpdf + e.t;
+                    if let Some(jac) = jac.as_deref_mut() {
+                        let dst = &mut jac[(r * d + j) * stride..(r * d + j + 1) * stride];
+                        let (jy, jl) = dst.split_at_mut(stride / 2);
+                        spec.jacobian_rows(
+                            (e.dy_dlf, e.dy_dls, 0.0),
+                            (e.dt_dlf, e.dt_dls, 1.0),
+                            &s,
+                            jy,
+                            jl,
+                        );
+                    }
                 }
             }
+        };
+        match jac {
+            Some(jac) => out
+                .par_chunks_mut(rows * 2 * d)
+                .zip(jac.par_chunks_mut(rows * d * stride))
+                .map(|(o, j)| (o, Some(j)))
+                .enumerate()
+                .for_each(run),
+            None => out
+                .par_chunks_mut(rows * 2 * d)
+                .map(|o| (o, None))
+                .enumerate()
+                .for_each(run),
         }
         out
     }
 }
+
+/// Rows per parallel task of the mixture op.
+const ROWS_PER_TASK: usize = 16;
 
 impl CustomOp2 for MixtureOp {
     fn name(&self) -> &'static str {
