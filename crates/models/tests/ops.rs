@@ -10,6 +10,7 @@ use common::*;
 use starflow_models::dropout_mask;
 use starflow_models::ops::block::{fused_block, fused_block_reference, BlockNorm, DropoutMask};
 use starflow_models::ops::conv1d::{conv1d, conv1d_reference};
+use starflow_models::ops::conv_block::conv_block;
 
 const EPS: f64 = 1e-6;
 
@@ -246,4 +247,80 @@ fn dropout_masks_are_seeded_and_thread_independent() {
     let dropped = a.iter().filter(|&&m| m == 0).count() as f64 / a.len() as f64;
     assert!((dropped - 0.1).abs() < 0.01, "drop fraction {dropped}");
     assert!(dropout_mask(5, 4, 10, 0.0).iter().all(|&m| m == 1));
+}
+
+#[test]
+fn conv_block_matches_composition_and_finite_differences() {
+    // x, w, bias, gamma, beta; batch 1 and 3, odd lengths, each norm mode, with and without dropout.
+    for (b, l, k) in [(1, 14, 3), (3, 11, 3), (2, 9, 1)] {
+        let (c_in, c_out) = (2, 3);
+        let l_out = l + 1 - k;
+        let mask = DropoutMask {
+            mask: Arc::new(dropout_mask(4, b * c_out, l_out, 0.25)),
+            p: 0.25,
+        };
+        for (name, relu, norm, dropout, pool) in block_cases() {
+            let mask = dropout.then_some(&mask);
+            let pool_of = |l: usize| if pool == 0 { l } else { pool };
+            let stats = [
+                Tensor::new(&[0.1f64, -0.2, 0.3], &Device::Cpu).unwrap(),
+                Tensor::new(&[0.5f64, 1.5, 2.0], &Device::Cpu).unwrap(),
+            ];
+            let f = |t: &[Tensor], fast: bool| -> Tensor {
+                let norm = match norm {
+                    "batch" => BlockNorm::Batch {
+                        gamma: &t[3],
+                        beta: &t[4],
+                    },
+                    "running" => BlockNorm::Running {
+                        gamma: &t[3],
+                        beta: &t[4],
+                        mean: &stats[0],
+                        var: &stats[1],
+                    },
+                    _ => BlockNorm::None,
+                };
+                if fast {
+                    conv_block(&t[0], &t[1], &t[2], norm, mask, relu, pool_of(l_out))
+                        .unwrap()
+                        .0
+                } else {
+                    let z = conv1d_reference(&t[0], &t[1], &t[2]).unwrap();
+                    fused_block_reference(&z, norm, mask, relu, pool_of(l_out))
+                        .unwrap()
+                        .0
+                }
+            };
+            let shapes = [
+                vec![b, c_in, l],
+                vec![c_out, c_in, k],
+                vec![c_out],
+                vec![c_out],
+                vec![c_out],
+            ];
+            let t: Vec<Tensor> = shapes
+                .iter()
+                .enumerate()
+                .map(|(i, s)| tensor(&randn(s.iter().product(), 70 + i as u64), s, DType::F64))
+                .collect();
+            let err = rel_err(&to_vec(&f(&t, true)), &to_vec(&f(&t, false)));
+            assert!(
+                err < 1e-10,
+                "conv block {name} b={b}: forward differs by {err:e}"
+            );
+            let n_inputs = if norm == "none" { 3 } else { 5 };
+            check_fd(
+                &shapes[..n_inputs],
+                80,
+                &|ts| {
+                    let mut ts = ts.to_vec();
+                    while ts.len() < 5 {
+                        ts.push(Tensor::ones(c_out, DType::F64, &Device::Cpu).unwrap());
+                    }
+                    f(&ts, true)
+                },
+                &format!("conv block {name} b={b} k={k}"),
+            );
+        }
+    }
 }

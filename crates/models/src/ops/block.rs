@@ -204,7 +204,7 @@ impl BlockOp {
             }
             if let Some(mask) = mask {
                 for (y, &m) in buf.iter_mut().zip(&mask[row * l..row * l + used]) {
-                    *y = *y * T::of_u8(m);
+                    *y *= T::of_u8(m);
                 }
             }
             match pool {
@@ -290,7 +290,7 @@ impl BlockOp {
                 let g = unsafe { assume_init(g) };
                 if let Some(mask) = mask {
                     for (gj, &m) in g[..used].iter_mut().zip(&mask[row * l..row * l + used]) {
-                        *gj = *gj * T::of_u8(m);
+                        *gj *= T::of_u8(m);
                     }
                 }
                 if affine.is_none() {

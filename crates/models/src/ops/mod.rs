@@ -28,6 +28,7 @@ pub trait Elem:
     + std::ops::Add<Output = Self>
     + std::ops::Mul<Output = Self>
     + std::ops::AddAssign
+    + std::ops::MulAssign
     + std::ops::Sub<Output = Self>
     + PartialOrd
 {
