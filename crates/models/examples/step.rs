@@ -46,6 +46,7 @@ fn main() -> Result<()> {
     let batch: usize = arg(3, "64").parse().unwrap_or(64);
     let len: usize = arg(4, "16384").parse().unwrap_or(16384);
     let steps: usize = arg(5, "3").parse().unwrap_or(3);
+    let tuned = std::env::var("STARFLOW_NO_TUNE").is_err() && starflow_models::tune_allocator();
 
     let dev = Device::Cpu;
     let varmap = VarMap::new();
@@ -77,7 +78,7 @@ fn main() -> Result<()> {
     let mut sorted = times.clone();
     sorted.sort_by(f64::total_cmp);
     println!(
-        "backbone={name} path={path:?} mode={} batch={batch} len={len} threads={} steps={steps} \
+        "backbone={name} path={path:?} mode={} batch={batch} len={len} threads={} steps={steps} tuned_alloc={tuned} \
          median_s={:.4} min_s={:.4} median_cpu_s={:.2} all={:?}",
         if train { "train" } else { "eval" },
         rayon::current_num_threads(),

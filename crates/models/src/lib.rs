@@ -11,7 +11,9 @@
 //! - On the CPU, [`ComputePath::Fast`] runs the fused kernels of [`ops`]; candle's stock ops run on other
 //!   devices or with [`ComputePath::Stock`]. **candle 0.11.1's CPU conv1d backward is wrong** (pinned by
 //!   `tests/candle_bug.rs`), so the stock CPU path is for speed comparisons only.
+//! - Binaries that train on the CPU should call [`tune_allocator`] once at startup (glibc only).
 
+mod alloc;
 mod backbone;
 mod cnn;
 mod config;
@@ -20,6 +22,7 @@ mod layers;
 pub mod ops;
 mod tiny_cnn;
 
+pub use alloc::tune_allocator;
 pub use backbone::{backbone, buffer_vars, is_buffer, trainable_vars, Backbone, BACKBONE_NAMES};
 pub use cnn::{cnn_model, CnnModel};
 pub use config::{BackboneConfig, ComputePath, BN_EPS, BN_MOMENTUM};

@@ -9,6 +9,7 @@ use criterion::Criterion;
 
 /// Small sample counts: every iteration here takes tenths of a second to seconds.
 pub fn config() -> Criterion {
+    starflow_models::tune_allocator();
     Criterion::default()
         .sample_size(10)
         .warm_up_time(Duration::from_millis(500))
