@@ -168,3 +168,104 @@ fn bad_inputs_exit_2_with_clear_messages() {
     // clap's own usage errors also exit with 2.
     expect_user_error(&["inspect", "--bogus"], &["--bogus"]);
 }
+
+#[test]
+fn train_evaluate_predict_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let cfg = d.join("tiny.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[data]\ndir = \"{}\"\nsynthetic_n = 120\nsynthetic_pixels_per_camera = 64\n[model]\nbackbone = \"tiny_cnn\"\n[optim]\nepochs = 2\nbatch_size = 32\n[run]\nthreads = 1\n",
+            d.join("data").display()
+        ),
+    )
+    .unwrap();
+    let run = d.join("run");
+    let (cfg_s, run_s) = (cfg.to_str().unwrap(), run.to_str().unwrap());
+    let o = starflow(&[
+        "train",
+        "--config",
+        cfg_s,
+        "--flow",
+        "full_gaussian",
+        "--out",
+        run_s,
+    ]);
+    let (so, se) = text(&o);
+    assert!(o.status.success(), "{so}\n{se}");
+    assert!(so.contains("2 epochs, best validation NLL"), "{so}");
+    assert!(se.contains("epoch   2: train nll"), "{se}");
+    for f in [
+        "state.json",
+        "model.safetensors",
+        "metrics.csv",
+        "config.toml",
+    ] {
+        assert!(run.join(f).exists(), "{f}");
+    }
+    let o = starflow(&["evaluate", "--run", run_s, "--samples", "100"]);
+    let (so, se) = text(&o);
+    assert!(o.status.success(), "{se}");
+    assert!(
+        so.contains("full_gaussian on test") && so.contains("RMSE/CRLB") && so.contains("fe_h"),
+        "{so}"
+    );
+    assert!(
+        run.join("eval-test/predictions.csv").exists()
+            && run.join("eval-test/metrics.json").exists()
+    );
+    let out = d.join("p.csv");
+    let spectra = d.join("data/spectra.npy");
+    let o = starflow(&[
+        "predict",
+        "--run",
+        run_s,
+        "--spectra",
+        spectra.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    let csv = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(csv.lines().count(), 121);
+    assert!(
+        csv.starts_with("row,t_eff_mean,t_eff_std,t_eff_q025"),
+        "{csv}"
+    );
+
+    // Training again into the same directory without --resume is refused; a typo'd key suggests the fix.
+    expect_user_error(
+        &["train", "--config", cfg_s, "--out", run_s],
+        &["already holds a run", "--resume"],
+    );
+    expect_user_error(
+        &[
+            "train",
+            "--config",
+            cfg_s,
+            "--set",
+            "optim.lrr=0.1",
+            "--out",
+            d.join("x").to_str().unwrap(),
+        ],
+        &["did you mean `lr`?"],
+    );
+    expect_user_error(
+        &["evaluate", "--run", d.to_str().unwrap()],
+        &["not a starflow run directory"],
+    );
+    let short = d.join("short.npy");
+    write_npy(&short, &[1, 7], &[1f32; 7]).unwrap();
+    expect_user_error(
+        &[
+            "predict",
+            "--run",
+            run_s,
+            "--spectra",
+            short.to_str().unwrap(),
+        ],
+        &["short.npy", "7 pixels", "256 pixels"],
+    );
+}

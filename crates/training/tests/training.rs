@@ -1,0 +1,299 @@
+//! Training end to end on a tiny synthetic set: determinism, bit-exact resume, non-finite steps,
+//! configuration errors, evaluation and prediction.
+
+use std::path::Path;
+
+use starflow_training::config::TrainConfig;
+use starflow_training::{evaluate, predict, train, Quiet, TrainError, TrainOptions};
+
+/// A config small enough to train in about a second: 160 stars of 4 x 64 pixels.
+fn tiny(data: &Path, flow: &str, backbone: &str) -> TrainConfig {
+    let text = format!(
+        r#"
+[data]
+dir = "{}"
+synthetic_n = 160
+synthetic_pixels_per_camera = 64
+[model]
+flow = "{flow}"
+backbone = "{backbone}"
+[optim]
+epochs = 3
+batch_size = 32
+lr = 1e-3
+[run]
+seed = 5
+threads = 2
+"#,
+        data.display()
+    );
+    TrainConfig::from_toml(&text, Path::new("tiny.toml")).unwrap()
+}
+
+fn opts(out: &Path) -> TrainOptions {
+    TrainOptions {
+        out: out.to_path_buf(),
+        resume: false,
+        inject_nan_steps: Vec::new(),
+    }
+}
+
+fn read(p: &Path) -> Vec<u8> {
+    std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// metrics.csv without the wall-clock column, which is the one thing allowed to differ.
+fn metrics_without_seconds(run: &Path) -> String {
+    String::from_utf8(read(&run.join("metrics.csv")))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            format!("{},{},{},{},{}", f[0], f[1], f[2], f[3], f[5])
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn same_seed_same_run_and_resume_is_bit_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let cfg = tiny(&data, "full_gaussian", "tiny_cnn");
+    let a = dir.path().join("a");
+    let b = dir.path().join("b");
+    let c = dir.path().join("c");
+    let st = train(&cfg, &opts(&a), &Quiet).unwrap();
+    assert_eq!(st.epochs_done, 3);
+    assert!(st
+        .history
+        .iter()
+        .all(|r| r.train_nll.is_finite() && r.val_nll.is_finite()));
+    train(&cfg, &opts(&b), &Quiet).unwrap();
+    assert_eq!(metrics_without_seconds(&a), metrics_without_seconds(&b));
+    assert_eq!(
+        read(&a.join("model.safetensors")),
+        read(&b.join("model.safetensors"))
+    );
+
+    // Interrupted after one epoch, then resumed: the same final weights, bit for bit.
+    let mut short = cfg.clone();
+    short.optim.epochs = 1;
+    train(&short, &opts(&c), &Quiet).unwrap();
+    let err = train(&cfg, &opts(&c), &Quiet).unwrap_err();
+    assert!(err.to_string().contains("--resume"), "{err}");
+    let resumed = train(
+        &cfg,
+        &TrainOptions {
+            resume: true,
+            ..opts(&c)
+        },
+        &Quiet,
+    )
+    .unwrap();
+    assert_eq!(resumed.epochs_done, 3);
+    assert_eq!(
+        read(&a.join("checkpoint/model-e0003.safetensors")),
+        read(&c.join("checkpoint/model-e0003.safetensors"))
+    );
+    assert_eq!(
+        read(&a.join("model.safetensors")),
+        read(&c.join("model.safetensors"))
+    );
+    assert_eq!(metrics_without_seconds(&a), metrics_without_seconds(&c));
+    // Only the latest epoch's checkpoint pair is kept.
+    let files: Vec<_> = std::fs::read_dir(c.join("checkpoint"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(files.len(), 2, "{files:?}");
+}
+
+#[test]
+fn every_flow_and_backbone_trains_evaluates_and_predicts() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    for (flow, backbone) in [("diagonal_gaussian", "cnn"), ("full_flow", "tiny_cnn")] {
+        let mut cfg = tiny(&data, flow, backbone);
+        cfg.optim.epochs = 2;
+        let run = dir.path().join(format!("{backbone}-{flow}"));
+        let st = train(&cfg, &opts(&run), &Quiet).unwrap();
+        assert!(st.best_val_nll.is_finite(), "{flow}/{backbone}");
+        let e = evaluate(&run, "test", 200, 1).unwrap();
+        assert_eq!(e.n_stars, st.n_test);
+        assert_eq!(e.labels.len(), 3);
+        for l in &e.labels {
+            assert!(l.rmse.is_finite() && l.rmse > 0.0, "{l:?}");
+            assert!(
+                (0.0..=1.0).contains(&l.coverage_68) && l.coverage_68 <= l.coverage_95,
+                "{l:?}"
+            );
+            assert!(l.rmse_over_crlb.is_some(), "synthetic data has crlb.npy");
+        }
+        // Posterior summaries are ordered and in physical units.
+        for s in &e.stars {
+            assert!(
+                s.quantiles
+                    .iter()
+                    .all(|q| q.windows(2).all(|w| w[0] <= w[1])),
+                "{s:?}"
+            );
+            assert!(
+                s.mean[0] > 2000.0 && s.mean[0] < 9000.0,
+                "t_eff in K: {s:?}"
+            );
+        }
+        let p = predict(&run, &data.join("spectra.npy"), 100, 2).unwrap();
+        assert_eq!(p.len(), 160);
+    }
+}
+
+#[test]
+fn wrong_spectrum_length_is_a_user_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut cfg = tiny(&data, "diagonal_gaussian", "tiny_cnn");
+    cfg.optim.epochs = 1;
+    let run = dir.path().join("run");
+    train(&cfg, &opts(&run), &Quiet).unwrap();
+    let bad = dir.path().join("short.npy");
+    starflow_data::npy::write_npy(&bad, &[2, 100], &[1f32; 200]).unwrap();
+    let e = predict(&run, &bad, 100, 0).unwrap_err();
+    assert!(e.is_user_error());
+    assert!(
+        e.to_string().contains("short.npy") && e.to_string().contains("100 pixels"),
+        "{e}"
+    );
+    // A directory that is not a run.
+    let e = evaluate(dir.path(), "test", 100, 0).unwrap_err();
+    assert!(
+        e.is_user_error() && e.to_string().contains("not a starflow run directory"),
+        "{e}"
+    );
+    // A run of another format version.
+    let state = std::fs::read_to_string(run.join("state.json")).unwrap();
+    std::fs::write(
+        run.join("state.json"),
+        state.replacen("\"format\": 1", "\"format\": 99", 1),
+    )
+    .unwrap();
+    let e = evaluate(&run, "test", 100, 0).unwrap_err();
+    assert!(
+        e.is_user_error() && e.to_string().contains("run format 99"),
+        "{e}"
+    );
+}
+
+#[test]
+fn non_finite_steps_are_skipped_and_counted_then_stop_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut cfg = tiny(&data, "diagonal_gaussian", "tiny_cnn");
+    cfg.optim.epochs = 2;
+    let run = dir.path().join("skip");
+    let st = train(
+        &cfg,
+        &TrainOptions {
+            inject_nan_steps: vec![1, 2],
+            ..opts(&run)
+        },
+        &Quiet,
+    )
+    .unwrap();
+    assert_eq!(st.history[0].steps_skipped, 2, "{:?}", st.history);
+    assert_eq!(st.history[1].steps_skipped, 0);
+    assert!(st.history.iter().all(|r| r.train_nll.is_finite()));
+    let csv = String::from_utf8(read(&run.join("metrics.csv"))).unwrap();
+    assert!(csv.lines().nth(1).unwrap().ends_with(",2"), "{csv}");
+
+    // Too many in a row: a clear error, and the previous epoch's checkpoint is intact.
+    cfg.optim.max_bad_steps = 3;
+    let run = dir.path().join("diverge");
+    let steps_per_epoch = 4; // 112 training stars / 32
+    let nan: Vec<u64> = (steps_per_epoch..steps_per_epoch + 3).collect();
+    let e = train(
+        &cfg,
+        &TrainOptions {
+            inject_nan_steps: nan,
+            ..opts(&run)
+        },
+        &Quiet,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            TrainError::Diverged {
+                count: 3,
+                epoch: 1,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("last good checkpoint"), "{e}");
+    let st = starflow_training::RunDir::new(&run).load_state().unwrap();
+    assert_eq!(st.epochs_done, 1);
+    assert!(run.join(st.model_file.unwrap()).exists());
+}
+
+#[test]
+fn config_errors_name_the_key_and_suggest_a_fix() {
+    let p = Path::new("my.toml");
+    let cases: &[(&str, &[&str])] = &[
+        (
+            "[optim]\nlearning_rat = 1e-3\n",
+            &["my.toml", "unknown key `learning_rat`", "[optim]"],
+        ),
+        ("[optim]\nlrr = 1e-3\n", &["did you mean `lr`?"]),
+        ("[optim]\nseed = 3\n", &["`seed` belongs in [run]"]),
+        ("[optm]\nlr = 1e-3\n", &["did you mean [optim]?"]),
+        (
+            "[optim]\nlr = -1e-3\n",
+            &["optim.lr must be a positive number"],
+        ),
+        (
+            "[optim]\nbatch_size = 0\n",
+            &["batch_size must be at least 1"],
+        ),
+        (
+            "[data]\ntrain_fraction = 0.8\nval_fraction = 0.15\ntest_fraction = 0.15\n",
+            &["sum to 1"],
+        ),
+        (
+            "[model]\nflow = \"maf\"\n",
+            &["model.flow `maf` is unknown", "full_flow"],
+        ),
+        (
+            "[model]\nbackbone = \"resnet\"\n",
+            &["model.backbone `resnet` is unknown", "tiny_cnn"],
+        ),
+        ("[optim]\nlr = \"fast\"\n", &["my.toml", "invalid type"]),
+        ("[optim\n", &["my.toml", "invalid TOML"]),
+    ];
+    for (text, needles) in cases {
+        let e = TrainConfig::from_toml(text, p).unwrap_err();
+        assert!(e.is_user_error(), "{e}");
+        for n in *needles {
+            assert!(e.to_string().contains(n), "{text:?}: {e} lacks {n:?}");
+        }
+    }
+    let mut cfg = TrainConfig::default();
+    cfg.apply_overrides(&["optim.lr=3e-4".into(), "model.flow=full_flow".into()], p)
+        .unwrap();
+    assert_eq!(cfg.optim.lr, 3e-4);
+    assert_eq!(cfg.model.flow, "full_flow");
+    let e = cfg.apply_overrides(&["optim.lrr=1".into()], p).unwrap_err();
+    assert!(e.to_string().contains("did you mean `lr`?"), "{e}");
+}
+
+#[test]
+fn shipped_configs_parse() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    for name in ["reference", "recommended"] {
+        let cfg = TrainConfig::from_file(&root.join(format!("configs/{name}.toml"))).unwrap();
+        assert_eq!(cfg.optim.batch_size, 64, "{name}");
+    }
+    let r = TrainConfig::from_file(&root.join("configs/reference.toml")).unwrap();
+    assert_eq!((r.optim.lr, r.optim.epochs), (0.8e-4, 10));
+}
