@@ -14,7 +14,7 @@
 use std::ops::Range;
 
 use candle_core::{DType, Tensor, D};
-use rand::Rng;
+use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
 use rayon::prelude::*;
 
@@ -223,7 +223,8 @@ impl Flow {
         })
     }
 
-    /// `log p(x)`, `(b,)`, for `params: (b, P)` and `x: (b, d)`, both f64. Differentiable with
+    /// `log p(x)`, `(b,)`, for `params: (b, P)` and `x: (b, d)`, both f64 (cast an f32 head
+    /// with `to_dtype(DType::F64)`, which autograd differentiates through). Differentiable with
     /// respect to both through candle autograd.
     pub fn log_prob(&self, params: &Tensor, x: &Tensor) -> Result<Tensor> {
         Ok(self.log_prob_parts(params, x)?.log_prob)
@@ -301,6 +302,16 @@ impl Flow {
             dim: self.dim,
             values,
         })
+    }
+
+    /// [`Flow::sample`] with a ChaCha8 generator seeded by `seed`: the same seed always gives
+    /// the same samples, on any machine and thread count.
+    pub fn sample_seeded(&self, params: &Tensor, n_per_item: usize, seed: u64) -> Result<Samples> {
+        self.sample(
+            params,
+            n_per_item,
+            &mut rand_chacha::ChaCha8Rng::seed_from_u64(seed),
+        )
     }
 
     /// Posterior summaries from `n_per_item` samples per item.

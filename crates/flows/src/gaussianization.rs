@@ -143,7 +143,7 @@ impl Bijector for GaussianizationLayer {
         let n = points.len() / d;
         let mut scratch = MixScratch::new(self.spec.n_kernels);
         let mut targets = vec![0.0; n];
-        let mut order: Vec<usize> = (0..n).collect();
+        let mut order: Vec<(u64, u32)> = Vec::with_capacity(n);
         for j in 0..d {
             let mix = DimMixture::new(&self.spec, row, j);
             for (t, pt) in targets.iter_mut().zip(points.chunks_exact(d)) {
@@ -161,9 +161,17 @@ impl Bijector for GaussianizationLayer {
             }
             // Solving in increasing target order lets each root start from the previous one
             // (a lower bound, and one Newton step away), which halves the evaluations.
-            order.sort_unstable_by(|&a, &b| targets[a].total_cmp(&targets[b]));
+            order.clear();
+            order.extend(
+                targets
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| (order_key(*t), i as u32)),
+            );
+            order.sort_unstable();
             let mut prev = None;
-            for &i in &order {
+            for &(_, i) in &order {
+                let i = i as usize;
                 let (x, dg) = mix.solve(targets[i], prev, &self.spec, row, &mut scratch);
                 points[i * d + j] = x;
                 prev = Some((x, targets[i], dg));
@@ -184,12 +192,25 @@ impl Bijector for GaussianizationLayer {
     }
 }
 
+/// An integer whose order is the numeric order of finite `f64`s (sorting integers is
+/// cheaper than `total_cmp` on indirect floats).
+#[inline]
+fn order_key(t: f64) -> u64 {
+    let bits = t.to_bits();
+    if bits >> 63 == 1 {
+        !bits
+    } else {
+        bits | (1 << 63)
+    }
+}
+
 /// Precomputed kernels of one dimension of one item, for the sampler's root find.
 struct DimMixture {
     j: usize,
     m: Vec<f64>,
     inv_w: Vec<f64>,
     pi: Vec<f64>,
+    pi_inv_w: Vec<f64>,
     m_min: f64,
     m_max: f64,
 }
@@ -203,14 +224,16 @@ impl DimMixture {
     fn new(spec: &MixtureSpec, row: &[f64], j: usize) -> Self {
         let (k_n, d) = (spec.n_kernels, spec.dim);
         let m: Vec<f64> = (0..k_n).map(|k| row[k * d + j]).collect();
+        // The same arithmetic as the density direction's linear path (`MixtureSpec::eval`).
         let inv_w: Vec<f64> = (0..k_n)
-            .map(|k| (-spec.width.eval(row[k_n * d + k * d + j]).0).exp())
+            .map(|k| 1.0 / spec.width.eval_linear(row[k_n * d + k * d + j]).0)
             .collect();
-        let ln: Vec<f64> = (0..k_n)
-            .map(|k| spec.norm.eval(row[2 * k_n * d + k * d + j]).0)
+        let n: Vec<f64> = (0..k_n)
+            .map(|k| spec.norm.eval_linear(row[2 * k_n * d + k * d + j]).0)
             .collect();
-        let lse = crate::special::logsumexp(&ln);
-        let pi = ln.iter().map(|&a| (a - lse).exp()).collect();
+        let inv_sum = 1.0 / n.iter().sum::<f64>();
+        let pi: Vec<f64> = n.iter().map(|a| a * inv_sum).collect();
+        let pi_inv_w = pi.iter().zip(&inv_w).map(|(p, w)| p * w).collect();
         let m_min = m.iter().copied().fold(f64::INFINITY, f64::min);
         let m_max = m.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         Self {
@@ -218,6 +241,7 @@ impl DimMixture {
             m,
             inv_w,
             pi,
+            pi_inv_w,
             m_min,
             m_max,
         }
@@ -234,28 +258,23 @@ impl DimMixture {
         scratch: &mut MixScratch,
     ) -> (f64, f64) {
         let (mut f_cdf, mut s_cdf, mut pdf) = (0.0, 0.0, 0.0);
+        // Branch-free in the sign of u (which is unpredictable): with e = exp(-|u|) and
+        // a = 1 / (1 + e), sigmoid(u) and sigmoid(-u) are a and e a in some order. Below the
+        // reference's softplus threshold (u < -20) it drops the 1 + e, i.e. a = 1: then
+        // F_k = e^u, S_k = 1 and f_k = e^u / w, exactly as its log-space form evaluates.
         for k in 0..self.m.len() {
             let u = (x - self.m[k]) * self.inv_w[k];
-            let p = self.pi[k];
-            if u < NEG_THRESHOLD {
-                // Reference: softplus(-u) = -u exactly, so F_k = e^u, S_k = 1, f_k = e^u / w.
-                let e = u.exp();
-                f_cdf += p * e;
-                s_cdf += p;
-                pdf += p * e * self.inv_w[k];
-            } else if u >= 0.0 {
-                let e = (-u).exp();
-                let a = 1.0 / (1.0 + e);
-                f_cdf += p * a;
-                s_cdf += p * e * a;
-                pdf += p * self.inv_w[k] * e * a * a;
+            let e = (-u.abs()).exp();
+            let a = if u < NEG_THRESHOLD {
+                1.0
             } else {
-                let e = u.exp();
-                let a = 1.0 / (1.0 + e);
-                f_cdf += p * e * a;
-                s_cdf += p * a;
-                pdf += p * self.inv_w[k] * e * a * a;
-            }
+                1.0 / (1.0 + e)
+            };
+            let ea = e * a;
+            let (fa, sa) = if u >= 0.0 { (a, ea) } else { (ea, a) };
+            f_cdf += self.pi[k] * fa;
+            s_cdf += self.pi[k] * sa;
+            pdf += self.pi_inv_w[k] * ea * a;
         }
         if f_cdf > TINY && s_cdf > TINY && pdf > TINY {
             ((f_cdf / s_cdf).ln(), pdf / (f_cdf * s_cdf))

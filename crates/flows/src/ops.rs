@@ -630,10 +630,14 @@ mod tests {
 
     /// A deterministic pseudo-random row of mixture parameters.
     fn row(n: usize, seed: u64) -> Vec<f64> {
-        let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut state = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (0..n)
             .map(|_| {
-                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((state >> 11) as f64 / (1u64 << 53) as f64 - 0.5) * 4.0
             })
             .collect()
@@ -651,11 +655,22 @@ mod tests {
                     let v = sp.eval(&r, j, x, &mut a);
                     let w = sp.eval_log(&r, j, x, &mut b);
                     for (p, q) in [(v.lf, w.lf), (v.ls, w.ls), (v.lpdf, w.lpdf)] {
-                        assert!((p - q).abs() <= 1e-12 * q.abs().max(1.0), "x={x} j={j}: {p} vs {q}");
+                        assert!(
+                            (p - q).abs() <= 1e-12 * q.abs().max(1.0),
+                            "x={x} j={j}: {p} vs {q}"
+                        );
                     }
                     for k in 0..4 {
-                        for (p, q) in [(a.wf[k], b.wf[k]), (a.ws[k], b.ws[k]), (a.wd[k], b.wd[k]), (a.dsp[k], b.dsp[k])] {
-                            assert!((p - q).abs() <= 1e-12, "x={x} j={j} k={k}: weight {p} vs {q}");
+                        for (p, q) in [
+                            (a.wf[k], b.wf[k]),
+                            (a.ws[k], b.ws[k]),
+                            (a.wd[k], b.wd[k]),
+                            (a.dsp[k], b.dsp[k]),
+                        ] {
+                            assert!(
+                                (p - q).abs() <= 1e-12,
+                                "x={x} j={j} k={k}: weight {p} vs {q}"
+                            );
                         }
                     }
                 }
@@ -671,8 +686,15 @@ mod tests {
         for &x in &[-1e4, 1e4] {
             let v = sp.eval(&r, 0, x, &mut s);
             let e = sp.nonlin.eval(v.lf, v.ls);
-            assert!([v.lf, v.ls, v.lpdf, e.y, e.t].iter().all(|a| a.is_finite()), "x={x}: {v:?} {e:?}");
-            assert!(if x < 0.0 { v.lf < -500.0 && e.y < -30.0 } else { v.ls < -500.0 && e.y > 30.0 });
+            assert!(
+                [v.lf, v.ls, v.lpdf, e.y, e.t].iter().all(|a| a.is_finite()),
+                "x={x}: {v:?} {e:?}"
+            );
+            assert!(if x < 0.0 {
+                v.lf < -500.0 && e.y < -30.0
+            } else {
+                v.ls < -500.0 && e.y > 30.0
+            });
         }
     }
 }

@@ -34,16 +34,6 @@ pub(crate) fn logaddexp(a: f64, b: f64) -> f64 {
     m + (-(a - b).abs()).exp().ln_1p()
 }
 
-/// `log(sum_k exp(v_k))`, shifted by the maximum as `torch.logsumexp` does.
-#[inline]
-pub(crate) fn logsumexp(v: &[f64]) -> f64 {
-    let m = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    if !m.is_finite() {
-        return m;
-    }
-    m + v.iter().map(|&a| (a - m).exp()).sum::<f64>().ln()
-}
-
 /// The bounded log-width map of math §1 and its derivative with respect to `r`:
 /// `B(r) = logaddexp(ln hi - logaddexp(0, c - r), ln lo)`, i.e. `exp(B) = lo + hi sigmoid(r - c)`.
 ///
