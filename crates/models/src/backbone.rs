@@ -122,7 +122,10 @@ impl Trunk {
         if c != 1 {
             candle_core::bail!("backbone input must be (b, 1, n_pix), got {:?}", x.shape());
         }
-        let fast = self.path == ComputePath::Fast && x.device().is_cpu();
+        // The fused kernels cover f32/f64 on the CPU; anything else takes the stock ops.
+        let fast = self.path == ComputePath::Fast
+            && x.device().is_cpu()
+            && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64);
         let seeds: Vec<Option<u64>> = if train {
             let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
             self.blocks.iter().map(|_| Some(rng.next_u64())).collect()
