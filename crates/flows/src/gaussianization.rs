@@ -25,7 +25,7 @@ use candle_core::{Tensor, D};
 
 use crate::bijector::{check_points, check_theta, Bijector};
 use crate::error::{FlowError, Result};
-use crate::ops::{householder_reflect, mixture_nonlinearity, MixScratch, MixtureSpec};
+use crate::ops::{householder_reflect_cols, mixture_nonlinearity, MixScratch, MixtureSpec};
 use crate::special::{inormal_target_logit, BoundedLog, Nonlinearity};
 
 /// Settings of one Gaussianization layer. `Default` is the reference's layer 1/2 (isigmoid).
@@ -118,9 +118,10 @@ impl Bijector for GaussianizationLayer {
         let b = check_points(self, "to_base", x)?;
         check_theta(self, "to_base", theta, b)?;
         let d = self.spec.dim;
-        let rotated = householder_reflect(x, &theta.narrow(1, 0, self.n_rot())?)?;
-        let mix = theta.narrow(1, self.n_rot(), self.spec.n_params())?;
-        let out = mixture_nonlinearity(&rotated, &mix, self.spec)?;
+        // Both ops read their columns of the one contiguous parameter slice.
+        let theta = theta.contiguous()?;
+        let rotated = householder_reflect_cols(x, &theta, 0, self.n_rot())?;
+        let out = mixture_nonlinearity(&rotated, &theta, self.n_rot(), self.spec)?;
         let y = out.narrow(1, 0, d)?;
         let log_det = out.narrow(1, d, d)?.sum(D::Minus1)?;
         Ok((y, log_det))

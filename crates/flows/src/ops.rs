@@ -85,8 +85,12 @@ pub fn bounded_log(r: &Tensor, lo: f64, hi: f64, shift: f64) -> candle_core::Res
 // ---------------------------------------------------------------------------------------------
 // Householder reflections.
 
+/// Reads the vectors from columns `start..start + len` of its second input, so a layer can
+/// pass its whole parameter slice (no narrow, no copy, no zero-padded narrow gradient).
 struct HouseholderOp {
     dim: usize,
+    start: usize,
+    len: usize,
 }
 
 /// Applies `H(v_0)`, then `H(v_1)`, ... to `x` in place; `vs` holds the vectors back to back.
@@ -123,10 +127,10 @@ impl CustomOp2 for HouseholderOp {
         let v = f64_slice(self.name(), s2, l2)?;
         let d = self.dim;
         let b = x.len() / d;
-        let nv = v.len() / b.max(1);
+        let width = v.len() / b.max(1);
         let mut out = x.to_vec();
-        for (row, vs) in out.chunks_exact_mut(d).zip(v.chunks_exact(nv)) {
-            reflect_row(row, vs, None);
+        for (row, vs) in out.chunks_exact_mut(d).zip(v.chunks_exact(width.max(1))) {
+            reflect_row(row, &vs[self.start..self.start + self.len], None);
         }
         Ok((CpuStorage::F64(out), l1.shape().clone()))
     }
@@ -143,17 +147,19 @@ impl CustomOp2 for HouseholderOp {
         let g = flat(grad_res)?;
         let d = self.dim;
         let b = x.len() / d;
-        let nv = v.len() / b.max(1);
+        let width = v.len() / b.max(1);
+        let nv = self.len;
         let mut gx = vec![0.0; x.len()];
         let mut gv = vec![0.0; v.len()];
         let mut trace = Vec::with_capacity(nv);
         for i in 0..b {
             let mut row = x[i * d..(i + 1) * d].to_vec();
-            let vs = &v[i * nv..(i + 1) * nv];
+            let first = i * width + self.start;
+            let vs = &v[first..first + nv];
             trace.clear();
             reflect_row(&mut row, vs, Some(&mut trace));
             let mut gr = g[i * d..(i + 1) * d].to_vec();
-            let gvs = &mut gv[i * nv..(i + 1) * nv];
+            let gvs = &mut gv[first..first + nv];
             for k in (0..nv / d).rev() {
                 let vk = &vs[k * d..(k + 1) * d];
                 let yin = &trace[k * d..(k + 1) * d];
@@ -181,17 +187,29 @@ impl CustomOp2 for HouseholderOp {
 /// `v: (b, n d)` stored back to back (the evaluation direction `Q^T x` of math §3a with
 /// `Q = H(v_0) ... H(v_{n-1})`). Differentiable with respect to both inputs.
 pub fn householder_reflect(x: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
+    let nv = v.dims2()?.1;
+    householder_reflect_cols(x, v, 0, nv)
+}
+
+/// [`householder_reflect`] with the vectors in columns `start..start + len` of `theta`; the
+/// gradient with respect to `theta` is zero in the other columns.
+pub(crate) fn householder_reflect_cols(
+    x: &Tensor,
+    theta: &Tensor,
+    start: usize,
+    len: usize,
+) -> candle_core::Result<Tensor> {
     let (b, d) = x.dims2()?;
-    let (bv, nv) = v.dims2()?;
-    if bv != b || d == 0 || nv % d != 0 {
+    let (bv, p) = theta.dims2()?;
+    if bv != b || d == 0 || len % d != 0 || start + len > p {
         bail!(
-            "householder-reflect: x {:?} and v {:?} do not match (want v: (b, n d))",
+            "householder-reflect: x {:?} and theta {:?} do not match (want {len} = n {d} vector values from column {start})",
             x.dims(),
-            v.dims()
+            theta.dims()
         );
     }
     x.contiguous()?
-        .apply_op2(&v.contiguous()?, HouseholderOp { dim: d })
+        .apply_op2(&theta.contiguous()?, HouseholderOp { dim: d, start, len })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -441,6 +459,8 @@ impl MixtureSpec {
 /// pass is a contraction.
 struct MixtureOp {
     spec: MixtureSpec,
+    /// First column of the mixture parameters in the op's second input.
+    start: usize,
     jac: Option<std::sync::Mutex<Vec<f64>>>,
 }
 
@@ -456,6 +476,7 @@ impl MixtureOp {
         let spec = &self.spec;
         let (d, p, k_n) = (spec.dim, spec.n_params(), spec.n_kernels);
         let b = x.len() / d;
+        let width = th.len() / b.max(1);
         let stride = self.jac_stride();
         let mut out = vec![0.0; b * 2 * d];
         // Rows are independent: chunks of rows run in parallel (a single chunk below
@@ -466,7 +487,7 @@ impl MixtureOp {
             let mut jac = jac;
             for (r, o) in out.chunks_exact_mut(2 * d).enumerate() {
                 let i = c * rows + r;
-                let row = &th[i * p..(i + 1) * p];
+                let row = &th[i * width + self.start..i * width + self.start + p];
                 for j in 0..d {
                     let v = spec.eval(row, j, x[i * d + j], &mut s);
                     let e = spec.nonlin.eval(v.lf, v.ls);
@@ -565,14 +586,16 @@ impl CustomOp2 for MixtureOp {
         };
         let g = flat(grad_res)?;
         let mut gx = vec![0.0; b * d];
-        let mut gth = vec![0.0; b * p];
+        let width = arg2.dims()[1];
+        let mut gth = vec![0.0; b * width];
         for i in 0..b {
             for j in 0..d {
                 let (gy, gl) = (g[i * 2 * d + j], g[i * 2 * d + d + j]);
                 let src = &jac[(i * d + j) * stride..(i * d + j + 1) * stride];
                 let (jy, jl) = src.split_at(stride / 2);
                 gx[i * d + j] = gy * jy[0] + gl * jl[0];
-                let grow = &mut gth[i * p..(i + 1) * p];
+                let first = i * width + self.start;
+                let grow = &mut gth[first..first + p];
                 for n in 0..3 * k_n {
                     let c = (n / k_n) * k_n * d + (n % k_n) * d + j;
                     grow[c] = gy * jy[1 + n] + gl * jl[1 + n];
@@ -586,20 +609,22 @@ impl CustomOp2 for MixtureOp {
 }
 
 /// The per-dimension map of a Gaussianization layer (math §3b–§3c): for `x: (b, d)` and the
-/// mixture parameters `theta: (b, 3 K d)` (means, raw widths, raw weights, each `(K, d)`
-/// row-major) returns `(b, 2 d)`: the values `y` in columns `0..d` and the per-dimension
-/// `log dy/dx` in columns `d..2d`. Differentiable with respect to both inputs; when either
-/// input is tracked, the forward pass records the local Jacobian for the backward pass.
+/// mixture parameters in columns `start..start + 3 K d` of `theta` (means, raw widths, raw
+/// weights, each `(K, d)` row-major) returns `(b, 2 d)`: the values `y` in columns `0..d` and
+/// the per-dimension `log dy/dx` in columns `d..2d`. Differentiable with respect to both inputs
+/// (zero gradient in `theta`'s other columns); when either input is tracked, the forward pass
+/// records the local Jacobian for the backward pass.
 pub(crate) fn mixture_nonlinearity(
     x: &Tensor,
     theta: &Tensor,
+    start: usize,
     spec: MixtureSpec,
 ) -> candle_core::Result<Tensor> {
     let (b, d) = x.dims2()?;
     let (bt, p) = theta.dims2()?;
-    if bt != b || d != spec.dim || p != spec.n_params() {
+    if bt != b || d != spec.dim || start + spec.n_params() > p {
         bail!(
-            "mixture-nonlinearity: x {:?} and theta {:?} do not match (want (b, {}) and (b, {}))",
+            "mixture-nonlinearity: x {:?} and theta {:?} do not match (want (b, {}) and {} columns from column {start})",
             x.dims(),
             theta.dims(),
             spec.dim,
@@ -609,92 +634,8 @@ pub(crate) fn mixture_nonlinearity(
     let tracked = x.track_op() || theta.track_op();
     let op = MixtureOp {
         spec,
+        start,
         jac: tracked.then(|| std::sync::Mutex::new(Vec::new())),
     };
     x.contiguous()?.apply_op2(&theta.contiguous()?, op)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn spec(nonlin: Nonlinearity) -> MixtureSpec {
-        MixtureSpec {
-            n_kernels: 4,
-            dim: 2,
-            width: BoundedLog::new(0.01, 1.0, 0.0),
-            norm: BoundedLog::new(1.0, 10.0, 0.0),
-            nonlin,
-        }
-    }
-
-    /// A deterministic pseudo-random row of mixture parameters.
-    fn row(n: usize, seed: u64) -> Vec<f64> {
-        let mut state = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (0..n)
-            .map(|_| {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((state >> 11) as f64 / (1u64 << 53) as f64 - 0.5) * 4.0
-            })
-            .collect()
-    }
-
-    #[test]
-    fn linear_and_log_space_mixtures_agree() {
-        let sp = spec(Nonlinearity::InverseSigmoid);
-        let (mut a, mut b) = (MixScratch::new(4), MixScratch::new(4));
-        for seed in 0..20 {
-            let r = row(sp.n_params(), seed);
-            // Includes points beyond the softplus threshold of every kernel (|u| > 20).
-            for &x in &[-30.0, -3.0, -0.4, 0.0, 0.7, 2.5, 30.0] {
-                for j in 0..2 {
-                    let v = sp.eval(&r, j, x, &mut a);
-                    let w = sp.eval_log(&r, j, x, &mut b);
-                    for (p, q) in [(v.lf, w.lf), (v.ls, w.ls), (v.lpdf, w.lpdf)] {
-                        assert!(
-                            (p - q).abs() <= 1e-12 * q.abs().max(1.0),
-                            "x={x} j={j}: {p} vs {q}"
-                        );
-                    }
-                    for k in 0..4 {
-                        for (p, q) in [
-                            (a.wf[k], b.wf[k]),
-                            (a.ws[k], b.ws[k]),
-                            (a.wd[k], b.wd[k]),
-                            (a.dsp[k], b.dsp[k]),
-                        ] {
-                            assert!(
-                                (p - q).abs() <= 1e-12,
-                                "x={x} j={j} k={k}: weight {p} vs {q}"
-                            );
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn far_points_fall_back_to_log_space_and_stay_finite() {
-        let sp = spec(Nonlinearity::InverseNormal);
-        let mut s = MixScratch::new(4);
-        let r = row(sp.n_params(), 3);
-        for &x in &[-1e4, 1e4] {
-            let v = sp.eval(&r, 0, x, &mut s);
-            let e = sp.nonlin.eval(v.lf, v.ls);
-            assert!(
-                [v.lf, v.ls, v.lpdf, e.y, e.t].iter().all(|a| a.is_finite()),
-                "x={x}: {v:?} {e:?}"
-            );
-            assert!(if x < 0.0 {
-                v.lf < -500.0 && e.y < -30.0
-            } else {
-                v.ls < -500.0 && e.y > 30.0
-            });
-        }
-    }
 }
