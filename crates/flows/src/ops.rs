@@ -639,3 +639,88 @@ pub(crate) fn mixture_nonlinearity(
     };
     x.contiguous()?.apply_op2(&theta.contiguous()?, op)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(nonlin: Nonlinearity) -> MixtureSpec {
+        MixtureSpec {
+            n_kernels: 4,
+            dim: 2,
+            width: BoundedLog::new(0.01, 1.0, 0.0),
+            norm: BoundedLog::new(1.0, 10.0, 0.0),
+            nonlin,
+        }
+    }
+
+    /// A deterministic pseudo-random row of mixture parameters.
+    fn row(n: usize, seed: u64) -> Vec<f64> {
+        let mut state = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 11) as f64 / (1u64 << 53) as f64 - 0.5) * 4.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn linear_and_log_space_mixtures_agree() {
+        let sp = spec(Nonlinearity::InverseSigmoid);
+        let (mut a, mut b) = (MixScratch::new(4), MixScratch::new(4));
+        for seed in 0..20 {
+            let r = row(sp.n_params(), seed);
+            // Includes points beyond the softplus threshold of every kernel (|u| > 20).
+            for &x in &[-30.0, -3.0, -0.4, 0.0, 0.7, 2.5, 30.0] {
+                for j in 0..2 {
+                    let v = sp.eval(&r, j, x, &mut a);
+                    let w = sp.eval_log(&r, j, x, &mut b);
+                    for (p, q) in [(v.lf, w.lf), (v.ls, w.ls), (v.lpdf, w.lpdf)] {
+                        assert!(
+                            (p - q).abs() <= 1e-12 * q.abs().max(1.0),
+                            "x={x} j={j}: {p} vs {q}"
+                        );
+                    }
+                    for k in 0..4 {
+                        for (p, q) in [
+                            (a.wf[k], b.wf[k]),
+                            (a.ws[k], b.ws[k]),
+                            (a.wd[k], b.wd[k]),
+                            (a.dsp[k], b.dsp[k]),
+                        ] {
+                            assert!(
+                                (p - q).abs() <= 1e-12,
+                                "x={x} j={j} k={k}: weight {p} vs {q}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn far_points_fall_back_to_log_space_and_stay_finite() {
+        let sp = spec(Nonlinearity::InverseNormal);
+        let mut s = MixScratch::new(4);
+        let r = row(sp.n_params(), 3);
+        for &x in &[-1e4, 1e4] {
+            let v = sp.eval(&r, 0, x, &mut s);
+            let e = sp.nonlin.eval(v.lf, v.ls);
+            assert!(
+                [v.lf, v.ls, v.lpdf, e.y, e.t].iter().all(|a| a.is_finite()),
+                "x={x}: {v:?} {e:?}"
+            );
+            assert!(if x < 0.0 {
+                v.lf < -500.0 && e.y < -30.0
+            } else {
+                v.ls < -500.0 && e.y > 30.0
+            });
+        }
+    }
+}
