@@ -16,7 +16,8 @@
 //!
 //! The sampling direction inverts each dimension's monotone map by a safeguarded Halley
 //! iteration on the mixture logit `log F - log S` (bracketed, falling back to bisection),
-//! which converges to ~1e-13 relative in a handful of steps; the inverse-normal nonlinearity is
+//! which converges to 1e-12 relative (tested), mostly in a single evaluation thanks to sorted,
+//! second-order warm starts; the inverse-normal nonlinearity is
 //! inverted in closed form first (normal CDF in the central region, the Winitzki tail solved
 //! for `log(F (1 - F))`). The linear-space evaluation used there reproduces the reference's
 //! softplus threshold, so it inverts exactly the map `to_base` computes.
