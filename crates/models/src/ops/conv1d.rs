@@ -189,7 +189,8 @@ pub(crate) fn conv_bwd_weight<T: Elem>(x: &[T], gy: &[T], d: Dims) -> (Vec<T>, V
 pub(crate) fn conv_bwd_input<T: Elem>(w: &[T], gy: &[T], d: Dims) -> Vec<T> {
     let (l_out, ck) = (d.l_out(), d.c_in * d.k);
     let zero = T::of(0.0);
-    let mut dx = vec![zero; d.b * d.c_in * d.l];
+    let mut dx = super::pool::take::<T>(d.b * d.c_in * d.l);
+    dx.resize(d.b * d.c_in * d.l, zero);
     let par = inner_parallelism(d.b);
     dx.par_chunks_mut(d.c_in * d.l)
         .enumerate()

@@ -84,6 +84,15 @@ impl ConvBlockOp {
     }
 }
 
+impl Drop for ConvBlockOp {
+    fn drop(&mut self) {
+        let z = self.z.get_mut().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(CpuStorage::F32(z)) = z {
+            super::pool::give(z);
+        }
+    }
+}
+
 impl CustomOp3 for ConvBlockOp {
     fn name(&self) -> &'static str {
         "starflow-conv-block"

@@ -15,6 +15,7 @@ pub mod block;
 pub mod conv1d;
 pub mod conv_block;
 pub mod dropout;
+pub(crate) mod pool;
 
 use candle_core::{bail, CpuStorage, Layout, Result, Storage, Tensor};
 
@@ -115,13 +116,13 @@ pub(crate) fn par_rows_uninit<T, S, F>(
     init: F,
 ) -> Vec<T>
 where
-    T: Copy + Send + Sync,
+    T: Copy + Send + Sync + 'static,
     S: Send,
     F: Fn(&mut S, usize, &mut [std::mem::MaybeUninit<T>]) + Sync + Send,
 {
     use rayon::prelude::*;
     let n = n_rows * row_len;
-    let mut v: Vec<T> = Vec::with_capacity(n);
+    let mut v: Vec<T> = pool::take(n);
     if row_len > 0 {
         v.spare_capacity_mut()[..n]
             .par_chunks_mut(row_len)
