@@ -4,8 +4,9 @@
 /// Which implementation of the convolution and element-wise blocks a backbone runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ComputePath {
-    /// Fused custom CPU kernels (im2col + `gemm`, fused ReLU/BatchNorm/Dropout/AvgPool) on the CPU; candle's
-    /// stock ops on CUDA/Metal. This is the only path whose CPU gradients are correct.
+    /// Fused custom CPU kernels (im2col + `gemm`, fused ReLU/BatchNorm/Dropout/AvgPool) on the CPU for f32 and
+    /// f64; candle's stock ops on CUDA/Metal and for other dtypes. This is the only path whose CPU gradients
+    /// are correct.
     #[default]
     Fast,
     /// candle's stock ops on every device. **Speed comparison only on the CPU: candle 0.11.1's CPU conv1d

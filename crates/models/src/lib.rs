@@ -7,7 +7,9 @@
 //! - Parameters live in the `VarBuilder` under names that are also the safetensors keys. BatchNorm running
 //!   statistics are stored there too (`*.running_mean`, `*.running_var`) but are buffers: hand the optimiser
 //!   [`trainable_vars`] (or filter with [`is_buffer`]).
-//! - Dropout masks come from a `ChaCha8Rng` owned by the model and seeded with [`BackboneConfig::seed`].
+//! - Dropout masks are seeded: each training forward draws one seed per block from a `ChaCha8Rng` owned by
+//!   the model (seeded with [`BackboneConfig::seed`], restarted by [`Backbone::reseed_dropout`]), and
+//!   [`dropout_mask`] expands it, identically on both paths and for any thread count.
 //! - On the CPU, [`ComputePath::Fast`] runs the fused kernels of [`ops`]; candle's stock ops run on other
 //!   devices or with [`ComputePath::Stock`]. **candle 0.11.1's CPU conv1d backward is wrong** (pinned by
 //!   `tests/candle_bug.rs`), so the stock CPU path is for speed comparisons only.

@@ -324,3 +324,31 @@ fn conv_block_matches_composition_and_finite_differences() {
         }
     }
 }
+
+#[test]
+fn conv_block_without_gradients_matches() {
+    // Plain (untracked) tensors take the no-graph path; the output must not change.
+    let (b, c_in, l, c_out) = (2, 2, 12, 3);
+    let x = tensor(&randn(b * c_in * l, 90), &[b, c_in, l], DType::F32);
+    let w = tensor(&randn(c_out * c_in * 3, 91), &[c_out, c_in, 3], DType::F32);
+    let bias = tensor(&randn(c_out, 92), &[c_out], DType::F32);
+    let gamma = Tensor::ones(c_out, DType::F32, &Device::Cpu).unwrap();
+    let beta = Tensor::zeros(c_out, DType::F32, &Device::Cpu).unwrap();
+    let norm = BlockNorm::Batch {
+        gamma: &gamma,
+        beta: &beta,
+    };
+    let plain = conv_block(&x, &w, &bias, norm, None, true, 2).unwrap().0;
+    let wv = Var::from_tensor(&w).unwrap();
+    let tracked = conv_block(&x, wv.as_tensor(), &bias, norm, None, true, 2)
+        .unwrap()
+        .0;
+    assert_eq!(to_vec(&plain), to_vec(&tracked));
+    assert!(tracked
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap()
+        .get(wv.as_tensor())
+        .is_some());
+}

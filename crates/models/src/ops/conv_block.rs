@@ -20,6 +20,8 @@ use super::{contiguous_slice, with_cpu_slice, Elem};
 struct ConvBlockOp {
     block: BlockOp,
     c_out: usize,
+    /// Whether the forward keeps `z` (false when no argument tracks gradients: pure inference).
+    save_z: bool,
     /// The convolution output `z`, saved by the forward for the backward.
     z: Mutex<Option<CpuStorage>>,
 }
@@ -134,7 +136,11 @@ impl CustomOp3 for ConvBlockOp {
             ),
         };
         let l_pool = self.block.out_len(d.l_out());
-        *self.z.lock().unwrap_or_else(|e| e.into_inner()) = Some(z);
+        if self.save_z {
+            *self.z.lock().unwrap_or_else(|e| e.into_inner()) = Some(z);
+        } else if let CpuStorage::F32(z) = z {
+            super::pool::give(z);
+        }
         Ok((out, Shape::from((d.b, d.c_out, l_pool))))
     }
 
@@ -161,7 +167,8 @@ impl CustomOp3 for ConvBlockOp {
 /// One fused block: valid conv1d of `x (b, c_in, l)` with `w (c_out, c_in, k)` and `bias (c_out)`, then
 /// [`super::block::fused_block`]'s ReLU/BatchNorm/Dropout/AvgPool, as one op with a hand-written backward
 /// to `x`, `w`, `bias`, γ and β. CPU only (f32/f64). Returns the batch statistics with
-/// [`BlockNorm::Batch`].
+/// [`BlockNorm::Batch`]. When no argument tracks gradients (weights loaded as plain tensors, inference), the
+/// pre-activation is not kept and no graph node is recorded.
 pub fn conv_block(
     x: &Tensor,
     w: &Tensor,
@@ -186,14 +193,19 @@ pub fn conv_block(
         bias.clone()
     };
     let saved = block.saved.clone();
+    let save_z = x.track_op() || w.track_op() || params.track_op();
     let op = ConvBlockOp {
         block,
         c_out: d.c_out,
+        save_z,
         z: Mutex::new(None),
     };
-    let out = x
-        .contiguous()?
-        .apply_op3(&w.contiguous()?, &params.contiguous()?, op)?;
+    let (x, w, params) = (x.contiguous()?, w.contiguous()?, params.contiguous()?);
+    let out = if save_z {
+        x.apply_op3(&w, &params, op)?
+    } else {
+        x.apply_op3_no_bwd(&w, &params, &op)?
+    };
     let stats = saved.lock().unwrap_or_else(|e| e.into_inner()).clone();
     Ok((out, stats))
 }
