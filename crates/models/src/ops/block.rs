@@ -19,7 +19,7 @@ use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Ten
 use rayon::prelude::*;
 
 use super::dropout::keep_scale;
-use super::{assume_init, contiguous_slice, par_rows_uninit, with_cpu_slice, Elem};
+use super::{assume_init, contiguous_slice, lane_sums, par_rows_uninit, with_cpu_slice, Elem};
 use crate::config::BN_EPS;
 
 /// Which BatchNorm the block applies.
@@ -71,39 +71,6 @@ pub(crate) struct BlockOp {
 
 /// Per-channel `(mean, 1/σ)` of the normalisation, or `None` without BatchNorm.
 type Affine = Option<(Vec<f64>, Vec<f64>)>;
-
-/// Eight-lane sums `(Σ a, Σ b)` of two derived sequences, accumulated in `T` per 512 elements and in f64
-/// across blocks (independent lanes let the compiler vectorise).
-#[inline(always)]
-fn lane_sums<T: Elem>(n: usize, f: impl Fn(usize) -> (T, T)) -> (f64, f64) {
-    const LANES: usize = 8;
-    let zero = T::of(0.0);
-    let (mut s1, mut s2) = (0f64, 0f64);
-    let mut start = 0;
-    while start < n {
-        let end = (start + 512).min(n);
-        let mut a = [zero; LANES];
-        let mut b = [zero; LANES];
-        let mut i = start;
-        while i + LANES <= end {
-            for q in 0..LANES {
-                let (x, y) = f(i + q);
-                a[q] += x;
-                b[q] += y;
-            }
-            i += LANES;
-        }
-        for j in i..end {
-            let (x, y) = f(j);
-            a[0] += x;
-            b[0] += y;
-        }
-        s1 += a.iter().map(|v| v.to64()).sum::<f64>();
-        s2 += b.iter().map(|v| v.to64()).sum::<f64>();
-        start = end;
-    }
-    (s1, s2)
-}
 
 impl BlockOp {
     /// Whether the block applies BatchNorm (and so has γ/β gradients).

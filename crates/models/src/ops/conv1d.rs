@@ -13,7 +13,7 @@ use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::{assume_init, contiguous_slice, par_rows_uninit, with_cpu_slice, Elem};
+use super::{assume_init, contiguous_slice, lane_sums, par_rows_uninit, with_cpu_slice, Elem};
 
 struct Conv1dOp;
 
@@ -165,7 +165,7 @@ pub(crate) fn conv_bwd_weight<T: Elem>(x: &[T], gy: &[T], d: Dims) -> (Vec<T>, V
                     )
                 }
                 for (acc, row) in db.iter_mut().zip(gyi.chunks(l_out)) {
-                    *acc += row.iter().map(|v| v.to64()).sum::<f64>();
+                    *acc += lane_sums(row.len(), |t| (row[t], T::of(0.0))).0;
                 }
             }
             (dw, db)

@@ -32,12 +32,19 @@ pub fn dropout_mask(seed: u64, n_rows: usize, row_len: usize, p: f64) -> Vec<u8>
         || (),
         |_, row, out| {
             let key = mix(seed ^ mix(row as u64));
-            for (group, chunk) in out.chunks_mut(4).enumerate() {
-                let h = mix(key.wrapping_add(group as u64));
-                for (q, m) in chunk.iter_mut().enumerate() {
-                    let u = ((h >> (16 * q)) & 0xFFFF) as u32;
-                    m.write(u8::from(u >= threshold));
-                }
+            let mut groups = out.chunks_exact_mut(4);
+            let mut group = 0u64;
+            for chunk in &mut groups {
+                let h = mix(key.wrapping_add(group));
+                chunk[0].write(u8::from((h & 0xFFFF) as u32 >= threshold));
+                chunk[1].write(u8::from(((h >> 16) & 0xFFFF) as u32 >= threshold));
+                chunk[2].write(u8::from(((h >> 32) & 0xFFFF) as u32 >= threshold));
+                chunk[3].write(u8::from((h >> 48) as u32 >= threshold));
+                group += 1;
+            }
+            let h = mix(key.wrapping_add(group));
+            for (q, m) in groups.into_remainder().iter_mut().enumerate() {
+                m.write(u8::from(((h >> (16 * q)) & 0xFFFF) as u32 >= threshold));
             }
         },
     )
