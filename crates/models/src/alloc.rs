@@ -6,9 +6,10 @@
 //! heap removes that cost at no measured change in peak memory (~0.72 GB at batch 64). This is process-wide
 //! state, so only the binary decides: call [`tune_allocator`] once at startup.
 
-/// Makes glibc keep large freed blocks for reuse: mmap threshold 32 MiB (its maximum; larger blocks still
-/// use mmap), trim threshold 2 GiB, top pad 1 GiB. Returns whether the settings were applied (false off
-/// glibc, where it does nothing).
+/// Makes glibc keep large freed blocks for reuse: no mmap-served blocks (`M_MMAP_MAX = 0`; the 32 MiB
+/// mmap threshold stays as a fallback setting), trim threshold 2 GiB, top pad 1 GiB. Measured on CNNModel
+/// and TinyCNN training: same peak RSS (0.74 / 1.46 GB), a few percent less CPU than with mmap allowed for
+/// blocks above 32 MiB. Returns whether the settings were applied (false off glibc, where it does nothing).
 pub fn tune_allocator() -> bool {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
@@ -18,7 +19,8 @@ pub fn tune_allocator() -> bool {
             let a = libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
             let b = libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
             let c = libc::mallopt(libc::M_TOP_PAD, 1 << 30);
-            a == 1 && b == 1 && c == 1
+            let d = libc::mallopt(libc::M_MMAP_MAX, 0);
+            a == 1 && b == 1 && c == 1 && d == 1
         }
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
