@@ -334,7 +334,13 @@ impl TrainConfig {
                 o.beta1, o.beta2
             ));
         }
-        if !(o.eps > 0.0) || !(o.weight_decay >= 0.0) || !(o.grad_clip >= 0.0) {
+        if o.eps.is_nan()
+            || o.eps <= 0.0
+            || o.weight_decay.is_nan()
+            || o.weight_decay < 0.0
+            || o.grad_clip.is_nan()
+            || o.grad_clip < 0.0
+        {
             return bad(
                 "optim.eps must be positive; weight_decay and grad_clip must not be negative"
                     .into(),
