@@ -175,7 +175,10 @@ fn is_user_error(err: &anyhow::Error) -> bool {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.verbose);
-    if matches!(cli.command, Command::Train(_) | Command::Evaluate(_) | Command::Predict(_)) {
+    if matches!(
+        cli.command,
+        Command::Train(_) | Command::Evaluate(_) | Command::Predict(_)
+    ) {
         // Keep large freed blocks in the heap: a training step would otherwise fault tens of
         // megabytes back in every time (see starflow_models::tune_allocator).
         starflow_models::tune_allocator();
