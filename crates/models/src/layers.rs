@@ -11,9 +11,8 @@ use candle_core::{DType, Result, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
 
 use crate::config::BN_MOMENTUM;
-use crate::ops::block::{fused_block_reference, BatchStats, BlockNorm, DropoutMask};
-use crate::ops::conv1d::conv1d_reference;
-use crate::ops::conv_block::conv_block;
+use crate::ops::block::{BatchStats, BlockNorm, DropoutMask};
+use crate::ops::conv_block::{conv_block, conv_block_reference};
 use crate::ops::dropout::dropout_mask;
 
 /// Pooling at the end of a block.
@@ -201,8 +200,15 @@ impl Block {
                 pool,
             )?
         } else {
-            let z = conv1d_reference(x, &self.weight, &self.bias)?;
-            fused_block_reference(&z, norm, dropout.as_ref(), self.spec.relu, pool)?
+            conv_block_reference(
+                x,
+                &self.weight,
+                &self.bias,
+                norm,
+                dropout.as_ref(),
+                self.spec.relu,
+                pool,
+            )?
         };
         if let (Some(bn), Some(stats)) = (&self.bn, stats) {
             bn.update(&stats)?;

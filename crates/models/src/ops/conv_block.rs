@@ -209,3 +209,19 @@ pub fn conv_block(
     let stats = saved.lock().unwrap_or_else(|e| e.into_inner()).clone();
     Ok((out, stats))
 }
+
+/// The same block from candle's stock ops: [`super::conv1d::conv1d_reference`] then
+/// [`super::block::fused_block_reference`] (any device; speed comparison only on the CPU, where candle
+/// 0.11.1's conv1d backward is wrong).
+pub fn conv_block_reference(
+    x: &Tensor,
+    w: &Tensor,
+    bias: &Tensor,
+    norm: BlockNorm,
+    dropout: Option<&DropoutMask>,
+    relu: bool,
+    pool: usize,
+) -> Result<(Tensor, Option<BatchStats>)> {
+    let z = super::conv1d::conv1d_reference(x, w, bias)?;
+    super::block::fused_block_reference(&z, norm, dropout, relu, pool)
+}

@@ -10,6 +10,10 @@
 //! - [`conv_block`]: a convolution and its block in one op, so that the pre-activation never enters
 //!   candle's autograd (the backbones' fast path).
 //! - [`dropout`]: seeded, stream-split dropout masks shared by both paths and by the tests.
+//!
+//! Large f32 outputs are written without zero-filling and drawn from a small pool of buffers that the fused
+//! blocks return at the end of a step (see `pool.rs`), so the biggest activations are not page-faulted in
+//! again every step.
 
 pub mod block;
 pub mod conv1d;
