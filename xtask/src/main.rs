@@ -3,6 +3,7 @@
 //! xtask shells out to `cargo` rather than linking the model crates, so it compiles in seconds and
 //! works even when the library crates do not build.
 
+mod bench;
 mod ci;
 
 use std::path::PathBuf;
@@ -17,6 +18,9 @@ commands:
   ci      rustfmt check, clippy with warnings denied, every test (and the hdf5 feature when
           libhdf5 is installed; required when CI=true)
   synth   generate the default synthetic data set into data/synth (8,914 stars, seed 42)
+  bench   criterion benchmarks of flows and models, each figure with its ratio to stock candle
+          measured in the same run (--quick: short measurement; --no-stock: skip the slow stock path;
+          --report: print the latest results without measuring)
 ";
 
 /// The workspace root, from this crate's manifest directory.
@@ -29,9 +33,15 @@ pub fn root() -> PathBuf {
 
 /// Runs `cargo` with `args` in the workspace root, echoing the command; fails on non-zero exit.
 pub fn cargo(args: &[&str]) -> Result<()> {
+    cargo_env(args, &[])
+}
+
+/// [`cargo`] with extra environment variables.
+pub fn cargo_env(args: &[&str], env: &[(&str, &str)]) -> Result<()> {
     eprintln!("$ cargo {}", args.join(" "));
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args(args)
+        .envs(env.iter().copied())
         .current_dir(root())
         .status()
         .with_context(|| format!("could not run cargo {}", args.join(" ")))?;
@@ -45,6 +55,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("ci") => ci::run(),
+        Some("bench") => bench::run(&args[1..]),
         Some("synth") => cargo(&[
             "run",
             "--release",
