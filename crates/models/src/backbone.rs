@@ -51,10 +51,15 @@ pub fn is_buffer(name: &str) -> bool {
 
 /// The optimiser's variables: every variable of `varmap` except the BatchNorm buffers, sorted by name.
 pub fn trainable_vars(varmap: &VarMap) -> Vec<Var> {
-    named_vars(varmap, false)
+    named_trainable_vars(varmap)
         .into_iter()
         .map(|(_, v)| v)
         .collect()
+}
+
+/// [`trainable_vars`] with their names (the keys under which an optimiser saves its state).
+pub fn named_trainable_vars(varmap: &VarMap) -> Vec<(String, Var)> {
+    named_vars(varmap, false)
 }
 
 /// The BatchNorm buffers of `varmap` with their names, sorted by name.

@@ -25,7 +25,10 @@ pub mod ops;
 mod tiny_cnn;
 
 pub use alloc::tune_allocator;
-pub use backbone::{backbone, buffer_vars, is_buffer, trainable_vars, Backbone, BACKBONE_NAMES};
+pub use backbone::{
+    backbone, buffer_vars, is_buffer, named_trainable_vars, trainable_vars, Backbone,
+    BACKBONE_NAMES,
+};
 pub use cnn::{cnn_model, CnnModel};
 pub use config::{BackboneConfig, ComputePath, BN_EPS, BN_MOMENTUM};
 pub use error::{ModelError, Result};

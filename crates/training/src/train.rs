@@ -108,22 +108,6 @@ pub fn set_threads(threads: usize) {
     }
 }
 
-/// Named trainable variables, sorted by name (the optimiser's state keys).
-fn trainable(model: &StarModel) -> Vec<(String, candle_core::Var)> {
-    let data = model
-        .varmap
-        .data()
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    let mut v: Vec<_> = data
-        .iter()
-        .filter(|(n, _)| !starflow_models::is_buffer(n))
-        .map(|(n, var)| (n.clone(), var.clone()))
-        .collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
-}
-
 fn weights(model: &StarModel) -> std::collections::HashMap<String, Tensor> {
     let data = model
         .varmap
@@ -196,7 +180,10 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions, observer: &dyn Observer) ->
     let dim = data.scaler.mean.len();
     let n_pix = data.dataset.n_pix();
     let model = StarModel::new(&cfg, n_pix, dim, &dev)?;
-    let mut adam = Adam::new(trainable(&model), &cfg.optim)?;
+    let mut adam = Adam::new(
+        starflow_models::named_trainable_vars(&model.varmap),
+        &cfg.optim,
+    )?;
     let mut state = match previous {
         Some(mut st) => {
             if st.n_pix != n_pix || st.scaler != data.scaler {
