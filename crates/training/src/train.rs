@@ -357,6 +357,15 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions, observer: &dyn Observer) ->
         for f in old.into_iter().flatten() {
             let _ = std::fs::remove_file(run.root.join(f));
         }
+        tracing::info!(
+            epoch = epoch + 1,
+            train_nll = record.train_nll,
+            val_nll = record.val_nll,
+            lr,
+            seconds = record.seconds,
+            skipped,
+            "epoch finished"
+        );
         observer.epoch_end(&record);
         if state.finished {
             if let Some(r) = &state.stop_reason {
