@@ -44,14 +44,16 @@ pub fn run() -> Result<()> {
             "-D",
             "warnings",
         ])?;
+        // The same package set as the clippy step (the cli pulls in every library crate), so that
+        // feature unification matches `cargo test --workspace` and candle is not rebuilt.
         cargo(&[
             "test",
             "-p",
             "starflow-data",
+            "-p",
+            "starflow-cli",
             "--features",
-            "hdf5",
-            "--test",
-            "hdf5",
+            "starflow-data/hdf5,starflow-cli/hdf5",
         ])?;
     } else if std::env::var("CI").is_ok_and(|v| v == "true") {
         bail!("libhdf5 is not installed, so the hdf5 feature cannot be tested; install libhdf5-dev and pkg-config");
