@@ -14,6 +14,8 @@ use starflow_models::{
 
 const N_PARAMS: usize = 6;
 const SEED: u64 = 7;
+/// Seed of the conv/linear weights in the comparisons (see `randomise_weights`).
+const WEIGHT_SEED: u64 = 5;
 
 fn build(
     kind: &str,
@@ -44,6 +46,7 @@ fn blocks(kind: &str) -> Vec<RefBlock> {
 
 fn check_against_reference(kind: &str, b: usize, len: usize, train: bool, path: ComputePath) {
     let (varmap, model) = build(kind, len, path, SEED);
+    randomise_weights(&varmap, WEIGHT_SEED);
     randomise_bn(&varmap, 3);
     let params = params_of(&varmap);
     let x = randn(b * len, 11);
@@ -163,6 +166,7 @@ fn reference_gradient_matches_finite_differences() {
     for kind in ["cnn", "tiny_cnn"] {
         let (b, len) = (2, 101);
         let (varmap, _model) = build(kind, len, ComputePath::Fast, SEED);
+        randomise_weights(&varmap, WEIGHT_SEED);
         randomise_bn(&varmap, 5);
         let mut params = params_of(&varmap);
         let x = randn(b * len, 21);

@@ -32,6 +32,42 @@ pub fn params_of(varmap: &VarMap) -> Params {
         .collect()
 }
 
+/// Overwrites every convolution and linear weight and bias with seeded values, uniform in
+/// +-1/sqrt(fan_in) like PyTorch's default. candle's CPU initialiser cannot be seeded, and with
+/// unseeded weights an f32-vs-f64 comparison fails now and then (a cancelling gradient sum), so
+/// the tests would be flaky.
+pub fn randomise_weights(varmap: &VarMap, seed: u64) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let data = varmap.data().lock().unwrap();
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    for name in names {
+        if name.contains("bn") || is_tiny_bn(name) || name.contains("running_") {
+            continue;
+        }
+        let prefix = name.rsplit_once('.').map(|(p, _)| p).unwrap_or(name);
+        let Some(w) = data.get(&format!("{prefix}.weight")) else {
+            continue;
+        };
+        if w.rank() < 2 {
+            continue;
+        }
+        let fan_in: usize = w.dims()[1..].iter().product();
+        let bound = 1.0 / (fan_in as f64).sqrt();
+        let var = &data[name];
+        let v: Vec<f32> = (0..var.elem_count())
+            .map(|_| rng.random_range(-bound..bound) as f32)
+            .collect();
+        var.set(
+            &Tensor::from_vec(v, var.shape(), var.device())
+                .unwrap()
+                .to_dtype(var.dtype())
+                .unwrap(),
+        )
+        .unwrap();
+    }
+}
+
 /// Overwrites BatchNorm parameters and buffers with random values so that every path is exercised.
 pub fn randomise_bn(varmap: &VarMap, seed: u64) {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
