@@ -56,23 +56,15 @@ impl BoundedLog {
     /// Returns `(exp(B(r)), B(r), dB/dr)`.
     #[inline]
     pub(crate) fn eval_full(&self, r: f64) -> (f64, f64, f64) {
-        let v = r - self.shift;
-        // s = sigmoid(v) and 1 - s from one exponential.
-        let e = (-v.abs()).exp();
-        let inv = 1.0 / (1.0 + e);
-        let (s, one_m_s) = if v >= 0.0 {
-            (inv, e * inv)
-        } else {
-            (e * inv, inv)
-        };
-        let w = self.lo + self.hi * s;
-        (w, w.ln(), self.hi * s * one_m_s / w)
+        let (w, dw) = self.eval_linear(r);
+        (w, w.ln(), dw)
     }
 
     /// Returns `(exp(B(r)), dB/dr)` without the logarithm.
     #[inline]
     pub(crate) fn eval_linear(&self, r: f64) -> (f64, f64) {
         let v = r - self.shift;
+        // s = sigmoid(v) and 1 - s from one exponential.
         let e = (-v.abs()).exp();
         let inv = 1.0 / (1.0 + e);
         let (s, one_m_s) = if v >= 0.0 {
