@@ -323,13 +323,14 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions, observer: &dyn Observer) ->
         let tag = format!("{:04}", epoch + 1);
         let model_file = format!("checkpoint/model-e{tag}.safetensors");
         let optim_file = format!("checkpoint/optimizer-e{tag}.safetensors");
-        save_tensors(&run.root.join(&model_file), &weights(&model))?;
+        let epoch_weights = weights(&model);
+        save_tensors(&run.root.join(&model_file), &epoch_weights)?;
         save_tensors(&run.root.join(&optim_file), &adam.state_tensors())?;
         if val_nll.is_finite() && val_nll < state.best_val_nll {
             state.best_val_nll = val_nll;
             state.best_epoch = epoch + 1;
             state.epochs_since_best = 0;
-            save_tensors(&run.best_model(), &weights(&model))?;
+            save_tensors(&run.best_model(), &epoch_weights)?;
         } else {
             state.epochs_since_best += 1;
         }
