@@ -104,6 +104,17 @@ fn erf(x: f64) -> f64 {
     }
 }
 
+/// Refuses posterior sample counts too small for meaningful quantiles.
+fn check_samples(run_dir: &Path, n_samples: usize) -> Result<()> {
+    if n_samples < 10 {
+        return Err(TrainError::config(
+            run_dir,
+            format!("--samples must be at least 10 (got {n_samples})"),
+        ));
+    }
+    Ok(())
+}
+
 /// Posterior summaries (z-units) and, given truths, PITs for one batch of parameters.
 fn summarize_batch(
     model: &StarModel,
@@ -193,12 +204,7 @@ pub fn evaluate(run_dir: &Path, split: &str, n_samples: usize, seed: u64) -> Res
             format!("the {split} split is empty"),
         ));
     }
-    if n_samples < 10 {
-        return Err(TrainError::config(
-            run_dir,
-            format!("--samples must be at least 10 (got {n_samples})"),
-        ));
-    }
+    check_samples(run_dir, n_samples)?;
     let batcher = Batcher {
         dataset: &data.dataset,
         flux: data.flux,
@@ -360,12 +366,7 @@ pub fn predict(
             fix: "pass spectra on the same wavelength grid as the training data".into(),
         });
     }
-    if n_samples < 10 {
-        return Err(TrainError::config(
-            run_dir,
-            format!("--samples must be at least 10 (got {n_samples})"),
-        ));
-    }
+    check_samples(run_dir, n_samples)?;
     let flux = FluxTransform::new(state.flux_floor)?;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut out = Vec::with_capacity(rows);
