@@ -140,7 +140,10 @@ pub fn parse_header(bytes: &[u8]) -> std::result::Result<Header, HeaderError> {
         ">f8" => (Dtype::F64, true),
         other => {
             return Err(header_err(
-                format!("unsupported dtype '{other}' (starflow reads float32 or float64)"),
+                format!(
+                    "unsupported dtype '{}' (starflow reads float32 or float64)",
+                    cut(other)
+                ),
                 "convert with numpy: np.save(path, arr.astype(np.float32))",
             ))
         }
@@ -161,11 +164,24 @@ struct Dict {
     shape: Option<Vec<usize>>,
 }
 
+/// How much of a malformed header an error message quotes.
+const HEADER_ECHO_CHARS: usize = 160;
+
+/// `text` cut to [`HEADER_ECHO_CHARS`] for an error message: a corrupt file can declare megabytes of
+/// header, and the message is printed as one line.
+fn cut(text: &str) -> String {
+    let mut shown: String = text.chars().take(HEADER_ECHO_CHARS).collect();
+    if shown.len() < text.len() {
+        shown.push('…');
+    }
+    shown
+}
+
 /// Parses the Python dict literal numpy writes: `{'descr': '<f4', 'fortran_order': False, 'shape': (3, 4), }`.
 fn parse_dict(text: &str) -> std::result::Result<Dict, HeaderError> {
     let bad = |what: &str| {
         header_err(
-            format!("malformed npy header ({what}): {text:?}"),
+            format!("malformed npy header ({what}): {:?}", cut(text)),
             FIX_RESAVE,
         )
     };
