@@ -122,6 +122,13 @@ pub fn train(a: &TrainArgs) -> anyhow::Result<()> {
         Some(p) => TrainConfig::from_file(p)?,
         None => TrainConfig::default(),
     };
+    if a.resume {
+        // A resumed run keeps its stored config, and `train` takes the larger of the stored and
+        // the given epoch budgets; so only an explicit --epochs (or --set optim.epochs) may extend
+        // it. Without this, `--resume` alone took the default budget of 10 epochs and trained a
+        // killed 3-epoch run on to 10.
+        cfg.optim.epochs = 1;
+    }
     let mut sets = a.set.clone();
     if let Some(f) = &a.flow {
         sets.push(format!("model.flow=\"{f}\""));
@@ -146,6 +153,14 @@ pub fn train(a: &TrainArgs) -> anyhow::Result<()> {
             .ok()
             .map(|s| s.split(',').filter_map(|v| v.trim().parse().ok()).collect())
             .unwrap_or_default(),
+        // Test hook of the fault tests (crates/cli/tests/faults.rs); see PauseAt.
+        pause_at: match std::env::var("STARFLOW_PAUSE_AT") {
+            Ok(v) => Some(
+                v.parse()
+                    .map_err(|e: String| anyhow::anyhow!("STARFLOW_PAUSE_AT: {e}"))?,
+            ),
+            Err(_) => None,
+        },
     };
     let state = starflow_training::train(&cfg, &opts, &observer)?;
     println!(

@@ -24,11 +24,25 @@ pub enum TrainError {
         fix: String,
     },
     /// Too many consecutive non-finite losses or gradients.
-    #[error("training diverged: {count} consecutive steps had a non-finite loss or gradient (epoch {epoch}); the last good checkpoint in {run} is intact; fix: lower optim.lr or set optim.grad_clip")]
+    #[error("training diverged: {count} consecutive steps had a non-finite loss or gradient (epoch {shown}); the last good checkpoint in {run} is intact; fix: lower optim.lr or set optim.grad_clip", shown = .epoch + 1)]
     Diverged {
         count: usize,
+        /// 0-based; the message counts from 1 like the log and the checkpoint names.
         epoch: usize,
         run: PathBuf,
+    },
+    /// Writing an epoch's checkpoint failed (disk full, read-only directory, something in the way
+    /// of a file). Nothing of that epoch was committed: `state.json` still names the previous
+    /// epoch's files, which are untouched, so `--resume` continues from there once the cause is
+    /// fixed. Not a user error (exit code 1): the input was fine, the environment was not.
+    #[error("cannot write the checkpoint of epoch {epoch}: {source}; the last good checkpoint ({last_good}) in {run} is intact; fix: free disk space, make the run directory writable or remove what is in the way, then continue with `starflow train --out {run} --resume`")]
+    CheckpointWrite {
+        epoch: usize,
+        /// "epoch N", or "none yet" when the first epoch failed.
+        last_good: String,
+        run: PathBuf,
+        #[source]
+        source: Box<TrainError>,
     },
     /// Writing or reading a file failed.
     #[error("i/o error on {path}: {source}")]

@@ -187,6 +187,19 @@ pub fn evaluate(run_dir: &Path, split: &str, n_samples: usize, seed: u64) -> Res
     let start = Instant::now();
     let (state, model) = load_run(run_dir)?;
     let data = prepare_data(&state.config, &Quiet)?;
+    if data.dataset.n_pix() != state.n_pix {
+        return Err(TrainError::Input {
+            path: data.dataset.paths().0.to_path_buf(),
+            problem: format!(
+                "the spectra have {} pixels, but the run in {} was trained on {} pixels",
+                data.dataset.n_pix(),
+                run_dir.display(),
+                state.n_pix
+            ),
+            fix: "evaluate with the data the run was trained on (data.dir in its config.toml)"
+                .into(),
+        });
+    }
     let indices = match split {
         "train" => &data.split.train,
         "val" => &data.split.val,

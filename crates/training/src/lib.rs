@@ -9,6 +9,7 @@ pub mod error;
 pub mod evaluate;
 pub mod model;
 pub mod optim;
+pub mod pause;
 pub mod run;
 pub mod train;
 
@@ -16,5 +17,6 @@ pub use config::TrainConfig;
 pub use error::{Result, TrainError};
 pub use evaluate::{evaluate, predict, Evaluation, LabelMetrics, StarPrediction};
 pub use model::StarModel;
+pub use pause::PauseAt;
 pub use run::{EpochRecord, RunDir, RunState};
 pub use train::{train, Observer, Quiet, TrainOptions};

@@ -85,6 +85,35 @@ impl RunDir {
         self.root.join("metrics.csv")
     }
 
+    /// Deletes what a killed or failed run can leave behind: temporary files (`.NAME.PID.tmp`)
+    /// in the run and checkpoint directories, and checkpoint files that `state` does not point to
+    /// (an epoch whose `state.json` was never committed, or the previous epoch's pair when the
+    /// process died between committing and deleting it). Without this they would stay for ever,
+    /// since later epochs only delete the pair they replace. Only names starflow writes are
+    /// touched; directories and other files are left alone.
+    pub fn remove_stale_files(&self, state: Option<&RunState>) {
+        let keep: Vec<&str> = state
+            .into_iter()
+            .flat_map(|s| [s.model_file.as_deref(), s.optimizer_file.as_deref()])
+            .flatten()
+            .filter_map(|f| f.strip_prefix("checkpoint/"))
+            .collect();
+        for (dir, checkpoints) in [(self.root.clone(), false), (self.checkpoint_dir(), true)] {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let stale = is_temp_name(&name)
+                    || (checkpoints && is_checkpoint_name(&name) && !keep.contains(&name.as_str()));
+                if stale && entry.file_type().is_ok_and(|t| t.is_file()) {
+                    tracing::info!(file = %entry.path().display(), "removing a stale file");
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
+    }
+
     /// Reads `state.json`, refusing other format versions.
     pub fn load_state(&self) -> Result<RunState> {
         let path = self.state();
@@ -137,8 +166,31 @@ fn fsync_dir(dir: &Path) {
     }
 }
 
+/// The I/O error inside a candle error (a full disk while writing safetensors), so that the
+/// message reads "No space left on device" rather than a debug dump.
+fn io_cause(e: &candle_core::Error) -> std::io::Error {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            return std::io::Error::new(io.kind(), io.to_string());
+        }
+        cause = c.source();
+    }
+    std::io::Error::other(e.to_string())
+}
+
 /// Saves tensors as safetensors atomically: temporary file, fsync, rename.
 pub fn save_tensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
+    save_tensors_with(path, tensors, &|_| {})
+}
+
+/// [`save_tensors`] with a callback between writing the temporary file and renaming it over
+/// `path` (the test hook of [`PauseAt::Checkpoint`](crate::pause::PauseAt)).
+pub(crate) fn save_tensors_with(
+    path: &Path,
+    tensors: &HashMap<String, Tensor>,
+    before_rename: &dyn Fn(&Path),
+) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let tmp = dir.join(format!(
@@ -149,10 +201,15 @@ pub fn save_tensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()
         std::process::id()
     ));
     let result = (|| -> Result<()> {
-        candle_core::safetensors::save(tensors, &tmp)?;
+        // Create the file first so that a read-only directory is reported with its path; candle's
+        // own error would not name it.
+        std::fs::File::create(&tmp).map_err(io(&tmp))?;
+        candle_core::safetensors::save(tensors, &tmp)
+            .map_err(|e| TrainError::io(&tmp, io_cause(&e)))?;
         std::fs::File::open(&tmp)
             .and_then(|f| f.sync_all())
             .map_err(io(&tmp))?;
+        before_rename(path);
         std::fs::rename(&tmp, path).map_err(io(path))?;
         fsync_dir(dir);
         Ok(())
@@ -179,12 +236,47 @@ pub fn write_text(path: &Path, text: &str) -> Result<()> {
     starflow_data::npy::atomic_write(path, text.as_bytes()).map_err(TrainError::from)
 }
 
+/// [`write_text`] with a callback when half of the temporary file is written, before the rest,
+/// the fsync and the rename (the test hook of [`PauseAt::Checkpoint`](crate::pause::PauseAt)).
+pub(crate) fn write_text_with(path: &Path, text: &str, midway: &dyn Fn(&Path)) -> Result<()> {
+    let (first, second) = text.as_bytes().split_at(text.len() / 2);
+    starflow_data::npy::atomic_write_with(path, |w| {
+        use std::io::Write;
+        w.write_all(first)?;
+        w.flush()?;
+        midway(path);
+        w.write_all(second)
+    })
+    .map_err(TrainError::from)
+}
+
+/// True for a file name that starflow writes into `checkpoint/`: `model-eNNNN.safetensors` or
+/// `optimizer-eNNNN.safetensors`.
+fn is_checkpoint_name(name: &str) -> bool {
+    ["model-e", "optimizer-e"].iter().any(|prefix| {
+        name.strip_prefix(prefix)
+            .and_then(|r| r.strip_suffix(".safetensors"))
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    })
+}
+
+/// True for a temporary file of [`save_tensors`] or `atomic_write` (`.NAME.PID.tmp`), or of the
+/// safetensors crate, which candle's `save` uses and which writes `.tmpXXXXXX` before renaming.
+fn is_temp_name(name: &str) -> bool {
+    name.starts_with('.') && name.ends_with(".tmp") || name.starts_with(".tmp")
+}
+
 impl RunState {
     /// Writes `state.json` atomically: the commit point of an epoch.
     pub fn save(&self, run: &RunDir) -> Result<()> {
+        self.save_with(run, &|_| {})
+    }
+
+    /// [`RunState::save`] with the test hook of [`write_text_with`].
+    pub(crate) fn save_with(&self, run: &RunDir, midway: &dyn Fn(&Path)) -> Result<()> {
         let text = serde_json::to_string_pretty(self)
             .map_err(|e| TrainError::io(run.state(), std::io::Error::other(e)))?;
-        write_text(&run.state(), &text)
+        write_text_with(&run.state(), &text, midway)
     }
 
     /// `metrics.csv` from the history.

@@ -13,8 +13,10 @@ use crate::config::TrainConfig;
 use crate::error::{Result, TrainError};
 use crate::model::{device, StarModel};
 use crate::optim::{learning_rate, Adam};
+use crate::pause::{pause, PauseAt};
 use crate::run::{
-    load_tensors, save_tensors, write_text, EpochRecord, RunDir, RunState, RUN_FORMAT,
+    load_tensors, save_tensors_with, write_text, write_text_with, EpochRecord, RunDir, RunState,
+    RUN_FORMAT,
 };
 
 /// Receives progress; the CLI draws progress bars with it, tests ignore it.
@@ -126,11 +128,23 @@ pub fn mean_nll(
     indices: &[usize],
     batch_size: usize,
 ) -> Result<f64> {
+    mean_nll_with(model, batcher, indices, batch_size, &|_| {})
+}
+
+/// [`mean_nll`] with a callback after each batch (the validation test hook).
+fn mean_nll_with(
+    model: &StarModel,
+    batcher: &Batcher,
+    indices: &[usize],
+    batch_size: usize,
+    after_batch: &dyn Fn(usize),
+) -> Result<f64> {
     let mut total = 0.0;
-    for batch in batcher.batches(indices, batch_size)? {
+    for (k, batch) in batcher.batches(indices, batch_size)?.enumerate() {
         let b = batch?;
         let nll = model.nll(&b.x, &b.y, false)?;
         total += nll.sum_all()?.to_scalar::<f64>()?;
+        after_batch(k);
     }
     Ok(total / indices.len() as f64)
 }
@@ -143,6 +157,10 @@ pub struct TrainOptions {
     /// Test hook: a loss of NaN is injected at these global step numbers (0-based), as if the
     /// network had produced it; used by the tests of the non-finite handling.
     pub inject_nan_steps: Vec<u64>,
+    /// Test hook: pause at this point (writing the marker `RUN/.paused-<point>` and waiting until
+    /// it is deleted), so that the fault tests can SIGKILL the binary or block a path there; see
+    /// [`PauseAt`]. `None` in normal use.
+    pub pause_at: Option<PauseAt>,
 }
 
 /// Trains a model as configured, writing the run directory; returns the final state.
@@ -174,6 +192,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions, observer: &dyn Observer) ->
     }
     std::fs::create_dir_all(run.checkpoint_dir())
         .map_err(|e| TrainError::io(run.checkpoint_dir(), e))?;
+    run.remove_stale_files(previous.as_ref());
     set_threads(cfg.run.threads);
     let dev = device(&cfg.run.device)?;
     let data = prepare_data(&cfg, observer)?;
@@ -186,10 +205,21 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions, observer: &dyn Observer) ->
     )?;
     let mut state = match previous {
         Some(mut st) => {
-            if st.n_pix != n_pix || st.scaler != data.scaler {
+            if st.n_pix != n_pix {
+                return Err(TrainError::Input {
+                    path: data.dataset.paths().0.to_path_buf(),
+                    problem: format!(
+                        "the spectra have {n_pix} pixels, but the run in {} was trained on {} pixels",
+                        run.root.display(),
+                        st.n_pix
+                    ),
+                    fix: "resume with the data the run was trained on, or start a new run".into(),
+                });
+            }
+            if st.scaler != data.scaler {
                 return Err(TrainError::run(
                     &run.root,
-                    "the data no longer matches the run (spectrum length or label statistics changed)",
+                    "the data no longer matches the run (the label statistics changed)",
                     "resume with the data the run was trained on, or start a new run",
                 ));
             }
@@ -244,7 +274,13 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions, observer: &dyn Observer) ->
     };
     let bs = cfg.optim.batch_size;
     let mut consecutive_bad = 0usize;
-    // Global step attempts so far (applied plus skipped), for the NaN-injection test hook.
+    let pause_at = opts.pause_at.as_ref();
+    let pause_if = |hit: bool| {
+        if let (true, Some(at)) = (hit, pause_at) {
+            pause(at, &run.root);
+        }
+    };
+    // Global step attempts so far (applied plus skipped), for the NaN-injection and pause hooks.
     let mut attempts: u64 = state.adam_steps
         + state
             .history
@@ -262,6 +298,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions, observer: &dyn Observer) ->
         observer.epoch_start(epoch, cfg.optim.epochs, n_steps);
         let (mut sum, mut count, mut skipped) = (0.0, 0usize, 0usize);
         for (k, batch) in batcher.batches(&order, bs)?.enumerate() {
+            pause_if(pause_at == Some(&PauseAt::Step(attempts)));
             let b = batch?;
             let nll = model.nll(&b.x, &b.y, true)?;
             let mut loss = nll.mean_all()?;
@@ -305,7 +342,9 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions, observer: &dyn Observer) ->
                 },
             );
         }
-        let val_nll = mean_nll(&model, &batcher, &data.split.val, bs.max(64))?;
+        let val_nll = mean_nll_with(&model, &batcher, &data.split.val, bs.max(64), &|k| {
+            pause_if(k == 0 && pause_at == Some(&PauseAt::Validation(epoch + 1)));
+        })?;
         let record = EpochRecord {
             epoch,
             train_nll: if count > 0 {
@@ -320,41 +359,63 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions, observer: &dyn Observer) ->
         };
         // Checkpoint: epoch-named weights and moments first, the best weights if improved, then
         // state.json as the commit point, and only then the previous epoch's files are removed.
-        let tag = format!("{:04}", epoch + 1);
-        let model_file = format!("checkpoint/model-e{tag}.safetensors");
-        let optim_file = format!("checkpoint/optimizer-e{tag}.safetensors");
-        let epoch_weights = weights(&model);
-        save_tensors(&run.root.join(&model_file), &epoch_weights)?;
-        save_tensors(&run.root.join(&optim_file), &adam.state_tensors())?;
-        if val_nll.is_finite() && val_nll < state.best_val_nll {
-            state.best_val_nll = val_nll;
-            state.best_epoch = epoch + 1;
-            state.epochs_since_best = 0;
-            save_tensors(&run.best_model(), &epoch_weights)?;
-        } else {
-            state.epochs_since_best += 1;
-        }
-        let old = [state.model_file.take(), state.optimizer_file.take()];
-        state.model_file = Some(model_file);
-        state.optimizer_file = Some(optim_file);
-        state.epochs_done = epoch + 1;
-        state.adam_steps = adam.steps();
-        state.history.push(record.clone());
-        let patience_hit = cfg.optim.patience > 0 && state.epochs_since_best >= cfg.optim.patience;
-        let last = epoch + 1 == cfg.optim.epochs;
-        if patience_hit || last {
-            state.finished = true;
-            state.stop_reason = Some(if patience_hit && !last {
-                format!(
-                    "early stop: no better validation NLL for {} epochs",
-                    cfg.optim.patience
-                )
+        // A failed write leaves the previous commit in force; the error says so.
+        let last_good = match state.epochs_done {
+            0 => "none yet".to_string(),
+            n => format!("epoch {n}"),
+        };
+        let hook = |path: &Path| {
+            pause_if(
+                matches!(pause_at, Some(PauseAt::Checkpoint { epoch: e, file })
+                if *e == epoch + 1 && path.file_name() == Some(std::ffi::OsStr::new(file))),
+            );
+        };
+        let old = (|| -> Result<[Option<String>; 2]> {
+            let tag = format!("{:04}", epoch + 1);
+            let model_file = format!("checkpoint/model-e{tag}.safetensors");
+            let optim_file = format!("checkpoint/optimizer-e{tag}.safetensors");
+            let epoch_weights = weights(&model);
+            save_tensors_with(&run.root.join(&model_file), &epoch_weights, &hook)?;
+            save_tensors_with(&run.root.join(&optim_file), &adam.state_tensors(), &hook)?;
+            if val_nll.is_finite() && val_nll < state.best_val_nll {
+                state.best_val_nll = val_nll;
+                state.best_epoch = epoch + 1;
+                state.epochs_since_best = 0;
+                save_tensors_with(&run.best_model(), &epoch_weights, &hook)?;
             } else {
-                format!("completed {} epochs", cfg.optim.epochs)
-            });
-        }
-        write_text(&run.metrics(), &state.metrics_csv())?;
-        state.save(&run)?;
+                state.epochs_since_best += 1;
+            }
+            let old = [state.model_file.take(), state.optimizer_file.take()];
+            state.model_file = Some(model_file);
+            state.optimizer_file = Some(optim_file);
+            state.epochs_done = epoch + 1;
+            state.adam_steps = adam.steps();
+            state.history.push(record.clone());
+            let patience_hit =
+                cfg.optim.patience > 0 && state.epochs_since_best >= cfg.optim.patience;
+            let last = epoch + 1 == cfg.optim.epochs;
+            if patience_hit || last {
+                state.finished = true;
+                state.stop_reason = Some(if patience_hit && !last {
+                    format!(
+                        "early stop: no better validation NLL for {} epochs",
+                        cfg.optim.patience
+                    )
+                } else {
+                    format!("completed {} epochs", cfg.optim.epochs)
+                });
+            }
+            write_text_with(&run.metrics(), &state.metrics_csv(), &hook)?;
+            state.save_with(&run, &hook)?;
+            Ok(old)
+        })()
+        .map_err(|e| TrainError::CheckpointWrite {
+            epoch: epoch + 1,
+            last_good,
+            run: run.root.clone(),
+            source: Box::new(e),
+        })?;
+        pause_if(pause_at == Some(&PauseAt::Commit(epoch + 1)));
         for f in old.into_iter().flatten() {
             let _ = std::fs::remove_file(run.root.join(f));
         }

@@ -35,6 +35,7 @@ fn opts(out: &Path) -> TrainOptions {
         out: out.to_path_buf(),
         resume: false,
         inject_nan_steps: Vec::new(),
+        pause_at: None,
     }
 }
 
