@@ -279,6 +279,7 @@ fn a_failed_checkpoint_write_is_reported_and_keeps_the_last_checkpoint() {
     }
     for block in blocks {
         let ctx = format!("{block:?}");
+        eprintln!("checkpoint write blocked by: {ctx}");
         let run = fx.run(&ctx);
         let ckpt = run.join("checkpoint");
         // Epoch 1 is committed, epoch 2 has trained and is validating: block its checkpoint.

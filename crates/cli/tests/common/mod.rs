@@ -166,6 +166,15 @@ pub fn check_run_is_readable(run: &Path, context: &str) -> RunState {
         assert!(!tensors.is_empty(), "{context}: {} is empty", p.display());
     }
     let st = state(run);
+    // metrics.csv is written just before state.json, so it may be one epoch ahead; it must be whole.
+    let csv = String::from_utf8(read(&run.join("metrics.csv"))).unwrap();
+    let rows = csv.lines().count().saturating_sub(1);
+    assert!(
+        csv.ends_with('\n')
+            && csv.lines().all(|l| l.split(',').count() == 6)
+            && (rows == st.epochs_done || rows == st.epochs_done + 1),
+        "{context}: metrics.csv is damaged or out of step with state.json:\n{csv}"
+    );
     for f in [&st.model_file, &st.optimizer_file].into_iter().flatten() {
         assert!(
             run.join(f).is_file(),
