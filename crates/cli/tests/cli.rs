@@ -1,41 +1,13 @@
-//! The real `starflow` binary, end to end: synth + inspect work, and bad input exits with code 2
-//! and a message naming the file and the problem, never a panic.
+//! The real `starflow` binary, end to end: synth + inspect, and train / evaluate / predict.
+//! Bad input (exit code 2 and a clear message) is tested row by row in `bad_input.rs`, faults
+//! (SIGKILL, failed writes, non-finite losses) in `faults.rs`.
 
-use std::path::Path;
-use std::process::{Command, Output};
+mod common;
 
-use starflow_data::npy::write_npy;
+use common::{starflow, text};
 
-fn starflow(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_starflow"))
-        .args(args)
-        .output()
-        .expect("run starflow")
-}
-
-fn text(o: &Output) -> (String, String) {
-    (
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
-}
-
-fn synth(dir: &Path) {
-    let out = dir.to_str().unwrap();
-    let o = starflow(&[
-        "synth",
-        "--n",
-        "40",
-        "--seed",
-        "3",
-        "--pixels-per-camera",
-        "128",
-        "--out",
-        out,
-    ]);
-    let (so, se) = text(&o);
-    assert!(o.status.success(), "synth failed: {so}\n{se}");
-    assert!(so.contains("wrote 40 stars x 512 pixels"), "{so}");
+fn synth(dir: &std::path::Path) {
+    common::synth(dir, 40, 128);
 }
 
 #[test]
@@ -59,114 +31,6 @@ fn synth_then_inspect() {
             "inspect output lacks {needle:?}:\n{so}"
         );
     }
-}
-
-fn expect_user_error(args: &[&str], needles: &[&str]) {
-    let o = starflow(args);
-    let (so, se) = text(&o);
-    assert_eq!(
-        o.status.code(),
-        Some(2),
-        "args {args:?}\nstdout {so}\nstderr {se}"
-    );
-    assert!(
-        !se.contains("panicked") && !se.contains("RUST_BACKTRACE"),
-        "{se}"
-    );
-    for n in needles {
-        assert!(se.contains(n), "stderr lacks {n:?}: {se}");
-    }
-}
-
-#[test]
-fn bad_inputs_exit_2_with_clear_messages() {
-    let dir = tempfile::tempdir().unwrap();
-    synth(dir.path());
-    let d = dir.path();
-    let s = d.join("spectra.npy");
-    let l = d.join("labels.npy");
-    let (s, l) = (s.to_str().unwrap(), l.to_str().unwrap());
-
-    expect_user_error(&["inspect"], &["no data given", "--data"]);
-    expect_user_error(
-        &["inspect", "--data", "/no/such/dir"],
-        &["/no/such/dir", "spectra.npy"],
-    );
-
-    let junk = d.join("junk.npy");
-    std::fs::write(&junk, b"hello").unwrap();
-    expect_user_error(
-        &[
-            "inspect",
-            "--spectra",
-            junk.to_str().unwrap(),
-            "--labels",
-            l,
-        ],
-        &["junk.npy", "not an npy file"],
-    );
-
-    let short = d.join("short.npy");
-    write_npy(&short, &[40, 3], &vec![1.0f64; 120]).unwrap();
-    expect_user_error(
-        &[
-            "inspect",
-            "--spectra",
-            s,
-            "--labels",
-            short.to_str().unwrap(),
-        ],
-        &["short.npy", "too few label columns"],
-    );
-
-    let nan = d.join("nan.npy");
-    let mut v = vec![1f32; 40 * 512];
-    v[5 * 512 + 9] = f32::NAN;
-    write_npy(&nan, &[40, 512], &v).unwrap();
-    expect_user_error(
-        &["inspect", "--spectra", nan.to_str().unwrap(), "--labels", l],
-        &["nan.npy", "non-finite", "first rows: 5", "--drop-nonfinite"],
-    );
-    let o = starflow(&[
-        "inspect",
-        "--spectra",
-        nan.to_str().unwrap(),
-        "--labels",
-        l,
-        "--drop-nonfinite",
-    ]);
-    let (so, se) = text(&o);
-    assert!(o.status.success(), "{se}");
-    assert!(
-        so.contains("39 usable stars") && so.contains("1 rows dropped"),
-        "{so}"
-    );
-
-    expect_user_error(
-        &[
-            "inspect",
-            "--data",
-            d.to_str().unwrap(),
-            "--targets",
-            "teff",
-        ],
-        &["unknown label column 'teff'"],
-    );
-    expect_user_error(
-        &["synth", "--n", "0", "--out", d.join("x").to_str().unwrap()],
-        &["`n`", "at least 1"],
-    );
-    expect_user_error(
-        &[
-            "synth",
-            "--snr-min=-3",
-            "--out",
-            d.join("x").to_str().unwrap(),
-        ],
-        &["snr_min"],
-    );
-    // clap's own usage errors also exit with 2.
-    expect_user_error(&["inspect", "--bogus"], &["--bogus"]);
 }
 
 #[test]
@@ -233,39 +97,5 @@ fn train_evaluate_predict_from_the_command_line() {
     assert!(
         csv.starts_with("row,t_eff_mean,t_eff_std,t_eff_q025"),
         "{csv}"
-    );
-
-    // Training again into the same directory without --resume is refused; a typo'd key suggests the fix.
-    expect_user_error(
-        &["train", "--config", cfg_s, "--out", run_s],
-        &["already holds a run", "--resume"],
-    );
-    expect_user_error(
-        &[
-            "train",
-            "--config",
-            cfg_s,
-            "--set",
-            "optim.lrr=0.1",
-            "--out",
-            d.join("x").to_str().unwrap(),
-        ],
-        &["did you mean `lr`?"],
-    );
-    expect_user_error(
-        &["evaluate", "--run", d.to_str().unwrap()],
-        &["not a starflow run directory"],
-    );
-    let short = d.join("short.npy");
-    write_npy(&short, &[1, 7], &[1f32; 7]).unwrap();
-    expect_user_error(
-        &[
-            "predict",
-            "--run",
-            run_s,
-            "--spectra",
-            short.to_str().unwrap(),
-        ],
-        &["short.npy", "7 pixels", "256 pixels"],
     );
 }
