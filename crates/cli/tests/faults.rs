@@ -373,6 +373,10 @@ fn non_finite_losses_are_skipped_reported_and_the_run_finishes_finite() {
         "{se}"
     );
     assert!(se.contains("(2 steps skipped)"), "{se}");
+    assert!(
+        !se.contains('\x1b'),
+        "colour codes in a redirected log: {se:?}"
+    );
     assert!(so.contains("3 epochs"), "{so}");
     let st = state(&run);
     let skipped: Vec<usize> = st.history.iter().map(|r| r.steps_skipped).collect();

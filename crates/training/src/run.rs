@@ -291,3 +291,34 @@ impl RunState {
         s
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_file_names() {
+        for name in ["model-e0001.safetensors", "optimizer-e0123.safetensors"] {
+            assert!(is_checkpoint_name(name), "{name}");
+        }
+        for name in [
+            "model.safetensors",
+            "model-e.safetensors",
+            "model-e0001.safetensors.bak",
+            "mymodel-e0001.safetensors",
+            "model-e00x1.safetensors",
+        ] {
+            assert!(!is_checkpoint_name(name), "{name}");
+        }
+        for name in [
+            ".state.json.123.tmp",
+            ".tmpAbC123",
+            ".model-e0002.safetensors.9.tmp",
+        ] {
+            assert!(is_temp_name(name), "{name}");
+        }
+        for name in ["state.json", "notes.tmp", ".paused-step", "config.toml"] {
+            assert!(!is_temp_name(name), "{name}");
+        }
+    }
+}
