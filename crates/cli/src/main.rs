@@ -3,6 +3,7 @@
 //! message that names the file, the problem and the fix; they never panic.
 
 mod inspect;
+mod report;
 mod train;
 
 use std::path::PathBuf;
@@ -36,6 +37,9 @@ enum Command {
     Evaluate(train::EvaluateArgs),
     /// Posterior summaries for new spectra with a trained run.
     Predict(train::PredictArgs),
+    /// Figures (loss, pulls, calibration, corner plots, a spectrum) and a comparison table
+    /// (REPORT.md, metrics.parquet) for one or more trained runs.
+    Report(report::ReportArgs),
 }
 
 #[derive(Args, Debug)]
@@ -171,6 +175,8 @@ fn is_user_error(err: &anyhow::Error) -> bool {
             || e.downcast_ref::<inspect::UserError>().is_some()
             || e.downcast_ref::<starflow_training::TrainError>()
                 .is_some_and(starflow_training::TrainError::is_user_error)
+            || e.downcast_ref::<starflow_report::ReportError>()
+                .is_some_and(starflow_report::ReportError::is_user_error)
     })
 }
 
@@ -196,7 +202,7 @@ fn main() -> ExitCode {
     init_tracing(cli.verbose);
     if matches!(
         cli.command,
-        Command::Train(_) | Command::Evaluate(_) | Command::Predict(_)
+        Command::Train(_) | Command::Evaluate(_) | Command::Predict(_) | Command::Report(_)
     ) {
         // Keep large freed blocks in the heap: a training step would otherwise fault tens of
         // megabytes back in every time (see starflow_models::tune_allocator).
@@ -208,6 +214,7 @@ fn main() -> ExitCode {
         Command::Train(a) => train::train(a),
         Command::Evaluate(a) => train::evaluate(a),
         Command::Predict(a) => train::predict(a),
+        Command::Report(a) => report::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

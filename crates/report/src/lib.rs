@@ -1,3 +1,25 @@
-//! Reports on finished runs: denormalised metrics, calibration, plots.
+//! Reports on finished runs: what a physicist looks at after training.
 //!
-//! Not implemented yet (issue #6); the crate exists so that the workspace layout is fixed.
+//! * [`stats`] — pure numerics on evaluation results (histograms, coverage curves, pulls), tested
+//!   without any plotting.
+//! * [`plots`] — PNG figures (loss curves, pulls, predicted vs true, calibration, corner plots of
+//!   posteriors, an example spectrum), rendered with plotters into memory and written atomically,
+//!   with an embedded DejaVu Sans so text renders on machines without system fonts.
+//! * [`table`] — the comparison of several runs: `REPORT.md` (Markdown tables with the quality
+//!   targets checked) and `metrics.parquet`/`history.parquet` (every number, via polars).
+//! * [`report_runs`] — the one call the CLI makes: evaluate each run on its test split, draw its
+//!   figures, and write the comparison.
+//!
+//! This crate reads runs through `starflow-training` (it never trains) and is the only crate that
+//! knows polars and plotters.
+
+pub mod error;
+mod font;
+pub mod plots;
+mod report;
+pub mod stats;
+pub mod table;
+
+pub use error::{ReportError, Result};
+pub use report::{report_runs, ReportOptions, RunReport};
+pub use table::{RunRow, TARGETS};

@@ -20,7 +20,7 @@ use starflow_flows::PosteriorSummary;
 use crate::error::{Result, TrainError};
 use crate::model::StarModel;
 use crate::run::RunState;
-use crate::train::{load_run, prepare_data, Quiet};
+use crate::train::{load_run, prepare_data, Prepared, Quiet};
 
 /// Nominal masses of the two central intervals whose coverage is reported (1 and 2 sigma).
 pub const COVERAGE_LEVELS: [f64; 2] = [0.6827, 0.9545];
@@ -183,8 +183,17 @@ fn to_physical(
 }
 
 /// Evaluates a run on a split (`train`, `val` or `test`) of the data it was trained on.
-pub fn evaluate(run_dir: &Path, split: &str, n_samples: usize, seed: u64) -> Result<Evaluation> {
-    let start = Instant::now();
+/// A finished run with its data prepared and the rows of one split, ready to be evaluated.
+struct Opened {
+    state: RunState,
+    model: StarModel,
+    data: Prepared,
+    indices: Vec<usize>,
+}
+
+/// Loads a run and its data and selects a split (`train`, `val` or `test`), refusing data whose
+/// pixel count differs from what the run was trained on.
+fn open_split(run_dir: &Path, split: &str) -> Result<Opened> {
     let (state, model) = load_run(run_dir)?;
     let data = prepare_data(&state.config, &Quiet)?;
     if data.dataset.n_pix() != state.n_pix {
@@ -201,9 +210,9 @@ pub fn evaluate(run_dir: &Path, split: &str, n_samples: usize, seed: u64) -> Res
         });
     }
     let indices = match split {
-        "train" => &data.split.train,
-        "val" => &data.split.val,
-        "test" => &data.split.test,
+        "train" => data.split.train.clone(),
+        "val" => data.split.val.clone(),
+        "test" => data.split.test.clone(),
         other => {
             return Err(TrainError::config(
                 run_dir,
@@ -217,6 +226,24 @@ pub fn evaluate(run_dir: &Path, split: &str, n_samples: usize, seed: u64) -> Res
             format!("the {split} split is empty"),
         ));
     }
+    Ok(Opened {
+        state,
+        model,
+        data,
+        indices,
+    })
+}
+
+/// Evaluates a run on a split (`train`, `val` or `test`) of the data it was trained on.
+pub fn evaluate(run_dir: &Path, split: &str, n_samples: usize, seed: u64) -> Result<Evaluation> {
+    let start = Instant::now();
+    let Opened {
+        state,
+        model,
+        data,
+        indices,
+    } = open_split(run_dir, split)?;
+    let indices = &indices;
     check_samples(run_dir, n_samples)?;
     let batcher = Batcher {
         dataset: &data.dataset,
@@ -357,6 +384,76 @@ fn label_metrics(
         rmse_over_crlb: crlb.map(|c| rmse / c),
         median_crlb: crlb,
     }
+}
+
+/// Posterior samples of a few stars, in physical units: what a corner plot draws.
+#[derive(Clone, Debug)]
+pub struct StarSamples {
+    /// Row in the label file.
+    pub row: usize,
+    /// True labels (physical units).
+    pub truth: Vec<f64>,
+    /// Number of labels, d.
+    pub dim: usize,
+    /// `n × d` samples, row-major, physical units.
+    pub samples: Vec<f64>,
+}
+
+/// Draws `n_samples` posterior samples for the stars at `positions` within a split (positions
+/// index the split's rows in its stored order, e.g. as returned in [`Evaluation::stars`]).
+pub fn posterior_samples(
+    run_dir: &Path,
+    split: &str,
+    positions: &[usize],
+    n_samples: usize,
+    seed: u64,
+) -> Result<Vec<StarSamples>> {
+    check_samples(run_dir, n_samples)?;
+    let opened = open_split(run_dir, split)?;
+    let chosen = positions
+        .iter()
+        .map(|&p| {
+            opened.indices.get(p).copied().ok_or_else(|| {
+                TrainError::config(
+                    run_dir,
+                    format!(
+                        "star {p} is out of range: the {split} split has {} stars",
+                        opened.indices.len()
+                    ),
+                )
+            })
+        })
+        .collect::<Result<Vec<usize>>>()?;
+    let batcher = Batcher {
+        dataset: &opened.data.dataset,
+        flux: opened.data.flux,
+        scaler: &opened.state.scaler,
+        device: opened.model.device.clone(),
+    };
+    let scaler = &opened.state.scaler;
+    let d = scaler.mean.len();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut out = Vec::with_capacity(chosen.len());
+    for batch in batcher.batches(&chosen, 64)? {
+        let b = batch?;
+        let params = opened.model.params(&b.x, false)?;
+        let samples = opened.model.flow.sample(&params, n_samples, &mut rng)?;
+        for (k, &i) in b.indices.iter().enumerate() {
+            let z = samples.item(k);
+            let phys = z
+                .iter()
+                .enumerate()
+                .map(|(m, v)| scaler.mean[m % d] + scaler.std[m % d] * v)
+                .collect();
+            out.push(StarSamples {
+                row: opened.data.dataset.file_row(i),
+                truth: opened.data.dataset.targets(i),
+                dim: d,
+                samples: phys,
+            });
+        }
+    }
+    Ok(out)
 }
 
 /// Posterior summaries for new spectra (no labels), with the run's stored preprocessing.

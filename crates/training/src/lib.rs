@@ -15,7 +15,9 @@ pub mod train;
 
 pub use config::TrainConfig;
 pub use error::{Result, TrainError};
-pub use evaluate::{evaluate, predict, Evaluation, LabelMetrics, StarPrediction};
+pub use evaluate::{
+    evaluate, posterior_samples, predict, Evaluation, LabelMetrics, StarPrediction, StarSamples,
+};
 pub use model::StarModel;
 pub use pause::PauseAt;
 pub use run::{EpochRecord, RunDir, RunState};

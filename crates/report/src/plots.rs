@@ -1,0 +1,653 @@
+//! PNG figures. Each function renders into an in-memory RGB buffer and writes the encoded PNG
+//! atomically (temporary file + rename), so an interrupted report never leaves a half-written
+//! image next to good ones.
+
+use std::error::Error;
+use std::path::Path;
+
+use image::ImageEncoder;
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use starflow_training::{EpochRecord, StarSamples};
+
+use crate::error::{ReportError, Result};
+use crate::font::{ensure_registered, FAMILY};
+use crate::stats::{
+    coverage_curve, ellipse, mean_cov, mean_std, normal_pdf, quantile, r2, radius_2d, Histogram,
+};
+
+type DrawResult = std::result::Result<(), Box<dyn Error>>;
+type Area<'a> = DrawingArea<BitMapBackend<'a>, Shift>;
+
+const TRAIN: RGBColor = RGBColor(31, 119, 180);
+const VAL: RGBColor = RGBColor(255, 127, 14);
+const TRUTH: RGBColor = RGBColor(44, 160, 44);
+const REFERENCE: RGBColor = RGBColor(214, 39, 40);
+const GREY: RGBColor = RGBColor(110, 110, 110);
+
+/// How a label is named and measured on axes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LabelInfo {
+    /// Column name in the data (`t_eff`).
+    pub key: String,
+    /// Name on plots (`T_eff`).
+    pub title: String,
+    /// Physical unit (`K`), empty when unknown.
+    pub unit: String,
+}
+
+impl LabelInfo {
+    /// Display name and unit of the GALAH labels; other columns keep their name and no unit.
+    pub fn of(key: &str) -> Self {
+        let (title, unit) = match key {
+            "t_eff" => ("T_eff", "K"),
+            "log_g" => ("log g", "dex"),
+            "fe_h" => ("[Fe/H]", "dex"),
+            "mass" => ("mass", "M_sun"),
+            "age" => ("age", "Gyr"),
+            other => (other, ""),
+        };
+        LabelInfo {
+            key: key.to_string(),
+            title: title.to_string(),
+            unit: unit.to_string(),
+        }
+    }
+
+    /// `"<prefix>T_eff [K]"`.
+    pub fn axis(&self, prefix: &str) -> String {
+        if self.unit.is_empty() {
+            format!("{prefix}{}", self.title)
+        } else {
+            format!("{prefix}{} [{}]", self.title, self.unit)
+        }
+    }
+}
+
+fn font(size: u32) -> TextStyle<'static> {
+    (FAMILY, size).into_font().into()
+}
+
+/// Renders `draw` onto a white `width × height` canvas and writes it to `path` as PNG.
+fn render(path: &Path, size: (u32, u32), draw: impl FnOnce(&Area<'_>) -> DrawResult) -> Result<()> {
+    ensure_registered();
+    let plot_err = |message: String| ReportError::Plot {
+        path: path.to_path_buf(),
+        message,
+    };
+    let (w, h) = size;
+    let mut buf = vec![255u8; w as usize * h as usize * 3];
+    {
+        let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| plot_err(e.to_string()))?;
+        draw(&root).map_err(|e| plot_err(e.to_string()))?;
+        root.present().map_err(|e| plot_err(e.to_string()))?;
+    }
+    let mut png = Vec::new();
+    image::codecs::png::PngEncoder::new(&mut png)
+        .write_image(&buf, w, h, image::ColorType::Rgb8)
+        .map_err(|e| plot_err(format!("cannot encode PNG: {e}")))?;
+    starflow_data::npy::atomic_write(path, &png)?;
+    Ok(())
+}
+
+/// `(lo, hi)` of the finite values, widened by `pad` of the span (and made non-degenerate).
+fn range_of<'a>(values: impl IntoIterator<Item = &'a f64>, pad: f64) -> (f64, f64) {
+    let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
+    for &v in values {
+        if v.is_finite() {
+            lo = lo.min(v);
+            hi = hi.max(v);
+        }
+    }
+    if !lo.is_finite() {
+        return (0.0, 1.0);
+    }
+    let span = if hi > lo {
+        hi - lo
+    } else {
+        lo.abs().max(1.0) * 0.1
+    };
+    (lo - pad * span, hi + pad * span)
+}
+
+/// Central range holding all but `tail` of the values on each side, widened to include `extra`.
+fn robust_range(values: &[f64], tail: f64, extra: &[f64]) -> (f64, f64) {
+    let mut s: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
+    s.sort_by(f64::total_cmp);
+    let (mut lo, mut hi) = (quantile(&s, tail), quantile(&s, 1.0 - tail));
+    for &e in extra {
+        if e.is_finite() {
+            lo = lo.min(e);
+            hi = hi.max(e);
+        }
+    }
+    range_of([lo, hi].iter(), 0.08)
+}
+
+fn title_area<'a>(root: &Area<'a>, title: &str) -> std::result::Result<Area<'a>, Box<dyn Error>> {
+    root.draw_text(title, &font(22), (12, 8))?;
+    Ok(root.margin(36, 0, 0, 0))
+}
+
+/// Training and validation NLL per epoch, with the epoch whose weights were kept.
+pub fn loss_curve(
+    path: &Path,
+    history: &[EpochRecord],
+    best_epoch: Option<usize>,
+    title: &str,
+) -> Result<()> {
+    render(path, (900, 560), |root| {
+        let area = title_area(root, title)?;
+        let n = history.len().max(1) as f64;
+        let vals: Vec<f64> = history
+            .iter()
+            .flat_map(|r| [r.train_nll, r.val_nll])
+            .collect();
+        let (lo, hi) = range_of(&vals, 0.08);
+        let mut chart = ChartBuilder::on(&area)
+            .margin(14)
+            .x_label_area_size(44)
+            .y_label_area_size(64)
+            .build_cartesian_2d(0.5..n + 0.5, lo..hi)?;
+        chart
+            .configure_mesh()
+            .x_desc("epoch")
+            .y_desc("negative log-likelihood (z-units)")
+            .label_style(font(15))
+            .axis_desc_style(font(16))
+            .draw()?;
+        for (name, color, pick) in [
+            (
+                "train",
+                TRAIN,
+                (|r: &EpochRecord| r.train_nll) as fn(&EpochRecord) -> f64,
+            ),
+            ("validation", VAL, |r: &EpochRecord| r.val_nll),
+        ] {
+            let pts: Vec<(f64, f64)> = history
+                .iter()
+                .map(|r| ((r.epoch + 1) as f64, pick(r)))
+                .filter(|p| p.1.is_finite())
+                .collect();
+            chart
+                .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
+                .label(name)
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                });
+            chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
+        }
+        if let Some(b) = best_epoch {
+            let x = (b + 1) as f64;
+            chart
+                .draw_series(LineSeries::new(
+                    vec![(x, lo), (x, hi)],
+                    GREY.stroke_width(1),
+                ))?
+                .label(format!("kept: epoch {}", b + 1))
+                .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], GREY));
+        }
+        chart
+            .configure_series_labels()
+            .label_font(font(15))
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::UpperRight)
+            .draw()?;
+        Ok(())
+    })
+}
+
+/// Pull histograms per label against N(0, 1), with the fitted mean and std written on each panel.
+pub fn pulls(path: &Path, labels: &[LabelInfo], pulls: &[Vec<f64>], title: &str) -> Result<()> {
+    let d = labels.len();
+    render(path, (480 * d as u32, 460), |root| {
+        let area = title_area(root, title)?;
+        for (j, panel) in area.split_evenly((1, d)).iter().enumerate() {
+            let h = Histogram::new(&pulls[j], -5.0, 5.0, 40);
+            let (m, s) = mean_std(&pulls[j]);
+            let top = h.density.iter().copied().fold(0.41, f64::max) * 1.18;
+            let mut chart = ChartBuilder::on(panel)
+                .margin(12)
+                .caption(labels[j].title.as_str(), font(18))
+                .x_label_area_size(42)
+                .y_label_area_size(52)
+                .build_cartesian_2d(-5.0..5.0, 0.0..top)?;
+            chart
+                .configure_mesh()
+                .x_desc("pull = (mean - truth) / std")
+                .y_desc("density")
+                .label_style(font(14))
+                .axis_desc_style(font(15))
+                .draw()?;
+            chart
+                .draw_series(h.bars().map(|(a, b, v)| {
+                    Rectangle::new([(a, 0.0), (b, v)], TRAIN.mix(0.55).filled())
+                }))?;
+            let grid: Vec<f64> = (0..=200).map(|k| -5.0 + 0.05 * k as f64).collect();
+            chart
+                .draw_series(LineSeries::new(
+                    grid.iter().map(|&x| (x, normal_pdf(x, 0.0, 1.0))),
+                    REFERENCE.stroke_width(2),
+                ))?
+                .label("N(0, 1)")
+                .legend(|(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], REFERENCE.stroke_width(2))
+                });
+            if s > 0.0 && s.is_finite() {
+                chart
+                    .draw_series(LineSeries::new(
+                        grid.iter().map(|&x| (x, normal_pdf(x, m, s))),
+                        BLACK.stroke_width(1),
+                    ))?
+                    .label("fitted normal")
+                    .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
+            }
+            chart
+                .configure_series_labels()
+                .label_font(font(13))
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK)
+                .position(SeriesLabelPosition::UpperRight)
+                .draw()?;
+            let note = format!("mean {m:+.3}\nstd  {s:.3}\n{} beyond ±5", h.outside);
+            for (k, line) in note.lines().enumerate() {
+                panel.draw_text(line, &font(14), (70, 48 + 18 * k as i32))?;
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Predicted posterior mean against the true value (identity line, R²), and the residual against
+/// the true value, per label in physical units.
+pub fn predicted_vs_true(
+    path: &Path,
+    labels: &[LabelInfo],
+    truth: &[Vec<f64>],
+    pred: &[Vec<f64>],
+    title: &str,
+) -> Result<()> {
+    let d = labels.len();
+    render(path, (480 * d as u32, 900), |root| {
+        let area = title_area(root, title)?;
+        let panels = area.split_evenly((2, d));
+        for j in 0..d {
+            let (t, p) = (&truth[j], &pred[j]);
+            let (lo, hi) = range_of(t.iter().chain(p.iter()), 0.04);
+            let mut chart = ChartBuilder::on(&panels[j])
+                .margin(12)
+                .caption(labels[j].title.as_str(), font(18))
+                .x_label_area_size(42)
+                .y_label_area_size(64)
+                .build_cartesian_2d(lo..hi, lo..hi)?;
+            chart
+                .configure_mesh()
+                .x_desc(labels[j].axis("true "))
+                .y_desc(labels[j].axis("predicted "))
+                .label_style(font(14))
+                .axis_desc_style(font(15))
+                .draw()?;
+            chart.draw_series(
+                t.iter()
+                    .zip(p)
+                    .map(|(&x, &y)| Circle::new((x, y), 2, TRAIN.mix(0.35).filled())),
+            )?;
+            chart.draw_series(LineSeries::new(
+                vec![(lo, lo), (hi, hi)],
+                REFERENCE.stroke_width(2),
+            ))?;
+            let err: Vec<f64> = p.iter().zip(t).map(|(a, b)| a - b).collect();
+            let (bias, _) = mean_std(&err);
+            let rmse = (err.iter().map(|e| e * e).sum::<f64>() / err.len().max(1) as f64).sqrt();
+            for (k, line) in [
+                format!("R² = {:.4}", r2(p, t)),
+                format!("RMSE = {}", fmt_sig(rmse)),
+                format!("bias = {}", fmt_sig(bias)),
+            ]
+            .iter()
+            .enumerate()
+            {
+                panels[j].draw_text(line, &font(14), (80, 48 + 18 * k as i32))?;
+            }
+
+            let (rlo, rhi) = robust_range(&err, 0.002, &[0.0]);
+            let mut res = ChartBuilder::on(&panels[d + j])
+                .margin(12)
+                .x_label_area_size(42)
+                .y_label_area_size(64)
+                .build_cartesian_2d(lo..hi, rlo..rhi)?;
+            res.configure_mesh()
+                .x_desc(labels[j].axis("true "))
+                .y_desc(labels[j].axis("predicted - true "))
+                .label_style(font(14))
+                .axis_desc_style(font(15))
+                .draw()?;
+            res.draw_series(
+                t.iter().zip(&err).map(|(&x, &y)| {
+                    Circle::new((x, y.clamp(rlo, rhi)), 2, TRAIN.mix(0.35).filled())
+                }),
+            )?;
+            res.draw_series(LineSeries::new(
+                vec![(lo, 0.0), (hi, 0.0)],
+                REFERENCE.stroke_width(2),
+            ))?;
+            for s in [-rmse, rmse] {
+                res.draw_series(LineSeries::new(
+                    vec![(lo, s), (hi, s)],
+                    GREY.stroke_width(1),
+                ))?;
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Empirical against nominal coverage of central posterior intervals, and the histogram of the
+/// probability integral transform (flat when calibrated), per label.
+pub fn calibration(
+    path: &Path,
+    labels: &[LabelInfo],
+    pits: &[Vec<f64>],
+    title: &str,
+) -> Result<()> {
+    let d = labels.len();
+    render(path, (480 * d as u32, 900), |root| {
+        let area = title_area(root, title)?;
+        let panels = area.split_evenly((2, d));
+        let levels: Vec<f64> = (0..=50).map(|k| k as f64 / 50.0).collect();
+        for j in 0..d {
+            let cov = coverage_curve(&pits[j], &levels);
+            let mut chart = ChartBuilder::on(&panels[j])
+                .margin(12)
+                .caption(labels[j].title.as_str(), font(18))
+                .x_label_area_size(42)
+                .y_label_area_size(56)
+                .build_cartesian_2d(0.0..1.0, 0.0..1.0)?;
+            chart
+                .configure_mesh()
+                .x_desc("nominal coverage of the central interval")
+                .y_desc("empirical coverage")
+                .label_style(font(14))
+                .axis_desc_style(font(15))
+                .draw()?;
+            chart
+                .draw_series(LineSeries::new(
+                    vec![(0.0, 0.0), (1.0, 1.0)],
+                    REFERENCE.stroke_width(2),
+                ))?
+                .label("calibrated")
+                .legend(|(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], REFERENCE.stroke_width(2))
+                });
+            chart
+                .draw_series(LineSeries::new(
+                    levels.iter().copied().zip(cov.iter().copied()),
+                    TRAIN.stroke_width(2),
+                ))?
+                .label("model")
+                .legend(|(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], TRAIN.stroke_width(2))
+                });
+            chart
+                .configure_series_labels()
+                .label_font(font(13))
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK)
+                .position(SeriesLabelPosition::LowerRight)
+                .draw()?;
+            let c = coverage_curve(&pits[j], &[0.6827, 0.9545]);
+            for (k, line) in [
+                format!("68.3 % interval: {:.1} %", 100.0 * c[0]),
+                format!("95.4 % interval: {:.1} %", 100.0 * c[1]),
+            ]
+            .iter()
+            .enumerate()
+            {
+                panels[j].draw_text(line, &font(14), (70, 48 + 18 * k as i32))?;
+            }
+
+            let h = Histogram::new(&pits[j], 0.0, 1.0 + 1e-12, 20);
+            let top = h.density.iter().copied().fold(1.0, f64::max) * 1.15;
+            let mut hist = ChartBuilder::on(&panels[d + j])
+                .margin(12)
+                .x_label_area_size(42)
+                .y_label_area_size(56)
+                .build_cartesian_2d(0.0..1.0, 0.0..top)?;
+            hist.configure_mesh()
+                .x_desc("PIT = posterior CDF at the true value")
+                .y_desc("density")
+                .label_style(font(14))
+                .axis_desc_style(font(15))
+                .draw()?;
+            hist.draw_series(h.bars().map(|(a, b, v)| {
+                Rectangle::new([(a, 0.0), (b.min(1.0), v)], TRAIN.mix(0.55).filled())
+            }))?;
+            hist.draw_series(LineSeries::new(
+                vec![(0.0, 1.0), (1.0, 1.0)],
+                REFERENCE.stroke_width(2),
+            ))?;
+        }
+        Ok(())
+    })
+}
+
+/// Corner plot of one star's posterior: 1-D marginals on the diagonal, 2-D marginals below it, the
+/// true value in green and the Gaussian with the samples' mean and covariance in red (curves and
+/// 68 %/95 % contours) — where the flow departs from a Gaussian, the two disagree visibly.
+pub fn corner(path: &Path, labels: &[LabelInfo], star: &StarSamples, title: &str) -> Result<()> {
+    let d = star.dim;
+    let n = star.samples.len() / d;
+    let column = |j: usize| -> Vec<f64> { (0..n).map(|k| star.samples[k * d + j]).collect() };
+    let cols: Vec<Vec<f64>> = (0..d).map(column).collect();
+    let (mean, cov) = mean_cov(&star.samples, d);
+    let ranges: Vec<(f64, f64)> = (0..d)
+        .map(|j| {
+            let s = cov[j * d + j].sqrt();
+            robust_range(
+                &cols[j],
+                0.002,
+                &[star.truth[j], mean[j] - 2.5 * s, mean[j] + 2.5 * s],
+            )
+        })
+        .collect();
+    render(path, (330 * d as u32, 330 * d as u32 + 40), |root| {
+        let area = title_area(root, title)?;
+        let cells = area.split_evenly((d, d));
+        for i in 0..d {
+            for j in 0..d {
+                let cell = &cells[i * d + j];
+                let x_desc = if i + 1 == d {
+                    labels[j].axis("")
+                } else {
+                    String::new()
+                };
+                if j > i {
+                    continue;
+                }
+                let (xlo, xhi) = ranges[j];
+                if i == j {
+                    let h = Histogram::new(&cols[j], xlo, xhi, 40);
+                    let s = cov[j * d + j].sqrt();
+                    let peak = normal_pdf(mean[j], mean[j], s);
+                    let top = h.density.iter().copied().fold(peak, f64::max) * 1.15;
+                    let mut chart = ChartBuilder::on(cell)
+                        .margin(8)
+                        .x_label_area_size(40)
+                        .y_label_area_size(20)
+                        .build_cartesian_2d(xlo..xhi, 0.0..top)?;
+                    chart
+                        .configure_mesh()
+                        .disable_y_axis()
+                        .disable_mesh()
+                        .x_desc(x_desc)
+                        .x_labels(4)
+                        .label_style(font(12))
+                        .axis_desc_style(font(14))
+                        .draw()?;
+                    chart.draw_series(h.bars().map(|(a, b, v)| {
+                        Rectangle::new([(a, 0.0), (b, v)], TRAIN.mix(0.55).filled())
+                    }))?;
+                    let grid = (0..=160).map(|k| xlo + (xhi - xlo) * k as f64 / 160.0);
+                    chart.draw_series(LineSeries::new(
+                        grid.map(|x| (x, normal_pdf(x, mean[j], s))),
+                        REFERENCE.stroke_width(2),
+                    ))?;
+                    let t = star.truth[j];
+                    chart.draw_series(LineSeries::new(
+                        vec![(t, 0.0), (t, top)],
+                        TRUTH.stroke_width(2),
+                    ))?;
+                } else {
+                    let (ylo, yhi) = ranges[i];
+                    let mut chart = ChartBuilder::on(cell)
+                        .margin(8)
+                        .x_label_area_size(40)
+                        .y_label_area_size(if j == 0 { 64 } else { 20 })
+                        .build_cartesian_2d(xlo..xhi, ylo..yhi)?;
+                    let mut mesh = chart.configure_mesh();
+                    mesh.disable_mesh()
+                        .x_desc(x_desc)
+                        .x_labels(4)
+                        .y_labels(4)
+                        .label_style(font(12))
+                        .axis_desc_style(font(14));
+                    if j == 0 {
+                        mesh.y_desc(labels[i].axis(""));
+                    } else {
+                        mesh.disable_y_axis();
+                    }
+                    mesh.draw()?;
+                    let bins = 30usize;
+                    let mut counts = vec![0usize; bins * bins];
+                    for k in 0..n {
+                        let (x, y) = (cols[j][k], cols[i][k]);
+                        if x >= xlo && x < xhi && y >= ylo && y < yhi {
+                            let bx = ((x - xlo) / (xhi - xlo) * bins as f64) as usize;
+                            let by = ((y - ylo) / (yhi - ylo) * bins as f64) as usize;
+                            counts[by.min(bins - 1) * bins + bx.min(bins - 1)] += 1;
+                        }
+                    }
+                    let max = counts.iter().copied().max().unwrap_or(1).max(1) as f64;
+                    let (wx, wy) = ((xhi - xlo) / bins as f64, (yhi - ylo) / bins as f64);
+                    chart.draw_series(counts.iter().enumerate().filter(|(_, &c)| c > 0).map(
+                        |(k, &c)| {
+                            let (bx, by) = ((k % bins) as f64, (k / bins) as f64);
+                            let shade = (c as f64 / max).sqrt();
+                            Rectangle::new(
+                                [
+                                    (xlo + bx * wx, ylo + by * wy),
+                                    (xlo + (bx + 1.0) * wx, ylo + (by + 1.0) * wy),
+                                ],
+                                TRAIN.mix(0.1 + 0.85 * shade).filled(),
+                            )
+                        },
+                    ))?;
+                    let c2 = [
+                        [cov[j * d + j], cov[j * d + i]],
+                        [cov[i * d + j], cov[i * d + i]],
+                    ];
+                    for p in [0.6827, 0.9545] {
+                        chart.draw_series(LineSeries::new(
+                            ellipse([mean[j], mean[i]], c2, radius_2d(p), 96),
+                            REFERENCE.stroke_width(2),
+                        ))?;
+                    }
+                    let (tx, ty) = (star.truth[j], star.truth[i]);
+                    chart.draw_series(std::iter::once(Cross::new(
+                        (tx, ty),
+                        7,
+                        TRUTH.stroke_width(3),
+                    )))?;
+                }
+            }
+        }
+        // Key and numbers in the empty upper-right triangle.
+        if d > 1 {
+            let key = &cells[d - 1];
+            let mut lines = vec![
+                (format!("{n} posterior samples"), TRAIN),
+                ("Gaussian with their mean/covariance".to_string(), REFERENCE),
+                ("true value".to_string(), TRUTH),
+                (String::new(), BLACK),
+            ];
+            for j in 0..d {
+                let s = cov[j * d + j].sqrt();
+                lines.push((
+                    format!(
+                        "{}: {} ± {} (true {})",
+                        labels[j].title,
+                        fmt_sig(mean[j]),
+                        fmt_sig(s),
+                        fmt_sig(star.truth[j])
+                    ),
+                    BLACK,
+                ));
+            }
+            for (k, (text, color)) in lines.iter().enumerate() {
+                key.draw_text(text, &font(14).color(color), (4, 20 + 20 * k as i32))?;
+            }
+        }
+        Ok(())
+    })
+}
+
+/// One spectrum, one panel per HERMES camera (or one panel when the grid is not the four-camera
+/// layout).
+pub fn spectrum(
+    path: &Path,
+    wavelength: &[f64],
+    flux: &[f32],
+    cameras: &[(&str, usize, usize)],
+    title: &str,
+) -> Result<()> {
+    let n_panels = cameras.len().max(1);
+    let (rows, cols) = if n_panels == 4 { (2, 2) } else { (n_panels, 1) };
+    render(path, (1400, 420 * rows as u32 + 40), |root| {
+        let area = title_area(root, title)?;
+        let panels = area.split_evenly((rows, cols));
+        for (k, &(name, a, b)) in cameras.iter().enumerate() {
+            let w = &wavelength[a..b];
+            let f: Vec<f64> = flux[a..b].iter().map(|&v| v as f64).collect();
+            let (xlo, xhi) = range_of(w, 0.0);
+            let (flo, fhi) = robust_range(&f, 0.0005, &[0.0, 1.05]);
+            let mut chart = ChartBuilder::on(&panels[k])
+                .margin(10)
+                .caption(format!("{name} camera"), font(17))
+                .x_label_area_size(40)
+                .y_label_area_size(56)
+                .build_cartesian_2d(xlo..xhi, flo..fhi)?;
+            chart
+                .configure_mesh()
+                .x_desc("wavelength [Å]")
+                .y_desc("normalised flux")
+                .label_style(font(13))
+                .axis_desc_style(font(14))
+                .draw()?;
+            chart.draw_series(LineSeries::new(
+                w.iter().copied().zip(f.iter().map(|v| v.clamp(flo, fhi))),
+                BLACK.stroke_width(1),
+            ))?;
+        }
+        Ok(())
+    })
+}
+
+/// Three significant digits without scientific notation for the magnitudes of stellar labels.
+pub fn fmt_sig(v: f64) -> String {
+    let a = v.abs();
+    if !v.is_finite() {
+        format!("{v}")
+    } else if a >= 100.0 {
+        format!("{v:.0}")
+    } else if a >= 10.0 {
+        format!("{v:.1}")
+    } else if a >= 1.0 {
+        format!("{v:.2}")
+    } else if a >= 0.01 || a == 0.0 {
+        format!("{v:.3}")
+    } else {
+        format!("{v:.2e}")
+    }
+}

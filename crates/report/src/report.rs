@@ -1,0 +1,291 @@
+//! Evaluate runs, draw their figures and write the comparison: the one call behind
+//! `starflow report`.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use starflow_data::npy::NpyArray;
+use starflow_data::synth::{wavelength_grid, CAMERAS};
+use starflow_training::evaluate::predictions_csv;
+use starflow_training::run::write_text;
+use starflow_training::train::{prepare_data, Quiet};
+use starflow_training::{evaluate, posterior_samples, Evaluation, RunDir, RunState};
+
+use crate::error::{ReportError, Result};
+use crate::plots::{self, fmt_sig, LabelInfo};
+use crate::stats::pick_showcase;
+use crate::table::{self, RunRow};
+
+/// How to report.
+#[derive(Clone, Debug)]
+pub struct ReportOptions {
+    /// Split to evaluate on (`test` unless you are debugging).
+    pub split: String,
+    /// Posterior samples per star for the metrics of non-Gaussian flows.
+    pub n_samples: usize,
+    /// Samples per corner plot.
+    pub corner_samples: usize,
+    /// Seed of every sampler (same seed, same report).
+    pub seed: u64,
+    /// Title of `REPORT.md`.
+    pub title: String,
+    /// Free text under the title (how the runs were made).
+    pub intro: String,
+}
+
+impl Default for ReportOptions {
+    fn default() -> Self {
+        ReportOptions {
+            split: "test".into(),
+            n_samples: 1000,
+            corner_samples: 20_000,
+            seed: 0,
+            title: "starflow report".into(),
+            intro: String::new(),
+        }
+    }
+}
+
+/// What [`report_runs`] wrote.
+#[derive(Clone, Debug)]
+pub struct RunReport {
+    pub rows: Vec<RunRow>,
+    pub markdown: PathBuf,
+    pub metrics: PathBuf,
+    pub history: PathBuf,
+}
+
+fn io(path: &Path, e: std::io::Error) -> ReportError {
+    ReportError::Input(format!("{}: {e}", path.display()))
+}
+
+/// Evaluates every run on `opts.split`, writes its figures into `out/<run name>/`, an example
+/// spectrum, and the comparison (`REPORT.md`, `metrics.parquet`, `history.parquet`) into `out`.
+/// `progress` receives one line per step.
+pub fn report_runs(
+    runs: &[PathBuf],
+    out: &Path,
+    opts: &ReportOptions,
+    progress: &dyn Fn(&str),
+) -> Result<RunReport> {
+    if runs.is_empty() {
+        return Err(ReportError::Input(
+            "no runs to report on: pass --run DIR (repeatable)".into(),
+        ));
+    }
+    std::fs::create_dir_all(out).map_err(|e| io(out, e))?;
+    let mut rows = Vec::with_capacity(runs.len());
+    let mut spectrum_drawn = false;
+    for run in runs {
+        let start = Instant::now();
+        let name = run_name(run);
+        let state = RunDir::new(run).load_state()?;
+        if !state.finished {
+            tracing::warn!(
+                "{}: the run is not finished ({} epochs done); reporting its best weights so far",
+                run.display(),
+                state.epochs_done
+            );
+        }
+        progress(&format!("{name}: evaluating on the {} split", opts.split));
+        let eval = evaluate(run, &opts.split, opts.n_samples, opts.seed)?;
+        let dir = out.join(&name);
+        std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
+        progress(&format!("{name}: drawing figures"));
+        let showcase = draw_run(run, &dir, &name, &state, &eval, opts)?;
+        if !spectrum_drawn {
+            if let Some(&p) = showcase.get(1).or(showcase.first()) {
+                draw_spectrum(&state, &opts.split, p, &out.join("spectrum.png"))?;
+                spectrum_drawn = true;
+            }
+        }
+        let names: Vec<String> = state.scaler.names.clone();
+        write_text(
+            &dir.join("predictions.csv"),
+            &predictions_csv(&names, &eval.stars),
+        )?;
+        let train_seconds: f64 = state.history.iter().map(|r| r.seconds).sum();
+        rows.push(RunRow {
+            name,
+            backbone: eval.backbone.clone(),
+            flow: eval.flow.clone(),
+            epochs_done: state.epochs_done,
+            best_epoch: state.best_epoch,
+            stop_reason: state.stop_reason.clone(),
+            n_train: state.n_train,
+            n_test: eval.n_stars,
+            test_nll_z: eval.nll_z,
+            test_nll: eval.nll,
+            labels: eval.labels.clone(),
+            seconds_per_epoch: train_seconds / state.history.len().max(1) as f64,
+            train_seconds,
+            report_seconds: start.elapsed().as_secs_f64(),
+            n_samples: eval.n_samples,
+            history: state.history.clone(),
+        });
+    }
+    let markdown = out.join("REPORT.md");
+    write_text(&markdown, &table::markdown(&opts.title, &opts.intro, &rows))?;
+    let metrics = out.join("metrics.parquet");
+    table::write_parquet(&metrics, &mut table::metrics_frame(&rows)?)?;
+    let history = out.join("history.parquet");
+    table::write_parquet(&history, &mut table::history_frame(&rows)?)?;
+    Ok(RunReport {
+        rows,
+        markdown,
+        metrics,
+        history,
+    })
+}
+
+/// The run directory's last component (`runs/quick/cnn-full_flow` → `cnn-full_flow`).
+fn run_name(run: &Path) -> String {
+    run.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "run".into())
+}
+
+/// Draws one run's figures; returns the showcase positions (within the split) of its corner plots.
+fn draw_run(
+    run: &Path,
+    dir: &Path,
+    name: &str,
+    state: &RunState,
+    eval: &Evaluation,
+    opts: &ReportOptions,
+) -> Result<Vec<usize>> {
+    let labels: Vec<LabelInfo> = state
+        .scaler
+        .names
+        .iter()
+        .map(|n| LabelInfo::of(n))
+        .collect();
+    let d = labels.len();
+    let what = format!("{} + {}", eval.backbone, eval.flow);
+    plots::loss_curve(
+        &dir.join("loss.png"),
+        &state.history,
+        state.history.get(state.best_epoch).map(|r| r.epoch),
+        &format!("{name}: training and validation loss ({what})"),
+    )?;
+    let truth: Vec<Vec<f64>> = (0..d)
+        .map(|j| {
+            eval.stars
+                .iter()
+                .map(|s| s.truth.as_ref().map_or(f64::NAN, |t| t[j]))
+                .collect()
+        })
+        .collect();
+    let mean: Vec<Vec<f64>> = (0..d)
+        .map(|j| eval.stars.iter().map(|s| s.mean[j]).collect())
+        .collect();
+    let pulls: Vec<Vec<f64>> = (0..d)
+        .map(|j| {
+            eval.stars
+                .iter()
+                .zip(&truth[j])
+                .map(|(s, t)| (s.mean[j] - t) / s.std[j])
+                .collect()
+        })
+        .collect();
+    let pits: Vec<Vec<f64>> = (0..d)
+        .map(|j| {
+            eval.stars
+                .iter()
+                .filter_map(|s| s.pit.as_ref().map(|u| u[j]))
+                .collect()
+        })
+        .collect();
+    let n = eval.n_stars;
+    plots::pulls(
+        &dir.join("pulls.png"),
+        &labels,
+        &pulls,
+        &format!("{name}: pulls on {n} {} stars", opts.split),
+    )?;
+    plots::predicted_vs_true(
+        &dir.join("predicted_vs_true.png"),
+        &labels,
+        &truth,
+        &mean,
+        &format!("{name}: posterior mean vs truth, {n} {} stars", opts.split),
+    )?;
+    plots::calibration(
+        &dir.join("calibration.png"),
+        &labels,
+        &pits,
+        &format!("{name}: calibration on {n} {} stars", opts.split),
+    )?;
+    let truths: Vec<Vec<f64>> = eval
+        .stars
+        .iter()
+        .map(|s| s.truth.clone().unwrap_or_default())
+        .collect();
+    let showcase = pick_showcase(&truths);
+    let samples = posterior_samples(run, &opts.split, &showcase, opts.corner_samples, opts.seed)?;
+    for star in &samples {
+        let t: Vec<String> = labels
+            .iter()
+            .zip(&star.truth)
+            .map(|(l, v)| format!("{} {}", l.title, fmt_sig(*v)))
+            .collect();
+        plots::corner(
+            &dir.join(format!("posterior-row{}.png", star.row)),
+            &labels,
+            star,
+            &format!("{name}: posterior of star {} ({})", star.row, t.join(", ")),
+        )?;
+    }
+    Ok(showcase)
+}
+
+/// Plots the spectrum of the star at `position` in the split, camera by camera.
+fn draw_spectrum(state: &RunState, split: &str, position: usize, path: &Path) -> Result<()> {
+    let data = prepare_data(&state.config, &Quiet)?;
+    let indices = match split {
+        "train" => &data.split.train,
+        "val" => &data.split.val,
+        _ => &data.split.test,
+    };
+    let Some(&i) = indices.get(position) else {
+        return Ok(());
+    };
+    let n_pix = data.dataset.n_pix();
+    let mut flux = vec![0f32; n_pix];
+    data.dataset.flux_into(i, &mut flux);
+    let stored = state.config.data.dir.join("wavelength.npy");
+    let wavelength = match NpyArray::open(&stored) {
+        Ok(a) if a.shape().iter().product::<usize>() == n_pix => a.to_f64_vec(),
+        _ if n_pix % 4 == 0 && n_pix >= 8 => wavelength_grid(n_pix / 4),
+        _ => (0..n_pix).map(|k| k as f64).collect(),
+    };
+    let per = n_pix / 4;
+    let cameras: Vec<(&str, usize, usize)> = if n_pix % 4 == 0 && n_pix >= 8 {
+        CAMERAS
+            .iter()
+            .enumerate()
+            .map(|(k, c)| (c.0, k * per, (k + 1) * per))
+            .collect()
+    } else {
+        vec![("all", 0, n_pix)]
+    };
+    let labels: Vec<String> = state
+        .scaler
+        .names
+        .iter()
+        .zip(data.dataset.targets(i))
+        .map(|(n, v)| format!("{} {}", LabelInfo::of(n).title, fmt_sig(v)))
+        .collect();
+    plots::spectrum(
+        path,
+        &wavelength,
+        &flux,
+        &cameras,
+        &format!(
+            "Spectrum of star {} ({}): {}",
+            data.dataset.file_row(i),
+            data.dataset.paths().0.display(),
+            labels.join(", ")
+        ),
+    )
+}

@@ -1,0 +1,409 @@
+//! The comparison of several runs: `REPORT.md` for people, `metrics.parquet` and
+//! `history.parquet` for programs (every number, one row per run × label and per run × epoch).
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use polars::prelude::{Column, DataFrame, ParquetWriter, PlSmallStr};
+use serde::{Deserialize, Serialize};
+use starflow_training::{EpochRecord, LabelMetrics};
+
+use crate::error::{ReportError, Result};
+use crate::plots::{fmt_sig, LabelInfo};
+
+/// The calibration targets the project holds every flow to (issue #6): pull std, |pull mean|,
+/// 68 % and 95 % coverage of the central intervals.
+#[derive(Clone, Copy, Debug)]
+pub struct Targets {
+    pub pull_std: (f64, f64),
+    pub pull_mean_abs: f64,
+    pub coverage_68: (f64, f64),
+    pub coverage_95: (f64, f64),
+}
+
+pub const TARGETS: Targets = Targets {
+    pull_std: (0.9, 1.1),
+    pull_mean_abs: 0.1,
+    coverage_68: (0.65, 0.72),
+    coverage_95: (0.93, 0.97),
+};
+
+impl Targets {
+    /// The targets a label misses, as short phrases (empty when all are met).
+    pub fn misses(&self, m: &LabelMetrics) -> Vec<String> {
+        let mut out = Vec::new();
+        let within = |v: f64, (lo, hi): (f64, f64)| v >= lo && v <= hi;
+        if !within(m.pull_std, self.pull_std) {
+            out.push(format!(
+                "pull std {:.2} outside {}-{}",
+                m.pull_std, self.pull_std.0, self.pull_std.1
+            ));
+        }
+        if !(m.pull_mean.abs() <= self.pull_mean_abs) {
+            out.push(format!(
+                "|pull mean| {:.2} > {}",
+                m.pull_mean.abs(),
+                self.pull_mean_abs
+            ));
+        }
+        if !within(m.coverage_68, self.coverage_68) {
+            out.push(format!(
+                "68 % coverage {:.1} % outside {:.0}-{:.0} %",
+                100.0 * m.coverage_68,
+                100.0 * self.coverage_68.0,
+                100.0 * self.coverage_68.1
+            ));
+        }
+        if !within(m.coverage_95, self.coverage_95) {
+            out.push(format!(
+                "95 % coverage {:.1} % outside {:.0}-{:.0} %",
+                100.0 * m.coverage_95,
+                100.0 * self.coverage_95.0,
+                100.0 * self.coverage_95.1
+            ));
+        }
+        out
+    }
+}
+
+/// Everything the comparison says about one run.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunRow {
+    /// Directory name of the run (`cnn-full_flow`).
+    pub name: String,
+    pub backbone: String,
+    pub flow: String,
+    pub epochs_done: usize,
+    /// Epoch (0-based) whose weights were kept (lowest validation NLL).
+    pub best_epoch: usize,
+    pub stop_reason: Option<String>,
+    pub n_train: usize,
+    pub n_test: usize,
+    /// Mean test NLL in z-units (labels standardised) and in physical units.
+    pub test_nll_z: f64,
+    pub test_nll: f64,
+    pub labels: Vec<LabelMetrics>,
+    pub seconds_per_epoch: f64,
+    /// Training wall time (sum over epochs, including validation and checkpoints).
+    pub train_seconds: f64,
+    /// Evaluation, sampling and plotting time of the report.
+    pub report_seconds: f64,
+    /// Posterior samples per star used for the non-Gaussian flows.
+    pub n_samples: usize,
+    pub history: Vec<EpochRecord>,
+}
+
+/// Markdown for the whole comparison. `intro` is free text (how the runs were made) placed under
+/// the title.
+pub fn markdown(title: &str, intro: &str, rows: &[RunRow]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "# {title}\n");
+    if !intro.trim().is_empty() {
+        let _ = writeln!(s, "{}\n", intro.trim_end());
+    }
+    let Some(first) = rows.first() else {
+        s.push_str("No runs.\n");
+        return s;
+    };
+    let infos: Vec<LabelInfo> = first
+        .labels
+        .iter()
+        .map(|l| LabelInfo::of(&l.name))
+        .collect();
+
+    s.push_str("## Overview\n\n");
+    s.push_str(
+        "| run | backbone | flow | epochs (kept) | test NLL (z) | test NLL (physical) | s / epoch | train time | report time |\n",
+    );
+    s.push_str("|---|---|---|---|---|---|---|---|---|\n");
+    for r in rows {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} ({}) | {:.3} | {:.3} | {:.1} | {} | {} |",
+            r.name,
+            r.backbone,
+            r.flow,
+            r.epochs_done,
+            r.best_epoch + 1,
+            r.test_nll_z,
+            r.test_nll,
+            r.seconds_per_epoch,
+            fmt_duration(r.train_seconds),
+            fmt_duration(r.report_seconds),
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nTest set: {} stars (training set {}). NLL is the mean negative log-likelihood of the true \
+         labels; lower is better. z-units standardise each label with the training set's mean and \
+         std; physical units add the log-Jacobian of that scaling.\n",
+        first.n_test, first.n_train
+    );
+
+    s.push_str("## Accuracy (posterior mean against the truth, physical units)\n\n");
+    s.push_str("| run |");
+    for i in &infos {
+        let _ = write!(s, " {t} RMSE | {t} bias | {t} R² |", t = i.axis(""));
+    }
+    s.push('\n');
+    s.push_str("|---|");
+    s.push_str(&"---|---|---|".repeat(infos.len()));
+    s.push('\n');
+    for r in rows {
+        let _ = write!(s, "| {} |", r.name);
+        for l in &r.labels {
+            let _ = write!(
+                s,
+                " {} | {} | {:.4} |",
+                fmt_sig(l.rmse),
+                fmt_sig(l.bias),
+                l.r2
+            );
+        }
+        s.push('\n');
+    }
+    if first.labels.iter().any(|l| l.median_crlb.is_some()) {
+        s.push_str("\nRMSE / Cramér-Rao bound (median per-star bound of the synthetic generator; 1 is the best any unbiased estimator can do):\n\n| run |");
+        for i in &infos {
+            let _ = write!(s, " {} |", i.title);
+        }
+        s.push_str("\n|---|");
+        s.push_str(&"---|".repeat(infos.len()));
+        s.push('\n');
+        for r in rows {
+            let _ = write!(s, "| {} |", r.name);
+            for l in &r.labels {
+                match l.rmse_over_crlb {
+                    Some(v) => {
+                        let _ = write!(s, " {v:.1} |");
+                    }
+                    None => s.push_str(" - |"),
+                }
+            }
+            s.push('\n');
+        }
+    }
+
+    s.push_str("\n## Calibration\n\n");
+    let _ = writeln!(
+        s,
+        "Targets: pull std {}-{}, |pull mean| <= {}, 68 % coverage {:.0}-{:.0} %, 95 % coverage {:.0}-{:.0} %. \
+         A pull is (posterior mean - truth) / posterior std; coverage is the fraction of true values \
+         inside the central 68.3 % / 95.4 % posterior interval.\n",
+        TARGETS.pull_std.0,
+        TARGETS.pull_std.1,
+        TARGETS.pull_mean_abs,
+        100.0 * TARGETS.coverage_68.0,
+        100.0 * TARGETS.coverage_68.1,
+        100.0 * TARGETS.coverage_95.0,
+        100.0 * TARGETS.coverage_95.1
+    );
+    s.push_str(
+        "| run | label | pull mean | pull std | 68 % coverage | 95 % coverage | targets |\n",
+    );
+    s.push_str("|---|---|---|---|---|---|---|\n");
+    let mut n_miss = 0;
+    for r in rows {
+        for l in &r.labels {
+            let misses = TARGETS.misses(l);
+            n_miss += usize::from(!misses.is_empty());
+            let _ = writeln!(
+                s,
+                "| {} | {} | {:+.3} | {:.3} | {:.1} % | {:.1} % | {} |",
+                r.name,
+                LabelInfo::of(&l.name).title,
+                l.pull_mean,
+                l.pull_std,
+                100.0 * l.coverage_68,
+                100.0 * l.coverage_95,
+                if misses.is_empty() {
+                    "met".to_string()
+                } else {
+                    format!("**missed**: {}", misses.join("; "))
+                }
+            );
+        }
+    }
+
+    s.push_str("\n## Quality targets\n\n");
+    let total = rows.iter().map(|r| r.labels.len()).sum::<usize>();
+    if n_miss == 0 {
+        let _ = writeln!(
+            s,
+            "- Calibration: every target met for all {total} run × label pairs."
+        );
+    } else {
+        let _ = writeln!(
+            s,
+            "- Calibration: **{n_miss} of {total} run × label pairs miss at least one target** (table above)."
+        );
+    }
+    for backbone in unique(rows.iter().map(|r| r.backbone.as_str())) {
+        let find = |flow: &str| {
+            rows.iter()
+                .find(|r| r.backbone == backbone && r.flow == flow)
+        };
+        if let (Some(ff), Some(fg)) = (find("full_flow"), find("full_gaussian")) {
+            let ok = ff.test_nll_z <= fg.test_nll_z;
+            let _ = writeln!(
+                s,
+                "- {backbone}: full_flow test NLL {:.3} {} full_gaussian {:.3}{}",
+                ff.test_nll_z,
+                if ok { "<=" } else { ">" },
+                fg.test_nll_z,
+                if ok {
+                    " (met)".to_string()
+                } else {
+                    " (**missed**: the full flow is worse than the full Gaussian)".to_string()
+                }
+            );
+        }
+    }
+
+    s.push_str("\n## Figures\n\n");
+    for r in rows {
+        let _ = writeln!(
+            s,
+            "- **{n}**: [loss]({n}/loss.png), [pulls]({n}/pulls.png), [predicted vs true]({n}/predicted_vs_true.png), [calibration]({n}/calibration.png), [posteriors]({n}/) (corner plots `posterior-row*.png`)",
+            n = r.name
+        );
+    }
+    s.push_str("- [an example spectrum](spectrum.png)\n");
+    s.push_str(
+        "\nEvery number above is in `metrics.parquet` (one row per run × label) and the per-epoch \
+         losses in `history.parquet`.\n",
+    );
+    s
+}
+
+fn unique<'a>(it: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
+    let mut out: Vec<&str> = Vec::new();
+    for v in it {
+        if !out.contains(&v) {
+            out.push(v);
+        }
+    }
+    out
+}
+
+/// `1 h 02 min`, `3 min 20 s`, `12.3 s`.
+pub fn fmt_duration(seconds: f64) -> String {
+    if seconds >= 3600.0 {
+        let m = (seconds / 60.0).round() as u64;
+        format!("{} h {:02} min", m / 60, m % 60)
+    } else if seconds >= 60.0 {
+        let s = seconds.round() as u64;
+        format!("{} min {:02} s", s / 60, s % 60)
+    } else {
+        format!("{seconds:.1} s")
+    }
+}
+
+fn col_str(name: &str, v: Vec<String>) -> Column {
+    Column::new(PlSmallStr::from(name), v)
+}
+
+fn col_f64(name: &str, v: Vec<f64>) -> Column {
+    Column::new(PlSmallStr::from(name), v)
+}
+
+fn col_opt(name: &str, v: Vec<Option<f64>>) -> Column {
+    Column::new(PlSmallStr::from(name), v)
+}
+
+fn col_u64(name: &str, v: Vec<u64>) -> Column {
+    Column::new(PlSmallStr::from(name), v)
+}
+
+/// One row per run × label, every metric as a column.
+pub fn metrics_frame(rows: &[RunRow]) -> Result<DataFrame> {
+    let flat: Vec<(&RunRow, &LabelMetrics)> = rows
+        .iter()
+        .flat_map(|r| r.labels.iter().map(move |l| (r, l)))
+        .collect();
+    let s =
+        |f: &dyn Fn(&RunRow, &LabelMetrics) -> String| flat.iter().map(|(r, l)| f(r, l)).collect();
+    let f = |f: &dyn Fn(&RunRow, &LabelMetrics) -> f64| flat.iter().map(|(r, l)| f(r, l)).collect();
+    let u = |f: &dyn Fn(&RunRow, &LabelMetrics) -> u64| flat.iter().map(|(r, l)| f(r, l)).collect();
+    let o = |f: &dyn Fn(&RunRow, &LabelMetrics) -> Option<f64>| {
+        flat.iter().map(|(r, l)| f(r, l)).collect()
+    };
+    let columns = vec![
+        col_str("run", s(&|r, _| r.name.clone())),
+        col_str("backbone", s(&|r, _| r.backbone.clone())),
+        col_str("flow", s(&|r, _| r.flow.clone())),
+        col_str("label", s(&|_, l| l.name.clone())),
+        col_str("unit", s(&|_, l| LabelInfo::of(&l.name).unit)),
+        col_u64("epochs_done", u(&|r, _| r.epochs_done as u64)),
+        col_u64("best_epoch", u(&|r, _| r.best_epoch as u64 + 1)),
+        col_u64("n_train", u(&|r, _| r.n_train as u64)),
+        col_u64("n_test", u(&|r, _| r.n_test as u64)),
+        col_u64("n_samples", u(&|r, _| r.n_samples as u64)),
+        col_f64("test_nll_z", f(&|r, _| r.test_nll_z)),
+        col_f64("test_nll", f(&|r, _| r.test_nll)),
+        col_f64("rmse", f(&|_, l| l.rmse)),
+        col_f64("mae", f(&|_, l| l.mae)),
+        col_f64("bias", f(&|_, l| l.bias)),
+        col_f64("r2", f(&|_, l| l.r2)),
+        col_f64("pull_mean", f(&|_, l| l.pull_mean)),
+        col_f64("pull_std", f(&|_, l| l.pull_std)),
+        col_f64("coverage_68", f(&|_, l| l.coverage_68)),
+        col_f64("coverage_95", f(&|_, l| l.coverage_95)),
+        col_f64("marginal_nll", f(&|_, l| l.marginal_nll)),
+        col_f64("marginal_nll_z", f(&|_, l| l.marginal_nll_z)),
+        col_opt("median_crlb", o(&|_, l| l.median_crlb)),
+        col_opt("rmse_over_crlb", o(&|_, l| l.rmse_over_crlb)),
+        col_f64("seconds_per_epoch", f(&|r, _| r.seconds_per_epoch)),
+        col_f64("train_seconds", f(&|r, _| r.train_seconds)),
+        col_f64("report_seconds", f(&|r, _| r.report_seconds)),
+    ];
+    DataFrame::new(flat.len(), columns).map_err(|e| ReportError::Table {
+        path: "metrics.parquet".into(),
+        message: e.to_string(),
+    })
+}
+
+/// One row per run × epoch: the loss curves.
+pub fn history_frame(rows: &[RunRow]) -> Result<DataFrame> {
+    let flat: Vec<(&RunRow, &EpochRecord)> = rows
+        .iter()
+        .flat_map(|r| r.history.iter().map(move |e| (r, e)))
+        .collect();
+    let columns = vec![
+        col_str("run", flat.iter().map(|(r, _)| r.name.clone()).collect()),
+        col_str(
+            "backbone",
+            flat.iter().map(|(r, _)| r.backbone.clone()).collect(),
+        ),
+        col_str("flow", flat.iter().map(|(r, _)| r.flow.clone()).collect()),
+        col_u64(
+            "epoch",
+            flat.iter().map(|(_, e)| e.epoch as u64 + 1).collect(),
+        ),
+        col_f64("train_nll", flat.iter().map(|(_, e)| e.train_nll).collect()),
+        col_f64("val_nll", flat.iter().map(|(_, e)| e.val_nll).collect()),
+        col_f64("lr", flat.iter().map(|(_, e)| e.lr).collect()),
+        col_f64("seconds", flat.iter().map(|(_, e)| e.seconds).collect()),
+        col_u64(
+            "steps_skipped",
+            flat.iter().map(|(_, e)| e.steps_skipped as u64).collect(),
+        ),
+    ];
+    DataFrame::new(flat.len(), columns).map_err(|e| ReportError::Table {
+        path: "history.parquet".into(),
+        message: e.to_string(),
+    })
+}
+
+/// Writes a frame as Parquet, atomically.
+pub fn write_parquet(path: &Path, df: &mut DataFrame) -> Result<()> {
+    let mut buf = Vec::new();
+    ParquetWriter::new(&mut buf)
+        .finish(df)
+        .map_err(|e| ReportError::Table {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    starflow_data::npy::atomic_write(path, &buf)?;
+    Ok(())
+}
