@@ -84,9 +84,14 @@ fn render(path: &Path, size: (u32, u32), draw: impl FnOnce(&Area<'_>) -> DrawRes
         root.present().map_err(|e| plot_err(e.to_string()))?;
     }
     let mut png = Vec::new();
-    image::codecs::png::PngEncoder::new(&mut png)
-        .write_image(&buf, w, h, image::ColorType::Rgb8)
-        .map_err(|e| plot_err(format!("cannot encode PNG: {e}")))?;
+    // Best compression: the charts are flat colours, and the quick report is committed to git.
+    image::codecs::png::PngEncoder::new_with_quality(
+        &mut png,
+        image::codecs::png::CompressionType::Best,
+        image::codecs::png::FilterType::Adaptive,
+    )
+    .write_image(&buf, w, h, image::ColorType::Rgb8)
+    .map_err(|e| plot_err(format!("cannot encode PNG: {e}")))?;
     starflow_data::npy::atomic_write(path, &png)?;
     Ok(())
 }
@@ -152,6 +157,9 @@ pub fn loss_curve(
             .build_cartesian_2d(0.5..n + 0.5, lo..hi)?;
         chart
             .configure_mesh()
+            .light_line_style(WHITE)
+            .x_label_formatter(&|v| fmt_tick(*v))
+            .y_label_formatter(&|v| fmt_tick(*v))
             .x_desc("epoch")
             .y_desc("negative log-likelihood (z-units)")
             .label_style(font(15))
@@ -216,6 +224,9 @@ pub fn pulls(path: &Path, labels: &[LabelInfo], pulls: &[Vec<f64>], title: &str)
                 .build_cartesian_2d(-5.0..5.0, 0.0..top)?;
             chart
                 .configure_mesh()
+                .light_line_style(WHITE)
+                .x_label_formatter(&|v| fmt_tick(*v))
+                .y_label_formatter(&|v| fmt_tick(*v))
                 .x_desc("pull = (mean - truth) / std")
                 .y_desc("density")
                 .label_style(font(14))
@@ -284,6 +295,9 @@ pub fn predicted_vs_true(
                 .build_cartesian_2d(lo..hi, lo..hi)?;
             chart
                 .configure_mesh()
+                .light_line_style(WHITE)
+                .x_label_formatter(&|v| fmt_tick(*v))
+                .y_label_formatter(&|v| fmt_tick(*v))
                 .x_desc(labels[j].axis("true "))
                 .y_desc(labels[j].axis("predicted "))
                 .label_style(font(14))
@@ -319,6 +333,9 @@ pub fn predicted_vs_true(
                 .y_label_area_size(64)
                 .build_cartesian_2d(lo..hi, rlo..rhi)?;
             res.configure_mesh()
+                .light_line_style(WHITE)
+                .x_label_formatter(&|v| fmt_tick(*v))
+                .y_label_formatter(&|v| fmt_tick(*v))
                 .x_desc(labels[j].axis("true "))
                 .y_desc(labels[j].axis("predicted - true "))
                 .label_style(font(14))
@@ -367,6 +384,9 @@ pub fn calibration(
                 .build_cartesian_2d(0.0..1.0, 0.0..1.0)?;
             chart
                 .configure_mesh()
+                .light_line_style(WHITE)
+                .x_label_formatter(&|v| fmt_tick(*v))
+                .y_label_formatter(&|v| fmt_tick(*v))
                 .x_desc("nominal coverage of the central interval")
                 .y_desc("empirical coverage")
                 .label_style(font(14))
@@ -416,6 +436,9 @@ pub fn calibration(
                 .y_label_area_size(56)
                 .build_cartesian_2d(0.0..1.0, 0.0..top)?;
             hist.configure_mesh()
+                .light_line_style(WHITE)
+                .x_label_formatter(&|v| fmt_tick(*v))
+                .y_label_formatter(&|v| fmt_tick(*v))
                 .x_desc("PIT = posterior CDF at the true value")
                 .y_desc("density")
                 .label_style(font(14))
@@ -481,6 +504,7 @@ pub fn corner(path: &Path, labels: &[LabelInfo], star: &StarSamples, title: &str
                         .configure_mesh()
                         .disable_y_axis()
                         .disable_mesh()
+                        .x_label_formatter(&|v| fmt_tick(*v))
                         .x_desc(x_desc)
                         .x_labels(4)
                         .label_style(font(12))
@@ -508,6 +532,8 @@ pub fn corner(path: &Path, labels: &[LabelInfo], star: &StarSamples, title: &str
                         .build_cartesian_2d(xlo..xhi, ylo..yhi)?;
                     let mut mesh = chart.configure_mesh();
                     mesh.disable_mesh()
+                        .x_label_formatter(&|v| fmt_tick(*v))
+                        .y_label_formatter(&|v| fmt_tick(*v))
                         .x_desc(x_desc)
                         .x_labels(4)
                         .y_labels(4)
@@ -521,8 +547,7 @@ pub fn corner(path: &Path, labels: &[LabelInfo], star: &StarSamples, title: &str
                     mesh.draw()?;
                     let bins = 30usize;
                     let mut counts = vec![0usize; bins * bins];
-                    for k in 0..n {
-                        let (x, y) = (cols[j][k], cols[i][k]);
+                    for (&x, &y) in cols[j].iter().zip(&cols[i]) {
                         if x >= xlo && x < xhi && y >= ylo && y < yhi {
                             let bx = ((x - xlo) / (xhi - xlo) * bins as f64) as usize;
                             let by = ((y - ylo) / (yhi - ylo) * bins as f64) as usize;
@@ -620,6 +645,9 @@ pub fn spectrum(
                 .build_cartesian_2d(xlo..xhi, flo..fhi)?;
             chart
                 .configure_mesh()
+                .light_line_style(WHITE)
+                .x_label_formatter(&|v| fmt_tick(*v))
+                .y_label_formatter(&|v| fmt_tick(*v))
                 .x_desc("wavelength [Å]")
                 .y_desc("normalised flux")
                 .label_style(font(13))
@@ -632,6 +660,17 @@ pub fn spectrum(
         }
         Ok(())
     })
+}
+
+/// Tick labels: as few decimals as the value needs (`6500`, `4.5`, `-0.25`).
+pub fn fmt_tick(v: f64) -> String {
+    let t = format!("{v:.3}");
+    let t = t.trim_end_matches('0').trim_end_matches('.');
+    if t == "-0" {
+        "0".into()
+    } else {
+        t.to_string()
+    }
 }
 
 /// Three significant digits without scientific notation for the magnitudes of stellar labels.

@@ -39,7 +39,8 @@ impl Targets {
                 m.pull_std, self.pull_std.0, self.pull_std.1
             ));
         }
-        if !(m.pull_mean.abs() <= self.pull_mean_abs) {
+        // NaN counts as a miss.
+        if m.pull_mean.abs() > self.pull_mean_abs || m.pull_mean.is_nan() {
             out.push(format!(
                 "|pull mean| {:.2} > {}",
                 m.pull_mean.abs(),

@@ -1,0 +1,216 @@
+//! The report end to end on tiny trained runs: every figure is a decodable PNG of the documented
+//! size, REPORT.md compares the runs and checks the targets, metrics.parquet holds the same numbers
+//! as the evaluation, and the same seed gives the same report.
+
+use std::path::{Path, PathBuf};
+
+use polars::prelude::{DataFrame, ParquetReader, SerReader};
+use starflow_report::{report_runs, ReportOptions, TARGETS};
+use starflow_training::config::TrainConfig;
+use starflow_training::{evaluate, train, Quiet, TrainOptions};
+
+/// 160 stars of 4 x 64 pixels, 2 epochs: about a second per run.
+fn tiny(data: &Path, flow: &str) -> TrainConfig {
+    let text = format!(
+        r#"
+[data]
+dir = "{}"
+synthetic_n = 160
+synthetic_pixels_per_camera = 64
+[model]
+flow = "{flow}"
+backbone = "cnn"
+[optim]
+epochs = 2
+batch_size = 32
+lr = 1e-3
+[run]
+seed = 5
+threads = 2
+"#,
+        data.display()
+    );
+    TrainConfig::from_toml(&text, Path::new("tiny.toml")).unwrap()
+}
+
+fn train_tiny(dir: &Path, flow: &str) -> PathBuf {
+    let run = dir.join(format!("cnn-{flow}"));
+    let opts = TrainOptions {
+        out: run.clone(),
+        resume: false,
+        inject_nan_steps: Vec::new(),
+        pause_at: None,
+    };
+    train(&tiny(&dir.join("data"), flow), &opts, &Quiet).unwrap();
+    run
+}
+
+fn png_size(path: &Path) -> (u32, u32) {
+    let img = image::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    (img.width(), img.height())
+}
+
+fn read_parquet(path: &Path) -> DataFrame {
+    let f = std::fs::File::open(path).unwrap();
+    ParquetReader::new(f).finish().unwrap()
+}
+
+fn opts(samples: usize) -> ReportOptions {
+    ReportOptions {
+        n_samples: samples,
+        corner_samples: 2000,
+        seed: 3,
+        title: "tiny comparison".into(),
+        intro: "Two tiny runs.".into(),
+        ..ReportOptions::default()
+    }
+}
+
+#[test]
+fn report_of_two_runs_has_every_figure_table_and_number() {
+    let dir = tempfile::tempdir().unwrap();
+    let runs = vec![
+        train_tiny(dir.path(), "diagonal_gaussian"),
+        train_tiny(dir.path(), "full_flow"),
+    ];
+    let out = dir.path().join("report");
+    let report = report_runs(&runs, &out, &opts(200), &|_| {}).unwrap();
+    assert_eq!(report.rows.len(), 2);
+
+    // Figures: one set per run, each a real PNG of the size its function draws.
+    for name in ["cnn-diagonal_gaussian", "cnn-full_flow"] {
+        let d = out.join(name);
+        assert_eq!(png_size(&d.join("loss.png")), (900, 560));
+        assert_eq!(png_size(&d.join("pulls.png")), (1440, 460));
+        assert_eq!(png_size(&d.join("predicted_vs_true.png")), (1440, 900));
+        assert_eq!(png_size(&d.join("calibration.png")), (1440, 900));
+        let corners: Vec<_> = std::fs::read_dir(&d)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with("posterior-row"))
+            .collect();
+        assert!(
+            (3..=4).contains(&corners.len()),
+            "{name}: {} corner plots",
+            corners.len()
+        );
+        for c in corners {
+            assert_eq!(png_size(&c.path()), (990, 1030));
+        }
+        let csv = std::fs::read_to_string(d.join("predictions.csv")).unwrap();
+        assert_eq!(csv.lines().count(), 1 + report.rows[0].n_test);
+    }
+    assert_eq!(png_size(&out.join("spectrum.png")), (1400, 880));
+    // No temporary files left behind by the atomic writes.
+    for e in walk(&out) {
+        assert!(!e.to_string_lossy().ends_with(".tmp"), "{}", e.display());
+    }
+
+    // REPORT.md: both runs in every table, the targets section, links to the figures.
+    let md = std::fs::read_to_string(&report.markdown).unwrap();
+    assert!(md.starts_with("# tiny comparison\n\nTwo tiny runs."));
+    for needle in [
+        "## Overview",
+        "## Accuracy",
+        "RMSE / Cramér-Rao bound",
+        "## Calibration",
+        "## Quality targets",
+        "cnn-full_flow/calibration.png",
+        "[an example spectrum](spectrum.png)",
+    ] {
+        assert!(md.contains(needle), "REPORT.md lacks {needle:?}:\n{md}");
+    }
+    assert_eq!(
+        md.matches("| cnn-full_flow | ").count(),
+        1 + 1 + 1 + 3,
+        "{md}"
+    );
+
+    // metrics.parquet: one row per run x label, numbers equal to a fresh evaluation.
+    let df = read_parquet(&report.metrics);
+    assert_eq!(df.height(), 6);
+    let rmse = df.column("rmse").unwrap().f64().unwrap();
+    let eval = evaluate(&runs[1], "test", 200, 3).unwrap();
+    for j in 0..3 {
+        assert_eq!(rmse.get(3 + j), Some(eval.labels[j].rmse));
+    }
+    let cov = df.column("coverage_68").unwrap().f64().unwrap();
+    assert_eq!(cov.get(4), Some(eval.labels[1].coverage_68));
+    let runs_col = df.column("run").unwrap().str().unwrap();
+    assert_eq!(runs_col.get(0), Some("cnn-diagonal_gaussian"));
+    assert_eq!(runs_col.get(5), Some("cnn-full_flow"));
+    let hist = read_parquet(&report.history);
+    assert_eq!(hist.height(), 4, "2 runs x 2 epochs");
+
+    // Same seed, same numbers (the wall-clock columns aside).
+    let again = report_runs(&runs, &dir.path().join("again"), &opts(200), &|_| {}).unwrap();
+    let df2 = read_parquet(&again.metrics);
+    for col in ["test_nll_z", "rmse", "bias", "pull_std", "coverage_95"] {
+        assert_eq!(
+            df.column(col).unwrap().f64().unwrap().to_vec(),
+            df2.column(col).unwrap().f64().unwrap().to_vec(),
+            "{col}"
+        );
+    }
+}
+
+#[test]
+fn targets_flag_miscalibration() {
+    let good = starflow_training::LabelMetrics {
+        name: "t_eff".into(),
+        rmse: 50.0,
+        mae: 40.0,
+        bias: 1.0,
+        r2: 0.99,
+        pull_mean: 0.02,
+        pull_std: 1.0,
+        coverage_68: 0.68,
+        coverage_95: 0.95,
+        marginal_nll_z: 0.0,
+        marginal_nll: 0.0,
+        rmse_over_crlb: None,
+        median_crlb: None,
+    };
+    assert!(TARGETS.misses(&good).is_empty());
+    let wide = starflow_training::LabelMetrics {
+        pull_std: 0.7,
+        coverage_68: 0.85,
+        ..good.clone()
+    };
+    let m = TARGETS.misses(&wide);
+    assert_eq!(m.len(), 2, "{m:?}");
+    assert!(m[0].contains("pull std 0.70"));
+    let biased = starflow_training::LabelMetrics {
+        pull_mean: -0.3,
+        coverage_95: 0.90,
+        ..good
+    };
+    assert_eq!(TARGETS.misses(&biased).len(), 2);
+}
+
+#[test]
+fn missing_run_is_a_user_error_naming_the_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-run");
+    let err = report_runs(&[missing], &dir.path().join("out"), &opts(100), &|_| {}).unwrap_err();
+    assert!(err.is_user_error(), "{err}");
+    assert!(err.to_string().contains("no-such-run"), "{err}");
+    let err = report_runs(&[], &dir.path().join("out"), &opts(100), &|_| {}).unwrap_err();
+    assert!(
+        err.is_user_error() && err.to_string().contains("--run"),
+        "{err}"
+    );
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}

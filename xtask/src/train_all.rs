@@ -1,0 +1,350 @@
+//! `cargo xtask train-all`: train, evaluate and report every flow with every backbone, and write one
+//! comparison (`results/<profile>/REPORT.md`, figures, `metrics.parquet`).
+//!
+//! Runs are resumable: a finished run (its `state.json` says so) is skipped, an interrupted one is
+//! resumed with `starflow train --resume`, so re-running after a crash or Ctrl-C only redoes what
+//! is missing. The work itself is done by the release `starflow` binary; xtask only sequences it.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+
+use crate::{cargo, root};
+
+pub const FLOWS: [&str; 3] = ["diagonal_gaussian", "full_gaussian", "full_flow"];
+pub const BACKBONES: [&str; 2] = ["cnn", "tiny_cnn"];
+const PROFILES: [&str; 2] = ["quick", "reference"];
+
+pub const HELP: &str = "\
+cargo xtask train-all [--profile quick|reference] [--data DIR] [--runs DIR] [--out DIR]
+                      [--flows a,b] [--backbones a,b]
+
+  --profile    quick (default): small synthetic set, ~15 min on 2 cores (configs/quick.toml);
+               reference: 8,914 stars and the reference's hyper-parameters (configs/reference.toml)
+  --data DIR   train on real spectra.npy/labels.npy in DIR instead of the synthetic set
+  --runs DIR   where the run directories go (default runs/<profile>[-<data dir name>])
+  --out DIR    where the report goes (default results/<profile>[-<data dir name>])
+  --flows, --backbones   subsets (default: all flows x all backbones)
+";
+
+struct Options {
+    profile: String,
+    data: Option<PathBuf>,
+    runs: Option<PathBuf>,
+    out: Option<PathBuf>,
+    flows: Vec<String>,
+    backbones: Vec<String>,
+}
+
+fn parse(args: &[String]) -> Result<Options> {
+    let mut o = Options {
+        profile: "quick".into(),
+        data: None,
+        runs: None,
+        out: None,
+        flows: FLOWS.iter().map(|s| s.to_string()).collect(),
+        backbones: BACKBONES.iter().map(|s| s.to_string()).collect(),
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = || {
+            it.next()
+                .cloned()
+                .with_context(|| format!("{a} needs a value\n\n{HELP}"))
+        };
+        match a.as_str() {
+            "--profile" => o.profile = value()?,
+            "--data" => o.data = Some(PathBuf::from(value()?)),
+            "--runs" => o.runs = Some(PathBuf::from(value()?)),
+            "--out" => o.out = Some(PathBuf::from(value()?)),
+            "--flows" => o.flows = list(&value()?, &FLOWS, "flow")?,
+            "--backbones" => o.backbones = list(&value()?, &BACKBONES, "backbone")?,
+            "-h" | "--help" => {
+                print!("{HELP}");
+                std::process::exit(0);
+            }
+            other => bail!("unknown option `{other}`\n\n{HELP}"),
+        }
+    }
+    if !PROFILES.contains(&o.profile.as_str()) {
+        bail!(
+            "unknown profile `{}`: use one of {}",
+            o.profile,
+            PROFILES.join(", ")
+        );
+    }
+    if let Some(d) = &o.data {
+        for f in ["spectra.npy", "labels.npy"] {
+            if !d.join(f).is_file() {
+                bail!(
+                    "{}: no {f} there; --data wants a directory with spectra.npy and labels.npy \
+                     (the GALAH DR4 subset's files, unchanged)",
+                    d.display()
+                );
+            }
+        }
+    }
+    Ok(o)
+}
+
+fn list(v: &str, valid: &[&str], what: &str) -> Result<Vec<String>> {
+    v.split(',')
+        .map(|s| {
+            let s = s.trim();
+            if valid.contains(&s) {
+                Ok(s.to_string())
+            } else {
+                bail!("unknown {what} `{s}`: use {}", valid.join(", "))
+            }
+        })
+        .collect()
+}
+
+/// What a run directory holds: nothing, an interrupted run, or a finished one.
+#[derive(Debug, PartialEq)]
+enum RunStatus {
+    New,
+    Interrupted(u64),
+    Finished,
+}
+
+fn status(run: &Path) -> Result<RunStatus> {
+    let path = run.join("state.json");
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(RunStatus::New),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{} is not valid JSON; delete {} to retrain that run",
+            path.display(),
+            run.display()
+        )
+    })?;
+    if v["finished"].as_bool() == Some(true) {
+        Ok(RunStatus::Finished)
+    } else {
+        Ok(RunStatus::Interrupted(
+            v["epochs_done"].as_u64().unwrap_or(0),
+        ))
+    }
+}
+
+fn run_bin(bin: &Path, args: &[String]) -> Result<()> {
+    eprintln!("$ starflow {}", args.join(" "));
+    let status = Command::new(bin)
+        .args(args)
+        .current_dir(root())
+        .status()
+        .with_context(|| format!("could not run {}", bin.display()))?;
+    if !status.success() {
+        bail!("`starflow {}` failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn git_commit() -> String {
+    Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .current_dir(root())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+pub fn run(args: &[String]) -> Result<()> {
+    let o = parse(args)?;
+    let start = Instant::now();
+    cargo(&["build", "--release", "-p", "starflow-cli"])?;
+    let build_s = start.elapsed().as_secs_f64();
+    let bin = root().join("target/release/starflow");
+    let suffix = o
+        .data
+        .as_ref()
+        .and_then(|d| d.file_name())
+        .map(|n| format!("-{}", n.to_string_lossy()))
+        .unwrap_or_default();
+    let runs_dir = o
+        .runs
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("runs/{}{suffix}", o.profile)));
+    let out = o
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("results/{}{suffix}", o.profile)));
+    let config = format!("configs/{}.toml", o.profile);
+
+    let work = Instant::now();
+    let mut runs = Vec::new();
+    let mut log = Vec::new();
+    for backbone in &o.backbones {
+        for flow in &o.flows {
+            let run = runs_dir.join(format!("{backbone}-{flow}"));
+            let abs = root().join(&run);
+            let t = Instant::now();
+            let action = match status(&abs)? {
+                RunStatus::Finished => {
+                    eprintln!("{}: finished earlier, skipped", run.display());
+                    "finished earlier (skipped)".to_string()
+                }
+                RunStatus::Interrupted(done) => {
+                    eprintln!("{}: resuming after epoch {done}", run.display());
+                    run_bin(
+                        &bin,
+                        &[
+                            "train".into(),
+                            "--resume".into(),
+                            "--out".into(),
+                            path(&run),
+                        ],
+                    )?;
+                    format!("resumed after epoch {done}")
+                }
+                RunStatus::New => {
+                    let mut a: Vec<String> = vec![
+                        "train".into(),
+                        "--config".into(),
+                        config.clone(),
+                        "--backbone".into(),
+                        backbone.clone(),
+                        "--flow".into(),
+                        flow.clone(),
+                        "--out".into(),
+                        path(&run),
+                    ];
+                    if let Some(d) = &o.data {
+                        a.push("--set".into());
+                        a.push(format!("data.dir={:?}", path(d)));
+                        a.push("--set".into());
+                        a.push("data.synthetic=false".into());
+                    }
+                    run_bin(&bin, &a)?;
+                    "trained".to_string()
+                }
+            };
+            log.push(format!(
+                "{backbone}-{flow}: {action} in {:.0} s",
+                t.elapsed().as_secs_f64()
+            ));
+            runs.push(run);
+        }
+    }
+    let train_s = work.elapsed().as_secs_f64();
+
+    let mut intro = String::new();
+    let data = match &o.data {
+        Some(d) => format!("real data from `{}`", d.display()),
+        None => "the embedded synthetic GALAH-like set (generated on first use)".into(),
+    };
+    let _ = writeln!(
+        intro,
+        "Made by `cargo xtask train-all --profile {}{}` at commit {} on a {}-CPU machine: \
+         `{config}` for every backbone x flow on {data}. Training (and data generation) took {} \
+         in all, after {:.0} s of building.\n",
+        o.profile,
+        o.data
+            .as_ref()
+            .map(|d| format!(" --data {}", d.display()))
+            .unwrap_or_default(),
+        git_commit(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        fmt_minutes(train_s),
+        build_s
+    );
+    intro.push_str("Runs:\n\n");
+    for l in &log {
+        let _ = writeln!(intro, "- {l}");
+    }
+    std::fs::create_dir_all(root().join(&out))
+        .with_context(|| format!("cannot create {}", out.display()))?;
+    let intro_path = root().join(&runs_dir).join("report-intro.md");
+    std::fs::write(&intro_path, &intro)
+        .with_context(|| format!("cannot write {}", intro_path.display()))?;
+    let mut a: Vec<String> = vec!["report".into()];
+    for r in &runs {
+        a.push("--run".into());
+        a.push(path(r));
+    }
+    a.extend([
+        "--out".into(),
+        path(&out),
+        "--title".into(),
+        format!("starflow train-all: {} profile", o.profile),
+        "--intro".into(),
+        path(&intro_path),
+    ]);
+    let r = Instant::now();
+    run_bin(&bin, &a)?;
+    eprintln!(
+        "train-all: {} runs trained in {}, reported in {:.0} s, {} in all (build {:.0} s); see {}",
+        runs.len(),
+        fmt_minutes(train_s),
+        r.elapsed().as_secs_f64(),
+        fmt_minutes(start.elapsed().as_secs_f64()),
+        build_s,
+        out.join("REPORT.md").display()
+    );
+    Ok(())
+}
+
+fn path(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+fn fmt_minutes(s: f64) -> String {
+    if s >= 60.0 {
+        format!(
+            "{} min {:02} s",
+            (s / 60.0).floor() as u64,
+            s.round() as u64 % 60
+        )
+    } else {
+        format!("{s:.0} s")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_status_reads_state_json() {
+        let dir = std::env::temp_dir().join(format!("xtask-status-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert_eq!(status(&dir).unwrap(), RunStatus::New);
+        std::fs::write(
+            dir.join("state.json"),
+            r#"{"finished": false, "epochs_done": 3}"#,
+        )
+        .unwrap();
+        assert_eq!(status(&dir).unwrap(), RunStatus::Interrupted(3));
+        std::fs::write(
+            dir.join("state.json"),
+            r#"{"finished": true, "epochs_done": 8}"#,
+        )
+        .unwrap();
+        assert_eq!(status(&dir).unwrap(), RunStatus::Finished);
+        std::fs::write(dir.join("state.json"), "{trunc").unwrap();
+        assert!(status(&dir).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn options_are_validated() {
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        assert!(parse(&s(&["--profile", "huge"])).is_err());
+        assert!(parse(&s(&["--flows", "full_flow,nope"])).is_err());
+        assert!(parse(&s(&["--data", "/definitely/not/here"])).is_err());
+        let o = parse(&s(&["--flows", "full_flow", "--backbones", "tiny_cnn"])).unwrap();
+        assert_eq!(
+            (o.flows, o.backbones),
+            (vec!["full_flow".to_string()], vec!["tiny_cnn".to_string()])
+        );
+    }
+}
