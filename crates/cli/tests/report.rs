@@ -1,0 +1,69 @@
+//! `starflow report` through the real binary: a trained run in, figures and tables out; a missing
+//! run is a user error (exit 2, names the directory, no panic).
+
+mod common;
+
+use common::{ok, starflow, synth, text, tiny_config};
+
+#[test]
+fn report_writes_figures_and_tables_for_a_trained_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    synth(&d.join("data"), 120, 64);
+    let cfg = tiny_config(&d.join("tiny.toml"), &d.join("data"), 2, "");
+    let run = d.join("cnn-diag");
+    ok(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+    ]);
+    let (so, se) = ok(&[
+        "report",
+        "--run",
+        run.to_str().unwrap(),
+        "--samples",
+        "100",
+        "--corner-samples",
+        "500",
+    ]);
+    let out = run.join("report");
+    assert!(so.contains("cnn-diag: test NLL"), "{so}\n{se}");
+    assert!(
+        so.contains(&out.join("REPORT.md").display().to_string()),
+        "{so}"
+    );
+    for f in [
+        "REPORT.md",
+        "metrics.parquet",
+        "history.parquet",
+        "spectrum.png",
+        "cnn-diag/loss.png",
+        "cnn-diag/pulls.png",
+        "cnn-diag/predicted_vs_true.png",
+        "cnn-diag/calibration.png",
+        "cnn-diag/predictions.csv",
+    ] {
+        let p = out.join(f);
+        let len = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+        assert!(len > 100, "{} missing or empty", p.display());
+    }
+    let png = std::fs::read(out.join("cnn-diag/pulls.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    let md = std::fs::read_to_string(out.join("REPORT.md")).unwrap();
+    assert!(
+        md.contains("| cnn-diag | cnn | diagonal_gaussian | 2 ("),
+        "{md}"
+    );
+}
+
+#[test]
+fn report_on_a_missing_run_is_a_user_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nowhere");
+    let o = starflow(&["report", "--run", missing.to_str().unwrap()]);
+    let (_, se) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{se}");
+    assert!(se.contains("nowhere") && !se.contains("panicked"), "{se}");
+}
