@@ -4,20 +4,26 @@
 //! Ratios measured in one run are what we report: absolute times on a shared 2-core machine move
 //! by tens of percent from one minute to the next, ratios much less.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
 use crate::{cargo_env, root};
 
+/// The criterion benchmark binaries: (package, bench target). `bench-check` runs the same ones.
+pub const SUITES: [(&str, &str); 2] = [
+    ("starflow-flows", "flows"),
+    ("starflow-models", "bench_main"),
+];
+
 /// Median time in seconds of one criterion benchmark directory.
-fn median_s(dir: &Path) -> Option<f64> {
+pub fn median_s(dir: &Path) -> Option<f64> {
     let text = std::fs::read_to_string(dir.join("new/estimates.json")).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
     Some(v["median"]["point_estimate"].as_f64()? * 1e-9)
 }
 
-fn fmt_time(s: f64) -> String {
+pub fn fmt_time(s: f64) -> String {
     if s >= 1.0 {
         format!("{s:.3} s")
     } else if s >= 1e-3 {
@@ -41,44 +47,52 @@ fn measure(quick: bool, stock: bool) -> Result<()> {
     if quick {
         crit.extend(["--warm-up-time", "1", "--measurement-time", "3"]);
     }
-    let mut flows = vec!["bench", "-p", "starflow-flows", "--bench", "flows"];
-    flows.extend(&crit);
-    cargo_env(&flows, &[])?;
-    let mut models = vec!["bench", "-p", "starflow-models", "--bench", "bench_main"];
-    models.extend(&crit);
     let env: &[(&str, &str)] = if stock {
         &[("STARFLOW_BENCH_STOCK", "1")]
     } else {
         &[]
     };
-    cargo_env(&models, env)
+    for (package, bench) in SUITES {
+        let mut args = vec!["bench", "-p", package, "--bench", bench];
+        args.extend(&crit);
+        cargo_env(&args, env)?;
+    }
+    Ok(())
+}
+
+/// Every `<base>/<group>/<bench>` directory that holds a criterion result, as (group, bench, dir).
+/// Names are criterion's directory names (a `/` in a benchmark name becomes `_`).
+pub fn bench_dirs(base: &Path) -> Result<Vec<(String, String, PathBuf)>> {
+    let name = |p: &Path| {
+        p.file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned()
+    };
+    let mut out = Vec::new();
+    for group in std::fs::read_dir(base)
+        .with_context(|| format!("no criterion results in {}", base.display()))?
+    {
+        let group = group?.path();
+        if !group.is_dir() {
+            continue;
+        }
+        for bench in std::fs::read_dir(&group)? {
+            let bench = bench?.path();
+            if bench.join("new/estimates.json").is_file() {
+                out.push((name(&group), name(&bench), bench));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Prints the latest criterion results.
 fn report() -> Result<()> {
-    let base = root().join("target/criterion");
-    let mut rows = Vec::new();
-    for group in std::fs::read_dir(&base)
-        .with_context(|| format!("no criterion results in {}", base.display()))?
-    {
-        let group = group?.path();
-        for bench in std::fs::read_dir(&group)? {
-            let bench = bench?.path();
-            if let Some(t) = median_s(&bench) {
-                let g = group
-                    .file_name()
-                    .unwrap_or_default()
-                    .to_string_lossy()
-                    .into_owned();
-                let b = bench
-                    .file_name()
-                    .unwrap_or_default()
-                    .to_string_lossy()
-                    .into_owned();
-                rows.push((g, b, t));
-            }
-        }
-    }
+    let mut rows: Vec<(String, String, f64)> = bench_dirs(&root().join("target/criterion"))?
+        .into_iter()
+        .filter_map(|(g, b, dir)| Some((g, b, median_s(&dir)?)))
+        .collect();
     rows.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
     println!(
         "{:<24} {:<28} {:>12} {:>16}",

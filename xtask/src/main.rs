@@ -4,6 +4,7 @@
 //! works even when the library crates do not build.
 
 mod bench;
+mod bench_check;
 mod ci;
 
 use std::path::PathBuf;
@@ -21,6 +22,10 @@ commands:
   bench   criterion benchmarks of flows and models, each figure with its ratio to stock candle
           measured in the same run (--quick: short measurement; --no-stock: skip the slow stock path;
           --report: print the latest results without measuring)
+  bench-check
+          short benchmark run compared with results/bench-baseline.json as ratios to a reference
+          kernel of the same run; fails when a figure is >25 % slower (--update: re-record the
+          baseline; --no-run: compare the latest results without measuring)
 ";
 
 /// The workspace root, from this crate's manifest directory.
@@ -56,6 +61,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("ci") => ci::run(),
         Some("bench") => bench::run(&args[1..]),
+        Some("bench-check") => bench_check::run(&args[1..]),
         Some("synth") => cargo(&[
             "run",
             "--release",

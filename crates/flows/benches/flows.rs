@@ -4,6 +4,9 @@
 //!
 //! Run: `cargo bench -p starflow-flows -- --warm-up-time 1 --measurement-time 3`.
 
+#[path = "common/paired.rs"]
+mod paired;
+
 use std::time::Duration;
 
 use candle_core::{Device, Tensor, Var};
@@ -22,7 +25,20 @@ fn randn(rng: &mut ChaCha8Rng, shape: (usize, usize), std: f64) -> Tensor {
     Tensor::from_vec(v, shape, &Device::Cpu).expect("tensor")
 }
 
+/// The reference kernel alone (see `common/paired.rs`), as an indication of this machine's speed. In
+/// bench-check's paired mode every figure already includes it, so it is skipped.
+fn reference(c: &mut Criterion) {
+    if paired::paired() {
+        return;
+    }
+    let reference = paired::Reference::new();
+    let mut group = c.benchmark_group("reference");
+    group.bench_function("matmul_f32_256_flows", |bn| bn.iter(|| reference.run()));
+    group.finish();
+}
+
 fn log_prob_fwd_bwd(c: &mut Criterion) {
+    let reference = paired::Reference::new();
     let mut group = c.benchmark_group("log_prob_fwd_bwd_b64");
     group.throughput(Throughput::Elements(BATCH as u64));
     for name in FLOW_NAMES {
@@ -32,7 +48,7 @@ fn log_prob_fwd_bwd(c: &mut Criterion) {
             Var::from_tensor(&randn(&mut rng, (BATCH, flow.n_params()), 0.5)).expect("var");
         let x = randn(&mut rng, (BATCH, 3), 1.5);
         group.bench_function(name, |b| {
-            b.iter(|| {
+            paired::iter(b, &reference, || {
                 let lp = flow.log_prob(params.as_tensor(), &x).expect("log_prob");
                 lp.sum_all().expect("sum").backward().expect("backward")
             })
@@ -42,6 +58,7 @@ fn log_prob_fwd_bwd(c: &mut Criterion) {
 }
 
 fn posterior_summary(c: &mut Criterion) {
+    let reference = paired::Reference::new();
     let mut group = c.benchmark_group("summary_1000x64");
     group.sample_size(10);
     group.throughput(Throughput::Elements((BATCH * 1000) as u64));
@@ -50,7 +67,9 @@ fn posterior_summary(c: &mut Criterion) {
         let mut rng = ChaCha8Rng::seed_from_u64(1);
         let params = randn(&mut rng, (BATCH, flow.n_params()), 0.5);
         group.bench_function(name, |b| {
-            b.iter(|| flow.summarize(&params, 1000, &mut rng).expect("summary"))
+            paired::iter(b, &reference, || {
+                flow.summarize(&params, 1000, &mut rng).expect("summary")
+            })
         });
     }
     group.finish();
@@ -59,6 +78,6 @@ fn posterior_summary(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
-    targets = log_prob_fwd_bwd, posterior_summary
+    targets = reference, log_prob_fwd_bwd, posterior_summary
 }
 criterion_main!(benches);

@@ -8,4 +8,8 @@
 
 mod benchmarks;
 
-criterion::criterion_main!(benchmarks::backbone::benches, benchmarks::ops::benches);
+criterion::criterion_main!(
+    benchmarks::reference::benches,
+    benchmarks::backbone::benches,
+    benchmarks::ops::benches
+);

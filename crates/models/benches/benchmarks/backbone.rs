@@ -6,7 +6,7 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use criterion::{criterion_group, Criterion, Throughput};
 use starflow_models::{backbone, trainable_vars, Backbone, BackboneConfig, ComputePath};
 
-use super::{config, env_usize, with_stock};
+use super::{config, env_usize, paired, with_stock};
 
 const N_PARAMS: usize = 6;
 
@@ -58,16 +58,17 @@ fn bench_backbones(c: &mut Criterion) {
     if with_stock() {
         paths.push(("stock", ComputePath::Stock));
     }
+    let reference = paired::Reference::new();
     for name in ["cnn", "tiny_cnn"] {
         let mut group = c.benchmark_group(format!("backbone/{name}"));
         group.throughput(Throughput::Elements(batch as u64));
         for (label, path) in &paths {
             let mut s = setup(name, *path, batch, len).expect("setup");
             group.bench_function(format!("train_step/{label}"), |b| {
-                b.iter(|| train_step(&mut s).expect("train step"))
+                paired::iter(b, &reference, || train_step(&mut s).expect("train step"))
             });
             group.bench_function(format!("eval_forward/{label}"), |b| {
-                b.iter(|| eval_forward(&s).expect("eval forward"))
+                paired::iter(b, &reference, || eval_forward(&s).expect("eval forward"))
             });
         }
         group.finish();

@@ -2,6 +2,9 @@
 
 pub mod backbone;
 pub mod ops;
+#[path = "../../../flows/benches/common/paired.rs"]
+pub mod paired;
+pub mod reference;
 
 use std::time::Duration;
 

@@ -10,7 +10,7 @@ use starflow_models::ops::block::{fused_block_reference, BlockNorm, DropoutMask}
 use starflow_models::ops::conv1d::conv1d_reference;
 use starflow_models::ops::conv_block::conv_block;
 
-use super::{config, env_usize, with_stock};
+use super::{config, env_usize, paired, with_stock};
 
 struct Block {
     x: Tensor,
@@ -63,6 +63,7 @@ fn run(b: &Block, fast: bool, backward: bool) -> Result<()> {
 }
 
 fn bench_ops(c: &mut Criterion) {
+    let reference = paired::Reference::new();
     let batch = env_usize("STARFLOW_BENCH_BATCH", 64);
     let len = env_usize("STARFLOW_BENCH_LEN", 16384);
     for (c_in, c_out, l) in [(1, 16, len), (16, 32, len / 2)] {
@@ -75,10 +76,12 @@ fn bench_ops(c: &mut Criterion) {
         }
         for (label, fast) in variants {
             group.bench_function(format!("forward/{label}"), |bn| {
-                bn.iter(|| run(&b, fast, false).expect("forward"))
+                paired::iter(bn, &reference, || run(&b, fast, false).expect("forward"))
             });
             group.bench_function(format!("forward_backward/{label}"), |bn| {
-                bn.iter(|| run(&b, fast, true).expect("forward+backward"))
+                paired::iter(bn, &reference, || {
+                    run(&b, fast, true).expect("forward+backward")
+                })
             });
         }
         group.finish();
