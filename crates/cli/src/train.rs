@@ -49,6 +49,10 @@ pub struct EvaluateArgs {
     /// Seed of the posterior sampler.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// σ-scale each label's posterior by a factor fitted on the validation split
+    /// (RUN/calibration.json; fitted and saved on first use).
+    #[arg(long)]
+    pub calibrate: bool,
 }
 
 #[derive(Args, Debug)]
@@ -66,6 +70,35 @@ pub struct PredictArgs {
     pub samples: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// σ-scale each label's posterior by a factor fitted on the validation split
+    /// (RUN/calibration.json; fitted and saved on first use).
+    #[arg(long)]
+    pub calibrate: bool,
+}
+
+/// The run's σ-scaling factors when `--calibrate` is given, announced on stderr.
+fn calibration(
+    run: &Path,
+    on: bool,
+    samples: usize,
+    seed: u64,
+) -> anyhow::Result<Option<starflow_training::Calibration>> {
+    if !on {
+        return Ok(None);
+    }
+    let c = starflow_training::load_or_fit_calibration(run, samples, seed)?;
+    eprintln!(
+        "σ-scaling fitted on {} {} stars: {}",
+        c.n_stars,
+        c.fitted_on,
+        c.labels
+            .iter()
+            .zip(&c.scale)
+            .map(|(l, s)| format!("{l} x{s:.3}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(Some(c))
 }
 
 /// Progress bars for the training loop.
@@ -212,8 +245,13 @@ fn print_evaluation(e: &Evaluation) {
 }
 
 pub fn evaluate(a: &EvaluateArgs) -> anyhow::Result<()> {
-    let e = starflow_training::evaluate(&a.run, &a.split, a.samples, a.seed)?;
-    let dir = a.run.join(format!("eval-{}", a.split));
+    let cal = calibration(&a.run, a.calibrate, a.samples, a.seed)?;
+    let e = starflow_training::evaluate_scaled(&a.run, &a.split, a.samples, a.seed, cal.as_ref())?;
+    let dir = a.run.join(format!(
+        "eval-{}{}",
+        a.split,
+        if cal.is_some() { "-calibrated" } else { "" }
+    ));
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let names: Vec<String> = e.labels.iter().map(|l| l.name.clone()).collect();
     write_text(
@@ -234,7 +272,9 @@ pub fn evaluate(a: &EvaluateArgs) -> anyhow::Result<()> {
 }
 
 pub fn predict(a: &PredictArgs) -> anyhow::Result<()> {
-    let stars = starflow_training::predict(&a.run, &a.spectra, a.samples, a.seed)?;
+    let cal = calibration(&a.run, a.calibrate, a.samples, a.seed)?;
+    let stars =
+        starflow_training::predict_scaled(&a.run, &a.spectra, a.samples, a.seed, cal.as_ref())?;
     let state = starflow_training::RunDir::new(&a.run).load_state()?;
     let out = a.out.clone().unwrap_or_else(|| {
         a.spectra

@@ -19,7 +19,7 @@ use starflow_flows::PosteriorSummary;
 
 use crate::error::{Result, TrainError};
 use crate::model::StarModel;
-use crate::run::RunState;
+use crate::run::{write_text, RunDir, RunState};
 use crate::train::{load_run, prepare_data, Prepared, Quiet};
 
 /// Nominal masses of the two central intervals whose coverage is reported (1 and 2 sigma).
@@ -115,15 +115,89 @@ fn check_samples(run_dir: &Path, n_samples: usize) -> Result<()> {
     Ok(())
 }
 
+/// Per-label σ-scaling of the posteriors, fitted on the validation split: each label's posterior is
+/// stretched about its mean by `scale[j]`, the factor that maximises the validation likelihood of
+/// a Gaussian marginal with the predicted mean, `s² = mean(pull²)`. A network trained for a few
+/// epochs (or with dropout) is usually too wide or too narrow as a whole rather than star by star,
+/// which one factor per label repairs (Levi et al. 2019, "Evaluating and calibrating uncertainty
+/// prediction in regression tasks"). Means, and hence RMSE and bias, are unchanged.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Calibration {
+    pub labels: Vec<String>,
+    pub scale: Vec<f64>,
+    /// Split the factors were fitted on and its size.
+    pub fitted_on: String,
+    pub n_stars: usize,
+    /// Epochs done when fitted: a run trained further needs new factors.
+    #[serde(default)]
+    pub epochs_done: usize,
+}
+
+impl Calibration {
+    /// Fits the factors to an (unscaled) evaluation, normally of the validation split.
+    pub fn fit(eval: &Evaluation) -> Self {
+        let d = eval.labels.len();
+        let scale = (0..d)
+            .map(|j| {
+                let (sum, n) = eval
+                    .stars
+                    .iter()
+                    .filter_map(|s| {
+                        s.truth
+                            .as_ref()
+                            .map(|t| ((s.mean[j] - t[j]) / s.std[j]).powi(2))
+                    })
+                    .filter(|p| p.is_finite())
+                    .fold((0.0, 0usize), |(a, n), p| (a + p, n + 1));
+                if n == 0 {
+                    1.0
+                } else {
+                    (sum / n as f64).sqrt()
+                }
+            })
+            .collect();
+        Calibration {
+            labels: eval.labels.iter().map(|l| l.name.clone()).collect(),
+            scale,
+            fitted_on: eval.split.clone(),
+            n_stars: eval.n_stars,
+            epochs_done: 0,
+        }
+    }
+}
+
+/// Stretches a posterior summary about its mean.
+fn scale_summary(s: &mut PosteriorSummary, sc: &[f64]) {
+    let d = s.mean.len();
+    for j in 0..d {
+        s.std[j] *= sc[j];
+        let m = s.mean[j];
+        s.quantiles[j] = s.quantiles[j].map(|q| m + sc[j] * (q - m));
+        for k in 0..d {
+            s.cov[j * d + k] *= sc[j] * sc[k];
+        }
+    }
+}
+
 /// Posterior summaries (z-units) and, given truths, PITs for one batch of parameters.
+///
+/// With `scale`, each label's posterior is widened (or narrowed) by `scale[j]` about its mean (see
+/// [`Calibration`]): the PIT of a truth `t` under the scaled posterior is the unscaled posterior's
+/// CDF at `m + (t - m) / s`, and the summary's spread is multiplied by `s`.
 fn summarize_batch(
     model: &StarModel,
     params: &Tensor,
     truth_z: Option<&[f64]>,
     n_samples: usize,
     rng: &mut ChaCha8Rng,
+    scale: Option<&[f64]>,
 ) -> Result<Vec<(PosteriorSummary, Option<Vec<f64>>)>> {
     let d = model.flow.dim();
+    // The truth as seen by the unscaled posterior of item i, label j.
+    let seen = |t: f64, m: f64, j: usize| match scale {
+        Some(sc) => m + (t - m) / sc[j],
+        None => t,
+    };
     let b = params.dims()[0];
     let gaussian = model.flow.n_layers() == 1;
     let out: Vec<(PosteriorSummary, Option<Vec<f64>>)> = if gaussian {
@@ -135,7 +209,7 @@ fn summarize_batch(
                 let s = m.to_summary();
                 let pit = truth_z.map(|t| {
                     (0..d)
-                        .map(|j| phi((t[i * d + j] - s.mean[j]) / s.std[j]))
+                        .map(|j| phi((seen(t[i * d + j], s.mean[j], j) - s.mean[j]) / s.std[j]))
                         .collect()
                 });
                 (s, pit)
@@ -152,9 +226,8 @@ fn summarize_batch(
                     let pts = samples.item(i);
                     (0..d)
                         .map(|j| {
-                            let below = (0..n_samples)
-                                .filter(|&k| pts[k * d + j] < t[i * d + j])
-                                .count();
+                            let tj = seen(t[i * d + j], s.mean[j], j);
+                            let below = (0..n_samples).filter(|&k| pts[k * d + j] < tj).count();
                             (below as f64 + 0.5) / (n_samples as f64 + 1.0)
                         })
                         .collect()
@@ -164,6 +237,12 @@ fn summarize_batch(
             .collect()
     };
     debug_assert_eq!(b, out.len());
+    let mut out = out;
+    if let Some(sc) = scale {
+        for (s, _) in &mut out {
+            scale_summary(s, sc);
+        }
+    }
     Ok(out)
 }
 
@@ -236,6 +315,50 @@ fn open_split(run_dir: &Path, split: &str) -> Result<Opened> {
 
 /// Evaluates a run on a split (`train`, `val` or `test`) of the data it was trained on.
 pub fn evaluate(run_dir: &Path, split: &str, n_samples: usize, seed: u64) -> Result<Evaluation> {
+    evaluate_scaled(run_dir, split, n_samples, seed, None)
+}
+
+/// Fits a [`Calibration`] on the validation split of a run.
+pub fn fit_calibration(run_dir: &Path, n_samples: usize, seed: u64) -> Result<Calibration> {
+    let state = RunDir::new(run_dir).load_state()?;
+    let mut c = Calibration::fit(&evaluate(run_dir, "val", n_samples, seed)?);
+    c.epochs_done = state.epochs_done;
+    Ok(c)
+}
+
+/// The run's calibration from `RUN/calibration.json`, fitted (and saved atomically) when missing
+/// or older than the run's weights.
+pub fn load_or_fit_calibration(run_dir: &Path, n_samples: usize, seed: u64) -> Result<Calibration> {
+    let path = run_dir.join(CALIBRATION_FILE);
+    let state = RunDir::new(run_dir).load_state()?;
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        match serde_json::from_str::<Calibration>(&text) {
+            Ok(c) if c.epochs_done == state.epochs_done && c.labels == state.scaler.names => {
+                return Ok(c)
+            }
+            Ok(_) => tracing::info!("{}: stale, fitting again", path.display()),
+            Err(e) => tracing::warn!("{}: unreadable ({e}), fitting again", path.display()),
+        }
+    }
+    let c = fit_calibration(run_dir, n_samples, seed)?;
+    let text = serde_json::to_string_pretty(&c)
+        .map_err(|e| TrainError::config(&path, format!("cannot serialise: {e}")))?;
+    write_text(&path, &text)?;
+    Ok(c)
+}
+
+/// File name of a run's σ-scaling factors.
+pub const CALIBRATION_FILE: &str = "calibration.json";
+
+/// [`evaluate`] with the posteriors σ-scaled by `calibration` (when given): PITs, coverage, pulls,
+/// quantiles and the NLL are those of the scaled posteriors.
+pub fn evaluate_scaled(
+    run_dir: &Path,
+    split: &str,
+    n_samples: usize,
+    seed: u64,
+    calibration: Option<&Calibration>,
+) -> Result<Evaluation> {
     let start = Instant::now();
     let Opened {
         state,
@@ -255,20 +378,49 @@ pub fn evaluate(run_dir: &Path, split: &str, n_samples: usize, seed: u64) -> Res
     let mut stars = Vec::with_capacity(indices.len());
     let mut nll_sum = 0.0;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let scale = match calibration {
+        Some(c) if c.scale.len() != d => {
+            return Err(TrainError::config(
+                run_dir,
+                format!(
+                    "the calibration has {} factors but the run predicts {d} labels",
+                    c.scale.len()
+                ),
+            ));
+        }
+        Some(c) => Some(c.scale.as_slice()),
+        None => None,
+    };
+    let log_scale_sum: f64 = scale.map_or(0.0, |sc| sc.iter().map(|v| v.ln()).sum());
     for batch in batcher.batches(indices, 128)? {
         let b = batch?;
         let params = model.params(&b.x, false)?;
+        let yz: Vec<f64> = b.y.flatten_all()?.to_vec1()?;
+        let summaries = summarize_batch(&model, &params, Some(&yz), n_samples, &mut rng, scale)?;
+        // The scaled density at y is the unscaled density at m + (y - m) / s, divided by prod s.
+        let y_seen = match scale {
+            None => b.y.clone(),
+            Some(sc) => {
+                let v: Vec<f64> = yz
+                    .iter()
+                    .enumerate()
+                    .map(|(k, &t)| {
+                        let (i, j) = (k / d, k % d);
+                        let m = summaries[i].0.mean[j];
+                        m + (t - m) / sc[j]
+                    })
+                    .collect();
+                Tensor::from_vec(v, b.y.dims(), b.y.device())?
+            }
+        };
         nll_sum += model
             .flow
-            .log_prob(&params, &b.y)?
+            .log_prob(&params, &y_seen)?
             .neg()?
             .sum_all()?
-            .to_scalar::<f64>()?;
-        let yz: Vec<f64> = b.y.flatten_all()?.to_vec1()?;
-        for (k, (s, pit)) in summarize_batch(&model, &params, Some(&yz), n_samples, &mut rng)?
-            .into_iter()
-            .enumerate()
-        {
+            .to_scalar::<f64>()?
+            + log_scale_sum * b.indices.len() as f64;
+        for (k, (s, pit)) in summaries.into_iter().enumerate() {
             let (mean, std, quantiles) = to_physical(&s, &state.scaler.mean, &state.scaler.std);
             let i = b.indices[k];
             stars.push(StarPrediction {
@@ -463,6 +615,17 @@ pub fn predict(
     n_samples: usize,
     seed: u64,
 ) -> Result<Vec<StarPrediction>> {
+    predict_scaled(run_dir, spectra, n_samples, seed, None)
+}
+
+/// [`predict`] with the posteriors σ-scaled by `calibration` (when given).
+pub fn predict_scaled(
+    run_dir: &Path,
+    spectra: &Path,
+    n_samples: usize,
+    seed: u64,
+    calibration: Option<&Calibration>,
+) -> Result<Vec<StarPrediction>> {
     let (state, model) = load_run(run_dir)?;
     let arr = NpyArray::open(spectra)?;
     let (rows, n_pix) = arr.shape2("spectra")?;
@@ -498,9 +661,16 @@ pub fn predict(
         }
         let x = Tensor::from_vec(x, (end - start, 1, n_pix), &model.device)?;
         let params = model.params(&x, false)?;
-        for (k, (s, _)) in summarize_batch(&model, &params, None, n_samples, &mut rng)?
-            .into_iter()
-            .enumerate()
+        for (k, (s, _)) in summarize_batch(
+            &model,
+            &params,
+            None,
+            n_samples,
+            &mut rng,
+            calibration.map(|c| c.scale.as_slice()),
+        )?
+        .into_iter()
+        .enumerate()
         {
             let (mean, std, quantiles) = to_physical(&s, &state.scaler.mean, &state.scaler.std);
             out.push(StarPrediction {

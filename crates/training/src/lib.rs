@@ -16,7 +16,8 @@ pub mod train;
 pub use config::TrainConfig;
 pub use error::{Result, TrainError};
 pub use evaluate::{
-    evaluate, posterior_samples, predict, Evaluation, LabelMetrics, StarPrediction, StarSamples,
+    evaluate, evaluate_scaled, fit_calibration, load_or_fit_calibration, posterior_samples,
+    predict, predict_scaled, Calibration, Evaluation, LabelMetrics, StarPrediction, StarSamples,
 };
 pub use model::StarModel;
 pub use pause::PauseAt;
