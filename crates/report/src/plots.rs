@@ -207,8 +207,15 @@ pub fn loss_curve(
     })
 }
 
-/// Pull histograms per label against N(0, 1), with the fitted mean and std written on each panel.
-pub fn pulls(path: &Path, labels: &[LabelInfo], pulls: &[Vec<f64>], title: &str) -> Result<()> {
+/// Pull histograms per label against N(0, 1), with the fitted mean and std written on each panel
+/// (and, when given, the pull std after σ-scaling).
+pub fn pulls(
+    path: &Path,
+    labels: &[LabelInfo],
+    pulls: &[Vec<f64>],
+    scaled_std: Option<&[f64]>,
+    title: &str,
+) -> Result<()> {
     let d = labels.len();
     render(path, (480 * d as u32, 460), |root| {
         let area = title_area(root, title)?;
@@ -262,7 +269,10 @@ pub fn pulls(path: &Path, labels: &[LabelInfo], pulls: &[Vec<f64>], title: &str)
                 .border_style(BLACK)
                 .position(SeriesLabelPosition::UpperRight)
                 .draw()?;
-            let note = format!("mean {m:+.3}\nstd  {s:.3}\n{} beyond ±5", h.outside);
+            let mut note = format!("mean {m:+.3}\nstd  {s:.3}\n{} beyond ±5", h.outside);
+            if let Some(v) = scaled_std.and_then(|v| v.get(j)) {
+                note.push_str(&format!("\nσ-scaled std {v:.3}"));
+            }
             for (k, line) in note.lines().enumerate() {
                 panel.draw_text(line, &font(14), (70, 48 + 18 * k as i32))?;
             }
@@ -362,11 +372,13 @@ pub fn predicted_vs_true(
 }
 
 /// Empirical against nominal coverage of central posterior intervals, and the histogram of the
-/// probability integral transform (flat when calibrated), per label.
+/// probability integral transform (flat when calibrated), per label; with `scaled`, the coverage
+/// curve of the σ-scaled posteriors too.
 pub fn calibration(
     path: &Path,
     labels: &[LabelInfo],
     pits: &[Vec<f64>],
+    scaled: Option<&[Vec<f64>]>,
     title: &str,
 ) -> Result<()> {
     let d = labels.len();
@@ -410,6 +422,18 @@ pub fn calibration(
                 .legend(|(x, y)| {
                     PathElement::new(vec![(x, y), (x + 20, y)], TRAIN.stroke_width(2))
                 });
+            if let Some(sc) = scaled.and_then(|v| v.get(j)) {
+                let cov_s = coverage_curve(sc, &levels);
+                chart
+                    .draw_series(LineSeries::new(
+                        levels.iter().copied().zip(cov_s.iter().copied()),
+                        VAL.stroke_width(2),
+                    ))?
+                    .label("σ-scaled")
+                    .legend(|(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 20, y)], VAL.stroke_width(2))
+                    });
+            }
             chart
                 .configure_series_labels()
                 .label_font(font(13))

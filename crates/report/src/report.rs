@@ -9,7 +9,9 @@ use starflow_data::synth::{wavelength_grid, CAMERAS};
 use starflow_training::evaluate::predictions_csv;
 use starflow_training::run::write_text;
 use starflow_training::train::{prepare_data, Quiet};
-use starflow_training::{evaluate, posterior_samples, Evaluation, RunDir, RunState};
+use starflow_training::{
+    evaluate, evaluate_scaled, fit_calibration, posterior_samples, Evaluation, RunDir, RunState,
+};
 
 use crate::error::{ReportError, Result};
 use crate::plots::{self, fmt_sig, LabelInfo};
@@ -89,10 +91,19 @@ pub fn report_runs(
         }
         progress(&format!("{name}: evaluating on the {} split", opts.split));
         let eval = evaluate(run, &opts.split, opts.n_samples, opts.seed)?;
+        progress(&format!("{name}: fitting σ-scaling on the val split"));
+        let calibration = fit_calibration(run, opts.n_samples, opts.seed)?;
+        let scaled = evaluate_scaled(
+            run,
+            &opts.split,
+            opts.n_samples,
+            opts.seed,
+            Some(&calibration),
+        )?;
         let dir = out.join(&name);
         std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
         progress(&format!("{name}: drawing figures"));
-        let showcase = draw_run(run, &dir, &name, &state, &eval, opts)?;
+        let showcase = draw_run(run, &dir, &name, &state, &eval, &scaled, opts)?;
         if !spectrum_drawn {
             if let Some(&p) = showcase.get(1).or(showcase.first()) {
                 draw_spectrum(&state, &opts.split, p, &out.join("spectrum.png"))?;
@@ -117,6 +128,9 @@ pub fn report_runs(
             test_nll_z: eval.nll_z,
             test_nll: eval.nll,
             labels: eval.labels.clone(),
+            sigma_scale: calibration.scale.clone(),
+            calibrated: scaled.labels.clone(),
+            test_nll_z_calibrated: scaled.nll_z,
             seconds_per_epoch: train_seconds / state.history.len().max(1) as f64,
             train_seconds,
             report_seconds: start.elapsed().as_secs_f64(),
@@ -152,6 +166,7 @@ fn draw_run(
     name: &str,
     state: &RunState,
     eval: &Evaluation,
+    scaled: &Evaluation,
     opts: &ReportOptions,
 ) -> Result<Vec<usize>> {
     let labels: Vec<LabelInfo> = state
@@ -188,19 +203,24 @@ fn draw_run(
                 .collect()
         })
         .collect();
-    let pits: Vec<Vec<f64>> = (0..d)
-        .map(|j| {
-            eval.stars
-                .iter()
-                .filter_map(|s| s.pit.as_ref().map(|u| u[j]))
-                .collect()
-        })
-        .collect();
+    let pits_of = |e: &Evaluation| -> Vec<Vec<f64>> {
+        (0..d)
+            .map(|j| {
+                e.stars
+                    .iter()
+                    .filter_map(|s| s.pit.as_ref().map(|u| u[j]))
+                    .collect()
+            })
+            .collect()
+    };
+    let (pits, pits_scaled) = (pits_of(eval), pits_of(scaled));
+    let scaled_pull_std: Vec<f64> = scaled.labels.iter().map(|l| l.pull_std).collect();
     let n = eval.n_stars;
     plots::pulls(
         &dir.join("pulls.png"),
         &labels,
         &pulls,
+        Some(&scaled_pull_std),
         &format!("{name}: pulls on {n} {} stars", opts.split),
     )?;
     plots::predicted_vs_true(
@@ -214,6 +234,7 @@ fn draw_run(
         &dir.join("calibration.png"),
         &labels,
         &pits,
+        Some(&pits_scaled),
         &format!("{name}: calibration on {n} {} stars", opts.split),
     )?;
     let truths: Vec<Vec<f64>> = eval

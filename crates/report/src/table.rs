@@ -84,6 +84,11 @@ pub struct RunRow {
     pub test_nll_z: f64,
     pub test_nll: f64,
     pub labels: Vec<LabelMetrics>,
+    /// σ-scaling factors fitted on the validation split (one per label) and the test metrics of
+    /// the scaled posteriors; empty when not computed.
+    pub sigma_scale: Vec<f64>,
+    pub calibrated: Vec<LabelMetrics>,
+    pub test_nll_z_calibrated: f64,
     pub seconds_per_epoch: f64,
     /// Training wall time (sum over epochs, including validation and checkpoints).
     pub train_seconds: f64,
@@ -114,19 +119,20 @@ pub fn markdown(title: &str, intro: &str, rows: &[RunRow]) -> String {
 
     s.push_str("## Overview\n\n");
     s.push_str(
-        "| run | backbone | flow | epochs (kept) | test NLL (z) | test NLL (physical) | s / epoch | train time | report time |\n",
+        "| run | backbone | flow | epochs (kept) | test NLL (z) | σ-scaled test NLL (z) | test NLL (physical) | s / epoch | train time | report time |\n",
     );
-    s.push_str("|---|---|---|---|---|---|---|---|---|\n");
+    s.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
     for r in rows {
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} ({}) | {:.3} | {:.3} | {:.1} | {} | {} |",
+            "| {} | {} | {} | {} ({}) | {:.3} | {:.3} | {:.3} | {:.1} | {} | {} |",
             r.name,
             r.backbone,
             r.flow,
             r.epochs_done,
             r.best_epoch + 1,
             r.test_nll_z,
+            r.test_nll_z_calibrated,
             r.test_nll,
             r.seconds_per_epoch,
             fmt_duration(r.train_seconds),
@@ -200,44 +206,75 @@ pub fn markdown(title: &str, intro: &str, rows: &[RunRow]) -> String {
         100.0 * TARGETS.coverage_95.1
     );
     s.push_str(
-        "| run | label | pull mean | pull std | 68 % coverage | 95 % coverage | targets |\n",
+        "Each cell shows the model's own posteriors → the same posteriors σ-scaled: every label's \
+         posterior stretched about its mean by one factor fitted on the validation split \
+         (s² = mean pull², `starflow evaluate --calibrate`). Means, RMSE and bias are unchanged.\n\n",
     );
-    s.push_str("|---|---|---|---|---|---|---|\n");
-    let mut n_miss = 0;
+    s.push_str("| run | label | σ-scale | pull mean | pull std | 68 % coverage | 95 % coverage | targets (model) | targets (σ-scaled) |\n");
+    s.push_str("|---|---|---|---|---|---|---|---|---|\n");
+    let verdict = |misses: Vec<String>| {
+        if misses.is_empty() {
+            "met".to_string()
+        } else {
+            format!("**missed**: {}", misses.join("; "))
+        }
+    };
+    let (mut n_miss, mut n_miss_cal) = (0, 0);
     for r in rows {
-        for l in &r.labels {
+        for (j, l) in r.labels.iter().enumerate() {
             let misses = TARGETS.misses(l);
             n_miss += usize::from(!misses.is_empty());
+            let c = r.calibrated.get(j);
+            let cal_misses = c.map(|c| TARGETS.misses(c));
+            n_miss_cal += usize::from(cal_misses.as_ref().is_some_and(|m| !m.is_empty()));
+            let arrow = |a: f64, b: Option<f64>, pct: bool| {
+                let f = |v: f64| {
+                    if pct {
+                        format!("{:.1} %", 100.0 * v)
+                    } else {
+                        format!("{v:.3}")
+                    }
+                };
+                match b {
+                    Some(b) => format!("{} → {}", f(a), f(b)),
+                    None => f(a),
+                }
+            };
             let _ = writeln!(
                 s,
-                "| {} | {} | {:+.3} | {:.3} | {:.1} % | {:.1} % | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 r.name,
                 LabelInfo::of(&l.name).title,
-                l.pull_mean,
-                l.pull_std,
-                100.0 * l.coverage_68,
-                100.0 * l.coverage_95,
-                if misses.is_empty() {
-                    "met".to_string()
-                } else {
-                    format!("**missed**: {}", misses.join("; "))
-                }
+                r.sigma_scale
+                    .get(j)
+                    .map_or("-".to_string(), |v| format!("{v:.3}")),
+                arrow(l.pull_mean, c.map(|c| c.pull_mean), false),
+                arrow(l.pull_std, c.map(|c| c.pull_std), false),
+                arrow(l.coverage_68, c.map(|c| c.coverage_68), true),
+                arrow(l.coverage_95, c.map(|c| c.coverage_95), true),
+                verdict(misses),
+                cal_misses.map_or("-".to_string(), verdict),
             );
         }
     }
 
     s.push_str("\n## Quality targets\n\n");
     let total = rows.iter().map(|r| r.labels.len()).sum::<usize>();
-    if n_miss == 0 {
-        let _ = writeln!(
-            s,
-            "- Calibration: every target met for all {total} run × label pairs."
-        );
-    } else {
-        let _ = writeln!(
-            s,
-            "- Calibration: **{n_miss} of {total} run × label pairs miss at least one target** (table above)."
-        );
+    for (what, n) in [
+        ("the model's own posteriors", n_miss),
+        ("σ-scaled posteriors", n_miss_cal),
+    ] {
+        if n == 0 {
+            let _ = writeln!(
+                s,
+                "- Calibration of {what}: every target met for all {total} run × label pairs."
+            );
+        } else {
+            let _ = writeln!(
+                s,
+                "- Calibration of {what}: **{n} of {total} run × label pairs miss at least one target** (table above)."
+            );
+        }
     }
     for backbone in unique(rows.iter().map(|r| r.backbone.as_str())) {
         let find = |flow: &str| {
@@ -248,10 +285,12 @@ pub fn markdown(title: &str, intro: &str, rows: &[RunRow]) -> String {
             let ok = ff.test_nll_z <= fg.test_nll_z;
             let _ = writeln!(
                 s,
-                "- {backbone}: full_flow test NLL {:.3} {} full_gaussian {:.3}{}",
+                "- {backbone}: full_flow test NLL {:.3} {} full_gaussian {:.3} (σ-scaled: {:.3} vs {:.3}){}",
                 ff.test_nll_z,
                 if ok { "<=" } else { ">" },
                 fg.test_nll_z,
+                ff.test_nll_z_calibrated,
+                fg.test_nll_z_calibrated,
                 if ok {
                     " (met)".to_string()
                 } else {
@@ -316,7 +355,15 @@ fn col_u64(name: &str, v: Vec<u64>) -> Column {
     Column::new(PlSmallStr::from(name), v)
 }
 
-/// One row per run × label, every metric as a column.
+fn label_of(r: &RunRow, l: &LabelMetrics) -> Option<usize> {
+    r.labels.iter().position(|x| x.name == l.name)
+}
+
+fn cal<'a>(r: &'a RunRow, l: &LabelMetrics) -> Option<&'a LabelMetrics> {
+    label_of(r, l).and_then(|j| r.calibrated.get(j))
+}
+
+/// One row per run × label, every metric as a column (`cal_*`: the σ-scaled posteriors).
 pub fn metrics_frame(rows: &[RunRow]) -> Result<DataFrame> {
     let flat: Vec<(&RunRow, &LabelMetrics)> = rows
         .iter()
@@ -354,6 +401,25 @@ pub fn metrics_frame(rows: &[RunRow]) -> Result<DataFrame> {
         col_f64("marginal_nll_z", f(&|_, l| l.marginal_nll_z)),
         col_opt("median_crlb", o(&|_, l| l.median_crlb)),
         col_opt("rmse_over_crlb", o(&|_, l| l.rmse_over_crlb)),
+        col_opt(
+            "sigma_scale",
+            o(&|r, l| label_of(r, l).and_then(|j| r.sigma_scale.get(j).copied())),
+        ),
+        col_f64("cal_test_nll_z", f(&|r, _| r.test_nll_z_calibrated)),
+        col_opt("cal_pull_mean", o(&|r, l| cal(r, l).map(|c| c.pull_mean))),
+        col_opt("cal_pull_std", o(&|r, l| cal(r, l).map(|c| c.pull_std))),
+        col_opt(
+            "cal_coverage_68",
+            o(&|r, l| cal(r, l).map(|c| c.coverage_68)),
+        ),
+        col_opt(
+            "cal_coverage_95",
+            o(&|r, l| cal(r, l).map(|c| c.coverage_95)),
+        ),
+        col_opt(
+            "cal_marginal_nll",
+            o(&|r, l| cal(r, l).map(|c| c.marginal_nll)),
+        ),
         col_f64("seconds_per_epoch", f(&|r, _| r.seconds_per_epoch)),
         col_f64("train_seconds", f(&|r, _| r.train_seconds)),
         col_f64("report_seconds", f(&|r, _| r.report_seconds)),

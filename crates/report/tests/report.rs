@@ -139,6 +139,19 @@ fn report_of_two_runs_has_every_figure_table_and_number() {
     let runs_col = df.column("run").unwrap().str().unwrap();
     assert_eq!(runs_col.get(0), Some("cnn-diagonal_gaussian"));
     assert_eq!(runs_col.get(5), Some("cnn-full_flow"));
+    // σ-scaled columns: factors fitted on validation, metrics of the scaled test posteriors.
+    let scale = df.column("sigma_scale").unwrap().f64().unwrap();
+    let cal = starflow_training::fit_calibration(&runs[1], 200, 3).unwrap();
+    for j in 0..3 {
+        assert_eq!(scale.get(3 + j), Some(cal.scale[j]));
+    }
+    let scaled = starflow_training::evaluate_scaled(&runs[1], "test", 200, 3, Some(&cal)).unwrap();
+    let cal_std = df.column("cal_pull_std").unwrap().f64().unwrap();
+    assert_eq!(cal_std.get(4), Some(scaled.labels[1].pull_std));
+    assert!(
+        md.contains("σ-scaled test NLL (z)") && md.contains(" → "),
+        "{md}"
+    );
     let hist = read_parquet(&report.history);
     assert_eq!(hist.height(), 4, "2 runs x 2 epochs");
 
