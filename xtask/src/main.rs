@@ -6,6 +6,7 @@
 mod bench;
 mod bench_check;
 mod ci;
+mod train_all;
 
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
@@ -16,6 +17,9 @@ const HELP: &str = "\
 cargo xtask <command>
 
 commands:
+  train-all
+          train, evaluate and report every flow x backbone into results/<profile>/REPORT.md
+          (--profile quick|reference, --data DIR for real files; resumable; see --help)
   ci      rustfmt check, clippy with warnings denied, every test (and the hdf5 feature when
           libhdf5 is installed; required when CI=true)
   synth   generate the default synthetic data set into data/synth (8,914 stars, seed 42)
@@ -60,6 +64,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("ci") => ci::run(),
+        Some("train-all") => train_all::run(&args[1..]),
         Some("bench") => bench::run(&args[1..]),
         Some("bench-check") => bench_check::run(&args[1..]),
         Some("synth") => cargo(&[

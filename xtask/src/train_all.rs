@@ -134,6 +134,18 @@ fn status(run: &Path) -> Result<RunStatus> {
     }
 }
 
+/// Epochs done and training seconds (sum over epochs) recorded in a run's `state.json`.
+fn trained(run: &Path) -> (u64, f64) {
+    let v: serde_json::Value = std::fs::read_to_string(run.join("state.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    let secs = v["history"].as_array().map_or(0.0, |h| {
+        h.iter().filter_map(|e| e["seconds"].as_f64()).sum()
+    });
+    (v["epochs_done"].as_u64().unwrap_or(0), secs)
+}
+
 fn run_bin(bin: &Path, args: &[String]) -> Result<()> {
     eprintln!("$ starflow {}", args.join(" "));
     let status = Command::new(bin)
@@ -228,8 +240,10 @@ pub fn run(args: &[String]) -> Result<()> {
                     "trained".to_string()
                 }
             };
+            let (epochs, train_s) = trained(&abs);
             log.push(format!(
-                "{backbone}-{flow}: {action} in {:.0} s",
+                "{backbone}-{flow}: {action} in {:.0} s of this invocation; {epochs} epochs, \
+                 {train_s:.0} s of training in all",
                 t.elapsed().as_secs_f64()
             ));
             runs.push(run);
@@ -245,8 +259,9 @@ pub fn run(args: &[String]) -> Result<()> {
     let _ = writeln!(
         intro,
         "Made by `cargo xtask train-all --profile {}{}` at commit {} on a {}-CPU machine: \
-         `{config}` for every backbone x flow on {data}. Training (and data generation) took {} \
-         in all, after {:.0} s of building.\n",
+         `{config}` for every backbone x flow on {data}. This invocation spent {} training \
+         (and generating data) after {:.0} s of building; each run's own training time is in \
+         the overview table.\n",
         o.profile,
         o.data
             .as_ref()
