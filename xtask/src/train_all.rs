@@ -192,6 +192,7 @@ pub fn run(args: &[String]) -> Result<()> {
         .unwrap_or_else(|| PathBuf::from(format!("results/{}{suffix}", o.profile)));
     let config = format!("configs/{}.toml", o.profile);
 
+    let load_before = loadavg();
     let work = Instant::now();
     let mut runs = Vec::new();
     let mut log = Vec::new();
@@ -250,6 +251,7 @@ pub fn run(args: &[String]) -> Result<()> {
         }
     }
     let train_s = work.elapsed().as_secs_f64();
+    let load_after = loadavg();
 
     let mut intro = String::new();
     let data = match &o.data {
@@ -272,6 +274,14 @@ pub fn run(args: &[String]) -> Result<()> {
         fmt_minutes(train_s),
         build_s
     );
+    if let (Some(a), Some(b)) = (&load_before, &load_after) {
+        let _ = writeln!(
+            intro,
+            "Load average (1/5/15 min) when training started: {a}; when it ended: {b}. Other \
+             processes on the machine slow every figure down by roughly the load above the \
+             number of CPUs.\n"
+        );
+    }
     intro.push_str("Runs:\n\n");
     for l in &log {
         let _ = writeln!(intro, "- {l}");
@@ -306,6 +316,17 @@ pub fn run(args: &[String]) -> Result<()> {
         out.join("REPORT.md").display()
     );
     Ok(())
+}
+
+/// `/proc/loadavg`'s first three fields (Linux only), for the report's record of the conditions.
+fn loadavg() -> Option<String> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    Some(
+        text.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" / "),
+    )
 }
 
 fn path(p: &Path) -> String {
