@@ -29,11 +29,14 @@ fn seeds() -> Vec<(String, Vec<u8>)> {
     seeds
 }
 
+/// What a seed must parse to: dtype, big-endian, Fortran order, shape (None: rejected).
+type Expected = (Dtype, bool, bool, &'static [usize]);
+
 /// The seeds are real numpy output (and a few old spellings): each must parse to what its name says,
 /// so that the mutations below start from headers the parser accepts.
 #[test]
 fn seeds_parse_as_named() {
-    let expect: &[(&str, Option<(Dtype, bool, bool, &[usize])>)] = &[
+    let expect: &[(&str, Option<Expected>)] = &[
         (
             "v1_f4_le_2x3.npy",
             Some((Dtype::F32, false, false, &[2, 3])),
