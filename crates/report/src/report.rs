@@ -180,7 +180,12 @@ fn draw_run(
     plots::loss_curve(
         &dir.join("loss.png"),
         &state.history,
-        state.history.get(state.best_epoch).map(|r| r.epoch),
+        // state.best_epoch counts from 1 (0: no epoch yet); history records count from 0.
+        state
+            .history
+            .iter()
+            .find(|r| r.epoch + 1 == state.best_epoch)
+            .map(|r| r.epoch),
         &format!("{name}: training and validation loss ({what})"),
     )?;
     let truth: Vec<Vec<f64>> = (0..d)

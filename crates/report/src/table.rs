@@ -75,7 +75,7 @@ pub struct RunRow {
     pub backbone: String,
     pub flow: String,
     pub epochs_done: usize,
-    /// Epoch (0-based) whose weights were kept (lowest validation NLL).
+    /// Epoch whose weights were kept (lowest validation NLL), counting from 1 like the logs.
     pub best_epoch: usize,
     pub stop_reason: Option<String>,
     pub n_train: usize,
@@ -130,7 +130,7 @@ pub fn markdown(title: &str, intro: &str, rows: &[RunRow]) -> String {
             r.backbone,
             r.flow,
             r.epochs_done,
-            r.best_epoch + 1,
+            r.best_epoch,
             r.test_nll_z,
             r.test_nll_z_calibrated,
             r.test_nll,
@@ -208,7 +208,7 @@ pub fn markdown(title: &str, intro: &str, rows: &[RunRow]) -> String {
     s.push_str(
         "Each cell shows the model's own posteriors → the same posteriors σ-scaled: every label's \
          posterior stretched about its mean by one factor fitted on the validation split \
-         (s² = mean pull², `starflow evaluate --calibrate`). Means, RMSE and bias are unchanged.\n\n",
+         (s = median |pull| / 0.6745, `starflow evaluate --calibrate`). Means, RMSE and bias are unchanged.\n\n",
     );
     s.push_str("| run | label | σ-scale | pull mean | pull std | 68 % coverage | 95 % coverage | targets (model) | targets (σ-scaled) |\n");
     s.push_str("|---|---|---|---|---|---|---|---|---|\n");
@@ -383,7 +383,7 @@ pub fn metrics_frame(rows: &[RunRow]) -> Result<DataFrame> {
         col_str("label", s(&|_, l| l.name.clone())),
         col_str("unit", s(&|_, l| LabelInfo::of(&l.name).unit)),
         col_u64("epochs_done", u(&|r, _| r.epochs_done as u64)),
-        col_u64("best_epoch", u(&|r, _| r.best_epoch as u64 + 1)),
+        col_u64("best_epoch", u(&|r, _| r.best_epoch as u64)),
         col_u64("n_train", u(&|r, _| r.n_train as u64)),
         col_u64("n_test", u(&|r, _| r.n_test as u64)),
         col_u64("n_samples", u(&|r, _| r.n_samples as u64)),

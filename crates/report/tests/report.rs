@@ -125,6 +125,16 @@ fn report_of_two_runs_has_every_figure_table_and_number() {
         1 + 1 + 1 + 3,
         "{md}"
     );
+    // The kept epoch is the run's own (state.json counts from 1, like the logs).
+    let st = starflow_training::RunDir::new(&runs[1])
+        .load_state()
+        .unwrap();
+    assert!(st.best_epoch >= 1);
+    let kept = format!(
+        "| cnn | full_flow | {} ({}) |",
+        st.epochs_done, st.best_epoch
+    );
+    assert!(md.contains(&kept), "{kept} not in\n{md}");
 
     // metrics.parquet: one row per run x label, numbers equal to a fresh evaluation.
     let df = read_parquet(&report.metrics);
