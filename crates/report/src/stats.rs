@@ -61,6 +61,67 @@ pub fn normal_pdf(x: f64, mean: f64, std: f64) -> f64 {
     (-0.5 * z * z).exp() / (std * (2.0 * std::f64::consts::PI).sqrt())
 }
 
+/// Standard normal CDF (Abramowitz & Stegun 7.1.26 erf, |error| < 1.5e-7).
+pub fn normal_cdf(x: f64) -> f64 {
+    let z = x.abs() / std::f64::consts::SQRT_2;
+    let t = 1.0 / (1.0 + 0.327_591_1 * z);
+    let poly = t
+        * (0.254_829_592
+            + t * (-0.284_496_736
+                + t * (1.421_413_741 + t * (-1.453_152_027 + t * 1.061_405_429))));
+    let erf = 1.0 - poly * (-z * z).exp();
+    if x >= 0.0 {
+        0.5 * (1.0 + erf)
+    } else {
+        0.5 * (1.0 - erf)
+    }
+}
+
+/// Sampling noise of the calibration figures of a perfectly calibrated model on `n` stars
+/// (normal approximations): standard errors of the pull mean, pull std, 68.3 % and 95.4 %
+/// coverage, and the probability that all four land inside `targets`' windows by chance.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CalibrationNoise {
+    pub se_pull_mean: f64,
+    pub se_pull_std: f64,
+    pub se_coverage_68: f64,
+    pub se_coverage_95: f64,
+    pub p_all_met: f64,
+}
+
+/// See [`CalibrationNoise`]; the windows are (lo, hi) for pull std, 68 % and 95 % coverage and the
+/// bound on |pull mean|.
+pub fn calibration_noise(
+    n: usize,
+    pull_std: (f64, f64),
+    pull_mean_abs: f64,
+    cov68: (f64, f64),
+    cov95: (f64, f64),
+) -> CalibrationNoise {
+    let n = n.max(1) as f64;
+    let (p68, p95) = (0.682_689_49, 0.954_499_74);
+    let se_pull_mean = 1.0 / n.sqrt();
+    let se_pull_std = 1.0 / (2.0 * n).sqrt();
+    let se_coverage_68 = (p68 * (1.0 - p68) / n).sqrt();
+    let se_coverage_95 = (p95 * (1.0 - p95) / n).sqrt();
+    let inside = |(lo, hi): (f64, f64), mean: f64, se: f64| {
+        normal_cdf((hi - mean) / se) - normal_cdf((lo - mean) / se)
+    };
+    // The four figures are nearly independent for a calibrated model; the product is the chance
+    // that one label meets every target.
+    let p_all_met = inside(pull_std, 1.0, se_pull_std)
+        * inside((-pull_mean_abs, pull_mean_abs), 0.0, se_pull_mean)
+        * inside(cov68, p68, se_coverage_68)
+        * inside(cov95, p95, se_coverage_95);
+    CalibrationNoise {
+        se_pull_mean,
+        se_pull_std,
+        se_coverage_68,
+        se_coverage_95,
+        p_all_met,
+    }
+}
+
 /// Empirical coverage of central intervals: for each nominal level `p`, the fraction of
 /// probability integral transforms `u` with `|u - 1/2| <= p/2`, i.e. of truths inside the central
 /// `p` interval of their own posterior. A calibrated model lies on the diagonal.
@@ -192,6 +253,25 @@ mod tests {
             })
             .collect();
         assert!(coverage_curve(&bad, &[0.68])[0] < 0.2);
+    }
+
+    #[test]
+    fn normal_cdf_and_calibration_noise() {
+        assert!((normal_cdf(0.0) - 0.5).abs() < 1e-7);
+        assert!((normal_cdf(1.0) - 0.841_344_746).abs() < 2e-7);
+        assert!((normal_cdf(-1.959_964) - 0.025).abs() < 2e-7);
+        let t = |n| calibration_noise(n, (0.9, 1.1), 0.1, (0.65, 0.72), (0.93, 0.97));
+        let small = t(300);
+        assert!((small.se_pull_mean - 0.057_735).abs() < 1e-6);
+        assert!((small.se_coverage_68 - 0.026_88).abs() < 1e-4);
+        // A calibrated model meets all four targets on 300 stars only about two times in three;
+        // on a million stars almost surely.
+        assert!(
+            small.p_all_met > 0.55 && small.p_all_met < 0.72,
+            "{}",
+            small.p_all_met
+        );
+        assert!(t(1_000_000).p_all_met > 0.999);
     }
 
     #[test]

@@ -10,6 +10,7 @@ use starflow_training::{EpochRecord, LabelMetrics};
 
 use crate::error::{ReportError, Result};
 use crate::plots::{fmt_sig, LabelInfo};
+use crate::stats::calibration_noise;
 
 /// The calibration targets the project holds every flow to (issue #6): pull std, |pull mean|,
 /// 68 % and 95 % coverage of the central intervals.
@@ -258,6 +259,29 @@ pub fn markdown(title: &str, intro: &str, rows: &[RunRow]) -> String {
         }
     }
 
+    let noise = calibration_noise(
+        first.n_test,
+        TARGETS.pull_std,
+        TARGETS.pull_mean_abs,
+        TARGETS.coverage_68,
+        TARGETS.coverage_95,
+    );
+    let total_pairs = rows.iter().map(|r| r.labels.len()).sum::<usize>();
+    let _ = writeln!(
+        s,
+        "\nSampling noise: on {} test stars a perfectly calibrated model's figures scatter by \
+         ±{:.3} (pull mean), ±{:.3} (pull std), ±{:.1} % (68 % coverage) and ±{:.1} % (95 % \
+         coverage), one standard error each, so it meets all four targets for a label with \
+         probability {:.0} %: about {:.0} of these {total_pairs} run × label pairs would miss a \
+         target by chance alone.",
+        first.n_test,
+        noise.se_pull_mean,
+        noise.se_pull_std,
+        100.0 * noise.se_coverage_68,
+        100.0 * noise.se_coverage_95,
+        100.0 * noise.p_all_met,
+        (1.0 - noise.p_all_met) * total_pairs as f64,
+    );
     s.push_str("\n## Quality targets\n\n");
     let total = rows.iter().map(|r| r.labels.len()).sum::<usize>();
     for (what, n) in [
