@@ -1,5 +1,5 @@
-//! `starflow report` through the real binary: a trained run in, figures and tables out; a missing
-//! run is a user error (exit 2, names the directory, no panic).
+//! `starflow report` and `starflow evaluate --calibrate` through the real binary: a trained run in,
+//! figures and tables out; a missing run is a user error (exit 2, names the directory, no panic).
 
 mod common;
 
@@ -49,6 +49,25 @@ fn report_writes_figures_and_tables_for_a_trained_run() {
         let len = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
         assert!(len > 100, "{} missing or empty", p.display());
     }
+    // evaluate --calibrate: factors fitted on validation, cached, results in their own directory.
+    let (so, se) = ok(&[
+        "evaluate",
+        "--run",
+        run.to_str().unwrap(),
+        "--samples",
+        "100",
+        "--calibrate",
+    ]);
+    assert!(
+        se.contains("σ-scaling fitted on") && se.contains("val stars"),
+        "{se}"
+    );
+    assert!(so.contains("eval-test-calibrated"), "{so}");
+    let cal: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("calibration.json")).unwrap())
+            .unwrap();
+    assert_eq!(cal["scale"].as_array().map(|a| a.len()), Some(3), "{cal}");
+    assert!(run.join("eval-test-calibrated/metrics.json").exists());
     let png = std::fs::read(out.join("cnn-diag/pulls.png")).unwrap();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
     let md = std::fs::read_to_string(out.join("REPORT.md")).unwrap();
