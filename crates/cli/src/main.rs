@@ -27,7 +27,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Generate a GALAH-like synthetic data set (spectra.npy, labels.npy, wavelength.npy, crlb.npy, synth.json).
+    /// Generate a GALAH-like synthetic data set (spectra.npy, labels.npy, wavelength.npy, crlb.npy,
+    /// crlb_marginal.npy, synth.json).
     Synth(SynthArgs),
     /// Print shapes, dtypes, label statistics, non-finite counts and the SNR summary of a data set.
     Inspect(InspectArgs),

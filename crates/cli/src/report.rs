@@ -15,8 +15,12 @@ pub struct ReportArgs {
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Split to evaluate: train, val or test.
-    #[arg(long, default_value = "test")]
+    #[arg(long, default_value = "test", conflicts_with = "data")]
     pub split: String,
+    /// Evaluate on this labelled data set instead (a directory with spectra.npy and labels.npy,
+    /// e.g. `starflow synth` with a seed never used in training).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
     /// Posterior samples per star for the metrics of non-Gaussian flows.
     #[arg(long, default_value_t = 1000)]
     pub samples: usize,
@@ -50,6 +54,7 @@ pub fn run(a: &ReportArgs) -> anyhow::Result<()> {
     };
     let opts = ReportOptions {
         split: a.split.clone(),
+        data: a.data.clone(),
         n_samples: a.samples,
         corner_samples: a.corner_samples,
         seed: a.seed,

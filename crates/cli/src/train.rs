@@ -8,7 +8,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use starflow_training::evaluate::predictions_csv;
 use starflow_training::run::write_text;
-use starflow_training::{EpochRecord, Evaluation, Observer, TrainConfig, TrainOptions};
+use starflow_training::{EpochRecord, EvalSource, Evaluation, Observer, TrainConfig, TrainOptions};
 
 #[derive(Args, Debug)]
 pub struct TrainArgs {
@@ -40,18 +40,37 @@ pub struct EvaluateArgs {
     /// Run directory written by `starflow train`.
     #[arg(long)]
     pub run: PathBuf,
-    /// Split to evaluate: train, val or test.
-    #[arg(long, default_value = "test")]
+    /// Split of the run's own data to evaluate: train, val or test.
+    #[arg(long, default_value = "test", conflicts_with_all = ["data", "spectra"])]
     pub split: String,
+    /// Evaluate on another labelled data set instead: a directory holding spectra.npy and
+    /// labels.npy (and crlb.npy / crlb_marginal.npy for the Cramér–Rao ratios), e.g. a synthetic
+    /// set drawn with a seed never used in training.
+    #[arg(long, conflicts_with_all = ["spectra", "labels"])]
+    pub data: Option<PathBuf>,
+    /// Spectra file of another labelled data set (with --labels).
+    #[arg(long, requires = "labels")]
+    pub spectra: Option<PathBuf>,
+    /// Labels file of another labelled data set (with --spectra); columns as in the run's config.
+    #[arg(long, requires = "spectra")]
+    pub labels: Option<PathBuf>,
+    /// Output directory (default RUN/eval-<split>, or RUN/eval-data for --data/--spectra;
+    /// `-raw` is appended with --raw).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
     /// Posterior samples per star (non-Gaussian flows; Gaussian flows are exact).
     #[arg(long, default_value_t = 1000)]
     pub samples: usize,
     /// Seed of the posterior sampler.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// σ-scale each label's posterior by a factor fitted on the validation split
-    /// (RUN/calibration.json; fitted and saved on first use).
+    /// The model's own posteriors, without the recalibration that is applied by default (a
+    /// shift and a σ-scale per label fitted on the validation split when training ends, kept in
+    /// RUN/calibration.json).
     #[arg(long)]
+    pub raw: bool,
+    /// Recalibrate (the default; kept so that older scripts still run).
+    #[arg(long, hide = true, conflicts_with = "raw")]
     pub calibrate: bool,
 }
 
@@ -70,13 +89,17 @@ pub struct PredictArgs {
     pub samples: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// σ-scale each label's posterior by a factor fitted on the validation split
-    /// (RUN/calibration.json; fitted and saved on first use).
+    /// The model's own posteriors, without the recalibration that is applied by default (a
+    /// shift and a σ-scale per label fitted on the validation split when training ends, kept in
+    /// RUN/calibration.json).
     #[arg(long)]
+    pub raw: bool,
+    /// Recalibrate (the default; kept so that older scripts still run).
+    #[arg(long, hide = true, conflicts_with = "raw")]
     pub calibrate: bool,
 }
 
-/// The run's σ-scaling factors when `--calibrate` is given, announced on stderr.
+/// The run's recalibration (shifts and σ-scales) unless `--raw` is given, announced on stderr.
 fn calibration(
     run: &Path,
     on: bool,
@@ -88,15 +111,19 @@ fn calibration(
     }
     let c = starflow_training::load_or_fit_calibration(run, samples, seed)?;
     eprintln!(
-        "σ-scaling fitted on {} {} stars: {}",
+        "recalibration fitted on {} {} stars: {}",
         c.n_stars,
         c.fitted_on,
         c.labels
             .iter()
-            .zip(&c.scale)
-            .map(|(l, s)| format!("{l} x{s:.3}"))
+            .enumerate()
+            .map(|(j, l)| format!(
+                "{l} shift {:+.3} sd, scale x{:.3}",
+                c.shift.get(j).copied().unwrap_or(0.0),
+                c.scale[j]
+            ))
             .collect::<Vec<_>>()
-            .join(", ")
+            .join("; ")
     );
     Ok(Some(c))
 }
@@ -204,54 +231,85 @@ pub fn train(a: &TrainArgs) -> anyhow::Result<()> {
         state.best_epoch,
         state.stop_reason.as_deref().unwrap_or("stopped")
     );
+    if state.finished {
+        // Fit the recalibration now, while the training data are at hand, so that `predict`
+        // applies it by default wherever the run directory goes.
+        calibration(&out, true, 1000, 0)?;
+    }
     Ok(())
 }
 
 fn print_evaluation(e: &Evaluation) {
     println!(
-        "{} / {} on {} ({} stars): NLL {:.4} (z-units), {:.4} (physical units)",
-        e.backbone, e.flow, e.split, e.n_stars, e.nll_z, e.nll
+        "{} / {} on {} ({} stars): NLL {:.4} ± {:.4} (z-units), {:.4} (physical units)",
+        e.backbone, e.flow, e.split, e.n_stars, e.nll_z, e.nll_se, e.nll
     );
     println!(
-        "  {:<7} {:>10} {:>10} {:>10} {:>7} {:>9} {:>8} {:>7} {:>7} {:>10}",
+        "  {:<7} {:>16} {:>10} {:>7} {:>15} {:>15} {:>13} {:>13} {:>9} {:>9}",
         "label",
         "RMSE",
-        "MAE",
         "bias",
         "R2",
         "pull mean",
         "pull std",
-        "cov68",
-        "cov95",
-        "RMSE/CRLB"
+        "cov68 %",
+        "cov95 %",
+        "RMSE/CRLB",
+        "(marg.)"
     );
+    let ratio = |r: Option<f64>| r.map_or_else(|| "-".into(), |r| format!("{r:.1}"));
     for l in &e.labels {
         println!(
-            "  {:<7} {:>10.4} {:>10.4} {:>10.4} {:>7.3} {:>9.3} {:>8.3} {:>6.1}% {:>6.1}% {:>10}",
+            "  {:<7} {:>16} {:>10.4} {:>7.3} {:>15} {:>15} {:>13} {:>13} {:>9} {:>9}",
             l.name,
-            l.rmse,
-            l.mae,
+            format!("{:.4} ± {:.4}", l.rmse, l.se.rmse),
             l.bias,
             l.r2,
-            l.pull_mean,
-            l.pull_std,
-            100.0 * l.coverage_68,
-            100.0 * l.coverage_95,
-            l.rmse_over_crlb
-                .map(|r| format!("{r:.1}"))
-                .unwrap_or_else(|| "-".into())
+            format!("{:+.3} ± {:.3}", l.pull_mean, l.se.pull_mean),
+            format!("{:.3} ± {:.3}", l.pull_std, l.se.pull_std),
+            format!(
+                "{:.1} ± {:.1}",
+                100.0 * l.coverage_68,
+                100.0 * l.se.coverage_68
+            ),
+            format!(
+                "{:.1} ± {:.1}",
+                100.0 * l.coverage_95,
+                100.0 * l.se.coverage_95
+            ),
+            ratio(l.rmse_over_crlb),
+            ratio(l.rmse_over_crlb_marginal),
+        );
+    }
+    if let [c68, c95] = e.joint_coverage[..] {
+        println!(
+            "  joint (3-D HPD regions): 68.3 % covers {:.1} ± {:.1} %, 95.4 % covers {:.1} ± {:.1} %",
+            100.0 * c68,
+            100.0 * e.joint_coverage_se[0],
+            100.0 * c95,
+            100.0 * e.joint_coverage_se[1]
         );
     }
 }
 
 pub fn evaluate(a: &EvaluateArgs) -> anyhow::Result<()> {
-    let cal = calibration(&a.run, a.calibrate, a.samples, a.seed)?;
-    let e = starflow_training::evaluate_scaled(&a.run, &a.split, a.samples, a.seed, cal.as_ref())?;
-    let dir = a.run.join(format!(
-        "eval-{}{}",
-        a.split,
-        if cal.is_some() { "-calibrated" } else { "" }
-    ));
+    let source = match (&a.data, &a.spectra, &a.labels) {
+        (Some(dir), _, _) => EvalSource::dir(dir),
+        (None, Some(spectra), Some(labels)) => EvalSource::Files {
+            spectra: spectra.clone(),
+            labels: labels.clone(),
+        },
+        _ => EvalSource::Split(a.split.clone()),
+    };
+    let cal = calibration(&a.run, !a.raw, a.samples, a.seed)?;
+    let e = starflow_training::evaluate_on(&a.run, &source, a.samples, a.seed, cal.as_ref())?;
+    let dir = a.out.clone().unwrap_or_else(|| {
+        a.run.join(format!(
+            "eval-{}{}",
+            source.name(),
+            if cal.is_some() { "" } else { "-raw" }
+        ))
+    });
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let names: Vec<String> = e.labels.iter().map(|l| l.name.clone()).collect();
     write_text(
@@ -272,7 +330,7 @@ pub fn evaluate(a: &EvaluateArgs) -> anyhow::Result<()> {
 }
 
 pub fn predict(a: &PredictArgs) -> anyhow::Result<()> {
-    let cal = calibration(&a.run, a.calibrate, a.samples, a.seed)?;
+    let cal = calibration(&a.run, !a.raw, a.samples, a.seed)?;
     let stars =
         starflow_training::predict_scaled(&a.run, &a.spectra, a.samples, a.seed, cal.as_ref())?;
     let state = starflow_training::RunDir::new(&a.run).load_state()?;

@@ -99,3 +99,74 @@ fn train_evaluate_predict_from_the_command_line() {
         "{csv}"
     );
 }
+
+/// `evaluate --data DIR` scores a run on another labelled set (here one drawn with another seed):
+/// every row is evaluated, the Cramér–Rao ratios come from that set's own bound files, the
+/// figures carry standard errors, and the joint HPD coverage is reported.
+#[test]
+fn evaluate_on_a_held_out_data_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let cfg = d.join("tiny.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[data]\ndir = \"{}\"\nsynthetic_n = 120\nsynthetic_pixels_per_camera = 64\n[model]\nbackbone = \"tiny_cnn\"\nflow = \"full_gaussian\"\noffdiagonal = \"relative\"\n[optim]\nepochs = 1\nbatch_size = 32\n[run]\nthreads = 1\n",
+            d.join("data").display()
+        ),
+    )
+    .unwrap();
+    let run = d.join("run");
+    let run_s = run.to_str().unwrap();
+    common::ok(&["train", "--config", cfg.to_str().unwrap(), "--out", run_s]);
+    let held = d.join("held");
+    common::ok(&[
+        "synth",
+        "--n",
+        "57",
+        "--seed",
+        "9",
+        "--pixels-per-camera",
+        "64",
+        "--out",
+        held.to_str().unwrap(),
+    ]);
+    let (so, _) = common::ok(&[
+        "evaluate",
+        "--run",
+        run_s,
+        "--data",
+        held.to_str().unwrap(),
+        "--samples",
+        "50",
+    ]);
+    assert!(so.contains("full_gaussian on data (57 stars)"), "{so}");
+    assert!(so.contains(" ± "), "standard errors are printed: {so}");
+    assert!(so.contains("joint (3-D HPD regions)"), "{so}");
+    let metrics: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("eval-data/metrics.json")).unwrap())
+            .unwrap();
+    assert_eq!(metrics["n_stars"], 57);
+    assert_eq!(metrics["joint_coverage"].as_array().unwrap().len(), 2);
+    assert!(metrics["nll_se"].as_f64().unwrap() > 0.0);
+    for l in metrics["labels"].as_array().unwrap() {
+        assert!(l["rmse_over_crlb"].as_f64().unwrap() > 0.0, "{l}");
+        assert!(l["se"]["coverage_68"].as_f64().unwrap() > 0.0, "{l}");
+    }
+    let csv = std::fs::read_to_string(run.join("eval-data/predictions.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 58);
+    assert!(csv.lines().next().unwrap().ends_with(",hpd"), "{csv}");
+    // Another pixel grid is refused with the file named.
+    let other = d.join("other");
+    common::synth(&other, 20, 32);
+    let o = starflow(&[
+        "evaluate",
+        "--run",
+        run_s,
+        "--data",
+        other.to_str().unwrap(),
+    ]);
+    let (_, se) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{se}");
+    assert!(se.contains("spectra.npy") && se.contains("pixels"), "{se}");
+}

@@ -49,7 +49,8 @@ fn report_writes_figures_and_tables_for_a_trained_run() {
         let len = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
         assert!(len > 100, "{} missing or empty", p.display());
     }
-    // evaluate --calibrate: factors fitted on validation, cached, results in their own directory.
+    // evaluate recalibrates by default (--calibrate is the old spelling of the default): shifts
+    // and factors fitted on validation when training ended, cached; --raw opts out.
     let (so, se) = ok(&[
         "evaluate",
         "--run",
@@ -59,15 +60,26 @@ fn report_writes_figures_and_tables_for_a_trained_run() {
         "--calibrate",
     ]);
     assert!(
-        se.contains("σ-scaling fitted on") && se.contains("val stars"),
+        se.contains("recalibration fitted on") && se.contains("val stars"),
         "{se}"
     );
-    assert!(so.contains("eval-test-calibrated"), "{so}");
+    assert!(so.contains("eval-test/"), "{so}");
     let cal: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("calibration.json")).unwrap())
             .unwrap();
     assert_eq!(cal["scale"].as_array().map(|a| a.len()), Some(3), "{cal}");
-    assert!(run.join("eval-test-calibrated/metrics.json").exists());
+    assert_eq!(cal["shift"].as_array().map(|a| a.len()), Some(3), "{cal}");
+    assert!(run.join("eval-test/metrics.json").exists());
+    let (so, se) = ok(&[
+        "evaluate",
+        "--run",
+        run.to_str().unwrap(),
+        "--samples",
+        "100",
+        "--raw",
+    ]);
+    assert!(!se.contains("recalibration"), "{se}");
+    assert!(run.join("eval-test-raw/metrics.json").exists(), "{so}");
     let png = std::fs::read(out.join("cnn-diag/pulls.png")).unwrap();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
     let md = std::fs::read_to_string(out.join("REPORT.md")).unwrap();

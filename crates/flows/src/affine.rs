@@ -12,6 +12,14 @@
 //!
 //! So the flow is a multivariate normal with mean `mu` and covariance `L L^T`. The density
 //! direction uses forward substitution (jammy inverts `L` explicitly; both agree to rounding).
+//!
+//! [`OffDiagonal::Relative`] reads the same parameters with the off-diagonal entries relative to
+//! their row's scale, `L = diag(sigma) (I + M)`: `L_ij = sigma_i m_ij`. The family of densities is
+//! the same (any lower-triangular `L` with a positive diagonal), but the correlations depend on `m`
+//! alone, whatever the scales. With jammy's absolute entries a network must shrink every `l_ij`
+//! with `sigma_i` (a prediction error `e` in `l_ij` costs `(e z_j / sigma_i)^2 / 2` nats), so as the
+//! posteriors narrow the off-diagonal outputs dominate the gradient of the shared layers; with
+//! CNNModel that stalled training near the prior (issue 11). Relative entries cost `(e z_j)^2 / 2`.
 
 use candle_core::{Tensor, D};
 
@@ -29,6 +37,35 @@ pub enum CovType {
     Full,
 }
 
+/// How the off-diagonal parameters of a full-covariance layer enter `L`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OffDiagonal {
+    /// `L_ij = l_ij` (jammy_flows, the reference; the golden fixtures use it).
+    #[default]
+    Absolute,
+    /// `L_ij = sigma_i m_ij`: the same family, conditioned independently of the scales.
+    Relative,
+}
+
+impl OffDiagonal {
+    /// `absolute` or `relative`, as written in configs.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "absolute" => Some(Self::Absolute),
+            "relative" => Some(Self::Relative),
+            _ => None,
+        }
+    }
+
+    /// The config name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Absolute => "absolute",
+            Self::Relative => "relative",
+        }
+    }
+}
+
 /// Lower and upper bound of the scales `sigma` (jammy's default width bounds for "t").
 pub const AFFINE_SCALE_BOUNDS: (f64, f64) = (0.01, 100.0);
 
@@ -37,14 +74,20 @@ pub const AFFINE_SCALE_BOUNDS: (f64, f64) = (0.01, 100.0);
 pub struct AffineLayer {
     dim: usize,
     cov: CovType,
+    off: OffDiagonal,
     scale: BoundedLog,
     /// `(row, col)` of each off-diagonal parameter, in parameter order.
     offdiag: Vec<(usize, usize)>,
 }
 
 impl AffineLayer {
-    /// An affine layer over `dim` dimensions with the reference's scale bounds.
+    /// An affine layer over `dim` dimensions with the reference's scale bounds and parameterisation.
     pub fn new(dim: usize, cov: CovType) -> Result<Self> {
+        Self::with_offdiagonal(dim, cov, OffDiagonal::Absolute)
+    }
+
+    /// [`AffineLayer::new`] with a choice of how the off-diagonal parameters enter `L`.
+    pub fn with_offdiagonal(dim: usize, cov: CovType, off: OffDiagonal) -> Result<Self> {
         if dim == 0 {
             return Err(FlowError::InvalidConfig(
                 "affine layer needs dim >= 1".into(),
@@ -62,6 +105,7 @@ impl AffineLayer {
         Ok(Self {
             dim,
             cov,
+            off,
             scale: BoundedLog::new(lo, hi, hi.ln()),
             offdiag,
         })
@@ -70,6 +114,11 @@ impl AffineLayer {
     /// Diagonal or full.
     pub fn cov_type(&self) -> CovType {
         self.cov
+    }
+
+    /// How the off-diagonal parameters enter `L`.
+    pub fn offdiagonal(&self) -> OffDiagonal {
+        self.off
     }
 
     /// The factor `L` (d x d, row-major) and `mu` for one item's parameters.
@@ -81,7 +130,10 @@ impl AffineLayer {
             l[i * d + i] = self.scale.eval(theta[d + i]).0.exp();
         }
         for (p, &(r, c)) in self.offdiag.iter().enumerate() {
-            l[r * d + c] = theta[2 * d + p];
+            l[r * d + c] = match self.off {
+                OffDiagonal::Absolute => theta[2 * d + p],
+                OffDiagonal::Relative => l[r * d + r] * theta[2 * d + p],
+            };
         }
         (mu, l)
     }
@@ -89,9 +141,10 @@ impl AffineLayer {
 
 impl Bijector for AffineLayer {
     fn kind(&self) -> &'static str {
-        match self.cov {
-            CovType::Diagonal => "affine-diagonal",
-            CovType::Full => "affine-full",
+        match (self.cov, self.off) {
+            (CovType::Diagonal, _) => "affine-diagonal",
+            (CovType::Full, OffDiagonal::Absolute) => "affine-full",
+            (CovType::Full, OffDiagonal::Relative) => "affine-full-relative",
         }
     }
 
@@ -114,7 +167,7 @@ impl Bijector for AffineLayer {
         let diff = x.sub(&mu)?;
         let z = match self.cov {
             CovType::Diagonal => diff.mul(&inv_sigma)?,
-            CovType::Full => {
+            CovType::Full if self.off == OffDiagonal::Absolute => {
                 // Forward substitution, column by column: z_i = (diff_i - sum_j L_ij z_j) / sigma_i.
                 let mut cols: Vec<Tensor> = Vec::with_capacity(d);
                 for i in 0..d {
@@ -126,6 +179,23 @@ impl Bijector for AffineLayer {
                         }
                     }
                     cols.push(acc.mul(&inv_sigma.narrow(1, i, 1)?)?);
+                }
+                Tensor::cat(&cols, 1)?
+            }
+            CovType::Full => {
+                // Standardise, then forward substitution with the unit triangle:
+                // z_i = u_i - sum_j m_ij z_j with u = (x - mu) / sigma.
+                let u = diff.mul(&inv_sigma)?;
+                let mut cols: Vec<Tensor> = Vec::with_capacity(d);
+                for i in 0..d {
+                    let mut acc = u.narrow(1, i, 1)?;
+                    for (p, &(r, c)) in self.offdiag.iter().enumerate() {
+                        if r == i {
+                            let mij = theta.narrow(1, 2 * d + p, 1)?;
+                            acc = acc.sub(&mij.mul(&cols[c])?)?;
+                        }
+                    }
+                    cols.push(acc);
                 }
                 Tensor::cat(&cols, 1)?
             }

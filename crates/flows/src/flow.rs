@@ -18,7 +18,7 @@ use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
 use rayon::prelude::*;
 
-use crate::affine::{AffineLayer, CovType};
+use crate::affine::{AffineLayer, CovType, OffDiagonal};
 use crate::bijector::Bijector;
 use crate::error::{FlowError, Result};
 use crate::gaussianization::{GaussianizationConfig, GaussianizationLayer};
@@ -38,6 +38,8 @@ pub struct FullFlowConfig {
     pub n_gaussianization_layers: usize,
     /// Kernels per dimension in every Gaussianization layer (reference: 10).
     pub n_kernels: usize,
+    /// Off-diagonal parameterisation of the final affine layer (reference: absolute).
+    pub offdiagonal: OffDiagonal,
 }
 
 impl Default for FullFlowConfig {
@@ -46,6 +48,7 @@ impl Default for FullFlowConfig {
             dim: 3,
             n_gaussianization_layers: 3,
             n_kernels: 10,
+            offdiagonal: OffDiagonal::Absolute,
         }
     }
 }
@@ -368,9 +371,19 @@ pub fn diagonal_gaussian(dim: usize) -> Result<Flow> {
 
 /// The reference `full_gaussian` flow: one affine layer with a lower-triangular scale.
 pub fn full_gaussian(dim: usize) -> Result<Flow> {
+    full_gaussian_with(dim, OffDiagonal::Absolute)
+}
+
+/// `full_gaussian` with a choice of off-diagonal parameterisation (same parameter count and
+/// layout; see [`OffDiagonal`]).
+pub fn full_gaussian_with(dim: usize, offdiagonal: OffDiagonal) -> Result<Flow> {
     Flow::new(
         "full_gaussian",
-        vec![Box::new(AffineLayer::new(dim, CovType::Full)?)],
+        vec![Box::new(AffineLayer::with_offdiagonal(
+            dim,
+            CovType::Full,
+            offdiagonal,
+        )?)],
     )
 }
 
@@ -390,7 +403,11 @@ pub fn full_flow(cfg: &FullFlowConfig) -> Result<Flow> {
         };
         layers.push(Box::new(GaussianizationLayer::new(cfg.dim, &g)?));
     }
-    layers.push(Box::new(AffineLayer::new(cfg.dim, CovType::Full)?));
+    layers.push(Box::new(AffineLayer::with_offdiagonal(
+        cfg.dim,
+        CovType::Full,
+        cfg.offdiagonal,
+    )?));
     Flow::new("full_flow", layers)
 }
 

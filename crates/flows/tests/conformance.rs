@@ -11,8 +11,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 use starflow_flows::{
-    flow_by_name, AffineLayer, Bijector, CovType, GaussianizationConfig, GaussianizationLayer,
-    Nonlinearity,
+    flow_by_name, full_gaussian_with, AffineLayer, Bijector, CovType, GaussianizationConfig,
+    GaussianizationLayer, Nonlinearity, OffDiagonal,
 };
 
 fn randn(rng: &mut ChaCha8Rng, shape: (usize, usize), std: f64) -> Tensor {
@@ -41,6 +41,10 @@ fn layers(dim: usize) -> Vec<Box<dyn Bijector>> {
     vec![
         Box::new(AffineLayer::new(dim, CovType::Diagonal).expect("valid")),
         Box::new(AffineLayer::new(dim, CovType::Full).expect("valid")),
+        Box::new(
+            AffineLayer::with_offdiagonal(dim, CovType::Full, OffDiagonal::Relative)
+                .expect("valid"),
+        ),
         g(Nonlinearity::InverseNormal, 10),
         g(Nonlinearity::InverseSigmoid, 10),
         g(Nonlinearity::InverseSigmoid, 3),
@@ -202,8 +206,24 @@ fn every_layer_conforms_at_other_dims() {
 
 #[test]
 fn flow_gradients_match_finite_differences_and_reach_every_parameter() {
-    for name in ["diagonal_gaussian", "full_gaussian", "full_flow"] {
-        let flow = flow_by_name(name, 3).expect("known flow");
+    let mut flows: Vec<(&str, starflow_flows::Flow)> =
+        ["diagonal_gaussian", "full_gaussian", "full_flow"]
+            .into_iter()
+            .map(|n| (n, flow_by_name(n, 3).expect("known flow")))
+            .collect();
+    flows.push((
+        "full_gaussian (relative)",
+        full_gaussian_with(3, OffDiagonal::Relative).expect("flow"),
+    ));
+    flows.push((
+        "full_flow (relative)",
+        starflow_flows::full_flow(&starflow_flows::FullFlowConfig {
+            offdiagonal: OffDiagonal::Relative,
+            ..Default::default()
+        })
+        .expect("flow"),
+    ));
+    for (name, flow) in flows {
         let mut rng = ChaCha8Rng::seed_from_u64(7);
         let b = 32;
         let p = flow.n_params();
@@ -244,6 +264,49 @@ fn flow_gradients_match_finite_differences_and_reach_every_parameter() {
                 g[idx]
             );
         }
+    }
+}
+
+/// The relative parameterisation is the same family of Gaussians: with `l_ij = sigma_i m_ij` the
+/// absolute layer gives the same density at every point.
+#[test]
+fn relative_offdiagonal_is_the_absolute_layer_reparameterised() {
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let (b, d) = (16, 3);
+    let rel = full_gaussian_with(d, OffDiagonal::Relative).expect("flow");
+    let abs = flow_by_name("full_gaussian", d).expect("flow");
+    let theta = flat(&randn(&mut rng, (b, 9), 0.8));
+    let x = randn(&mut rng, (b, d), 1.2);
+    // Same mu and raw scales; absolute off-diagonals l = sigma_row * m, in parameter order
+    // (2,0), (1,0), (2,1).
+    // The scales sigma from the diagonal flow's exact moments with the same (mu, raw scales).
+    let diag = flow_by_name("diagonal_gaussian", d).expect("flow");
+    let head: Vec<f64> = (0..b)
+        .flat_map(|i| theta[i * 9..i * 9 + 2 * d].to_vec())
+        .collect();
+    let moments = diag
+        .gaussian_moments(&Tensor::from_vec(head, (b, 2 * d), &Device::Cpu).expect("tensor"))
+        .expect("moments");
+    let rows = [2usize, 1, 2];
+    let mut theta_abs = theta.clone();
+    for (i, m) in moments.iter().enumerate() {
+        for (p, &r) in rows.iter().enumerate() {
+            let sigma = m.cov[r * d + r].sqrt();
+            theta_abs[i * 9 + 2 * d + p] = sigma * theta[i * 9 + 2 * d + p];
+        }
+    }
+    let lp = |f: &starflow_flows::Flow, th: Vec<f64>| {
+        let t = Tensor::from_vec(th, (b, 9), &Device::Cpu).expect("tensor");
+        flat(&f.log_prob(&t, &x).expect("log_prob"))
+    };
+    let (a, r) = (lp(&abs, theta_abs), lp(&rel, theta));
+    for k in 0..b {
+        assert!(
+            (a[k] - r[k]).abs() < 1e-10 * a[k].abs().max(1.0),
+            "item {k}: absolute {} vs relative {}",
+            a[k],
+            r[k]
+        );
     }
 }
 
@@ -296,6 +359,7 @@ fn parameter_counts_follow_from_dim_and_config() {
         dim: 2,
         n_gaussianization_layers: 2,
         n_kernels: 5,
+        ..Default::default()
     };
     let flow = starflow_flows::full_flow(&cfg).expect("flow");
     // Two g layers of 2*2 + 3*5*2 = 34 and an affine layer of 2 + 2 + 1 = 5.

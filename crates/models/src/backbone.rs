@@ -26,6 +26,9 @@ pub trait Backbone: Send + Sync + std::fmt::Debug {
     fn forward_t(&self, x: &Tensor, train: bool) -> CandleResult<Tensor>;
     /// Restarts the dropout generator from `seed` (for example at a resumed epoch).
     fn reseed_dropout(&self, seed: u64);
+    /// Variable prefix of the final Linear layer, whose output row `k` is flow parameter `k`
+    /// (`<prefix>.weight`, `<prefix>.bias`): lets a trainer initialise parts of the head.
+    fn head_prefix(&self) -> &'static str;
 }
 
 /// Names accepted by [`backbone`].

@@ -88,6 +88,10 @@ impl Backbone for CnnModel {
     fn reseed_dropout(&self, seed: u64) {
         self.trunk.reseed(seed);
     }
+
+    fn head_prefix(&self) -> &'static str {
+        "output_layer"
+    }
 }
 
 impl CnnModel {

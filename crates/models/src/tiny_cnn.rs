@@ -97,4 +97,8 @@ impl Backbone for TinyCnn {
     fn reseed_dropout(&self, seed: u64) {
         self.trunk.reseed(seed);
     }
+
+    fn head_prefix(&self) -> &'static str {
+        "model.30"
+    }
 }

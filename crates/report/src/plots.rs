@@ -371,9 +371,9 @@ pub fn predicted_vs_true(
     })
 }
 
-/// Empirical against nominal coverage of central posterior intervals, and the histogram of the
-/// probability integral transform (flat when calibrated), per label; with `scaled`, the coverage
-/// curve of the σ-scaled posteriors too.
+/// Calibration of the marginals: per label, the empirical against the nominal coverage of
+/// central intervals (the model's posteriors and, when given, the σ-scaled ones) above a PIT
+/// histogram.
 pub fn calibration(
     path: &Path,
     labels: &[LabelInfo],
@@ -387,97 +387,168 @@ pub fn calibration(
         let panels = area.split_evenly((2, d));
         let levels: Vec<f64> = (0..=50).map(|k| k as f64 / 50.0).collect();
         for j in 0..d {
-            let cov = coverage_curve(&pits[j], &levels);
-            let mut chart = ChartBuilder::on(&panels[j])
-                .margin(12)
-                .caption(labels[j].title.as_str(), font(18))
-                .x_label_area_size(42)
-                .y_label_area_size(56)
-                .build_cartesian_2d(0.0..1.0, 0.0..1.0)?;
-            chart
-                .configure_mesh()
-                .light_line_style(WHITE)
-                .x_label_formatter(&|v| fmt_tick(*v))
-                .y_label_formatter(&|v| fmt_tick(*v))
-                .x_desc("nominal coverage of the central interval")
-                .y_desc("empirical coverage")
-                .label_style(font(14))
-                .axis_desc_style(font(15))
-                .draw()?;
-            chart
-                .draw_series(LineSeries::new(
-                    vec![(0.0, 0.0), (1.0, 1.0)],
-                    REFERENCE.stroke_width(2),
-                ))?
-                .label("calibrated")
-                .legend(|(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 20, y)], REFERENCE.stroke_width(2))
-                });
-            chart
-                .draw_series(LineSeries::new(
-                    levels.iter().copied().zip(cov.iter().copied()),
-                    TRAIN.stroke_width(2),
-                ))?
-                .label("model")
-                .legend(|(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 20, y)], TRAIN.stroke_width(2))
-                });
-            if let Some(sc) = scaled.and_then(|v| v.get(j)) {
-                let cov_s = coverage_curve(sc, &levels);
-                chart
-                    .draw_series(LineSeries::new(
-                        levels.iter().copied().zip(cov_s.iter().copied()),
-                        VAL.stroke_width(2),
-                    ))?
-                    .label("σ-scaled")
-                    .legend(|(x, y)| {
-                        PathElement::new(vec![(x, y), (x + 20, y)], VAL.stroke_width(2))
-                    });
-            }
-            chart
-                .configure_series_labels()
-                .label_font(font(13))
-                .background_style(WHITE.mix(0.85))
-                .border_style(BLACK)
-                .position(SeriesLabelPosition::LowerRight)
-                .draw()?;
+            let curves = Curves {
+                model: coverage_curve(&pits[j], &levels),
+                scaled: scaled
+                    .and_then(|v| v.get(j))
+                    .map(|sc| coverage_curve(sc, &levels)),
+                levels: &levels,
+            };
             let c = coverage_curve(&pits[j], &[0.6827, 0.9545]);
-            for (k, line) in [
-                format!("68.3 % interval: {:.1} %", 100.0 * c[0]),
-                format!("95.4 % interval: {:.1} %", 100.0 * c[1]),
-            ]
-            .iter()
-            .enumerate()
-            {
-                panels[j].draw_text(line, &font(14), (70, 48 + 18 * k as i32))?;
-            }
-
-            let h = Histogram::new(&pits[j], 0.0, 1.0 + 1e-12, 20);
-            let top = h.density.iter().copied().fold(1.0, f64::max) * 1.15;
-            let mut hist = ChartBuilder::on(&panels[d + j])
-                .margin(12)
-                .x_label_area_size(42)
-                .y_label_area_size(56)
-                .build_cartesian_2d(0.0..1.0, 0.0..top)?;
-            hist.configure_mesh()
-                .light_line_style(WHITE)
-                .x_label_formatter(&|v| fmt_tick(*v))
-                .y_label_formatter(&|v| fmt_tick(*v))
-                .x_desc("PIT = posterior CDF at the true value")
-                .y_desc("density")
-                .label_style(font(14))
-                .axis_desc_style(font(15))
-                .draw()?;
-            hist.draw_series(h.bars().map(|(a, b, v)| {
-                Rectangle::new([(a, 0.0), (b.min(1.0), v)], TRAIN.mix(0.55).filled())
-            }))?;
-            hist.draw_series(LineSeries::new(
-                vec![(0.0, 1.0), (1.0, 1.0)],
-                REFERENCE.stroke_width(2),
-            ))?;
+            coverage_panel(
+                &panels[j],
+                labels[j].title.as_str(),
+                "nominal coverage of the central interval",
+                &curves,
+                &[
+                    format!("68.3 % interval: {:.1} %", 100.0 * c[0]),
+                    format!("95.4 % interval: {:.1} %", 100.0 * c[1]),
+                ],
+            )?;
+            uniform_histogram(
+                &panels[d + j],
+                &pits[j],
+                "PIT = posterior CDF at the true value",
+            )?;
         }
         Ok(())
     })
+}
+
+/// Joint calibration: the empirical against the nominal coverage of the posteriors' 3-D
+/// highest-density regions, from each star's HPD level (`StarPrediction::hpd`: the truth lies in
+/// the region of mass `a` exactly when its level is `<= a`), above the histogram of the levels,
+/// which is flat for a calibrated joint posterior.
+pub fn joint_calibration(
+    path: &Path,
+    hpd: &[f64],
+    scaled: Option<&[f64]>,
+    title: &str,
+) -> Result<()> {
+    let levels: Vec<f64> = (0..=50).map(|k| k as f64 / 50.0).collect();
+    let below =
+        |h: &[f64], a: f64| h.iter().filter(|&&v| v <= a).count() as f64 / h.len().max(1) as f64;
+    let curve = |h: &[f64]| levels.iter().map(|&a| below(h, a)).collect::<Vec<f64>>();
+    render(path, (560, 900), |root| {
+        let area = title_area(root, title)?;
+        let panels = area.split_evenly((2, 1));
+        let curves = Curves {
+            model: curve(hpd),
+            scaled: scaled.map(curve),
+            levels: &levels,
+        };
+        coverage_panel(
+            &panels[0],
+            "joint (all labels)",
+            "nominal mass of the highest-density region",
+            &curves,
+            &[
+                format!("68.3 % region: {:.1} %", 100.0 * below(hpd, 0.6827)),
+                format!("95.4 % region: {:.1} %", 100.0 * below(hpd, 0.9545)),
+            ],
+        )?;
+        uniform_histogram(
+            &panels[1],
+            hpd,
+            "HPD level = posterior mass denser than the truth",
+        )?;
+        Ok(())
+    })
+}
+
+/// Coverage curves on a common grid of nominal levels.
+struct Curves<'a> {
+    levels: &'a [f64],
+    model: Vec<f64>,
+    scaled: Option<Vec<f64>>,
+}
+
+/// One panel of empirical against nominal coverage with the diagonal of a calibrated model and
+/// `notes` written in its upper left corner.
+fn coverage_panel(
+    panel: &Area<'_>,
+    caption: &str,
+    x_desc: &str,
+    curves: &Curves<'_>,
+    notes: &[String],
+) -> DrawResult {
+    let mut chart = ChartBuilder::on(panel)
+        .margin(12)
+        .caption(caption, font(18))
+        .x_label_area_size(42)
+        .y_label_area_size(56)
+        .build_cartesian_2d(0.0..1.0, 0.0..1.0)?;
+    chart
+        .configure_mesh()
+        .light_line_style(WHITE)
+        .x_label_formatter(&|v| fmt_tick(*v))
+        .y_label_formatter(&|v| fmt_tick(*v))
+        .x_desc(x_desc)
+        .y_desc("empirical coverage")
+        .label_style(font(14))
+        .axis_desc_style(font(15))
+        .draw()?;
+    let diagonal = [(0.0, 0.0), (1.0, 1.0)];
+    chart
+        .draw_series(LineSeries::new(diagonal, REFERENCE.stroke_width(2)))?
+        .label("calibrated")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], REFERENCE.stroke_width(2)));
+    let mut line = |ys: &[f64], name: &str, colour: RGBColor| -> DrawResult {
+        chart
+            .draw_series(LineSeries::new(
+                curves.levels.iter().copied().zip(ys.iter().copied()),
+                colour.stroke_width(2),
+            ))?
+            .label(name)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2))
+            });
+        Ok(())
+    };
+    line(&curves.model, "model", TRAIN)?;
+    if let Some(sc) = &curves.scaled {
+        line(sc, "σ-scaled", VAL)?;
+    }
+    chart
+        .configure_series_labels()
+        .label_font(font(13))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::LowerRight)
+        .draw()?;
+    for (k, note) in notes.iter().enumerate() {
+        panel.draw_text(note, &font(14), (70, 48 + 18 * k as i32))?;
+    }
+    Ok(())
+}
+
+/// Density histogram of values in [0, 1] against the flat density 1 they should have.
+fn uniform_histogram(panel: &Area<'_>, values: &[f64], x_desc: &str) -> DrawResult {
+    let h = Histogram::new(values, 0.0, 1.0 + 1e-12, 20);
+    let top = h.density.iter().copied().fold(1.0, f64::max) * 1.15;
+    let mut hist = ChartBuilder::on(panel)
+        .margin(12)
+        .x_label_area_size(42)
+        .y_label_area_size(56)
+        .build_cartesian_2d(0.0..1.0, 0.0..top)?;
+    hist.configure_mesh()
+        .light_line_style(WHITE)
+        .x_label_formatter(&|v| fmt_tick(*v))
+        .y_label_formatter(&|v| fmt_tick(*v))
+        .x_desc(x_desc)
+        .y_desc("density")
+        .label_style(font(14))
+        .axis_desc_style(font(15))
+        .draw()?;
+    hist.draw_series(
+        h.bars()
+            .map(|(a, b, v)| Rectangle::new([(a, 0.0), (b.min(1.0), v)], TRAIN.mix(0.55).filled())),
+    )?;
+    hist.draw_series(LineSeries::new(
+        vec![(0.0, 1.0), (1.0, 1.0)],
+        REFERENCE.stroke_width(2),
+    ))?;
+    Ok(())
 }
 
 /// Corner plot of one star's posterior: 1-D marginals on the diagonal, 2-D marginals below it, the

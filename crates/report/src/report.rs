@@ -8,9 +8,9 @@ use starflow_data::npy::NpyArray;
 use starflow_data::synth::{wavelength_grid, CAMERAS};
 use starflow_training::evaluate::predictions_csv;
 use starflow_training::run::write_text;
-use starflow_training::train::{prepare_data, Quiet};
 use starflow_training::{
-    evaluate, evaluate_scaled, fit_calibration, posterior_samples, Evaluation, RunDir, RunState,
+    cached_calibration, evaluate_on, fit_calibration, posterior_samples_on, source_rows,
+    EvalSource, Evaluation, RunDir, RunState,
 };
 
 use crate::error::{ReportError, Result};
@@ -23,6 +23,9 @@ use crate::table::{self, RunRow};
 pub struct ReportOptions {
     /// Split to evaluate on (`test` unless you are debugging).
     pub split: String,
+    /// Evaluate on this labelled data set (spectra.npy, labels.npy) instead of the split: a large
+    /// set drawn with a seed never used in training.
+    pub data: Option<PathBuf>,
     /// Posterior samples per star for the metrics of non-Gaussian flows.
     pub n_samples: usize,
     /// Samples per corner plot.
@@ -35,10 +38,29 @@ pub struct ReportOptions {
     pub intro: String,
 }
 
+impl ReportOptions {
+    /// Where the evaluated stars come from.
+    pub fn source(&self) -> EvalSource {
+        match &self.data {
+            Some(dir) => EvalSource::dir(dir),
+            None => EvalSource::Split(self.split.clone()),
+        }
+    }
+
+    /// How the evaluated stars are named in titles: `test` or the data directory.
+    fn set_name(&self) -> String {
+        match &self.data {
+            Some(dir) => format!("held-out ({})", dir.display()),
+            None => self.split.clone(),
+        }
+    }
+}
+
 impl Default for ReportOptions {
     fn default() -> Self {
         ReportOptions {
             split: "test".into(),
+            data: None,
             n_samples: 1000,
             corner_samples: 20_000,
             seed: 0,
@@ -61,7 +83,7 @@ fn io(path: &Path, e: std::io::Error) -> ReportError {
     ReportError::Input(format!("{}: {e}", path.display()))
 }
 
-/// Evaluates every run on `opts.split`, writes its figures into `out/<run name>/`, an example
+/// Evaluates every run on `opts.source()`, writes its figures into `out/<run name>/`, an example
 /// spectrum, and the comparison (`REPORT.md`, `metrics.parquet`, `history.parquet`) into `out`.
 /// `progress` receives one line per step.
 pub fn report_runs(
@@ -89,24 +111,31 @@ pub fn report_runs(
                 state.epochs_done
             );
         }
-        progress(&format!("{name}: evaluating on the {} split", opts.split));
-        let eval = evaluate(run, &opts.split, opts.n_samples, opts.seed)?;
-        progress(&format!("{name}: fitting σ-scaling on the val split"));
-        let calibration = fit_calibration(run, opts.n_samples, opts.seed)?;
-        let scaled = evaluate_scaled(
-            run,
-            &opts.split,
-            opts.n_samples,
-            opts.seed,
-            Some(&calibration),
-        )?;
+        let source = opts.source();
+        progress(&format!(
+            "{name}: evaluating on the {} stars",
+            opts.set_name()
+        ));
+        let eval = evaluate_on(run, &source, opts.n_samples, opts.seed, None)?;
+        // The recalibration users get by default: the one fitted when training ended, else
+        // fitted now (and not saved: the report never writes into a run).
+        let calibration = match cached_calibration(run)? {
+            Some(c) => c,
+            None => {
+                progress(&format!(
+                    "{name}: fitting the recalibration on the val split"
+                ));
+                fit_calibration(run, opts.n_samples, opts.seed)?
+            }
+        };
+        let scaled = evaluate_on(run, &source, opts.n_samples, opts.seed, Some(&calibration))?;
         let dir = out.join(&name);
         std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
         progress(&format!("{name}: drawing figures"));
         let showcase = draw_run(run, &dir, &name, &state, &eval, &scaled, opts)?;
         if !spectrum_drawn {
             if let Some(&p) = showcase.get(1).or(showcase.first()) {
-                draw_spectrum(&state, &opts.split, p, &out.join("spectrum.png"))?;
+                draw_spectrum(run, &state, &source, p, &out.join("spectrum.png"))?;
                 spectrum_drawn = true;
             }
         }
@@ -126,9 +155,15 @@ pub fn report_runs(
             n_train: state.n_train,
             n_test: eval.n_stars,
             test_nll_z: eval.nll_z,
+            test_nll_se: eval.nll_se,
             test_nll: eval.nll,
+            eval_set: opts.set_name(),
+            joint_coverage: eval.joint_coverage.clone(),
+            joint_coverage_se: eval.joint_coverage_se.clone(),
+            joint_coverage_calibrated: scaled.joint_coverage.clone(),
             labels: eval.labels.clone(),
             sigma_scale: calibration.scale.clone(),
+            sigma_shift: calibration.shift.clone(),
             calibrated: scaled.labels.clone(),
             test_nll_z_calibrated: scaled.nll_z,
             seconds_per_epoch: train_seconds / state.history.len().max(1) as f64,
@@ -221,26 +256,34 @@ fn draw_run(
     let (pits, pits_scaled) = (pits_of(eval), pits_of(scaled));
     let scaled_pull_std: Vec<f64> = scaled.labels.iter().map(|l| l.pull_std).collect();
     let n = eval.n_stars;
+    let set = opts.set_name();
     plots::pulls(
         &dir.join("pulls.png"),
         &labels,
         &pulls,
         Some(&scaled_pull_std),
-        &format!("{name}: pulls on {n} {} stars", opts.split),
+        &format!("{name}: pulls on {n} {set} stars"),
     )?;
     plots::predicted_vs_true(
         &dir.join("predicted_vs_true.png"),
         &labels,
         &truth,
         &mean,
-        &format!("{name}: posterior mean vs truth, {n} {} stars", opts.split),
+        &format!("{name}: posterior mean vs truth, {n} {set} stars"),
     )?;
     plots::calibration(
         &dir.join("calibration.png"),
         &labels,
         &pits,
         Some(&pits_scaled),
-        &format!("{name}: calibration on {n} {} stars", opts.split),
+        &format!("{name}: calibration on {n} {set} stars"),
+    )?;
+    let hpd_of = |e: &Evaluation| -> Vec<f64> { e.stars.iter().filter_map(|s| s.hpd).collect() };
+    plots::joint_calibration(
+        &dir.join("joint_calibration.png"),
+        &hpd_of(eval),
+        Some(&hpd_of(scaled)),
+        &format!("{name}: joint calibration, {n} {set} stars"),
     )?;
     let truths: Vec<Vec<f64>> = eval
         .stars
@@ -248,7 +291,13 @@ fn draw_run(
         .map(|s| s.truth.clone().unwrap_or_default())
         .collect();
     let showcase = pick_showcase(&truths);
-    let samples = posterior_samples(run, &opts.split, &showcase, opts.corner_samples, opts.seed)?;
+    let samples = posterior_samples_on(
+        run,
+        &opts.source(),
+        &showcase,
+        opts.corner_samples,
+        opts.seed,
+    )?;
     for star in &samples {
         let t: Vec<String> = labels
             .iter()
@@ -265,21 +314,23 @@ fn draw_run(
     Ok(showcase)
 }
 
-/// Plots the spectrum of the star at `position` in the split, camera by camera.
-fn draw_spectrum(state: &RunState, split: &str, position: usize, path: &Path) -> Result<()> {
-    let data = prepare_data(&state.config, &Quiet)?;
-    let indices = match split {
-        "train" => &data.split.train,
-        "val" => &data.split.val,
-        _ => &data.split.test,
-    };
-    let Some(&i) = indices.get(position) else {
+/// Plots the spectrum of the star at `position` among the evaluated stars, camera by camera.
+fn draw_spectrum(
+    run: &Path,
+    state: &RunState,
+    source: &EvalSource,
+    position: usize,
+    path: &Path,
+) -> Result<()> {
+    let rows = source_rows(run, state, source)?;
+    let Some(&i) = rows.indices.get(position) else {
         return Ok(());
     };
+    let data = &rows;
     let n_pix = data.dataset.n_pix();
     let mut flux = vec![0f32; n_pix];
     data.dataset.flux_into(i, &mut flux);
-    let stored = state.config.data.dir.join("wavelength.npy");
+    let stored = rows.data_dir.join("wavelength.npy");
     let wavelength = match NpyArray::open(&stored) {
         Ok(a) if a.shape().iter().product::<usize>() == n_pix => a.to_f64_vec(),
         _ if n_pix % 4 == 0 && n_pix >= 8 => wavelength_grid(n_pix / 4),

@@ -84,6 +84,7 @@ fn report_of_two_runs_has_every_figure_table_and_number() {
         assert_eq!(png_size(&d.join("pulls.png")), (1440, 460));
         assert_eq!(png_size(&d.join("predicted_vs_true.png")), (1440, 900));
         assert_eq!(png_size(&d.join("calibration.png")), (1440, 900));
+        assert_eq!(png_size(&d.join("joint_calibration.png")), (560, 900));
         let corners: Vec<_> = std::fs::read_dir(&d)
             .unwrap()
             .filter_map(|e| e.ok())
@@ -114,17 +115,23 @@ fn report_of_two_runs_has_every_figure_table_and_number() {
         "## Accuracy",
         "RMSE / Cramér-Rao bound",
         "## Calibration",
+        "## Joint calibration (3-D highest-density regions)",
+        "RMSE / marginalised Cramér-Rao bound",
         "## Quality targets",
         "cnn-full_flow/calibration.png",
+        "cnn-full_flow/joint_calibration.png",
         "[an example spectrum](spectrum.png)",
     ] {
         assert!(md.contains(needle), "REPORT.md lacks {needle:?}:\n{md}");
     }
+    // Overview, accuracy, both Cramér-Rao tables, three calibration rows, the joint row.
     assert_eq!(
         md.matches("| cnn-full_flow | ").count(),
-        1 + 1 + 1 + 3,
+        1 + 1 + 2 + 3 + 1,
         "{md}"
     );
+    // The joint coverage is the evaluation's own.
+    assert_eq!(report.rows[1].joint_coverage.len(), 2);
     // The kept epoch is the run's own (state.json counts from 1, like the logs).
     let st = starflow_training::RunDir::new(&runs[1])
         .load_state()
@@ -193,8 +200,14 @@ fn targets_flag_miscalibration() {
         marginal_nll: 0.0,
         rmse_over_crlb: None,
         median_crlb: None,
+        rmse_over_crlb_marginal: None,
+        median_crlb_marginal: None,
+        se: Default::default(),
     };
     assert!(TARGETS.misses(&good).is_empty());
+    assert!(TARGETS.joint_misses(&[0.69, 0.95]).is_empty());
+    assert_eq!(TARGETS.joint_misses(&[0.80, 0.95]).len(), 1);
+    assert_eq!(TARGETS.joint_misses(&[]).len(), 2, "unmeasured is a miss");
     let wide = starflow_training::LabelMetrics {
         pull_std: 0.7,
         coverage_68: 0.85,

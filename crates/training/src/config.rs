@@ -72,6 +72,10 @@ pub struct ModelConfig {
     pub flow_layers: usize,
     /// Kernels per dimension of each Gaussianization layer (reference 10).
     pub flow_kernels: usize,
+    /// How the off-diagonal outputs of a full-covariance layer (full_gaussian, full_flow) enter
+    /// its factor `L`: `absolute` (jammy_flows, the reference) or `relative` (`L_ij = sigma_i
+    /// m_ij`, which trains where the absolute form stalls; see `starflow_flows::OffDiagonal`).
+    pub offdiagonal: String,
     /// Base dropout probability.
     pub dropout: f64,
     /// `fast` (fused CPU kernels) or `stock` (candle's ops; CPU speed comparisons only, its conv1d
@@ -86,6 +90,7 @@ impl Default for ModelConfig {
             flow: "diagonal_gaussian".into(),
             flow_layers: 3,
             flow_kernels: 10,
+            offdiagonal: "absolute".into(),
             dropout: 0.1,
             compute_path: "fast".into(),
         }
@@ -113,6 +118,12 @@ pub struct OptimConfig {
     pub grad_clip: f64,
     /// Stop after this many epochs without a better validation NLL (0 = never).
     pub patience: usize,
+    /// Hold the off-diagonal (correlation) outputs of a full-covariance layer at zero for this
+    /// many epochs: their head rows start at zero and get no gradient, so the network first
+    /// learns means and scales exactly as the diagonal flow does, then the correlations. Without
+    /// it CNNModel + full_gaussian fits the population's label correlations first and stalls
+    /// near the prior (issue 11).
+    pub offdiagonal_warmup_epochs: usize,
     /// Stop with an error after this many consecutive non-finite steps.
     pub max_bad_steps: usize,
 }
@@ -132,6 +143,7 @@ impl Default for OptimConfig {
             eps: 1e-8,
             grad_clip: 0.0,
             patience: 0,
+            offdiagonal_warmup_epochs: 0,
             max_bad_steps: 20,
         }
     }
@@ -196,6 +208,7 @@ const KEYS: &[(&str, &[&str])] = &[
             "flow",
             "flow_layers",
             "flow_kernels",
+            "offdiagonal",
             "dropout",
             "compute_path",
         ],
@@ -215,6 +228,7 @@ const KEYS: &[(&str, &[&str])] = &[
             "eps",
             "grad_clip",
             "patience",
+            "offdiagonal_warmup_epochs",
             "max_bad_steps",
         ],
     ),
@@ -385,6 +399,12 @@ impl TrainConfig {
                 "model.backbone `{}` is unknown; valid: {}",
                 m.backbone,
                 starflow_models::BACKBONE_NAMES.join(", ")
+            ));
+        }
+        if starflow_flows::OffDiagonal::from_name(&m.offdiagonal).is_none() {
+            return bad(format!(
+                "model.offdiagonal must be `absolute` or `relative` (got `{}`)",
+                m.offdiagonal
             ));
         }
         if !starflow_flows::FLOW_NAMES.contains(&m.flow.as_str()) {

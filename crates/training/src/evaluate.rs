@@ -6,7 +6,7 @@
 //! |PIT - 0.5| <= p / 2, so coverage needs no interval approximation for any flow. Gaussian flows
 //! use their analytic moments and CDF; other flows use samples.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::Tensor;
@@ -14,8 +14,8 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use starflow_data::npy::NpyArray;
-use starflow_data::{Batcher, FluxTransform};
-use starflow_flows::PosteriorSummary;
+use starflow_data::{Batcher, Dataset, FluxTransform, LoadOptions};
+use starflow_flows::{Flow, LogProbParts, PosteriorSummary, Samples};
 
 use crate::error::{Result, TrainError};
 use crate::model::StarModel;
@@ -38,6 +38,11 @@ pub struct StarPrediction {
     pub truth: Option<Vec<f64>>,
     /// Posterior CDF of each marginal at the truth.
     pub pit: Option<Vec<f64>>,
+    /// Joint calibration: the posterior mass of the highest-density region whose boundary passes
+    /// through the truth, `P(p(X) > p(truth))`. The truth lies inside the HPD region of mass
+    /// `a` exactly when `hpd <= a`, so for a calibrated joint posterior `hpd` is uniform.
+    #[serde(default)]
+    pub hpd: Option<f64>,
 }
 
 /// Metrics of one label, in physical units unless said otherwise.
@@ -58,6 +63,27 @@ pub struct LabelMetrics {
     /// RMSE over the median Cramer-Rao bound of the evaluated stars (synthetic data only).
     pub rmse_over_crlb: Option<f64>,
     pub median_crlb: Option<f64>,
+    /// The same against the bound with the generator's nuisance parameters marginalised
+    /// (`crlb_marginal.npy`): the bound an estimator that does not know them can reach.
+    #[serde(default)]
+    pub rmse_over_crlb_marginal: Option<f64>,
+    #[serde(default)]
+    pub median_crlb_marginal: Option<f64>,
+    /// One standard error of the figures above from the finite number of stars.
+    #[serde(default)]
+    pub se: LabelErrors,
+}
+
+/// Standard errors (sampling noise from the finite number of stars) of a label's figures:
+/// the spread of each figure over test sets of the same size, estimated from the set itself.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LabelErrors {
+    pub rmse: f64,
+    pub bias: f64,
+    pub pull_mean: f64,
+    pub pull_std: f64,
+    pub coverage_68: f64,
+    pub coverage_95: f64,
 }
 
 /// The result of `evaluate`.
@@ -71,7 +97,17 @@ pub struct Evaluation {
     /// Mean joint NLL of the true labels, z-units, and in physical units (K, dex, dex).
     pub nll_z: f64,
     pub nll: f64,
+    /// Standard error of the mean NLL (the same in z-units and physical units).
+    #[serde(default)]
+    pub nll_se: f64,
     pub labels: Vec<LabelMetrics>,
+    /// Coverage of the joint highest-posterior-density regions of mass [`COVERAGE_LEVELS`]: the
+    /// fraction of stars whose true (t_eff, log_g, fe_h) lies inside them. Marginal PITs miss a
+    /// wrong correlation; this does not.
+    #[serde(default)]
+    pub joint_coverage: Vec<f64>,
+    #[serde(default)]
+    pub joint_coverage_se: Vec<f64>,
     pub seconds: f64,
     #[serde(skip)]
     pub stars: Vec<StarPrediction>,
@@ -115,20 +151,26 @@ fn check_samples(run_dir: &Path, n_samples: usize) -> Result<()> {
     Ok(())
 }
 
-/// Per-label σ-scaling of the posteriors, fitted on the validation split: each label's posterior is
-/// stretched about its mean by `scale[j]`, chosen so that half of the validation stars have
-/// |pull| below the normal quartile 0.6745: `s = median(|pull|) / 0.6745`. A network trained for a
-/// few epochs (or with dropout) is usually too wide or too narrow as a whole rather than star by
-/// star, which one factor per label repairs (σ-scaling, Levi et al. 2019, "Evaluating and
-/// calibrating uncertainty prediction in regression tasks"). The median, not the Gaussian
-/// maximum-likelihood `mean(pull²)`, because pulls are heavy-tailed: a few badly predicted giants
-/// in a validation split of a few hundred stars moved the mean-square factor by up to 1.8x in
-/// the quick profile, and the factor then made the test split worse. Means, RMSE and bias are
-/// unchanged.
+/// Per-label recalibration of the posteriors, fitted on the validation split: each label's
+/// posterior is moved by `-shift[j]` of its own standard deviation and stretched about its mean by
+/// `scale[j]`, `X' = m - c σ + s (X - m)`, so that a pull `p` becomes `(p - c) / s`. Both come
+/// from the validation pulls robustly: `c = median(pull)` and `s = median(|pull - c|) / 0.6745`
+/// (half of N(0, 1) lies within ±0.6745). A network trained with a finite budget is usually too
+/// wide or too narrow, and biased by a fraction of its own width, as a whole rather than star by
+/// star, which one shift and one factor per label repair (σ-scaling, Levi et al. 2019,
+/// "Evaluating and calibrating uncertainty prediction in regression tasks", with the location
+/// term of a location-scale recalibration). Medians, not the Gaussian maximum-likelihood mean and
+/// `mean(pull²)`, because pulls are heavy-tailed: a few badly predicted giants in a validation
+/// split of a few hundred stars moved the mean-square factor by up to 1.8x in the quick profile.
+/// Correlations are unchanged; RMSE and bias change only through the shift.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Calibration {
     pub labels: Vec<String>,
     pub scale: Vec<f64>,
+    /// Shift of each label's posterior in units of its own standard deviation (empty in files
+    /// written before shifts existed: no shift).
+    #[serde(default)]
+    pub shift: Vec<f64>,
     /// Split the factors were fitted on and its size.
     pub fitted_on: String,
     pub n_stars: usize,
@@ -137,45 +179,80 @@ pub struct Calibration {
     pub epochs_done: usize,
 }
 
+/// Median of finite values (0 when there are none).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    }
+}
+
 impl Calibration {
-    /// Fits the factors to an (unscaled) evaluation, normally of the validation split.
+    /// Fits shifts and factors to an (unscaled) evaluation, normally of the validation split.
     pub fn fit(eval: &Evaluation) -> Self {
         let d = eval.labels.len();
-        let scale = (0..d)
+        let pulls = |j: usize| -> Vec<f64> {
+            eval.stars
+                .iter()
+                .filter_map(|s| s.truth.as_ref().map(|t| (s.mean[j] - t[j]) / s.std[j]))
+                .collect()
+        };
+        let (shift, scale) = (0..d)
             .map(|j| {
-                let mut abs: Vec<f64> = eval
-                    .stars
-                    .iter()
-                    .filter_map(|s| {
-                        s.truth
-                            .as_ref()
-                            .map(|t| ((s.mean[j] - t[j]) / s.std[j]).abs())
-                    })
-                    .filter(|p| p.is_finite())
-                    .collect();
-                if abs.is_empty() {
-                    return 1.0;
-                }
-                abs.sort_by(f64::total_cmp);
-                let n = abs.len();
-                let median = if n % 2 == 1 {
-                    abs[n / 2]
-                } else {
-                    0.5 * (abs[n / 2 - 1] + abs[n / 2])
-                };
-                if median > 0.0 {
-                    median / NORMAL_QUARTILE
-                } else {
-                    1.0
-                }
+                let p = pulls(j);
+                let c = median(p.clone());
+                let spread = median(p.iter().map(|v| (v - c).abs()).collect());
+                (
+                    c,
+                    if spread > 0.0 {
+                        spread / NORMAL_QUARTILE
+                    } else {
+                        1.0
+                    },
+                )
             })
-            .collect();
+            .unzip();
         Calibration {
             labels: eval.labels.iter().map(|l| l.name.clone()).collect(),
             scale,
+            shift,
             fitted_on: eval.split.clone(),
             n_stars: eval.n_stars,
             epochs_done: 0,
+        }
+    }
+
+    /// The shift of label `j` (0 when the file has none).
+    fn shift(&self, j: usize) -> f64 {
+        self.shift.get(j).copied().unwrap_or(0.0)
+    }
+
+    /// The truth `t` of label `j` as seen by the unscaled posterior with mean `m` and standard
+    /// deviation `sd`: the recalibrated CDF (and density, up to `1 / scale`) at `t` is the
+    /// unscaled one at this point.
+    fn seen(&self, t: f64, m: f64, sd: f64, j: usize) -> f64 {
+        m + (t - m + self.shift(j) * sd) / self.scale[j]
+    }
+
+    /// Moves and stretches a z-unit posterior summary.
+    fn apply(&self, s: &mut PosteriorSummary) {
+        let d = s.mean.len();
+        for j in 0..d {
+            let (m, sd, sc) = (s.mean[j], s.std[j], self.scale[j]);
+            let moved = m - self.shift(j) * sd;
+            s.mean[j] = moved;
+            s.std[j] = sc * sd;
+            s.quantiles[j] = s.quantiles[j].map(|q| moved + sc * (q - m));
+            for k in 0..d {
+                s.cov[j * d + k] *= sc * self.scale[k];
+            }
         }
     }
 }
@@ -183,40 +260,28 @@ impl Calibration {
 /// The 75 % quantile of the standard normal: half of N(0, 1) lies within ±0.6745.
 const NORMAL_QUARTILE: f64 = 0.674_489_750_196_081_7;
 
-/// Stretches a posterior summary about its mean.
-fn scale_summary(s: &mut PosteriorSummary, sc: &[f64]) {
-    let d = s.mean.len();
-    for j in 0..d {
-        s.std[j] *= sc[j];
-        let m = s.mean[j];
-        s.quantiles[j] = s.quantiles[j].map(|q| m + sc[j] * (q - m));
-        for k in 0..d {
-            s.cov[j * d + k] *= sc[j] * sc[k];
-        }
-    }
-}
-
 /// Posterior summaries (z-units) and, given truths, PITs for one batch of parameters.
 ///
-/// With `scale`, each label's posterior is widened (or narrowed) by `scale[j]` about its mean (see
-/// [`Calibration`]): the PIT of a truth `t` under the scaled posterior is the unscaled posterior's
-/// CDF at `m + (t - m) / s`, and the summary's spread is multiplied by `s`.
+/// With a calibration each label's posterior is moved and stretched (see [`Calibration`]): the
+/// PIT of a truth under the recalibrated posterior is the unscaled posterior's CDF at the point
+/// [`Calibration::seen`], and the summary is moved and stretched alike.
 fn summarize_batch(
     model: &StarModel,
     params: &Tensor,
     truth_z: Option<&[f64]>,
     n_samples: usize,
     rng: &mut ChaCha8Rng,
-    scale: Option<&[f64]>,
-) -> Result<Vec<(PosteriorSummary, Option<Vec<f64>>)>> {
+    cal: Option<&Calibration>,
+) -> Result<BatchSummaries> {
     let d = model.flow.dim();
     // The truth as seen by the unscaled posterior of item i, label j.
-    let seen = |t: f64, m: f64, j: usize| match scale {
-        Some(sc) => m + (t - m) / sc[j],
+    let seen = |t: f64, s: &PosteriorSummary, j: usize| match cal {
+        Some(c) => c.seen(t, s.mean[j], s.std[j], j),
         None => t,
     };
     let b = params.dims()[0];
     let gaussian = model.flow.n_layers() == 1;
+    let mut drawn = None;
     let out: Vec<(PosteriorSummary, Option<Vec<f64>>)> = if gaussian {
         let moments = model.flow.gaussian_moments(params)?;
         moments
@@ -226,7 +291,7 @@ fn summarize_batch(
                 let s = m.to_summary();
                 let pit = truth_z.map(|t| {
                     (0..d)
-                        .map(|j| phi((seen(t[i * d + j], s.mean[j], j) - s.mean[j]) / s.std[j]))
+                        .map(|j| phi((seen(t[i * d + j], &s, j) - s.mean[j]) / s.std[j]))
                         .collect()
                 });
                 (s, pit)
@@ -235,7 +300,7 @@ fn summarize_batch(
     } else {
         let samples = model.flow.sample(params, n_samples, rng)?;
         let summaries = samples.summarize();
-        summaries
+        let out = summaries
             .into_iter()
             .enumerate()
             .map(|(i, s)| {
@@ -243,7 +308,7 @@ fn summarize_batch(
                     let pts = samples.item(i);
                     (0..d)
                         .map(|j| {
-                            let tj = seen(t[i * d + j], s.mean[j], j);
+                            let tj = seen(t[i * d + j], &s, j);
                             let below = (0..n_samples).filter(|&k| pts[k * d + j] < tj).count();
                             (below as f64 + 0.5) / (n_samples as f64 + 1.0)
                         })
@@ -251,16 +316,112 @@ fn summarize_batch(
                 });
                 (s, pit)
             })
-            .collect()
+            .collect();
+        drawn = Some(samples);
+        out
     };
     debug_assert_eq!(b, out.len());
+    // Before the summaries move: the truths as seen by the unscaled posteriors.
+    let y_seen = truth_z.map(|t| {
+        (0..b * d)
+            .map(|k| seen(t[k], &out[k / d].0, k % d))
+            .collect()
+    });
     let mut out = out;
-    if let Some(sc) = scale {
+    if let Some(c) = cal {
         for (s, _) in &mut out {
-            scale_summary(s, sc);
+            c.apply(s);
         }
     }
-    Ok(out)
+    Ok(BatchSummaries {
+        items: out,
+        samples: drawn,
+        y_seen,
+    })
+}
+
+/// One batch's posteriors.
+struct BatchSummaries {
+    /// Per star, the z-unit summary (recalibrated when asked) and the PITs (given truths).
+    items: Vec<(PosteriorSummary, Option<Vec<f64>>)>,
+    /// The posterior samples the summaries came from (non-Gaussian flows only).
+    samples: Option<Samples>,
+    /// Given truths, `(b, d)` row-major: each truth as seen by the unscaled posterior, whose
+    /// density there is the recalibrated density at the truth times the product of the scales.
+    y_seen: Option<Vec<f64>>,
+}
+
+/// Posterior samples per star used to rank the truth's density for [`StarPrediction::hpd`]
+/// (non-Gaussian flows): the level is resolved to ~1/400, well below the sampling noise of a
+/// coverage on a few thousand stars, at a fraction of the cost of ranking every sample.
+const HPD_SAMPLES: usize = 400;
+
+/// [`StarPrediction::hpd`] for a batch. Gaussian flows: the chi-square CDF of the squared
+/// Mahalanobis distance, which is `|z|^2` at the base point. Other flows: the fraction of the
+/// star's posterior samples whose density exceeds the truth's.
+fn hpd_levels(
+    flow: &Flow,
+    params: &Tensor,
+    parts: &LogProbParts,
+    samples: Option<&Samples>,
+) -> Result<Vec<f64>> {
+    let d = flow.dim();
+    let Some(s) = samples else {
+        let z: Vec<f64> = parts.z.flatten_all()?.to_vec1()?;
+        return Ok(z
+            .chunks_exact(d)
+            .map(|zi| chi2_cdf(d, zi.iter().map(|v| v * v).sum()))
+            .collect());
+    };
+    let (b, k) = (s.n_items, s.n_per_item.min(HPD_SAMPLES));
+    let idx: Vec<u32> = (0..b as u32)
+        .flat_map(|i| std::iter::repeat_n(i, k))
+        .collect();
+    let idx = Tensor::from_vec(idx, b * k, params.device())?;
+    let mut pts = Vec::with_capacity(b * k * d);
+    for i in 0..b {
+        pts.extend_from_slice(&s.item(i)[..k * d]);
+    }
+    let pts = Tensor::from_vec(pts, (b * k, d), params.device())?;
+    let lp_samples: Vec<f64> = flow
+        .log_prob(&params.index_select(&idx, 0)?, &pts)?
+        .to_vec1()?;
+    let lp_truth: Vec<f64> = parts.log_prob.to_vec1()?;
+    Ok((0..b)
+        .map(|i| {
+            let denser = lp_samples[i * k..(i + 1) * k]
+                .iter()
+                .filter(|&&v| v > lp_truth[i])
+                .count();
+            (denser as f64 + 0.5) / (k as f64 + 1.0)
+        })
+        .collect())
+}
+
+/// CDF of the chi-square distribution with `k` degrees of freedom at `x`: the regularised lower
+/// incomplete gamma `P(k/2, x/2)`, by the upward recursion `P(a+1, y) = P(a, y) - y^a e^-y /
+/// Gamma(a+1)` from `P(1/2, y) = erf(sqrt y)` or `P(1, y) = 1 - e^-y`.
+pub fn chi2_cdf(k: usize, x: f64) -> f64 {
+    if x <= 0.0 {
+        return 0.0;
+    }
+    let y = 0.5 * x;
+    let (mut a, mut p, mut term) = if k % 2 == 1 {
+        // term = y^a e^-y / Gamma(a + 1) at a = 1/2, Gamma(3/2) = sqrt(pi) / 2.
+        (
+            0.5,
+            erf(y.sqrt()),
+            y.sqrt() * (-y).exp() / (0.5 * std::f64::consts::PI.sqrt()),
+        )
+    } else {
+        (1.0, 1.0 - (-y).exp(), y * (-y).exp())
+    };
+    while a + 1.0 <= 0.5 * k as f64 {
+        p -= term;
+        a += 1.0;
+        term *= y / (a + 1.0);
+    }
+    p.clamp(0.0, 1.0)
 }
 
 fn to_physical(
@@ -278,56 +439,143 @@ fn to_physical(
     )
 }
 
-/// Evaluates a run on a split (`train`, `val` or `test`) of the data it was trained on.
-/// A finished run with its data prepared and the rows of one split, ready to be evaluated.
+/// Where the stars of an evaluation come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EvalSource {
+    /// A split (`train`, `val` or `test`) of the data the run was trained on.
+    Split(String),
+    /// Any labelled data set on the run's pixel grid (every row is evaluated), such as a
+    /// synthetic set drawn with a seed never used in training.
+    Files { spectra: PathBuf, labels: PathBuf },
+}
+
+impl EvalSource {
+    /// `spectra.npy` and `labels.npy` in a directory.
+    pub fn dir(dir: &Path) -> Self {
+        EvalSource::Files {
+            spectra: dir.join("spectra.npy"),
+            labels: dir.join("labels.npy"),
+        }
+    }
+
+    /// The name evaluations carry: the split, or `data` for other files.
+    pub fn name(&self) -> &str {
+        match self {
+            EvalSource::Split(s) => s,
+            EvalSource::Files { .. } => "data",
+        }
+    }
+}
+
+/// A finished run with the stars to evaluate, ready to be evaluated.
 struct Opened {
     state: RunState,
     model: StarModel,
-    data: Prepared,
+    dataset: Dataset,
+    flux: FluxTransform,
     indices: Vec<usize>,
+    /// Where `crlb.npy` would be.
+    data_dir: PathBuf,
 }
 
-/// Loads a run and its data and selects a split (`train`, `val` or `test`), refusing data whose
-/// pixel count differs from what the run was trained on.
-fn open_split(run_dir: &Path, split: &str) -> Result<Opened> {
-    let (state, model) = load_run(run_dir)?;
-    let data = prepare_data(&state.config, &Quiet)?;
-    if data.dataset.n_pix() != state.n_pix {
+/// The stars of `source` for a run: the data set, its flux transform, the rows to evaluate and
+/// the directory where the generator's bound files (`crlb.npy`) would be.
+pub struct SourceRows {
+    pub dataset: Dataset,
+    pub flux: FluxTransform,
+    pub indices: Vec<usize>,
+    pub data_dir: PathBuf,
+}
+
+/// Loads the stars of `source` for the run in `run_dir` (whose state is `state`), refusing data
+/// whose pixel count differs from what the run was trained on.
+pub fn source_rows(run_dir: &Path, state: &RunState, source: &EvalSource) -> Result<SourceRows> {
+    let rows = match source {
+        EvalSource::Split(split) => {
+            let data = prepare_data(&state.config, &Quiet)?;
+            let indices = split_indices(&data, split, run_dir)?;
+            SourceRows {
+                dataset: data.dataset,
+                flux: data.flux,
+                indices,
+                data_dir: state.config.data.dir.clone(),
+            }
+        }
+        EvalSource::Files { spectra, labels } => {
+            let d = &state.config.data;
+            let opts = LoadOptions {
+                label_names: d.label_names.clone(),
+                targets: d.targets.clone(),
+                drop_nonfinite: d.drop_nonfinite,
+            };
+            let dataset = Dataset::load_npy(spectra, labels, &opts)?;
+            SourceRows {
+                indices: (0..dataset.len()).collect(),
+                dataset,
+                flux: FluxTransform::new(state.flux_floor)?,
+                data_dir: spectra.parent().unwrap_or(Path::new(".")).to_path_buf(),
+            }
+        }
+    };
+    if rows.dataset.n_pix() != state.n_pix {
         return Err(TrainError::Input {
-            path: data.dataset.paths().0.to_path_buf(),
+            path: rows.dataset.paths().0.to_path_buf(),
             problem: format!(
                 "the spectra have {} pixels, but the run in {} was trained on {} pixels",
-                data.dataset.n_pix(),
+                rows.dataset.n_pix(),
                 run_dir.display(),
                 state.n_pix
             ),
-            fix: "evaluate with the data the run was trained on (data.dir in its config.toml)"
-                .into(),
+            fix: match source {
+                EvalSource::Split(_) => {
+                    "evaluate with the data the run was trained on (data.dir in its config.toml)"
+                        .into()
+                }
+                EvalSource::Files { .. } => {
+                    "pass spectra on the wavelength grid the run was trained on".into()
+                }
+            },
         });
     }
-    let indices = match split {
-        "train" => data.split.train.clone(),
-        "val" => data.split.val.clone(),
-        "test" => data.split.test.clone(),
-        other => {
-            return Err(TrainError::config(
-                run_dir,
-                format!("unknown split `{other}`; use train, val or test"),
-            ));
-        }
-    };
-    if indices.is_empty() {
+    if rows.indices.is_empty() {
         return Err(TrainError::config(
             run_dir,
-            format!("the {split} split is empty"),
+            format!("no stars to evaluate in {}", source.name()),
         ));
     }
+    Ok(rows)
+}
+
+/// Loads a run and the stars of `source`.
+fn open_source(run_dir: &Path, source: &EvalSource) -> Result<Opened> {
+    let (state, model) = load_run(run_dir)?;
+    let SourceRows {
+        dataset,
+        flux,
+        indices,
+        data_dir,
+    } = source_rows(run_dir, &state, source)?;
     Ok(Opened {
         state,
         model,
-        data,
+        dataset,
+        flux,
         indices,
+        data_dir,
     })
+}
+
+/// The rows of a named split.
+fn split_indices(data: &Prepared, split: &str, run_dir: &Path) -> Result<Vec<usize>> {
+    match split {
+        "train" => Ok(data.split.train.clone()),
+        "val" => Ok(data.split.val.clone()),
+        "test" => Ok(data.split.test.clone()),
+        other => Err(TrainError::config(
+            run_dir,
+            format!("unknown split `{other}`; use train, val or test"),
+        )),
+    }
 }
 
 /// Evaluates a run on a split (`train`, `val` or `test`) of the data it was trained on.
@@ -343,20 +591,34 @@ pub fn fit_calibration(run_dir: &Path, n_samples: usize, seed: u64) -> Result<Ca
     Ok(c)
 }
 
+/// The run's calibration from `RUN/calibration.json` when it is there, readable and fitted to the
+/// run's current weights.
+pub fn cached_calibration(run_dir: &Path) -> Result<Option<Calibration>> {
+    let path = run_dir.join(CALIBRATION_FILE);
+    let state = RunDir::new(run_dir).load_state()?;
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(None);
+    };
+    Ok(match serde_json::from_str::<Calibration>(&text) {
+        Ok(c) if c.epochs_done == state.epochs_done && c.labels == state.scaler.names => Some(c),
+        Ok(_) => {
+            tracing::info!("{}: stale, fitting again", path.display());
+            None
+        }
+        Err(e) => {
+            tracing::warn!("{}: unreadable ({e}), fitting again", path.display());
+            None
+        }
+    })
+}
+
 /// The run's calibration from `RUN/calibration.json`, fitted (and saved atomically) when missing
 /// or older than the run's weights.
 pub fn load_or_fit_calibration(run_dir: &Path, n_samples: usize, seed: u64) -> Result<Calibration> {
-    let path = run_dir.join(CALIBRATION_FILE);
-    let state = RunDir::new(run_dir).load_state()?;
-    if let Ok(text) = std::fs::read_to_string(&path) {
-        match serde_json::from_str::<Calibration>(&text) {
-            Ok(c) if c.epochs_done == state.epochs_done && c.labels == state.scaler.names => {
-                return Ok(c)
-            }
-            Ok(_) => tracing::info!("{}: stale, fitting again", path.display()),
-            Err(e) => tracing::warn!("{}: unreadable ({e}), fitting again", path.display()),
-        }
+    if let Some(c) = cached_calibration(run_dir)? {
+        return Ok(c);
     }
+    let path = run_dir.join(CALIBRATION_FILE);
     let c = fit_calibration(run_dir, n_samples, seed)?;
     let text = serde_json::to_string_pretty(&c)
         .map_err(|e| TrainError::config(&path, format!("cannot serialise: {e}")))?;
@@ -364,7 +626,7 @@ pub fn load_or_fit_calibration(run_dir: &Path, n_samples: usize, seed: u64) -> R
     Ok(c)
 }
 
-/// File name of a run's σ-scaling factors.
+/// File name of a run's recalibration (shifts and σ-scales).
 pub const CALIBRATION_FILE: &str = "calibration.json";
 
 /// [`evaluate`] with the posteriors σ-scaled by `calibration` (when given): PITs, coverage, pulls,
@@ -376,109 +638,155 @@ pub fn evaluate_scaled(
     seed: u64,
     calibration: Option<&Calibration>,
 ) -> Result<Evaluation> {
+    evaluate_on(
+        run_dir,
+        &EvalSource::Split(split.to_string()),
+        n_samples,
+        seed,
+        calibration,
+    )
+}
+
+/// Evaluates a run on the stars of `source`, σ-scaled by `calibration` when given.
+pub fn evaluate_on(
+    run_dir: &Path,
+    source: &EvalSource,
+    n_samples: usize,
+    seed: u64,
+    calibration: Option<&Calibration>,
+) -> Result<Evaluation> {
     let start = Instant::now();
-    let Opened {
-        state,
-        model,
-        data,
-        indices,
-    } = open_split(run_dir, split)?;
-    let indices = &indices;
     check_samples(run_dir, n_samples)?;
+    let opened = open_source(run_dir, source)?;
+    let (state, model) = (&opened.state, &opened.model);
     let batcher = Batcher {
-        dataset: &data.dataset,
-        flux: data.flux,
+        dataset: &opened.dataset,
+        flux: opened.flux,
         scaler: &state.scaler,
         device: model.device.clone(),
     };
     let d = state.scaler.mean.len();
-    let mut stars = Vec::with_capacity(indices.len());
-    let mut nll_sum = 0.0;
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let scale = match calibration {
-        Some(c) if c.scale.len() != d => {
+    if let Some(c) = calibration {
+        if c.scale.len() != d || !(c.shift.is_empty() || c.shift.len() == d) {
             return Err(TrainError::config(
                 run_dir,
                 format!(
-                    "the calibration has {} factors but the run predicts {d} labels",
-                    c.scale.len()
+                    "the calibration has {} factors and {} shifts but the run predicts {d} labels",
+                    c.scale.len(),
+                    c.shift.len()
                 ),
             ));
         }
-        Some(c) => Some(c.scale.as_slice()),
-        None => None,
-    };
-    let log_scale_sum: f64 = scale.map_or(0.0, |sc| sc.iter().map(|v| v.ln()).sum());
-    for batch in batcher.batches(indices, 128)? {
+    }
+    let log_scale_sum: f64 = calibration.map_or(0.0, |c| c.scale.iter().map(|v| v.ln()).sum());
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut stars = Vec::with_capacity(opened.indices.len());
+    let mut nll = Vec::with_capacity(opened.indices.len());
+    for batch in batcher.batches(&opened.indices, 128)? {
         let b = batch?;
         let params = model.params(&b.x, false)?;
         let yz: Vec<f64> = b.y.flatten_all()?.to_vec1()?;
-        let summaries = summarize_batch(&model, &params, Some(&yz), n_samples, &mut rng, scale)?;
-        // The scaled density at y is the unscaled density at m + (y - m) / s, divided by prod s.
-        let y_seen = match scale {
-            None => b.y.clone(),
-            Some(sc) => {
-                let v: Vec<f64> = yz
-                    .iter()
-                    .enumerate()
-                    .map(|(k, &t)| {
-                        let (i, j) = (k / d, k % d);
-                        let m = summaries[i].0.mean[j];
-                        m + (t - m) / sc[j]
-                    })
-                    .collect();
-                Tensor::from_vec(v, b.y.dims(), b.y.device())?
-            }
+        let batch = summarize_batch(model, &params, Some(&yz), n_samples, &mut rng, calibration)?;
+        // The recalibrated density at y is the unscaled density at y_seen, divided by prod s.
+        let y_seen = match batch.y_seen {
+            Some(v) if calibration.is_some() => Tensor::from_vec(v, b.y.dims(), b.y.device())?,
+            _ => b.y.clone(),
         };
-        nll_sum += model
-            .flow
-            .log_prob(&params, &y_seen)?
-            .neg()?
-            .sum_all()?
-            .to_scalar::<f64>()?
-            + log_scale_sum * b.indices.len() as f64;
+        let summaries = batch.items;
+        let parts = model.flow.log_prob_parts(&params, &y_seen)?;
+        let log_prob: Vec<f64> = parts.log_prob.to_vec1()?;
+        nll.extend(log_prob.iter().map(|lp| log_scale_sum - lp));
+        // The scaled posterior's samples are the unscaled ones stretched about the mean, so the
+        // density ranking of the truth is that of y_seen among the unscaled samples.
+        let hpd = hpd_levels(&model.flow, &params, &parts, batch.samples.as_ref())?;
         for (k, (s, pit)) in summaries.into_iter().enumerate() {
             let (mean, std, quantiles) = to_physical(&s, &state.scaler.mean, &state.scaler.std);
             let i = b.indices[k];
             stars.push(StarPrediction {
-                row: data.dataset.file_row(i),
+                row: opened.dataset.file_row(i),
                 mean,
                 std,
                 quantiles,
-                truth: Some(data.dataset.targets(i)),
+                truth: Some(opened.dataset.targets(i)),
                 pit,
+                hpd: Some(hpd[k]),
             });
         }
     }
-    let n = stars.len() as f64;
-    let nll_z = nll_sum / n;
+    let (nll_z, nll_se) = mean_and_se(&nll);
     let log_scale: f64 = state.scaler.std.iter().map(|s| s.ln()).sum();
-    let crlb = crlb_for(&state, &stars)?;
+    let targets = &state.config.data.targets;
+    let crlb = crlb_for(&opened.data_dir, "crlb.npy", targets, &stars)?;
+    let crlb_m = crlb_for(&opened.data_dir, "crlb_marginal.npy", targets, &stars)?;
     let labels = (0..d)
-        .map(|j| label_metrics(&state, &stars, j, crlb.as_ref().map(|c| c[j])))
+        .map(|j| {
+            let mut m = label_metrics(state, &stars, j, crlb.as_ref().map(|c| c[j]));
+            m.median_crlb_marginal = crlb_m.as_ref().map(|c| c[j]);
+            m.rmse_over_crlb_marginal = m.median_crlb_marginal.map(|c| m.rmse / c);
+            m
+        })
         .collect();
+    let (joint_coverage, joint_coverage_se) = joint_coverage(&stars);
     Ok(Evaluation {
-        split: split.to_string(),
+        split: source.name().to_string(),
         n_stars: stars.len(),
         flow: state.config.model.flow.clone(),
         backbone: state.config.model.backbone.clone(),
         n_samples,
         nll_z,
         nll: nll_z + log_scale,
+        nll_se,
         labels,
+        joint_coverage,
+        joint_coverage_se,
         seconds: start.elapsed().as_secs_f64(),
         stars,
     })
 }
 
-/// Median CRLB per label over the evaluated stars, when the data directory has `crlb.npy`.
-fn crlb_for(state: &RunState, stars: &[StarPrediction]) -> Result<Option<Vec<f64>>> {
-    let path = state.config.data.dir.join("crlb.npy");
-    if !path.exists() || state.config.data.targets != ["t_eff", "log_g", "fe_h"] {
+/// Mean and its standard error.
+fn mean_and_se(v: &[f64]) -> (f64, f64) {
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+    (mean, (var / n).sqrt())
+}
+
+/// Standard error of a fraction `p` of `n` independent stars.
+fn fraction_se(p: f64, n: f64) -> f64 {
+    (p * (1.0 - p) / n).sqrt()
+}
+
+/// Coverage of the joint HPD regions at [`COVERAGE_LEVELS`] and its standard errors.
+fn joint_coverage(stars: &[StarPrediction]) -> (Vec<f64>, Vec<f64>) {
+    let levels: Vec<f64> = stars.iter().filter_map(|s| s.hpd).collect();
+    if levels.is_empty() {
+        return (Vec::new(), Vec::new());
+    }
+    let n = levels.len() as f64;
+    COVERAGE_LEVELS
+        .iter()
+        .map(|&a| {
+            let p = levels.iter().filter(|&&h| h <= a).count() as f64 / n;
+            (p, fraction_se(p, n))
+        })
+        .unzip()
+}
+
+/// Median bound per label over the evaluated stars, when `dir` has the bound file `name`
+/// (`crlb.npy` or `crlb_marginal.npy`, written by the synthetic generator).
+fn crlb_for(
+    dir: &Path,
+    name: &str,
+    targets: &[String],
+    stars: &[StarPrediction],
+) -> Result<Option<Vec<f64>>> {
+    let path = dir.join(name);
+    if !path.exists() || targets != ["t_eff", "log_g", "fe_h"] {
         return Ok(None);
     }
     let arr = NpyArray::open(&path)?;
-    let (rows, cols) = arr.shape2("crlb")?;
+    let (rows, cols) = arr.shape2(name.trim_end_matches(".npy"))?;
     if cols != 3 {
         return Ok(None);
     }
@@ -517,7 +825,8 @@ fn label_metrics(
     let ss_res: f64 = err.iter().map(|e| e * e).sum();
     let pulls: Vec<f64> = stars.iter().zip(&err).map(|(s, e)| e / s.std[j]).collect();
     let pull_mean = pulls.iter().sum::<f64>() / n;
-    let pull_std = (pulls.iter().map(|p| (p - pull_mean).powi(2)).sum::<f64>() / n).sqrt();
+    let pull_var = pulls.iter().map(|p| (p - pull_mean).powi(2)).sum::<f64>() / n;
+    let pull_std = pull_var.sqrt();
     let cover = |p: f64| {
         stars
             .iter()
@@ -538,6 +847,19 @@ fn label_metrics(
         .sum::<f64>()
         / n;
     let rmse = (ss_res / n).sqrt();
+    let (coverage_68, coverage_95) = (cover(COVERAGE_LEVELS[0]), cover(COVERAGE_LEVELS[1]));
+    // Delta-method errors: se(rmse) = se(mse) / (2 rmse); the sample variance of the pulls has
+    // variance (m4 - var^2) / n, whatever their distribution (heavy tails widen it).
+    let sq: Vec<f64> = err.iter().map(|e| e * e).collect();
+    let m4 = pulls.iter().map(|p| (p - pull_mean).powi(4)).sum::<f64>() / n;
+    let se = LabelErrors {
+        rmse: mean_and_se(&sq).1 / (2.0 * rmse),
+        bias: mean_and_se(&err).1,
+        pull_mean: pull_std / n.sqrt(),
+        pull_std: ((m4 - pull_var * pull_var).max(0.0) / n).sqrt() / (2.0 * pull_std),
+        coverage_68: fraction_se(coverage_68, n),
+        coverage_95: fraction_se(coverage_95, n),
+    };
     LabelMetrics {
         name: state.scaler.names[j].clone(),
         rmse,
@@ -546,12 +868,15 @@ fn label_metrics(
         r2: 1.0 - ss_res / ss_tot,
         pull_mean,
         pull_std,
-        coverage_68: cover(COVERAGE_LEVELS[0]),
-        coverage_95: cover(COVERAGE_LEVELS[1]),
+        coverage_68,
+        coverage_95,
         marginal_nll_z: marginal_nll - sigma.ln(),
         marginal_nll,
         rmse_over_crlb: crlb.map(|c| rmse / c),
         median_crlb: crlb,
+        rmse_over_crlb_marginal: None,
+        median_crlb_marginal: None,
+        se,
     }
 }
 
@@ -577,8 +902,21 @@ pub fn posterior_samples(
     n_samples: usize,
     seed: u64,
 ) -> Result<Vec<StarSamples>> {
+    let source = EvalSource::Split(split.to_string());
+    posterior_samples_on(run_dir, &source, positions, n_samples, seed)
+}
+
+/// [`posterior_samples`] for stars of any [`EvalSource`] (positions index its rows).
+pub fn posterior_samples_on(
+    run_dir: &Path,
+    source: &EvalSource,
+    positions: &[usize],
+    n_samples: usize,
+    seed: u64,
+) -> Result<Vec<StarSamples>> {
     check_samples(run_dir, n_samples)?;
-    let opened = open_split(run_dir, split)?;
+    let split = source.name();
+    let opened = open_source(run_dir, source)?;
     let chosen = positions
         .iter()
         .map(|&p| {
@@ -594,8 +932,8 @@ pub fn posterior_samples(
         })
         .collect::<Result<Vec<usize>>>()?;
     let batcher = Batcher {
-        dataset: &opened.data.dataset,
-        flux: opened.data.flux,
+        dataset: &opened.dataset,
+        flux: opened.flux,
         scaler: &opened.state.scaler,
         device: opened.model.device.clone(),
     };
@@ -615,8 +953,8 @@ pub fn posterior_samples(
                 .map(|(m, v)| scaler.mean[m % d] + scaler.std[m % d] * v)
                 .collect();
             out.push(StarSamples {
-                row: opened.data.dataset.file_row(i),
-                truth: opened.data.dataset.targets(i),
+                row: opened.dataset.file_row(i),
+                truth: opened.dataset.targets(i),
                 dim: d,
                 samples: phys,
             });
@@ -678,16 +1016,10 @@ pub fn predict_scaled(
         }
         let x = Tensor::from_vec(x, (end - start, 1, n_pix), &model.device)?;
         let params = model.params(&x, false)?;
-        for (k, (s, _)) in summarize_batch(
-            &model,
-            &params,
-            None,
-            n_samples,
-            &mut rng,
-            calibration.map(|c| c.scale.as_slice()),
-        )?
-        .into_iter()
-        .enumerate()
+        for (k, (s, _)) in summarize_batch(&model, &params, None, n_samples, &mut rng, calibration)?
+            .items
+            .into_iter()
+            .enumerate()
         {
             let (mean, std, quantiles) = to_physical(&s, &state.scaler.mean, &state.scaler.std);
             out.push(StarPrediction {
@@ -697,6 +1029,7 @@ pub fn predict_scaled(
                 quantiles,
                 truth: None,
                 pit: None,
+                hpd: None,
             });
         }
     }
@@ -704,7 +1037,7 @@ pub fn predict_scaled(
 }
 
 /// Predictions as CSV: one row per star, `<label>_mean, _std, _q025, _q16, _q50, _q84, _q975`, and
-/// the truth and PIT when known.
+/// when the truth is known `<label>_true, _pit` and the joint `hpd` level.
 pub fn predictions_csv(names: &[String], stars: &[StarPrediction]) -> String {
     let mut s = String::from("row");
     for n in names {
@@ -717,6 +1050,7 @@ pub fn predictions_csv(names: &[String], stars: &[StarPrediction]) -> String {
         for n in names {
             s.push_str(&format!(",{n}_true,{n}_pit"));
         }
+        s.push_str(",hpd");
     }
     s.push('\n');
     for p in stars {
@@ -730,6 +1064,10 @@ pub fn predictions_csv(names: &[String], stars: &[StarPrediction]) -> String {
         if let (Some(t), Some(u)) = (&p.truth, &p.pit) {
             for j in 0..names.len() {
                 s.push_str(&format!(",{},{}", t[j], u[j]));
+            }
+            match p.hpd {
+                Some(h) => s.push_str(&format!(",{h}")),
+                None => s.push(','),
             }
         }
         s.push('\n');

@@ -5,7 +5,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use starflow_flows::{Flow, FullFlowConfig};
+use starflow_flows::{Flow, FullFlowConfig, OffDiagonal};
 use starflow_models::{Backbone, BackboneConfig, ComputePath};
 
 use crate::config::TrainConfig;
@@ -31,12 +31,16 @@ impl std::fmt::Debug for StarModel {
 /// Builds the flow named in the config for `dim` labels.
 pub fn build_flow(cfg: &TrainConfig, dim: usize) -> Result<Flow> {
     let m = &cfg.model;
+    // `validate` has checked the name; an unknown one falls back to the reference.
+    let offdiagonal = OffDiagonal::from_name(&m.offdiagonal).unwrap_or_default();
     Ok(match m.flow.as_str() {
         "full_flow" => starflow_flows::full_flow(&FullFlowConfig {
             dim,
             n_gaussianization_layers: m.flow_layers,
             n_kernels: m.flow_kernels,
+            offdiagonal,
         })?,
+        "full_gaussian" => starflow_flows::full_gaussian_with(dim, offdiagonal)?,
         name => starflow_flows::flow_by_name(name, dim)?,
     })
 }
@@ -59,6 +63,9 @@ impl StarModel {
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
         let model = Self::build(cfg, input_len, dim, vb, varmap, device)?;
         seeded_init(&model.varmap, cfg.run.seed)?;
+        if cfg.optim.offdiagonal_warmup_epochs > 0 {
+            model.zero_head_rows(&model.offdiagonal_columns())?;
+        }
         Ok(model)
     }
 
@@ -111,8 +118,67 @@ impl StarModel {
 
     /// Per-star negative log-likelihood `(b,)` of z-scored labels `y: (b, d)`.
     pub fn nll(&self, x: &Tensor, y: &Tensor, train: bool) -> Result<Tensor> {
-        let params = self.params(x, train)?;
+        self.nll_gated(x, y, train, true)
+    }
+
+    /// [`StarModel::nll`], with the off-diagonal outputs of a full-covariance layer held at zero
+    /// (and so given no gradient) unless `offdiagonal`: the warm-up of
+    /// `optim.offdiagonal_warmup_epochs`.
+    pub fn nll_gated(
+        &self,
+        x: &Tensor,
+        y: &Tensor,
+        train: bool,
+        offdiagonal: bool,
+    ) -> Result<Tensor> {
+        let mut params = self.params(x, train)?;
+        let cols = self.offdiagonal_columns();
+        if !offdiagonal && !cols.is_empty() {
+            let p = self.flow.n_params();
+            let mask: Vec<f64> = (0..p)
+                .map(|c| if cols.contains(&c) { 0.0 } else { 1.0 })
+                .collect();
+            let mask = Tensor::from_vec(mask, (1, p), &self.device)?;
+            params = params.broadcast_mul(&mask)?;
+        }
         Ok(self.flow.log_prob(&params, y)?.neg()?)
+    }
+
+    /// Columns of the parameter row that are off-diagonal entries of a full-covariance affine
+    /// layer (the flow's last layer), in order; empty for other flows.
+    pub fn offdiagonal_columns(&self) -> Vec<usize> {
+        let last = self.flow.n_layers() - 1;
+        let layer = &self.flow.layers()[last];
+        if !layer.kind().starts_with("affine-full") {
+            return Vec::new();
+        }
+        let r = self.flow.param_range(last);
+        (r.start + 2 * self.flow.dim()..r.end).collect()
+    }
+
+    /// Sets the head's weight rows and biases of parameter columns `cols` to zero.
+    fn zero_head_rows(&self, cols: &[usize]) -> Result<()> {
+        if cols.is_empty() {
+            return Ok(());
+        }
+        let prefix = self.backbone.head_prefix();
+        let data = self.varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+        for suffix in ["weight", "bias"] {
+            let Some(var) = data.get(&format!("{prefix}.{suffix}")) else {
+                continue;
+            };
+            let t = var.as_tensor();
+            let rows = t.dim(0)?;
+            let keep: Vec<f32> = (0..rows)
+                .map(|r| if cols.contains(&r) { 0.0 } else { 1.0 })
+                .collect();
+            let shape: Vec<usize> = std::iter::once(rows)
+                .chain(std::iter::repeat_n(1, t.rank() - 1))
+                .collect();
+            let keep = Tensor::from_vec(keep, shape, t.device())?.to_dtype(t.dtype())?;
+            var.set(&t.broadcast_mul(&keep)?)?;
+        }
+        Ok(())
     }
 }
 

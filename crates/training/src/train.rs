@@ -300,7 +300,8 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions, observer: &dyn Observer) ->
         for (k, batch) in batcher.batches(&order, bs)?.enumerate() {
             pause_if(pause_at == Some(&PauseAt::Step(attempts)));
             let b = batch?;
-            let nll = model.nll(&b.x, &b.y, true)?;
+            let offdiagonal = epoch >= cfg.optim.offdiagonal_warmup_epochs;
+            let nll = model.nll_gated(&b.x, &b.y, true, offdiagonal)?;
             let mut loss = nll.mean_all()?;
             if opts.inject_nan_steps.contains(&attempts) {
                 loss = (loss * f64::NAN)?;

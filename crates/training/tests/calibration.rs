@@ -1,5 +1,6 @@
-//! σ-scaling of posteriors (Calibration): the fitted factors put half of the validation pulls
-//! within the normal quartile, the scaled NLL is the density of the scaled posterior, and factors of 1
+//! Recalibration of posteriors (Calibration: a shift and a σ-scale per label): the fitted values
+//! centre the validation pulls on zero and put half of them within the normal quartile, the
+//! recalibrated NLL is the density of the recalibrated posterior, and factors of 1 with no shift
 //! change nothing.
 
 use std::path::{Path, PathBuf};
@@ -32,6 +33,7 @@ fn tiny_run(dir: &Path, flow: &str) -> PathBuf {
 fn ones(c: &Calibration) -> Calibration {
     Calibration {
         scale: vec![1.0; c.scale.len()],
+        shift: vec![0.0; c.scale.len()],
         ..c.clone()
     }
 }
@@ -47,30 +49,38 @@ fn fitted_scale_normalises_validation_pulls_and_keeps_the_nll_a_density() {
 
     let raw = evaluate(&run, "val", 100, 1).unwrap();
     let scaled = evaluate_scaled(&run, "val", 100, 1, Some(&c)).unwrap();
+    assert_eq!(c.shift.len(), 3);
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            0.5 * (v[n / 2 - 1] + v[n / 2])
+        }
+    };
     for (j, l) in scaled.labels.iter().enumerate() {
-        // s = median|pull| / 0.6745, so half of the scaled pulls lie within the normal quartile.
-        let mut abs: Vec<f64> = scaled
+        // c = median pull and s = median |pull - c| / 0.6745: the recalibrated pulls (pull - c) / s
+        // have median 0, and half of them lie within the normal quartile.
+        let pulls: Vec<f64> = scaled
             .stars
             .iter()
-            .map(|s| ((s.mean[j] - s.truth.as_ref().unwrap()[j]) / s.std[j]).abs())
+            .map(|s| (s.mean[j] - s.truth.as_ref().unwrap()[j]) / s.std[j])
             .collect();
-        abs.sort_by(f64::total_cmp);
-        let n = abs.len();
-        let median = if n % 2 == 1 {
-            abs[n / 2]
-        } else {
-            0.5 * (abs[n / 2 - 1] + abs[n / 2])
-        };
-        assert!((median - 0.674_489_75).abs() < 1e-6, "{}: {median}", l.name);
-        // Means (and so RMSE and bias) do not move; stds scale by exactly s.
-        assert_eq!(l.rmse, raw.labels[j].rmse);
+        let centre = median(pulls.clone());
+        assert!(centre.abs() < 1e-9, "{}: median pull {centre}", l.name);
+        let spread = median(pulls.iter().map(|p| p.abs()).collect());
+        assert!((spread - 0.674_489_75).abs() < 1e-6, "{}: {spread}", l.name);
+        // Stds scale by exactly s; means move by c of the unscaled std.
         for (a, b) in scaled.stars.iter().zip(&raw.stars) {
             assert!((a.std[j] - c.scale[j] * b.std[j]).abs() <= 1e-9 * b.std[j]);
+            let moved = b.mean[j] - c.shift[j] * b.std[j];
+            assert!((a.mean[j] - moved).abs() <= 1e-9 * b.std[j]);
         }
     }
     // For a diagonal Gaussian the joint NLL is the sum of the marginal NLLs: this holds for the
-    // scaled posterior only if the log-density adjustment (evaluate at m + (y-m)/s, minus sum ln s)
-    // is right.
+    // recalibrated posterior only if the log-density adjustment (evaluate at the truth as seen by
+    // the unscaled posterior, minus sum ln s) is right.
     for e in [&raw, &scaled] {
         let sum: f64 = e.labels.iter().map(|l| l.marginal_nll_z).sum();
         assert!((e.nll_z - sum).abs() < 1e-9, "{} vs {sum}", e.nll_z);
@@ -99,10 +109,12 @@ fn unit_scale_changes_nothing_and_wider_scale_covers_more() {
     }
     let wide = Calibration {
         scale: vec![3.0; 3],
+        shift: vec![0.0; 3],
         ..c.clone()
     };
     let narrow = Calibration {
         scale: vec![0.3; 3],
+        shift: vec![0.0; 3],
         ..c
     };
     let w = evaluate_scaled(&run, "test", 200, 2, Some(&wide)).unwrap();
@@ -136,4 +148,50 @@ fn calibration_is_saved_and_reused_until_the_run_changes() {
     };
     std::fs::write(&path, serde_json::to_string(&stale).unwrap()).unwrap();
     assert_eq!(load_or_fit_calibration(&run, 100, 1).unwrap(), a);
+}
+
+/// The chi-square CDF behind the joint HPD levels of Gaussian flows, at known values.
+#[test]
+fn chi2_cdf_matches_known_values() {
+    use starflow_training::chi2_cdf;
+    let close = |a: f64, b: f64, tol: f64| assert!((a - b).abs() < tol, "{a} vs {b}");
+    close(chi2_cdf(1, 1.0), 0.682_689_49, 1e-6);
+    close(chi2_cdf(1, 4.0), 0.954_499_74, 1e-6);
+    for x in [0.3, 1.0, 2.5, 7.0] {
+        close(chi2_cdf(2, x), 1.0 - (-x / 2.0f64).exp(), 1e-12);
+        close(chi2_cdf(4, x), 1.0 - (-x / 2.0f64).exp() * (1.0 + x / 2.0), 1e-12);
+    }
+    // The 3-D regions of mass 68.27 % and 95.45 % (scipy.stats.chi2.ppf).
+    close(chi2_cdf(3, 3.526_741_3), 0.682_689_49, 1e-6);
+    close(chi2_cdf(3, 8.024_881_6), 0.954_499_74, 1e-6);
+    assert_eq!(chi2_cdf(3, 0.0), 0.0);
+    assert_eq!(chi2_cdf(3, 1e4), 1.0);
+}
+
+/// Both ways of finding a truth's HPD level agree on a Gaussian: the chi-square CDF of |z|^2 (used
+/// for Gaussian flows) and the fraction of posterior samples denser than the truth (used for
+/// full_flow).
+#[test]
+fn hpd_level_from_chi_square_equals_the_sample_ranking() {
+    use candle_core::{Device, Tensor};
+    use rand::SeedableRng;
+    let flow = starflow_flows::full_gaussian(3).unwrap();
+    let params = Tensor::new(&[[0.3f64, -0.2, 0.1, -0.5, 0.4, 0.0, 0.3, -0.6, 0.2]], &Device::Cpu)
+        .unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
+    let n = 20_000;
+    let samples = flow.sample(&params, n, &mut rng).unwrap();
+    let pts = Tensor::from_vec(samples.values.clone(), (n, 3), &Device::Cpu).unwrap();
+    let rep = params.broadcast_as((n, 9)).unwrap().contiguous().unwrap();
+    let lp: Vec<f64> = flow.log_prob(&rep, &pts).unwrap().to_vec1().unwrap();
+    for truth in [[0.3, -0.1, 0.2], [1.5, 0.5, -1.0], [-2.0, 2.0, 0.5]] {
+        let x = Tensor::new(&[truth], &Device::Cpu).unwrap();
+        let parts = flow.log_prob_parts(&params, &x).unwrap();
+        let z: Vec<f64> = parts.z.flatten_all().unwrap().to_vec1().unwrap();
+        let exact = starflow_training::chi2_cdf(3, z.iter().map(|v| v * v).sum());
+        let lt: f64 = parts.log_prob.to_vec1::<f64>().unwrap()[0];
+        let ranked = lp.iter().filter(|&&v| v > lt).count() as f64 / n as f64;
+        // Binomial noise of 20,000 samples: < 0.004 at one standard error.
+        assert!((exact - ranked).abs() < 0.012, "{truth:?}: {exact} vs {ranked}");
+    }
 }

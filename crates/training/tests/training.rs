@@ -291,10 +291,62 @@ fn config_errors_name_the_key_and_suggest_a_fix() {
 #[test]
 fn shipped_configs_parse() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    for name in ["reference", "recommended"] {
+    for name in ["reference", "recommended", "quick", "full"] {
         let cfg = TrainConfig::from_file(&root.join(format!("configs/{name}.toml"))).unwrap();
         assert_eq!(cfg.optim.batch_size, 64, "{name}");
     }
     let r = TrainConfig::from_file(&root.join("configs/reference.toml")).unwrap();
     assert_eq!((r.optim.lr, r.optim.epochs), (0.8e-4, 10));
+    // The reference keeps jammy_flows' parameterisation and no warm-up, for fidelity.
+    assert_eq!(r.model.offdiagonal, "absolute");
+    assert_eq!(r.optim.offdiagonal_warmup_epochs, 0);
+    for name in ["recommended", "quick", "full"] {
+        let c = TrainConfig::from_file(&root.join(format!("configs/{name}.toml"))).unwrap();
+        assert_eq!(c.model.offdiagonal, "relative", "{name}");
+        assert!(c.optim.offdiagonal_warmup_epochs > 0, "{name}");
+    }
+}
+
+/// The off-diagonal warm-up: the head rows of the correlation outputs start at zero and, while the
+/// gate is closed, get no gradient (so the model is exactly a diagonal Gaussian); once it opens
+/// they learn. Both backbones name their head.
+#[test]
+fn offdiagonal_warmup_holds_the_correlations_at_zero() {
+    use candle_core::{DType, Device, Tensor};
+    for backbone in ["cnn", "tiny_cnn"] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = tiny(dir.path(), "full_gaussian", backbone);
+        cfg.model.offdiagonal = "relative".into();
+        cfg.optim.offdiagonal_warmup_epochs = 2;
+        let model = starflow_training::StarModel::new(&cfg, 256, 3, &Device::Cpu).unwrap();
+        let cols = model.offdiagonal_columns();
+        assert_eq!(cols, vec![6, 7, 8], "{backbone}");
+        let head = |suffix: &str| {
+            let name = format!("{}.{suffix}", model.backbone.head_prefix());
+            model.varmap.data().lock().unwrap()[&name].clone()
+        };
+        let w: Vec<Vec<f32>> = head("weight").as_tensor().to_vec2().unwrap();
+        let b: Vec<f32> = head("bias").as_tensor().to_vec1().unwrap();
+        for c in 0..9 {
+            let zero = w[c].iter().all(|v| *v == 0.0) && b[c] == 0.0;
+            assert_eq!(zero, cols.contains(&c), "{backbone}: head row {c}");
+        }
+        let x = Tensor::randn(0f32, 1.0, (4, 1, 256), &Device::Cpu).unwrap();
+        let y = Tensor::randn(0f64, 1.0, (4, 3), &Device::Cpu).unwrap();
+        let grad_rows = |open: bool| -> Vec<f32> {
+            let loss = model
+                .nll_gated(&x, &y, true, open)
+                .unwrap()
+                .mean_all()
+                .unwrap();
+            let g = loss.backward().unwrap();
+            let gw = g.get(head("weight").as_tensor()).unwrap();
+            let gw: Vec<Vec<f32>> = gw.to_dtype(DType::F32).unwrap().to_vec2().unwrap();
+            cols.iter()
+                .map(|&c| gw[c].iter().map(|v| v.abs()).sum())
+                .collect()
+        };
+        assert!(grad_rows(false).iter().all(|g| *g == 0.0), "{backbone}: closed gate");
+        assert!(grad_rows(true).iter().all(|g| *g > 0.0), "{backbone}: open gate");
+    }
 }
