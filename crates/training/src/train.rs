@@ -55,20 +55,28 @@ impl std::fmt::Debug for Prepared {
 /// Loads (generating first, for synthetic configs) and splits the data of a config.
 pub fn prepare_data(cfg: &TrainConfig, observer: &dyn Observer) -> Result<Prepared> {
     let d = &cfg.data;
-    if d.synthetic && !d.dir.join("spectra.npy").exists() {
-        observer.message(&format!(
-            "generating the synthetic data set ({} stars, seed {}) into {}",
-            d.synthetic_n,
-            d.synthetic_seed,
-            d.dir.display()
-        ));
+    if d.synthetic {
         let synth = starflow_data::SynthConfig {
             n: d.synthetic_n,
             seed: d.synthetic_seed,
             pixels_per_camera: d.synthetic_pixels_per_camera,
             ..starflow_data::SynthConfig::default()
         };
-        starflow_data::generate(&synth, &|_| {})?.write(&d.dir)?;
+        let missing = !d.dir.join("spectra.npy").exists();
+        if missing || generated_otherwise(&d.dir, &synth) {
+            observer.message(&format!(
+                "generating the synthetic data set ({} stars, seed {}) into {}{}",
+                d.synthetic_n,
+                d.synthetic_seed,
+                d.dir.display(),
+                if missing {
+                    ""
+                } else {
+                    " (the set there was generated with other settings or an older generator)"
+                }
+            ));
+            starflow_data::generate(&synth, &|_| {})?.write(&d.dir)?;
+        }
     }
     let opts = LoadOptions {
         label_names: d.label_names.clone(),
@@ -98,6 +106,27 @@ pub fn prepare_data(cfg: &TrainConfig, observer: &dyn Observer) -> Result<Prepar
         scaler,
         flux: FluxTransform::new(d.flux_floor)?,
     })
+}
+
+/// Whether `dir` holds a set that starflow's generator wrote (its `synth.json` says so) with other
+/// settings or an older generator version than `want`: such a set is regenerated, so that changing
+/// `data.synthetic_n` in a config takes effect. Files without a `synth.json` of ours (real data put
+/// there by hand) are never touched.
+fn generated_otherwise(dir: &Path, want: &starflow_data::SynthConfig) -> bool {
+    let Ok(text) = std::fs::read_to_string(dir.join("synth.json")) else {
+        return false;
+    };
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return false;
+    };
+    if v["generator"] != "starflow-synth" {
+        return false;
+    }
+    let c = &v["config"];
+    v["generator_version"] != starflow_data::synth::GENERATOR_VERSION
+        || c["n"].as_u64() != Some(want.n as u64)
+        || c["seed"].as_u64() != Some(want.seed)
+        || c["pixels_per_camera"].as_u64() != Some(want.pixels_per_camera as u64)
 }
 
 /// Sets the global thread count once (rayon, which candle's CPU backend and our kernels use).

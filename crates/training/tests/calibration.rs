@@ -159,7 +159,11 @@ fn chi2_cdf_matches_known_values() {
     close(chi2_cdf(1, 4.0), 0.954_499_74, 1e-6);
     for x in [0.3, 1.0, 2.5, 7.0] {
         close(chi2_cdf(2, x), 1.0 - (-x / 2.0f64).exp(), 1e-12);
-        close(chi2_cdf(4, x), 1.0 - (-x / 2.0f64).exp() * (1.0 + x / 2.0), 1e-12);
+        close(
+            chi2_cdf(4, x),
+            1.0 - (-x / 2.0f64).exp() * (1.0 + x / 2.0),
+            1e-12,
+        );
     }
     // The 3-D regions of mass 68.27 % and 95.45 % (scipy.stats.chi2.ppf).
     close(chi2_cdf(3, 3.526_741_3), 0.682_689_49, 1e-6);
@@ -176,8 +180,11 @@ fn hpd_level_from_chi_square_equals_the_sample_ranking() {
     use candle_core::{Device, Tensor};
     use rand::SeedableRng;
     let flow = starflow_flows::full_gaussian(3).unwrap();
-    let params = Tensor::new(&[[0.3f64, -0.2, 0.1, -0.5, 0.4, 0.0, 0.3, -0.6, 0.2]], &Device::Cpu)
-        .unwrap();
+    let params = Tensor::new(
+        &[[0.3f64, -0.2, 0.1, -0.5, 0.4, 0.0, 0.3, -0.6, 0.2]],
+        &Device::Cpu,
+    )
+    .unwrap();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
     let n = 20_000;
     let samples = flow.sample(&params, n, &mut rng).unwrap();
@@ -192,6 +199,9 @@ fn hpd_level_from_chi_square_equals_the_sample_ranking() {
         let lt: f64 = parts.log_prob.to_vec1::<f64>().unwrap()[0];
         let ranked = lp.iter().filter(|&&v| v > lt).count() as f64 / n as f64;
         // Binomial noise of 20,000 samples: < 0.004 at one standard error.
-        assert!((exact - ranked).abs() < 0.012, "{truth:?}: {exact} vs {ranked}");
+        assert!(
+            (exact - ranked).abs() < 0.012,
+            "{truth:?}: {exact} vs {ranked}"
+        );
     }
 }

@@ -346,7 +346,13 @@ fn offdiagonal_warmup_holds_the_correlations_at_zero() {
                 .map(|&c| gw[c].iter().map(|v| v.abs()).sum())
                 .collect()
         };
-        assert!(grad_rows(false).iter().all(|g| *g == 0.0), "{backbone}: closed gate");
-        assert!(grad_rows(true).iter().all(|g| *g > 0.0), "{backbone}: open gate");
+        assert!(
+            grad_rows(false).iter().all(|g| *g == 0.0),
+            "{backbone}: closed gate"
+        );
+        assert!(
+            grad_rows(true).iter().all(|g| *g > 0.0),
+            "{backbone}: open gate"
+        );
     }
 }

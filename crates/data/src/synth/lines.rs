@@ -217,6 +217,16 @@ fn species_index(name: &str) -> usize {
     SPECIES.iter().position(|s| s.name == name).unwrap_or(14)
 }
 
+/// Name of the species with index `idx` in the table (as in [`Line::species`]).
+pub fn species_name(idx: usize) -> &'static str {
+    SPECIES[idx].name
+}
+
+/// Whether the species with index `idx` is an alpha element (as in [`Line::alpha`]).
+pub fn species_is_alpha(idx: usize) -> bool {
+    SPECIES[idx].alpha
+}
+
 fn species(name: &str) -> &'static Species {
     &SPECIES[species_index(name)]
 }

@@ -17,7 +17,10 @@
 //!   sigma = 1/SNR per pixel;
 //! * for every star the Cramer-Rao lower bound on the standard deviation of (t_eff, log_g, fe_h)
 //!   from the noiseless model's label derivatives and the pixel noise, the physical limit that
-//!   models are measured against.
+//!   models are measured against: once with the nuisances held fixed at their true values
+//!   ([`Model::crlb`], `crlb.npy`) and once with them marginalised ([`Model::crlb_marginal`],
+//!   `crlb_marginal.npy`), since an estimator does not know a star's abundance pattern, tilts or
+//!   telluric amplitude either.
 //!
 //! It is a simplified spectrum model, not radiative transfer: instrumental and Doppler broadening
 //! are combined into one Gaussian width before saturation, and weak lines are not at real
@@ -39,7 +42,7 @@ use crate::npy::{atomic_write, write_npy};
 use lines::{Line, LineKind};
 
 /// Version of the generator's model; bump it whenever the output for a given seed changes.
-pub const GENERATOR_VERSION: &str = "1.0.0";
+pub const GENERATOR_VERSION: &str = "1.1.0";
 
 /// HERMES camera ranges in Angstrom (blue, green, red, IR).
 pub const CAMERAS: [(&str, f64, f64); 4] = [
@@ -51,6 +54,18 @@ pub const CAMERAS: [(&str, f64, f64); 4] = [
 
 const C_KMS: f64 = 299_792.458;
 const THETA_SUN: f64 = 5040.0 / 5772.0;
+/// Saturated depth of a metal line: `1 - D_MAX_METAL (1 - exp(-tau))`.
+const D_MAX_METAL: f64 = 0.88;
+
+/// Standard deviation of the per-species abundance offsets [X/Fe] (dex) that [`draw_star`] draws;
+/// also their Gaussian prior in [`Model::crlb_marginal`].
+pub const X_FE_SIGMA: f64 = 0.05;
+/// Standard deviation of the microturbulence offset `d_xi` (km/s); also its prior in
+/// [`Model::crlb_marginal`].
+pub const D_XI_SIGMA: f64 = 0.15;
+/// Standard deviation of each continuum-tilt offset and slope; also their prior in
+/// [`Model::crlb_marginal`].
+pub const TILT_SIGMA: f64 = 0.004;
 
 /// Every setting of the generator; written to `synth.json` next to the data.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -157,7 +172,8 @@ pub struct Star {
 }
 
 /// What changes a spectrum without being a label: lithium, telluric residuals, the edge upturn
-/// and continuum-normalisation tilts. Held fixed when taking label derivatives for the CRLB.
+/// and continuum-normalisation tilts. Held fixed by [`Model::crlb`]; every continuous one that
+/// changes the flux is marginalised by [`Model::crlb_marginal`] (see [`nuisance_param_names`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Nuisance {
     /// Lithium abundance A(Li).
@@ -268,10 +284,12 @@ pub fn draw_star(rng: &mut ChaCha8Rng, cfg: &SynthConfig) -> Star {
         })
         .collect();
     let edge = rng.random_range(0.18..0.32);
-    let tilt_n = Normal::new(0.0, 0.004).expect("constant, valid standard deviation");
+    let tilt_n = Normal::new(0.0, TILT_SIGMA).expect("constant, valid standard deviation");
     let tilt = [0; 4].map(|_| (tilt_n.sample(rng), tilt_n.sample(rng)));
-    let x_fe = (0..lines::N_SPECIES).map(|_| 0.05 * n01(rng)).collect();
-    let d_xi = 0.15 * n01(rng);
+    let x_fe = (0..lines::N_SPECIES)
+        .map(|_| X_FE_SIGMA * n01(rng))
+        .collect();
+    let d_xi = D_XI_SIGMA * n01(rng);
     // The real labels file holds float32-rounded values in float64; so do we.
     let r32 = |v: f64| v as f32 as f64;
     Star {
@@ -335,6 +353,62 @@ fn line_strength(line: &Line, l: &Labels, nu: &Nuisance) -> f64 {
     }
 }
 
+/// Width (Angstrom) of one telluric residual: unresolved, a few pixels wide.
+const TELLURIC_WIDTH: f64 = 0.07;
+
+/// The broadening shared by every line of one star.
+struct Broadening {
+    t: f64,
+    d_g: f64,
+    /// Microturbulence (km/s).
+    xi: f64,
+    /// Macroturbulence (km/s).
+    v_mac: f64,
+}
+
+impl Broadening {
+    /// Microturbulence and macroturbulence follow GALAH-like relations in t_eff, log_g.
+    fn new(l: &Labels, nu: &Nuisance) -> Self {
+        let t = l.t_eff;
+        Broadening {
+            t,
+            d_g: l.log_g - 4.44,
+            xi: (1.0 + 3e-4 * (t - 5500.0) - 0.25 * (l.log_g - 4.2) + nu.d_xi).clamp(0.5, 2.5),
+            v_mac: (3.5 + 2.5e-3 * (t - 5772.0) + 0.8 * (4.4 - l.log_g).max(0.0)).clamp(1.0, 9.0),
+        }
+    }
+}
+
+/// The shape of one line in one star.
+enum Profile {
+    /// Line-centre optical depth scale and Gaussian width of a Balmer line ([`Model::balmer`]).
+    Balmer {
+        tau0: f64,
+        sigma: f64,
+    },
+    Metal(MetalProfile),
+}
+
+/// A metal line: residual flux `1 - D_MAX_METAL (1 - exp(-tau0 H(v)))` within `wl +- half`, with
+/// `H(v) = exp(-v^2) + coef / (1 + v^2)` and `v = (lambda - wl) inv`.
+#[derive(Clone, Copy, Debug)]
+struct MetalProfile {
+    tau0: f64,
+    inv: f64,
+    coef: f64,
+    half: f64,
+}
+
+impl MetalProfile {
+    /// The Voigt-like profile `H` at `dl` Angstrom from the line centre.
+    fn h(&self, dl: f64) -> f64 {
+        let v = dl * self.inv;
+        let v2 = v * v;
+        let gauss = if v2 < 40.0 { (-v2).exp() } else { 0.0 };
+        gauss + self.coef / (v2 + 1.0)
+    }
+}
+
 impl Model {
     /// Builds the grid and line list for a configuration.
     pub fn new(cfg: &SynthConfig) -> Self {
@@ -369,55 +443,61 @@ impl Model {
         }
     }
 
+    /// The shape of one line in a star with labels `l`, nuisances `nu` and broadening `b`.
+    fn profile(&self, line: &Line, l: &Labels, nu: &Nuisance, b: &Broadening) -> Profile {
+        let fwhm_to_sigma = 1.0 / (8f64.ln() * 2.0).sqrt();
+        let log_tau = line.log_tau_sun + line_strength(line, l, nu);
+        let tau0 = 10f64.powf(log_tau);
+        let v_th2 = 2.0 * 8.314_462e-3 * b.t / line.mass; // (km/s)^2: 2kT/m with R in kJ/(mol K)
+        let bw = (v_th2 + b.xi * b.xi + b.v_mac * b.v_mac).sqrt();
+        let sigma_dopp = line.wl * bw / C_KMS / std::f64::consts::SQRT_2;
+        let sigma_inst = line.wl / self.resolving_power * fwhm_to_sigma;
+        let sigma = (sigma_dopp * sigma_dopp + sigma_inst * sigma_inst).sqrt();
+        let inv = 1.0 / (std::f64::consts::SQRT_2 * sigma);
+        if line.kind == LineKind::Balmer {
+            return Profile::Balmer { tau0, sigma };
+        }
+        // Pressure (van der Waals) broadening: gas pressure grows with gravity, more for
+        // neutral lines than for ionised ones.
+        let p_exp = if line.kind == LineKind::Ionised {
+            0.2
+        } else {
+            0.5
+        };
+        let a = line.damping * 10f64.powf(p_exp * b.d_g) * (sigma_dopp / sigma).max(0.3);
+        let coef = a / std::f64::consts::PI.sqrt();
+        // Half-width: the Gaussian core, or where the damping wing's optical depth drops to 1e-3.
+        let v_wing = (tau0 * coef / 1e-3).sqrt();
+        let half = (6.0 * sigma).max((v_wing / inv).min(25.0));
+        Profile::Metal(MetalProfile {
+            tau0,
+            inv,
+            coef,
+            half,
+        })
+    }
+
     /// The noiseless normalised flux of a star with `labels` and `nuisance`, written to `out`.
     pub fn flux(&self, l: &Labels, nu: &Nuisance, out: &mut [f64]) {
         // Overlapping lines multiply their residual fluxes.
         out.iter_mut().for_each(|v| *v = 1.0);
-        let t = l.t_eff;
-        let d_g = l.log_g - 4.44;
-        // Microturbulence and macroturbulence (km/s) follow GALAH-like relations in t_eff, log_g.
-        let xi = (1.0 + 3e-4 * (t - 5500.0) - 0.25 * (l.log_g - 4.2) + nu.d_xi).clamp(0.5, 2.5);
-        let v_mac = (3.5 + 2.5e-3 * (t - 5772.0) + 0.8 * (4.4 - l.log_g).max(0.0)).clamp(1.0, 9.0);
-        let fwhm_to_sigma = 1.0 / (8f64.ln() * 2.0).sqrt();
+        let b = Broadening::new(l, nu);
         for line in &self.lines {
-            let log_tau = line.log_tau_sun + line_strength(line, l, nu);
-            let tau0 = 10f64.powf(log_tau);
-            let v_th2 = 2.0 * 8.314_462e-3 * t / line.mass; // (km/s)^2: 2kT/m with R in kJ/(mol K)
-            let b = (v_th2 + xi * xi + v_mac * v_mac).sqrt();
-            let sigma_dopp = line.wl * b / C_KMS / std::f64::consts::SQRT_2;
-            let sigma_inst = line.wl / self.resolving_power * fwhm_to_sigma;
-            let sigma = (sigma_dopp * sigma_dopp + sigma_inst * sigma_inst).sqrt();
-            let inv = 1.0 / (std::f64::consts::SQRT_2 * sigma);
-            if line.kind == LineKind::Balmer {
-                self.balmer(line, tau0, sigma, l, out);
-                continue;
-            }
-            // Pressure (van der Waals) broadening: gas pressure grows with gravity, more for
-            // neutral lines than for ionised ones.
-            let p_exp = if line.kind == LineKind::Ionised {
-                0.2
-            } else {
-                0.5
-            };
-            let a = line.damping * 10f64.powf(p_exp * d_g) * (sigma_dopp / sigma).max(0.3);
-            let d_max = 0.88;
-            let coef = a / std::f64::consts::PI.sqrt();
-            // Half-width: the Gaussian core, or where the damping wing's optical depth drops to 1e-3.
-            let v_wing = (tau0 * coef / 1e-3).sqrt();
-            let half = (6.0 * sigma).max((v_wing / inv).min(25.0));
-            self.pixel_range(line.wl - half, line.wl + half, |i0, i1| {
-                for (k, o) in out[i0..i1].iter_mut().enumerate() {
-                    let v = (self.wavelength[i0 + k] - line.wl) * inv;
-                    let v2 = v * v;
-                    let gauss = if v2 < 40.0 { (-v2).exp() } else { 0.0 };
-                    let h = gauss + coef / (v2 + 1.0);
-                    *o *= 1.0 - d_max * (1.0 - (-tau0 * h).exp());
+            match self.profile(line, l, nu, &b) {
+                Profile::Balmer { tau0, sigma } => self.balmer(line, tau0, sigma, l, out),
+                Profile::Metal(p) => {
+                    self.pixel_range(line.wl - p.half, line.wl + p.half, |i0, i1| {
+                        for (k, o) in out[i0..i1].iter_mut().enumerate() {
+                            let h = p.h(self.wavelength[i0 + k] - line.wl);
+                            *o *= 1.0 - D_MAX_METAL * (1.0 - (-p.tau0 * h).exp());
+                        }
+                    })
                 }
-            });
+            }
         }
         // Non-stellar effects, multiplicative on the flux.
         if nu.telluric > 0.0 {
-            let width = 0.07; // Angstrom: unresolved telluric residuals, a few pixels wide
+            let width = TELLURIC_WIDTH;
             for (k, &wl) in self.telluric.iter().enumerate() {
                 let amp = 0.6
                     * nu.telluric
@@ -480,6 +560,9 @@ impl Model {
     /// Cramer-Rao lower bound on the standard deviation of (t_eff, log_g, fe_h) in K, dex, dex:
     /// sqrt(diag(F^-1)) with Fisher matrix F = J^T J * snr^2, J the central-difference label
     /// derivatives of the noiseless flux, nuisances held fixed.
+    ///
+    /// This is the bound for an estimator that knows every nuisance of the star exactly; see
+    /// [`Model::crlb_marginal`] for the one that does not.
     pub fn crlb(
         &self,
         l: &Labels,
@@ -487,9 +570,143 @@ impl Model {
         snr: f64,
         scratch: &mut [Vec<f64>; 2],
     ) -> [f64; 3] {
-        let steps = [10.0, 0.01, 0.01];
         let n = self.n_pix();
         let mut jac = vec![0.0; 3 * n];
+        self.label_jacobian(l, nu, scratch, &mut jac);
+        bound3(&label_fisher(&jac, n, snr))
+    }
+
+    /// Buffers for [`Model::crlb_marginal`], [`Model::crlb_both`] and [`Model::fisher`]; one per
+    /// thread (about 40 columns of `n_pix` f64).
+    pub fn crlb_scratch(&self) -> CrlbScratch {
+        let n = self.n_pix();
+        let mut support = vec![Vec::new(); N_PARAMS];
+        for s in &mut support[..3] {
+            s.push((0, n));
+        }
+        CrlbScratch {
+            n_pix: n,
+            flux: vec![0.0; n],
+            pm: [vec![0.0; n], vec![0.0; n]],
+            jac: vec![0.0; N_PARAMS * n],
+            support,
+            metal: Vec::new(),
+            fisher: vec![0.0; N_PARAMS * N_PARAMS],
+        }
+    }
+
+    /// Cramer-Rao lower bound on the standard deviation of (t_eff, log_g, fe_h) in K, dex, dex with
+    /// the nuisances marginalised: sqrt of the label block's diagonal of `(F + P)^-1`, where `F` is
+    /// the Fisher matrix `snr^2 J^T J` over the three labels and every continuous nuisance that
+    /// changes the flux (see [`nuisance_param_names`]) and `P` the prior information
+    /// ([`nuisance_prior_precision`]).
+    ///
+    /// It is the relevant limit for an estimator that sees only the spectrum: the nuisances have
+    /// to be inferred from the same pixels, and whatever the labels share with them is lost.
+    /// Star by star it is at least [`Model::crlb`] (tested): the label block of the inverse is the
+    /// inverse of the Schur complement `F_ll - F_ln (F_nn + P)^-1 F_nl <= F_ll`. Both use the
+    /// same t_eff and log_g derivatives; for fe_h this bound uses the exact derivative rather than
+    /// the central difference of [`Model::crlb`] (see `exact_fe_h_column`), 1-2 % apart, far
+    /// inside the margin (the marginal fe_h bound is several times the fixed one).
+    ///
+    /// Why a prior on some nuisances: `fe_h` enters the flux only through `fe_h + [alpha/Fe] +
+    /// x_fe[species]`, so with every species' offset free `fe_h` is exactly degenerate with them
+    /// and its bound would be infinite. What limits `fe_h` is that the offsets scatter by
+    /// [`X_FE_SIGMA`] about 0, which an estimator trained on the population knows; the Gaussian
+    /// prior information `1/sigma^2` of each nuisance that [`draw_star`] draws from a fixed
+    /// zero-mean Gaussian (`x_fe`, `d_xi`, the tilts) is therefore added (a hybrid Cramer-Rao
+    /// bound); `a_li` (label-dependent mean), `telluric` and `edge` (bounded, non-Gaussian draws)
+    /// get a flat prior. `telluric_pattern` stays fixed: it is the per-line shape of the residuals,
+    /// whose amplitude is the marginalised `telluric`.
+    ///
+    /// Infinite where the labels carry no information (e.g. `snr` 0) or are degenerate.
+    pub fn crlb_marginal(
+        &self,
+        l: &Labels,
+        nu: &Nuisance,
+        snr: f64,
+        scratch: &mut CrlbScratch,
+    ) -> [f64; 3] {
+        self.crlb_both(l, nu, snr, scratch).marginal
+    }
+
+    /// Both bounds of a star from one label Jacobian: [`Model::crlb`] (bit for bit) and
+    /// [`Model::crlb_marginal`].
+    pub fn crlb_both(
+        &self,
+        l: &Labels,
+        nu: &Nuisance,
+        snr: f64,
+        scratch: &mut CrlbScratch,
+    ) -> Crlb {
+        let mut flux = std::mem::take(&mut scratch.flux);
+        self.flux(l, nu, &mut flux);
+        let out = self.crlb_with_flux(l, nu, snr, &flux, scratch);
+        scratch.flux = flux;
+        out
+    }
+
+    /// The Fisher matrix `snr^2 J^T J` of [`Model::crlb_marginal`] without any prior,
+    /// `(3 + N_NUISANCE_PARAMS)^2` row-major: the labels (t_eff, log_g, fe_h) first, then the
+    /// nuisances in the order of [`nuisance_param_names`]. [`marginal_bound`] with
+    /// [`nuisance_prior_precision`] turns it into the marginal bound.
+    pub fn fisher(
+        &self,
+        l: &Labels,
+        nu: &Nuisance,
+        snr: f64,
+        scratch: &mut CrlbScratch,
+    ) -> Vec<f64> {
+        self.crlb_both(l, nu, snr, scratch);
+        scratch.fisher.clone()
+    }
+
+    /// [`Model::crlb_both`] given the star's noiseless flux (which `generate` has computed already).
+    fn crlb_with_flux(
+        &self,
+        l: &Labels,
+        nu: &Nuisance,
+        snr: f64,
+        flux: &[f64],
+        s: &mut CrlbScratch,
+    ) -> Crlb {
+        let n = self.n_pix();
+        assert_eq!(s.n_pix, n, "CrlbScratch made for another model");
+        self.label_jacobian(l, nu, &mut s.pm, &mut s.jac[..3 * n]);
+        let f3 = label_fisher(&s.jac[..3 * n], n, snr);
+        let fixed = bound3(&f3);
+        self.nuisance_jacobian(l, nu, flux, s);
+        exact_fe_h_column(l, n, s);
+        let m = N_PARAMS;
+        // The (t_eff, log_g) block is the fixed bound's own; the rest (fe_h and the nuisances)
+        // from the columns, over the pixels where both can be non-zero.
+        for (r, row) in f3.iter().enumerate().take(2) {
+            s.fisher[r * m..r * m + 2].copy_from_slice(&row[..2]);
+        }
+        for r in 2..m {
+            for c in 0..=r {
+                let (a, b) = (&s.jac[r * n..(r + 1) * n], &s.jac[c * n..(c + 1) * n]);
+                let v = dot_on(a, &s.support[r], b, &s.support[c]) * snr * snr;
+                s.fisher[r * m + c] = v;
+                s.fisher[c * m + r] = v;
+            }
+        }
+        let marginal = marginal_bound(&s.fisher, &nuisance_prior_precision());
+        Crlb { fixed, marginal }
+    }
+
+    /// Central-difference derivatives of the flux with respect to (t_eff, log_g, fe_h), written
+    /// to `jac` (3 columns of `n_pix`). Steps of 10 K, 0.01 dex and 0.01 dex: far below the
+    /// labels' uncertainties (the flux is linear over them) and far above rounding.
+    fn label_jacobian(
+        &self,
+        l: &Labels,
+        nu: &Nuisance,
+        scratch: &mut [Vec<f64>; 2],
+        jac: &mut [f64],
+    ) {
+        let steps = [10.0, 0.01, 0.01];
+        let n = self.n_pix();
         for (j, h) in steps.iter().enumerate() {
             let mut plus = *l;
             let mut minus = *l;
@@ -514,20 +731,409 @@ impl Model {
                 jac[j * n + k] = (a[k] - b[k]) / (2.0 * h);
             }
         }
-        let mut f = [[0.0; 3]; 3];
-        for r in 0..3 {
-            for c in r..3 {
-                let s: f64 =
-                    (0..n).map(|k| jac[r * n + k] * jac[c * n + k]).sum::<f64>() * snr * snr;
-                f[r][c] = s;
-                f[c][r] = s;
+    }
+
+    /// Derivatives of the flux with respect to every nuisance parameter, into the nuisance columns
+    /// of `s.jac`, and the pixel ranges outside which each is zero into `s.support`. `flux` is the
+    /// star's noiseless flux.
+    ///
+    /// * `d_xi`: central difference with a step of 0.01 km/s (1 % of a typical microturbulence,
+    ///   a fifteenth of its spread [`D_XI_SIGMA`]), like the label steps; it changes every line's
+    ///   width, so it costs two full flux evaluations.
+    /// * `x_fe` and `a_li`: analytic. They only shift `log10 tau` of their own lines by the same
+    ///   amount, and the flux is a product of per-line factors `f = 1 - d (1 - exp(-tau H))`, so
+    ///   `dF = F * sum over the lines of d ln f / d log10 tau = -F ln(10) d tau H exp(-tau H) / f`,
+    ///   exact and evaluated on those lines' pixels only (two full flux evaluations per species
+    ///   otherwise). The line windows, which grow with tau, are held fixed: the model's flux is
+    ///   smooth in them up to the 1e-3 optical depth where the windows end.
+    /// * `telluric`, `edge`, tilts: analytic, since each multiplies the flux by a known factor `g`:
+    ///   `dF = F d ln g`. At `telluric` or `edge` 0 this is the derivative from above (the model
+    ///   ignores negative values).
+    fn nuisance_jacobian(&self, l: &Labels, nu: &Nuisance, flux: &[f64], s: &mut CrlbScratch) {
+        let n = self.n_pix();
+        let CrlbScratch {
+            pm,
+            jac,
+            support,
+            metal,
+            ..
+        } = s;
+        let col = |p: usize| (3 + p) * n..(3 + p + 1) * n;
+
+        // Microturbulence.
+        let h = 0.01;
+        let mut shifted = nu.clone();
+        shifted.d_xi = nu.d_xi + h;
+        self.flux(l, &shifted, &mut pm[0]);
+        shifted.d_xi = nu.d_xi - h;
+        self.flux(l, &shifted, &mut pm[1]);
+        for ((d, a), b) in jac[col(P_D_XI)].iter_mut().zip(&pm[0]).zip(&pm[1]) {
+            *d = (a - b) / (2.0 * h);
+        }
+        set_support(&mut support[3 + P_D_XI], &[(0, n)]);
+
+        // Line strengths: abundance offsets and lithium.
+        let b = Broadening::new(l, nu);
+        metal.clear();
+        for sup in support[3..3 + lines::N_SPECIES].iter_mut() {
+            sup.clear();
+        }
+        support[3 + P_A_LI].clear();
+        for (i, line) in self.lines.iter().enumerate() {
+            let p = match line.kind {
+                LineKind::Balmer => continue,
+                LineKind::Lithium => P_A_LI,
+                LineKind::Neutral | LineKind::Ionised | LineKind::OxygenTriplet => line.species_idx,
+            };
+            if let Profile::Metal(prof) = self.profile(line, l, nu, &b) {
+                let sup = &mut support[3 + p];
+                self.pixel_range(line.wl - prof.half, line.wl + prof.half, |i0, i1| {
+                    sup.push((i0, i1))
+                });
+                metal.push((i, p, prof));
             }
         }
-        match invert3(&f) {
-            Some(inv) => [0, 1, 2].map(|i| inv[i][i].max(0.0).sqrt()),
-            None => [f64::INFINITY; 3],
+        let line_params = (0..lines::N_SPECIES).chain([P_A_LI]);
+        for p in line_params.clone() {
+            merge_ranges(&mut support[3 + p]);
+            let c = &mut jac[col(p)];
+            for &(i0, i1) in &support[3 + p] {
+                c[i0..i1].fill(0.0);
+            }
+        }
+        for &(i, p, prof) in metal.iter() {
+            let line = &self.lines[i];
+            let c = &mut jac[col(p)];
+            self.pixel_range(line.wl - prof.half, line.wl + prof.half, |i0, i1| {
+                for (k, d) in c.iter_mut().enumerate().take(i1).skip(i0) {
+                    let x = prof.tau0 * prof.h(self.wavelength[k] - line.wl);
+                    let e = (-x).exp();
+                    let f = 1.0 - D_MAX_METAL * (1.0 - e);
+                    *d -= D_MAX_METAL * std::f64::consts::LN_10 * x * e / f;
+                }
+            });
+        }
+        for p in line_params {
+            let c = &mut jac[col(p)];
+            for &(i0, i1) in &support[3 + p] {
+                for (d, f) in c[i0..i1].iter_mut().zip(&flux[i0..i1]) {
+                    *d *= f;
+                }
+            }
+        }
+
+        // Telluric amplitude: the flux carries prod_k (1 + telluric a_k g_k).
+        let sup = &mut support[3 + P_TELLURIC];
+        sup.clear();
+        if nu.telluric >= 0.0 {
+            let width = TELLURIC_WIDTH;
+            for &wl in &self.telluric {
+                self.pixel_range(wl - 5.0 * width, wl + 5.0 * width, |i0, i1| {
+                    sup.push((i0, i1))
+                });
+            }
+            merge_ranges(sup);
+            let c = &mut jac[col(P_TELLURIC)];
+            for &(i0, i1) in sup.iter() {
+                c[i0..i1].fill(0.0);
+            }
+            for (k, &wl) in self.telluric.iter().enumerate() {
+                let a = 0.6
+                    * nu.telluric_pattern.get(k).copied().unwrap_or(0.0)
+                    * (1.0 - (wl - 7594.0) / 150.0);
+                self.pixel_range(wl - 5.0 * width, wl + 5.0 * width, |i0, i1| {
+                    for (j, d) in c.iter_mut().enumerate().take(i1).skip(i0) {
+                        let x = (self.wavelength[j] - wl) / width;
+                        let g = a * (-0.5 * x * x).exp();
+                        *d += g / (1.0 + nu.telluric * g);
+                    }
+                });
+            }
+            for &(i0, i1) in sup.iter() {
+                for (d, f) in c[i0..i1].iter_mut().zip(&flux[i0..i1]) {
+                    *d *= f;
+                }
+            }
+        }
+
+        // Edge upturn: the last m pixels carry (1 + edge x^2).
+        let pc = self.pixels_per_camera;
+        let sup = &mut support[3 + P_EDGE];
+        sup.clear();
+        if nu.edge >= 0.0 {
+            let m = (pc / 100).max(4);
+            sup.push((n - m, n));
+            let c = &mut jac[col(P_EDGE)];
+            for k in 0..m {
+                let x = (k + 1) as f64 / m as f64;
+                let i = n - m + k;
+                c[i] = flux[i] * x * x / (1.0 + nu.edge * x * x);
+            }
+        }
+
+        // Continuum tilts: camera c carries (1 + offset + slope x).
+        for (cam, &(off, slope)) in nu.tilt.iter().enumerate() {
+            let (i0, i1) = (cam * pc, (cam + 1) * pc);
+            for (q, deriv_of_slope) in [(0, false), (1, true)] {
+                let p = P_TILT + 2 * cam + q;
+                set_support(&mut support[3 + p], &[(i0, i1)]);
+                let c = &mut jac[col(p)];
+                for k in 0..pc {
+                    let x = 2.0 * k as f64 / (pc - 1) as f64 - 1.0;
+                    let g = flux[i0 + k] / (1.0 + off + slope * x);
+                    c[i0 + k] = if deriv_of_slope { g * x } else { g };
+                }
+            }
         }
     }
+}
+
+/// Number of nuisance parameters that [`Model::crlb_marginal`] marginalises: an abundance offset
+/// per species, `d_xi`, `a_li`, `telluric`, `edge` and (offset, slope) of each camera's tilt.
+pub const N_NUISANCE_PARAMS: usize = lines::N_SPECIES + 12;
+/// All Fisher-matrix parameters: the three labels, then the nuisances.
+const N_PARAMS: usize = 3 + N_NUISANCE_PARAMS;
+const P_D_XI: usize = lines::N_SPECIES;
+const P_A_LI: usize = P_D_XI + 1;
+const P_TELLURIC: usize = P_D_XI + 2;
+const P_EDGE: usize = P_D_XI + 3;
+const P_TILT: usize = P_D_XI + 4;
+
+/// Names of the nuisance parameters in the order of [`Model::fisher`] and
+/// [`nuisance_prior_precision`]: `x_fe[<species>]` for each species of the line table, `d_xi`,
+/// `a_li`, `telluric`, `edge`, then `tilt_offset[<camera>]`, `tilt_slope[<camera>]` per camera.
+pub fn nuisance_param_names() -> Vec<String> {
+    let mut names: Vec<String> = (0..lines::N_SPECIES)
+        .map(|i| format!("x_fe[{}]", lines::species_name(i)))
+        .collect();
+    names.extend(["d_xi", "a_li", "telluric", "edge"].map(String::from));
+    for (cam, ..) in CAMERAS {
+        names.push(format!("tilt_offset[{cam}]"));
+        names.push(format!("tilt_slope[{cam}]"));
+    }
+    names
+}
+
+/// The prior information `1/sigma^2` on each nuisance parameter that [`Model::crlb_marginal`]
+/// adds to the Fisher matrix: [`X_FE_SIGMA`], [`D_XI_SIGMA`] and [`TILT_SIGMA`], the spreads
+/// [`draw_star`] draws them with; 0 (a flat prior) for `a_li`, `telluric` and `edge`.
+pub fn nuisance_prior_precision() -> [f64; N_NUISANCE_PARAMS] {
+    let mut p = [0.0; N_NUISANCE_PARAMS];
+    p[..lines::N_SPECIES].fill(1.0 / (X_FE_SIGMA * X_FE_SIGMA));
+    p[P_D_XI] = 1.0 / (D_XI_SIGMA * D_XI_SIGMA);
+    p[P_TILT..].fill(1.0 / (TILT_SIGMA * TILT_SIGMA));
+    p
+}
+
+/// Both Cramer-Rao bounds of one star, standard deviations of (t_eff, log_g, fe_h) in K, dex, dex.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Crlb {
+    /// Nuisances held fixed at their true values ([`Model::crlb`]).
+    pub fixed: [f64; 3],
+    /// Nuisances marginalised ([`Model::crlb_marginal`]); never below `fixed`.
+    pub marginal: [f64; 3],
+}
+
+/// Buffers for the marginal Cramer-Rao bound of one star; make one per thread with
+/// [`Model::crlb_scratch`].
+#[derive(Clone, Debug)]
+pub struct CrlbScratch {
+    n_pix: usize,
+    flux: Vec<f64>,
+    pm: [Vec<f64>; 2],
+    /// `N_PARAMS` columns of `n_pix`: d flux / d parameter, labels first.
+    jac: Vec<f64>,
+    /// Per column, sorted disjoint pixel ranges outside which it is zero; only these are read.
+    support: Vec<Vec<(usize, usize)>>,
+    /// The current star's metal lines: (index into the line list, nuisance parameter, shape).
+    metal: Vec<(usize, usize, MetalProfile)>,
+    /// `N_PARAMS^2` Fisher matrix of the last star.
+    fisher: Vec<f64>,
+}
+
+/// Replaces the central-difference fe_h column of `s.jac` by the exact derivative
+/// `sum over species of (1 + d[alpha/Fe]/dfe_h) dF/dx_fe[species]`, built from the abundance
+/// columns: fe_h changes the flux only through `fe_h + [alpha/Fe](fe_h) + x_fe[species]`.
+///
+/// Why: the central difference also sees the jumps where a line's window (which ends where its
+/// wing's optical depth falls to 1e-3) gains or loses a pixel, about 1-2 % of the column's norm.
+/// Held against the abundance offsets that direction is the only part of fe_h that they cannot
+/// absorb, so it would pass for information on fe_h and make the marginal fe_h bound 1-6 % too
+/// small. t_eff and log_g keep their central differences: their windows jump too, but no
+/// nuisance mimics them, and the effect on their marginal bounds is below 0.2 %.
+fn exact_fe_h_column(l: &Labels, n: usize, s: &mut CrlbScratch) {
+    // [alpha/Fe] = clamp(-0.3 fe_h, 0, 0.3): see `line_strength`.
+    let alpha_slope = if l.fe_h < 0.0 && l.fe_h > -1.0 {
+        -0.3
+    } else {
+        0.0
+    };
+    let (labels, nuisances) = s.jac.split_at_mut(3 * n);
+    let fe = &mut labels[2 * n..3 * n];
+    fe.fill(0.0);
+    for sp in 0..lines::N_SPECIES {
+        let w = if lines::species_is_alpha(sp) {
+            1.0 + alpha_slope
+        } else {
+            1.0
+        };
+        let c = &nuisances[sp * n..(sp + 1) * n];
+        for &(i0, i1) in &s.support[3 + sp] {
+            for (d, v) in fe[i0..i1].iter_mut().zip(&c[i0..i1]) {
+                *d += w * v;
+            }
+        }
+    }
+}
+
+/// The label block of the fixed-nuisance Fisher matrix from the label Jacobian.
+fn label_fisher(jac: &[f64], n: usize, snr: f64) -> [[f64; 3]; 3] {
+    let mut f = [[0.0; 3]; 3];
+    for r in 0..3 {
+        for c in r..3 {
+            let s: f64 = (0..n).map(|k| jac[r * n + k] * jac[c * n + k]).sum::<f64>() * snr * snr;
+            f[r][c] = s;
+            f[c][r] = s;
+        }
+    }
+    f
+}
+
+/// sqrt(diag(F^-1)) of a 3x3 Fisher matrix; infinite when it is singular.
+fn bound3(f: &[[f64; 3]; 3]) -> [f64; 3] {
+    match invert3(f) {
+        Some(inv) => [0, 1, 2].map(|i| inv[i][i].max(0.0).sqrt()),
+        None => [f64::INFINITY; 3],
+    }
+}
+
+/// Sum of `a[k] b[k]` over the pixels in both supports (sorted, disjoint ranges outside which the
+/// columns are zero).
+fn dot_on(a: &[f64], ra: &[(usize, usize)], b: &[f64], rb: &[(usize, usize)]) -> f64 {
+    let (mut i, mut j, mut s) = (0, 0, 0.0);
+    while i < ra.len() && j < rb.len() {
+        let lo = ra[i].0.max(rb[j].0);
+        let hi = ra[i].1.min(rb[j].1);
+        if lo < hi {
+            s += a[lo..hi]
+                .iter()
+                .zip(&b[lo..hi])
+                .map(|(x, y)| x * y)
+                .sum::<f64>();
+        }
+        if ra[i].1 <= rb[j].1 {
+            i += 1;
+        } else {
+            j += 1;
+        }
+    }
+    s
+}
+
+fn set_support(sup: &mut Vec<(usize, usize)>, ranges: &[(usize, usize)]) {
+    sup.clear();
+    sup.extend_from_slice(ranges);
+}
+
+/// Sorts pixel ranges and merges the overlapping or touching ones.
+fn merge_ranges(r: &mut Vec<(usize, usize)>) {
+    r.sort_unstable();
+    let mut kept = 0;
+    for i in 0..r.len() {
+        if kept > 0 && r[i].0 <= r[kept - 1].1 {
+            r[kept - 1].1 = r[kept - 1].1.max(r[i].1);
+        } else {
+            r[kept] = r[i];
+            kept += 1;
+        }
+    }
+    r.truncate(kept);
+}
+
+/// Squared pivot, relative to the diagonal, below which a parameter counts as a linear combination
+/// of the ones eliminated before it: rounding in a ~40-parameter Cholesky is ~1e-14, and a real
+/// correlation this close to 1 (1 - 5e-11) is indistinguishable from degeneracy at the accuracy
+/// of central differences.
+const PIVOT_TOL: f64 = 1e-10;
+
+/// The marginal Cramer-Rao bound from a Fisher matrix: sqrt of the label block's diagonal of
+/// `(F + diag(0, 0, 0, prior))^-1`.
+///
+/// `fisher` is `(3 + K)^2` row-major and symmetric, the labels first; `prior` (K) the prior
+/// information added to each nuisance's diagonal (0: flat). Robust to what a real star produces:
+/// * a nuisance whose Fisher diagonal is 0 (a species with no lines in range, a clamped
+///   microturbulence, no telluric pattern) has zero covariance with everything and is dropped;
+/// * the matrix is scaled to unit diagonal and factorised by Cholesky in f64 with the nuisances
+///   first and the labels last, so that the labels' trailing 3x3 factor `L` is the Cholesky
+///   factor of their Schur complement and the label block of the inverse is `L^-T L^-1`;
+/// * a nuisance whose pivot vanishes is a combination of earlier nuisances: dropping it leaves
+///   their span, and so the labels' bound, unchanged;
+/// * infinite for all three labels when a label has no information, an entry is not finite, or a
+///   label's pivot vanishes (a label degenerate with the nuisances or the other labels), as
+///   [`Model::crlb`] is for a singular matrix.
+pub fn marginal_bound(fisher: &[f64], prior: &[f64]) -> [f64; 3] {
+    let m = 3 + prior.len();
+    assert_eq!(fisher.len(), m * m, "fisher must be (3 + prior.len())^2");
+    let none = [f64::INFINITY; 3];
+    let diag = |i: usize| fisher[i * m + i] + if i >= 3 { prior[i - 3] } else { 0.0 };
+    if (0..3).any(|i| fisher[i * m + i].is_nan() || fisher[i * m + i] <= 0.0) {
+        return none;
+    }
+    let mut order: Vec<usize> = (3..m).filter(|&i| fisher[i * m + i] != 0.0).collect();
+    order.extend(0..3);
+    let p = order.len();
+    let scale: Vec<f64> = order.iter().map(|&i| 1.0 / diag(i).sqrt()).collect();
+    // Lower triangle of the scaled matrix, factorised in place.
+    let mut a = vec![0.0; p * p];
+    for r in 0..p {
+        for c in 0..=r {
+            let (i, j) = (order[r], order[c]);
+            let v = if i == j { diag(i) } else { fisher[i * m + j] };
+            a[r * p + c] = v * scale[r] * scale[c];
+        }
+    }
+    if a.iter().any(|v| !v.is_finite()) {
+        return none;
+    }
+    for c in 0..p {
+        let pivot = a[c * p + c] - (0..c).map(|k| a[c * p + k] * a[c * p + k]).sum::<f64>();
+        if pivot.is_nan() || pivot <= PIVOT_TOL {
+            if c >= p - 3 {
+                return none;
+            }
+            for r in c..p {
+                a[r * p + c] = 0.0;
+            }
+            continue;
+        }
+        let d = pivot.sqrt();
+        a[c * p + c] = d;
+        for r in c + 1..p {
+            let s = a[r * p + c] - (0..c).map(|k| a[r * p + k] * a[c * p + k]).sum::<f64>();
+            a[r * p + c] = s / d;
+        }
+    }
+    // The trailing factor L = [[a, 0, 0], [b, c, 0], [d, e, f]] has the inverse
+    // [[1/a, 0, 0], [-b/(ac), 1/c, 0], [(be - cd)/(acf), -e/(cf), 1/f]], and the diagonal of
+    // L^-T L^-1 is the column sums of its squares.
+    let o = p - 3;
+    let l = |r: usize, c: usize| a[(o + r) * p + o + c];
+    let (la, lb, lc, ld, le, lf) = (l(0, 0), l(1, 0), l(1, 1), l(2, 0), l(2, 1), l(2, 2));
+    let var = [
+        (1.0 / la).powi(2)
+            + (lb / (la * lc)).powi(2)
+            + ((lb * le - lc * ld) / (la * lc * lf)).powi(2),
+        (1.0 / lc).powi(2) + (le / (lc * lf)).powi(2),
+        (1.0 / lf).powi(2),
+    ];
+    [0, 1, 2].map(|i| {
+        let sd = var[i].sqrt() * scale[o + i];
+        if sd.is_finite() {
+            sd
+        } else {
+            f64::INFINITY
+        }
+    })
 }
 
 /// Inverse of a symmetric 3x3 matrix by cofactors; `None` when singular.
@@ -562,8 +1168,11 @@ pub struct SynthData {
     pub spectra: Vec<f32>,
     /// (n, 8) in GALAH column order.
     pub labels: Vec<f64>,
-    /// (n, 3): CRLB of t_eff (K), log_g (dex), fe_h (dex).
+    /// (n, 3): CRLB of t_eff (K), log_g (dex), fe_h (dex), nuisances fixed ([`Model::crlb`]).
     pub crlb: Vec<f64>,
+    /// (n, 3): the same with the nuisances marginalised ([`Model::crlb_marginal`]); every entry is
+    /// at least the one in `crlb`.
+    pub crlb_marginal: Vec<f64>,
 }
 
 /// The per-star random stream: star `i` always gets the same numbers whatever the thread count.
@@ -581,14 +1190,16 @@ pub fn generate(cfg: &SynthConfig, progress: &(dyn Fn(u64) + Sync)) -> Result<Sy
     let mut spectra = vec![0f32; cfg.n * n_pix];
     let mut labels = vec![0f64; cfg.n * 8];
     let mut crlb = vec![0f64; cfg.n * 3];
+    let mut crlb_marginal = vec![0f64; cfg.n * 3];
     spectra
         .par_chunks_mut(n_pix)
         .zip(labels.par_chunks_mut(8))
         .zip(crlb.par_chunks_mut(3))
+        .zip(crlb_marginal.par_chunks_mut(3))
         .enumerate()
         .for_each_init(
-            || (vec![0.0; n_pix], [vec![0.0; n_pix], vec![0.0; n_pix]]),
-            |(flux, scratch), (i, ((spec, lab), bound))| {
+            || (vec![0.0; n_pix], model.crlb_scratch()),
+            |(flux, scratch), (i, (((spec, lab), bound), marginal))| {
                 let mut rng = star_rng(cfg.seed, i);
                 let star = draw_star(&mut rng, cfg);
                 model.flux(&star.labels, &star.nuisance, flux);
@@ -601,7 +1212,9 @@ pub fn generate(cfg: &SynthConfig, progress: &(dyn Fn(u64) + Sync)) -> Result<Sy
                 lab.copy_from_slice(&[
                     star.mass, star.age, star.l_bol, star.dist, l.t_eff, l.log_g, l.fe_h, star.snr,
                 ]);
-                bound.copy_from_slice(&model.crlb(l, &star.nuisance, star.snr, scratch));
+                let b = model.crlb_with_flux(l, &star.nuisance, star.snr, flux, scratch);
+                bound.copy_from_slice(&b.fixed);
+                marginal.copy_from_slice(&b.marginal);
                 progress(1);
             },
         );
@@ -612,6 +1225,7 @@ pub fn generate(cfg: &SynthConfig, progress: &(dyn Fn(u64) + Sync)) -> Result<Sy
         spectra,
         labels,
         crlb,
+        crlb_marginal,
     })
 }
 
@@ -624,13 +1238,13 @@ struct SynthRecord<'a> {
     config: &'a SynthConfig,
     cameras: Vec<(&'static str, f64, f64)>,
     n_lines: usize,
-    files: [&'static str; 4],
+    files: [&'static str; 5],
     label_columns: [&'static str; 8],
 }
 
 impl SynthData {
-    /// Writes `spectra.npy` (f32), `labels.npy` (f64), `wavelength.npy`, `crlb.npy` and
-    /// `synth.json` into `dir`, each atomically.
+    /// Writes `spectra.npy` (f32), `labels.npy` (f64), `wavelength.npy`, `crlb.npy`,
+    /// `crlb_marginal.npy` and `synth.json` into `dir`, each atomically.
     pub fn write(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|source| DataError::Io {
             path: dir.to_path_buf(),
@@ -641,6 +1255,7 @@ impl SynthData {
         write_npy(dir.join("labels.npy"), &[n, 8], &self.labels)?;
         write_npy(dir.join("wavelength.npy"), &[self.n_pix], &self.wavelength)?;
         write_npy(dir.join("crlb.npy"), &[n, 3], &self.crlb)?;
+        write_npy(dir.join("crlb_marginal.npy"), &[n, 3], &self.crlb_marginal)?;
         let record = SynthRecord {
             generator: "starflow-synth",
             generator_version: GENERATOR_VERSION,
@@ -648,7 +1263,13 @@ impl SynthData {
             config: &self.config,
             cameras: CAMERAS.to_vec(),
             n_lines: Model::new(&self.config).lines.len(),
-            files: ["spectra.npy", "labels.npy", "wavelength.npy", "crlb.npy"],
+            files: [
+                "spectra.npy",
+                "labels.npy",
+                "wavelength.npy",
+                "crlb.npy",
+                "crlb_marginal.npy",
+            ],
             label_columns: crate::dataset::GALAH_COLUMNS,
         };
         let json = serde_json::to_string_pretty(&record).map_err(|e| DataError::Io {
@@ -669,4 +1290,69 @@ pub fn equivalent_width(wavelength: &[f64], flux: &[f64], center: f64, half: f64
         }
     }
     ew
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The analytic nuisance derivatives (and their supports) agree with central differences of
+    /// the full flux.
+    #[test]
+    fn nuisance_derivatives_match_central_differences() {
+        let cfg = SynthConfig {
+            pixels_per_camera: 1024,
+            ..SynthConfig::default()
+        };
+        let model = Model::new(&cfg);
+        let n = model.n_pix();
+        for seed in [3, 4] {
+            let star = draw_star(&mut star_rng(seed, 0), &cfg);
+            let mut s = model.crlb_scratch();
+            model.crlb_both(&star.labels, &star.nuisance, star.snr, &mut s);
+            let (mut plus, mut minus) = (vec![0.0; n], vec![0.0; n]);
+            let shifted = |p: usize, h: f64| {
+                let mut nu = star.nuisance.clone();
+                match p {
+                    _ if p < lines::N_SPECIES => nu.x_fe[p] += h,
+                    P_D_XI => nu.d_xi += h,
+                    P_A_LI => nu.a_li += h,
+                    P_TELLURIC => nu.telluric += h,
+                    P_EDGE => nu.edge += h,
+                    _ => {
+                        let q = p - P_TILT;
+                        let t = &mut nu.tilt[q / 2];
+                        if q % 2 == 0 {
+                            t.0 += h
+                        } else {
+                            t.1 += h
+                        }
+                    }
+                }
+                nu
+            };
+            for (p, name) in nuisance_param_names().iter().enumerate() {
+                let h = if p == P_D_XI { 0.01 } else { 1e-5 };
+                model.flux(&star.labels, &shifted(p, h), &mut plus);
+                model.flux(&star.labels, &shifted(p, -h), &mut minus);
+                // The analytic column, zero outside its support.
+                let mut analytic = vec![0.0; n];
+                for &(i0, i1) in &s.support[3 + p] {
+                    analytic[i0..i1].copy_from_slice(&s.jac[(3 + p) * n + i0..(3 + p) * n + i1]);
+                }
+                let (mut err, mut norm) = (0.0f64, 0.0f64);
+                for k in 0..n {
+                    let num = (plus[k] - minus[k]) / (2.0 * h);
+                    err += (analytic[k] - num).powi(2);
+                    norm += num * num;
+                }
+                let rel = (err / norm.max(1e-300)).sqrt();
+                if norm == 0.0 {
+                    assert!(analytic.iter().all(|&v| v == 0.0), "{name}");
+                } else {
+                    assert!(rel < 1e-6, "{name}: relative error {rel:e}");
+                }
+            }
+        }
+    }
 }
