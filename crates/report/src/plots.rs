@@ -271,7 +271,7 @@ pub fn pulls(
                 .draw()?;
             let mut note = format!("mean {m:+.3}\nstd  {s:.3}\n{} beyond ±5", h.outside);
             if let Some(v) = scaled_std.and_then(|v| v.get(j)) {
-                note.push_str(&format!("\nσ-scaled std {v:.3}"));
+                note.push_str(&format!("\nrecalibrated std {v:.3}"));
             }
             for (k, line) in note.lines().enumerate() {
                 panel.draw_text(line, &font(14), (70, 48 + 18 * k as i32))?;
@@ -372,7 +372,7 @@ pub fn predicted_vs_true(
 }
 
 /// Calibration of the marginals: per label, the empirical against the nominal coverage of
-/// central intervals (the model's posteriors and, when given, the σ-scaled ones) above a PIT
+/// central intervals (the model's posteriors and, when given, the recalibrated ones) above a PIT
 /// histogram.
 pub fn calibration(
     path: &Path,
@@ -507,7 +507,7 @@ fn coverage_panel(
     };
     line(&curves.model, "model", TRAIN)?;
     if let Some(sc) = &curves.scaled {
-        line(sc, "σ-scaled", VAL)?;
+        line(sc, "recalibrated", VAL)?;
     }
     chart
         .configure_series_labels()

@@ -121,7 +121,7 @@ pub struct RunRow {
     #[serde(default)]
     pub eval_set: String,
     /// Coverage of the joint 68.3 % / 95.4 % highest-density regions, with standard errors, and
-    /// of the σ-scaled posteriors.
+    /// of the recalibrated posteriors.
     #[serde(default)]
     pub joint_coverage: Vec<f64>,
     #[serde(default)]
@@ -167,7 +167,7 @@ pub fn markdown(title: &str, intro: &str, rows: &[RunRow]) -> String {
 
     s.push_str("## Overview\n\n");
     s.push_str(
-        "| run | backbone | flow | epochs (kept) | test NLL (z) ± se | σ-scaled test NLL (z) | test NLL (physical) | s / epoch | train time | report time |\n",
+        "| run | backbone | flow | epochs (kept) | test NLL (z) ± se | recalibrated test NLL (z) | test NLL (physical) | s / epoch | train time | report time |\n",
     );
     s.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
     for r in rows {
@@ -284,13 +284,14 @@ pub fn markdown(title: &str, intro: &str, rows: &[RunRow]) -> String {
         100.0 * TARGETS.coverage_95.1
     );
     s.push_str(
-        "Each cell shows the model's own posteriors → the same posteriors recalibrated (\"σ-scaled\"): \
-         every label's posterior moved by c of its own standard deviation and stretched about its \
-         mean by s, both fitted on the validation split (c = median pull, s = median |pull - c| / \
-         0.6745; `starflow evaluate --calibrate`). Correlations are unchanged; ± is one standard \
-         error of the model's figure.\n\n",
+        "Each cell shows the model's own posteriors → the same posteriors recalibrated (what \
+         `starflow evaluate` and `predict` give by default; `--raw` for the model's own): every \
+         label's posterior moved by c of its own standard deviation and stretched about its mean \
+         by s, both fitted on the validation split when training ended (c = median pull, \
+         s = median |pull - c| / 0.6745). Correlations are unchanged; ± is one standard error of \
+         the model's figure.\n\n",
     );
-    s.push_str("| run | label | shift c, scale s | pull mean | pull std | 68 % coverage | 95 % coverage | targets (model) | targets (σ-scaled) |\n");
+    s.push_str("| run | label | shift c, scale s | pull mean | pull std | 68 % coverage | 95 % coverage | targets (model) | targets (recalibrated) |\n");
     s.push_str("|---|---|---|---|---|---|---|---|---|\n");
     let verdict = |misses: Vec<String>| {
         if misses.is_empty() {
@@ -392,7 +393,7 @@ pub fn markdown(title: &str, intro: &str, rows: &[RunRow]) -> String {
         100.0 * TARGETS.joint_95.0,
         100.0 * TARGETS.joint_95.1
     );
-    s.push_str("| run | 68.3 % region | 95.4 % region | targets (model) | targets (σ-scaled) |\n");
+    s.push_str("| run | 68.3 % region | 95.4 % region | targets (model) | targets (recalibrated) |\n");
     s.push_str("|---|---|---|---|---|\n");
     let (mut n_joint_miss, mut n_joint_miss_cal) = (0, 0);
     for r in rows {
@@ -425,7 +426,7 @@ pub fn markdown(title: &str, intro: &str, rows: &[RunRow]) -> String {
     let total = rows.iter().map(|r| r.labels.len()).sum::<usize>();
     for (what, n) in [
         ("the model's own posteriors", n_miss),
-        ("σ-scaled posteriors", n_miss_cal),
+        ("recalibrated posteriors", n_miss_cal),
     ] {
         if n == 0 {
             let _ = writeln!(
@@ -441,7 +442,7 @@ pub fn markdown(title: &str, intro: &str, rows: &[RunRow]) -> String {
     }
     for (what, n) in [
         ("the model's own posteriors", n_joint_miss),
-        ("σ-scaled posteriors", n_joint_miss_cal),
+        ("recalibrated posteriors", n_joint_miss_cal),
     ] {
         let _ = writeln!(
             s,
@@ -461,11 +462,26 @@ pub fn markdown(title: &str, intro: &str, rows: &[RunRow]) -> String {
             rows.iter()
                 .find(|r| r.backbone == backbone && r.flow == flow)
         };
+        if let (Some(fg), Some(dg)) = (find("full_gaussian"), find("diagonal_gaussian")) {
+            let ok = fg.test_nll_z <= dg.test_nll_z + 0.02;
+            let _ = writeln!(
+                s,
+                "- {backbone}: full_gaussian test NLL {:.3} {} diagonal_gaussian {:.3} + 0.02{}",
+                fg.test_nll_z,
+                if ok { "<=" } else { ">" },
+                dg.test_nll_z,
+                if ok {
+                    " (met)"
+                } else {
+                    " (**missed**: the full Gaussian, which nests the diagonal one, is worse)"
+                }
+            );
+        }
         if let (Some(ff), Some(fg)) = (find("full_flow"), find("full_gaussian")) {
             let ok = ff.test_nll_z <= fg.test_nll_z;
             let _ = writeln!(
                 s,
-                "- {backbone}: full_flow test NLL {:.3} {} full_gaussian {:.3} (σ-scaled: {:.3} vs {:.3}){}",
+                "- {backbone}: full_flow test NLL {:.3} {} full_gaussian {:.3} (recalibrated: {:.3} vs {:.3}){}",
                 ff.test_nll_z,
                 if ok { "<=" } else { ">" },
                 fg.test_nll_z,
@@ -557,7 +573,7 @@ fn cal<'a>(r: &'a RunRow, l: &LabelMetrics) -> Option<&'a LabelMetrics> {
     label_of(r, l).and_then(|j| r.calibrated.get(j))
 }
 
-/// One row per run × label, every metric as a column (`cal_*`: the σ-scaled posteriors).
+/// One row per run × label, every metric as a column (`cal_*`: the recalibrated posteriors).
 pub fn metrics_frame(rows: &[RunRow]) -> Result<DataFrame> {
     let flat: Vec<(&RunRow, &LabelMetrics)> = rows
         .iter()

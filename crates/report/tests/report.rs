@@ -156,7 +156,7 @@ fn report_of_two_runs_has_every_figure_table_and_number() {
     let runs_col = df.column("run").unwrap().str().unwrap();
     assert_eq!(runs_col.get(0), Some("cnn-diagonal_gaussian"));
     assert_eq!(runs_col.get(5), Some("cnn-full_flow"));
-    // σ-scaled columns: factors fitted on validation, metrics of the scaled test posteriors.
+    // Recalibrated columns: fitted on validation, metrics of the recalibrated test posteriors.
     let scale = df.column("sigma_scale").unwrap().f64().unwrap();
     let cal = starflow_training::fit_calibration(&runs[1], 200, 3).unwrap();
     for j in 0..3 {
@@ -166,7 +166,7 @@ fn report_of_two_runs_has_every_figure_table_and_number() {
     let cal_std = df.column("cal_pull_std").unwrap().f64().unwrap();
     assert_eq!(cal_std.get(4), Some(scaled.labels[1].pull_std));
     assert!(
-        md.contains("σ-scaled test NLL (z)") && md.contains(" → "),
+        md.contains("recalibrated test NLL (z)") && md.contains(" → "),
         "{md}"
     );
     let hist = read_parquet(&report.history);
