@@ -393,7 +393,9 @@ pub fn markdown(title: &str, intro: &str, rows: &[RunRow]) -> String {
         100.0 * TARGETS.joint_95.0,
         100.0 * TARGETS.joint_95.1
     );
-    s.push_str("| run | 68.3 % region | 95.4 % region | targets (model) | targets (recalibrated) |\n");
+    s.push_str(
+        "| run | 68.3 % region | 95.4 % region | targets (model) | targets (recalibrated) |\n",
+    );
     s.push_str("|---|---|---|---|---|\n");
     let (mut n_joint_miss, mut n_joint_miss_cal) = (0, 0);
     for r in rows {
