@@ -109,7 +109,13 @@ fn calibration(
     if !on {
         return Ok(None);
     }
-    let c = starflow_training::load_or_fit_calibration(run, samples, seed)?;
+    let c = starflow_training::load_or_fit_calibration(run, samples, seed).with_context(|| {
+        format!(
+            "{}: no current recalibration is saved there and fitting one needs the run's \
+             validation data; restore the data or pass --raw for the model's own posteriors",
+            run.display()
+        )
+    })?;
     eprintln!(
         "recalibration fitted on {} {} stars: {}",
         c.n_stars,

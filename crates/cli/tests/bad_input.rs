@@ -262,6 +262,14 @@ fn bad_input_exits_2_naming_the_file_and_the_problem() {
     let unfinished = d.join("run_unfinished");
     copy_dir(&run, &unfinished);
     std::fs::remove_file(unfinished.join("model.safetensors")).unwrap();
+    // A run moved away from its data, without its saved recalibration (as a run trained before
+    // recalibration existed): the default recalibration cannot be fitted, --raw still predicts.
+    let moved = d.join("run_moved");
+    copy_dir(&run, &moved);
+    std::fs::remove_file(moved.join("calibration.json")).unwrap();
+    edit_state(&moved, |v| {
+        v["config"]["data"]["dir"] = d.join("gone").to_str().unwrap().into();
+    });
     let out = |name: &str| d.join("out").join(name);
 
     let inspect = |s: PathBuf, l: PathBuf| -> Vec<OsString> {
@@ -584,6 +592,33 @@ fn bad_input_exits_2_naming_the_file_and_the_problem() {
             "run already there",
             &[trn, c, &cfg, o, &run],
             &["already holds a run", "--resume"],
+        ),
+        user_error(
+            "recalibration without the run's data",
+            &[
+                &"predict",
+                r,
+                &moved,
+                &"--spectra",
+                &spectra,
+                o,
+                &out("p-moved.csv"),
+            ],
+            &["run_moved", "recalibration", "--raw"],
+        ),
+        success(
+            "--raw needs no recalibration",
+            &[
+                &"predict",
+                r,
+                &moved,
+                &"--spectra",
+                &spectra,
+                o,
+                &out("p-raw.csv"),
+                &"--raw",
+            ],
+            &["wrote 40 predictions"],
         ),
         user_error(
             "unknown split",

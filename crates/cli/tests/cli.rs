@@ -107,18 +107,21 @@ fn train_evaluate_predict_from_the_command_line() {
 fn evaluate_on_a_held_out_data_set() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let cfg = d.join("tiny.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[data]\ndir = \"{}\"\nsynthetic_n = 120\nsynthetic_pixels_per_camera = 64\n[model]\nbackbone = \"tiny_cnn\"\nflow = \"full_gaussian\"\noffdiagonal = \"relative\"\n[optim]\nepochs = 1\nbatch_size = 32\n[run]\nthreads = 1\n",
-            d.join("data").display()
-        ),
-    )
-    .unwrap();
+    common::synth(&d.join("data"), 120, 64);
+    let cfg = common::tiny_config(&d.join("tiny.toml"), &d.join("data"), 1, "");
     let run = d.join("run");
     let run_s = run.to_str().unwrap();
-    common::ok(&["train", "--config", cfg.to_str().unwrap(), "--out", run_s]);
+    common::ok(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--flow",
+        "full_gaussian",
+        "--set",
+        "model.offdiagonal=\"relative\"",
+        "--out",
+        run_s,
+    ]);
     let held = d.join("held");
     common::ok(&[
         "synth",
@@ -151,6 +154,12 @@ fn evaluate_on_a_held_out_data_set() {
     assert!(metrics["nll_se"].as_f64().unwrap() > 0.0);
     for l in metrics["labels"].as_array().unwrap() {
         assert!(l["rmse_over_crlb"].as_f64().unwrap() > 0.0, "{l}");
+        // The marginalised bound is looser, so the ratio against it is smaller.
+        let marginal = l["rmse_over_crlb_marginal"].as_f64().unwrap();
+        assert!(
+            marginal > 0.0 && marginal <= l["rmse_over_crlb"].as_f64().unwrap(),
+            "{l}"
+        );
         assert!(l["se"]["coverage_68"].as_f64().unwrap() > 0.0, "{l}");
     }
     let csv = std::fs::read_to_string(run.join("eval-data/predictions.csv")).unwrap();

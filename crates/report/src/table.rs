@@ -222,51 +222,29 @@ pub fn markdown(title: &str, intro: &str, rows: &[RunRow]) -> String {
         s.push('\n');
     }
     if first.labels.iter().any(|l| l.median_crlb.is_some()) {
-        s.push_str("\nRMSE / Cramér-Rao bound (median per-star bound of the synthetic generator; 1 is the best any unbiased estimator can do):\n\n| run |");
-        for i in &infos {
-            let _ = write!(s, " {} |", i.title);
-        }
-        s.push_str("\n|---|");
-        s.push_str(&"---|".repeat(infos.len()));
-        s.push('\n');
-        for r in rows {
-            let _ = write!(s, "| {} |", r.name);
-            for l in &r.labels {
-                match l.rmse_over_crlb {
-                    Some(v) => {
-                        let _ = write!(s, " {v:.1} |");
-                    }
-                    None => s.push_str(" - |"),
-                }
-            }
-            s.push('\n');
-        }
+        per_label_table(
+            &mut s,
+            "RMSE / Cramér-Rao bound (median per-star bound of the synthetic generator, nuisances held fixed; 1 is the best any unbiased estimator that knew them could do):",
+            &infos,
+            rows,
+            |l| l.rmse_over_crlb.map(|v| format!("{v:.1}")),
+        );
     }
-
     if first
         .labels
         .iter()
         .any(|l| l.median_crlb_marginal.is_some())
     {
-        s.push_str("\nRMSE / marginalised Cramér-Rao bound (the generator's ~20 nuisance parameters — per-element abundances, microturbulence, lithium, tellurics, continuum — unknown to the estimator, as they are to the network; median per-star bound in brackets):\n\n| run |");
-        for i in &infos {
-            let _ = write!(s, " {} |", i.title);
-        }
-        s.push_str("\n|---|");
-        s.push_str(&"---|".repeat(infos.len()));
-        s.push('\n');
-        for r in rows {
-            let _ = write!(s, "| {} |", r.name);
-            for l in &r.labels {
-                match (l.rmse_over_crlb_marginal, l.median_crlb_marginal) {
-                    (Some(v), Some(c)) => {
-                        let _ = write!(s, " {v:.2} ({}) |", fmt_sig(c));
-                    }
-                    _ => s.push_str(" - |"),
-                }
-            }
-            s.push('\n');
-        }
+        per_label_table(
+            &mut s,
+            "RMSE / marginalised Cramér-Rao bound (the generator's 33 nuisance parameters — per-element abundances, microturbulence, lithium, tellurics, edge, continuum — unknown to the estimator, as they are to the network; median per-star bound in brackets):",
+            &infos,
+            rows,
+            |l| match (l.rmse_over_crlb_marginal, l.median_crlb_marginal) {
+                (Some(v), Some(c)) => Some(format!("{v:.2} ({})", fmt_sig(c))),
+                _ => None,
+            },
+        );
     }
 
     s.push_str("\n## Calibration\n\n");
@@ -512,6 +490,30 @@ pub fn markdown(title: &str, intro: &str, rows: &[RunRow]) -> String {
          losses in `history.parquet`.\n",
     );
     s
+}
+
+/// A table of one cell per run × label, `-` where `cell` has nothing, under `title`.
+fn per_label_table(
+    s: &mut String,
+    title: &str,
+    infos: &[LabelInfo],
+    rows: &[RunRow],
+    cell: impl Fn(&LabelMetrics) -> Option<String>,
+) {
+    let _ = write!(s, "\n{title}\n\n| run |");
+    for i in infos {
+        let _ = write!(s, " {} |", i.title);
+    }
+    s.push_str("\n|---|");
+    s.push_str(&"---|".repeat(infos.len()));
+    s.push('\n');
+    for r in rows {
+        let _ = write!(s, "| {} |", r.name);
+        for l in &r.labels {
+            let _ = write!(s, " {} |", cell(l).unwrap_or_else(|| "-".into()));
+        }
+        s.push('\n');
+    }
 }
 
 /// `text ± se` (se in percent when `pct`), the error belonging to the first figure of `text`.
