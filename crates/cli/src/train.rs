@@ -54,8 +54,13 @@ pub struct EvaluateArgs {
     /// Labels file of another labelled data set (with --spectra); columns as in the run's config.
     #[arg(long, requires = "spectra")]
     pub labels: Option<PathBuf>,
+    /// Evaluate the deep ensemble of --run and these runs (repeatable): the equal-weight mixture
+    /// of their posteriors, e.g. the same recipe trained with other `run.seed`s. Members are not
+    /// recalibrated.
+    #[arg(long = "member", value_name = "RUN")]
+    pub members: Vec<PathBuf>,
     /// Output directory (default RUN/eval-<split>, or RUN/eval-data for --data/--spectra;
-    /// `-raw` is appended with --raw).
+    /// `-raw` is appended with --raw, `-ensemble` with --member).
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Posterior samples per star (non-Gaussian flows; Gaussian flows are exact).
@@ -307,15 +312,25 @@ pub fn evaluate(a: &EvaluateArgs) -> anyhow::Result<()> {
         },
         _ => EvalSource::Split(a.split.clone()),
     };
-    let cal = calibration(&a.run, !a.raw, a.samples, a.seed)?;
-    let e = starflow_training::evaluate_on(&a.run, &source, a.samples, a.seed, cal.as_ref())?;
-    let dir = a.out.clone().unwrap_or_else(|| {
-        a.run.join(format!(
-            "eval-{}{}",
-            source.name(),
-            if cal.is_some() { "" } else { "-raw" }
-        ))
-    });
+    let (e, suffix) = if a.members.is_empty() {
+        let cal = calibration(&a.run, !a.raw, a.samples, a.seed)?;
+        let e = starflow_training::evaluate_on(&a.run, &source, a.samples, a.seed, cal.as_ref())?;
+        (e, if cal.is_some() { "" } else { "-raw" })
+    } else {
+        let runs: Vec<PathBuf> = std::iter::once(a.run.clone())
+            .chain(a.members.iter().cloned())
+            .collect();
+        eprintln!(
+            "ensemble of {} runs: the equal-weight mixture of their own posteriors (not recalibrated)",
+            runs.len()
+        );
+        let e = starflow_training::evaluate_ensemble(&runs, &source, a.samples, a.seed)?;
+        (e, "-ensemble")
+    };
+    let dir = a
+        .out
+        .clone()
+        .unwrap_or_else(|| a.run.join(format!("eval-{}{suffix}", source.name())));
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let names: Vec<String> = e.labels.iter().map(|l| l.name.clone()).collect();
     write_text(

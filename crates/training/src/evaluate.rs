@@ -744,6 +744,170 @@ pub fn evaluate_on(
     })
 }
 
+/// Evaluates a deep ensemble: the equal-weight mixture of the posteriors of `runs` (the same
+/// labels, normalisation and pixel grid; typically the same recipe trained from different seeds)
+/// on the stars of `source`. Each member contributes `n_samples / K` posterior samples, so means,
+/// quantiles, PITs and the joint HPD levels come from the pooled samples of the mixture; the NLL
+/// is the mixture's exact density, `log(mean_k p_k(y))`. Members are not recalibrated.
+pub fn evaluate_ensemble(
+    runs: &[PathBuf],
+    source: &EvalSource,
+    n_samples: usize,
+    seed: u64,
+) -> Result<Evaluation> {
+    let start = Instant::now();
+    let Some(first) = runs.first() else {
+        return Err(TrainError::config(
+            Path::new("."),
+            "an ensemble needs at least one run".to_string(),
+        ));
+    };
+    check_samples(first, n_samples)?;
+    let members = runs
+        .iter()
+        .map(|r| load_run(r))
+        .collect::<Result<Vec<_>>>()?;
+    let state = &members[0].0;
+    for (r, (st, _)) in runs.iter().zip(&members) {
+        if st.scaler != state.scaler || st.n_pix != state.n_pix {
+            return Err(TrainError::config(
+                r,
+                format!(
+                    "this run's labels, normalisation or pixel grid differ from {}'s: ensemble \
+                     members must be trained on the same data",
+                    first.display()
+                ),
+            ));
+        }
+    }
+    let rows = source_rows(first, state, source)?;
+    let batcher = Batcher {
+        dataset: &rows.dataset,
+        flux: rows.flux,
+        scaler: &state.scaler,
+        device: members[0].1.device.clone(),
+    };
+    let (k, d) = (members.len(), state.scaler.mean.len());
+    let per_member = (n_samples / k).max(10);
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut stars = Vec::with_capacity(rows.indices.len());
+    let mut nll = Vec::with_capacity(rows.indices.len());
+    for batch in batcher.batches(&rows.indices, 128)? {
+        let b = batch?;
+        let n = b.indices.len();
+        let yz: Vec<f64> = b.y.flatten_all()?.to_vec1()?;
+        let params = members
+            .iter()
+            .map(|(_, m)| m.params(&b.x, false))
+            .collect::<Result<Vec<_>>>()?;
+        // Pooled samples, star by star: member 0's, then member 1's, ...
+        let mut pooled = vec![Vec::with_capacity(k * per_member * d); n];
+        for ((_, m), p) in members.iter().zip(&params) {
+            let smp = m.flow.sample(p, per_member, &mut rng)?;
+            for (i, pts) in pooled.iter_mut().enumerate() {
+                pts.extend_from_slice(smp.item(i));
+            }
+        }
+        let mix = |pts: &Tensor, reps: usize| -> Result<Vec<f64>> {
+            let idx: Vec<u32> = (0..n as u32)
+                .flat_map(|i| std::iter::repeat_n(i, reps))
+                .collect();
+            let idx = Tensor::from_vec(idx, n * reps, pts.device())?;
+            let lps = members
+                .iter()
+                .zip(&params)
+                .map(|((_, m), p)| -> Result<Vec<f64>> {
+                    Ok(m.flow.log_prob(&p.index_select(&idx, 0)?, pts)?.to_vec1()?)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok((0..n * reps)
+                .map(|r| log_mean_exp(lps.iter().map(|lp| lp[r])))
+                .collect())
+        };
+        let lp_truth = mix(&b.y, 1)?;
+        nll.extend(lp_truth.iter().map(|v| -v));
+        // HPD levels: the mixture density at up to HPD_SAMPLES pooled samples per star, taken
+        // evenly from every member.
+        let h = (HPD_SAMPLES / k).clamp(1, per_member);
+        let mut hp = Vec::with_capacity(n * k * h * d);
+        for pts in &pooled {
+            for m in 0..k {
+                hp.extend_from_slice(&pts[m * per_member * d..(m * per_member + h) * d]);
+            }
+        }
+        let lp_h = mix(&Tensor::from_vec(hp, (n * k * h, d), b.y.device())?, k * h)?;
+        for (i, pts) in pooled.iter().enumerate() {
+            let s = starflow_flows::summarize_points(pts, d);
+            let total = pts.len() / d;
+            let pit = (0..d)
+                .map(|j| {
+                    let t = yz[i * d + j];
+                    let below = (0..total).filter(|&r| pts[r * d + j] < t).count();
+                    (below as f64 + 0.5) / (total as f64 + 1.0)
+                })
+                .collect();
+            let denser = lp_h[i * k * h..(i + 1) * k * h]
+                .iter()
+                .filter(|&&v| v > lp_truth[i])
+                .count();
+            let (mean, std, quantiles) = to_physical(&s, &state.scaler.mean, &state.scaler.std);
+            let row = b.indices[i];
+            stars.push(StarPrediction {
+                row: rows.dataset.file_row(row),
+                mean,
+                std,
+                quantiles,
+                truth: Some(rows.dataset.targets(row)),
+                pit: Some(pit),
+                hpd: Some((denser as f64 + 0.5) / ((k * h) as f64 + 1.0)),
+            });
+        }
+    }
+    let (nll_z, nll_se) = mean_and_se(&nll);
+    let log_scale: f64 = state.scaler.std.iter().map(|s| s.ln()).sum();
+    let targets = &state.config.data.targets;
+    let crlb = crlb_for(&rows.data_dir, "crlb.npy", targets, &stars)?;
+    let crlb_m = crlb_for(&rows.data_dir, "crlb_marginal.npy", targets, &stars)?;
+    let labels = (0..d)
+        .map(|j| {
+            let mut m = label_metrics(state, &stars, j, crlb.as_ref().map(|c| c[j]));
+            m.median_crlb_marginal = crlb_m.as_ref().map(|c| c[j]);
+            m.rmse_over_crlb_marginal = m.median_crlb_marginal.map(|c| m.rmse / c);
+            m
+        })
+        .collect();
+    let (joint_coverage, joint_coverage_se) = joint_coverage(&stars);
+    let flows: Vec<String> = members
+        .iter()
+        .map(|(st, _)| st.config.model.flow.clone())
+        .collect();
+    Ok(Evaluation {
+        split: source.name().to_string(),
+        n_stars: stars.len(),
+        flow: format!("ensemble of {k} ({})", flows.join(", ")),
+        backbone: state.config.model.backbone.clone(),
+        n_samples: k * per_member,
+        nll_z,
+        nll: nll_z + log_scale,
+        nll_se,
+        labels,
+        joint_coverage,
+        joint_coverage_se,
+        seconds: start.elapsed().as_secs_f64(),
+        stars,
+    })
+}
+
+/// `log(mean(exp(v)))`, stable for very negative values.
+fn log_mean_exp(v: impl Iterator<Item = f64> + Clone) -> f64 {
+    let max = v.clone().fold(f64::NEG_INFINITY, f64::max);
+    if !max.is_finite() {
+        return max;
+    }
+    let (sum, count) = v.fold((0.0, 0usize), |(s, c), x| (s + (x - max).exp(), c + 1));
+    max + (sum / count as f64).ln()
+}
+
 /// Mean and its standard error.
 fn mean_and_se(v: &[f64]) -> (f64, f64) {
     let n = v.len() as f64;

@@ -205,3 +205,42 @@ fn hpd_level_from_chi_square_equals_the_sample_ranking() {
         );
     }
 }
+
+/// A deep ensemble is the equal-weight mixture of its members: one member, or a member twice, has
+/// exactly that member's density; members from other data are refused.
+#[test]
+fn ensemble_of_copies_is_the_member_itself() {
+    use starflow_training::{evaluate_ensemble, EvalSource};
+    let dir = tempfile::tempdir().unwrap();
+    let run = tiny_run(dir.path(), "full_gaussian");
+    let test = EvalSource::Split("test".into());
+    let alone = evaluate(&run, "test", 200, 4).unwrap();
+    let one = evaluate_ensemble(std::slice::from_ref(&run), &test, 200, 4).unwrap();
+    let two = evaluate_ensemble(&[run.clone(), run.clone()], &test, 200, 4).unwrap();
+    for e in [&one, &two] {
+        assert!(
+            (e.nll_z - alone.nll_z).abs() < 1e-9,
+            "{} vs {}",
+            e.nll_z,
+            alone.nll_z
+        );
+        assert_eq!(e.n_stars, alone.n_stars);
+        assert_eq!(e.joint_coverage.len(), 2);
+        // Means from 200 samples against the exact ones: within a few sampling errors.
+        for (a, b) in e.stars.iter().zip(&alone.stars) {
+            for j in 0..3 {
+                assert!((a.mean[j] - b.mean[j]).abs() < 0.5 * b.std[j], "label {j}");
+            }
+        }
+    }
+    assert!(two.flow.starts_with("ensemble of 2"), "{}", two.flow);
+    let other = dir.path().join("other");
+    let other_run = tiny_run(&other, "diagonal_gaussian");
+    let mut state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(other_run.join("state.json")).unwrap())
+            .unwrap();
+    state["scaler"]["mean"][0] = 1.0.into();
+    std::fs::write(other_run.join("state.json"), state.to_string()).unwrap();
+    let err = evaluate_ensemble(&[run, other_run], &test, 200, 4).unwrap_err();
+    assert!(err.to_string().contains("same data"), "{err}");
+}
