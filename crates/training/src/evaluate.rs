@@ -713,35 +713,16 @@ pub fn evaluate_on(
             });
         }
     }
-    let (nll_z, nll_se) = mean_and_se(&nll);
-    let log_scale: f64 = state.scaler.std.iter().map(|s| s.ln()).sum();
-    let targets = &state.config.data.targets;
-    let crlb = crlb_for(&opened.data_dir, "crlb.npy", targets, &stars)?;
-    let crlb_m = crlb_for(&opened.data_dir, "crlb_marginal.npy", targets, &stars)?;
-    let labels = (0..d)
-        .map(|j| {
-            let mut m = label_metrics(state, &stars, j, crlb.as_ref().map(|c| c[j]));
-            m.median_crlb_marginal = crlb_m.as_ref().map(|c| c[j]);
-            m.rmse_over_crlb_marginal = m.median_crlb_marginal.map(|c| m.rmse / c);
-            m
-        })
-        .collect();
-    let (joint_coverage, joint_coverage_se) = joint_coverage(&stars);
-    Ok(Evaluation {
-        split: source.name().to_string(),
-        n_stars: stars.len(),
-        flow: state.config.model.flow.clone(),
-        backbone: state.config.model.backbone.clone(),
-        n_samples,
-        nll_z,
-        nll: nll_z + log_scale,
-        nll_se,
-        labels,
-        joint_coverage,
-        joint_coverage_se,
-        seconds: start.elapsed().as_secs_f64(),
+    assemble(
+        state,
+        source,
+        &opened.data_dir,
         stars,
-    })
+        &nll,
+        state.config.model.flow.clone(),
+        n_samples,
+        start,
+    )
 }
 
 /// Evaluates a deep ensemble: the equal-weight mixture of the posteriors of `runs` (the same
@@ -863,12 +844,41 @@ pub fn evaluate_ensemble(
             });
         }
     }
-    let (nll_z, nll_se) = mean_and_se(&nll);
+    let flows: Vec<String> = members
+        .iter()
+        .map(|(st, _)| st.config.model.flow.clone())
+        .collect();
+    assemble(
+        state,
+        source,
+        &rows.data_dir,
+        stars,
+        &nll,
+        format!("ensemble of {k} ({})", flows.join(", ")),
+        k * per_member,
+        start,
+    )
+}
+
+/// The figures of an evaluation from its stars and their NLLs (z-units): per-label metrics with
+/// the Cramér–Rao ratios when `data_dir` has the bound files, the joint coverage, the mean NLL.
+#[allow(clippy::too_many_arguments)]
+fn assemble(
+    state: &RunState,
+    source: &EvalSource,
+    data_dir: &Path,
+    stars: Vec<StarPrediction>,
+    nll: &[f64],
+    flow: String,
+    n_samples: usize,
+    start: Instant,
+) -> Result<Evaluation> {
+    let (nll_z, nll_se) = mean_and_se(nll);
     let log_scale: f64 = state.scaler.std.iter().map(|s| s.ln()).sum();
     let targets = &state.config.data.targets;
-    let crlb = crlb_for(&rows.data_dir, "crlb.npy", targets, &stars)?;
-    let crlb_m = crlb_for(&rows.data_dir, "crlb_marginal.npy", targets, &stars)?;
-    let labels = (0..d)
+    let crlb = crlb_for(data_dir, "crlb.npy", targets, &stars)?;
+    let crlb_m = crlb_for(data_dir, "crlb_marginal.npy", targets, &stars)?;
+    let labels = (0..state.scaler.mean.len())
         .map(|j| {
             let mut m = label_metrics(state, &stars, j, crlb.as_ref().map(|c| c[j]));
             m.median_crlb_marginal = crlb_m.as_ref().map(|c| c[j]);
@@ -877,16 +887,12 @@ pub fn evaluate_ensemble(
         })
         .collect();
     let (joint_coverage, joint_coverage_se) = joint_coverage(&stars);
-    let flows: Vec<String> = members
-        .iter()
-        .map(|(st, _)| st.config.model.flow.clone())
-        .collect();
     Ok(Evaluation {
         split: source.name().to_string(),
         n_stars: stars.len(),
-        flow: format!("ensemble of {k} ({})", flows.join(", ")),
+        flow,
         backbone: state.config.model.backbone.clone(),
-        n_samples: k * per_member,
+        n_samples,
         nll_z,
         nll: nll_z + log_scale,
         nll_se,
