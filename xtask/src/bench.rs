@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 
 use crate::{cargo_env, root};
 
-/// The criterion benchmark binaries: (package, bench target). `bench-check` runs the same ones.
+/// The criterion benchmark binaries: (package, bench target).
 pub const SUITES: [(&str, &str); 2] = [
     ("starflow-flows", "flows"),
     ("starflow-models", "bench_main"),

@@ -27,9 +27,10 @@ commands:
           measured in the same run (--quick: short measurement; --no-stock: skip the slow stock path;
           --report: print the latest results without measuring)
   bench-check
-          short benchmark run compared with results/bench-baseline.json as ratios to a reference
-          kernel of the same run; fails when a figure is >25 % slower (--update: re-record the
-          baseline; --no-run: compare the latest results without measuring)
+          performance regression gate on counts, not times: instructions (Valgrind Callgrind),
+          allocations and peak heap per unit of work of crates/training/examples/counts.rs,
+          compared with results/bench-baseline.json; fails on >0.75 % more instructions, >1 % more
+          peak heap, or any extra allocation (--update: re-record the baseline; --figure NAME: one figure)
 ";
 
 /// The workspace root, from this crate's manifest directory.
