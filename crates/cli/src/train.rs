@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use starflow_training::evaluate::predictions_csv;
+use starflow_report::predictions::{predictions_csv, PredictionWriter};
+
+use crate::inspect::UserError;
 use starflow_training::run::write_text;
 use starflow_training::{EpochRecord, EvalSource, Evaluation, Observer, TrainConfig, TrainOptions};
 
@@ -84,14 +86,24 @@ pub struct PredictArgs {
     /// Run directory written by `starflow train`.
     #[arg(long)]
     pub run: PathBuf,
-    /// Spectra to predict (.npy, same pixel grid as the training data).
+    /// Spectra to predict (.npy, same pixel grid as the training data). Memory-mapped and read in
+    /// batches, so any number of stars fits in memory.
     #[arg(long)]
     pub spectra: PathBuf,
-    /// Output CSV (default: predictions.csv next to the spectra).
+    /// Output table: *.csv or *.parquet (default: predictions.csv next to the spectra, or
+    /// predictions-START-END.csv with --rows). Written as the stars are predicted, and moved into
+    /// place only when complete.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Predict only rows START..END of the file (0-based, END exclusive; `START:` runs to the end):
+    /// one shard of a survey. Every star draws its posterior samples from its own stream (the seed
+    /// and its row), so shards concatenate to exactly the single-process table.
+    #[arg(long, value_name = "START:END", value_parser = parse_rows)]
+    pub rows: Option<RowRange>,
+    /// Posterior samples per star (non-Gaussian flows; Gaussian flows are exact).
     #[arg(long, default_value_t = 1000)]
     pub samples: usize,
+    /// Seed of the posterior sampler.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// The model's own posteriors, without the recalibration that is applied by default (a
@@ -102,6 +114,31 @@ pub struct PredictArgs {
     /// Recalibrate (the default; kept so that older scripts still run).
     #[arg(long, hide = true, conflicts_with = "raw")]
     pub calibrate: bool,
+}
+
+/// `--rows START:END`, END open when omitted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowRange {
+    pub start: usize,
+    pub end: Option<usize>,
+}
+
+fn parse_rows(s: &str) -> Result<RowRange, String> {
+    let bad = || {
+        format!(
+            "`{s}` is not START:END (0-based row numbers, END exclusive, e.g. 0:100000 or 500000:)"
+        )
+    };
+    let (a, b) = s.split_once(':').ok_or_else(bad)?;
+    let start = a.trim().parse().map_err(|_| bad())?;
+    let end = match b.trim() {
+        "" => None,
+        e => Some(e.parse().map_err(|_| bad())?),
+    };
+    if end.is_some_and(|e| e <= start) {
+        return Err(format!("`{s}`: END must be greater than START"));
+    }
+    Ok(RowRange { start, end })
 }
 
 /// The run's recalibration (shifts and σ-scales) unless `--raw` is given, announced on stderr.
@@ -220,10 +257,7 @@ pub fn train(a: &TrainArgs) -> anyhow::Result<()> {
     let opts = TrainOptions {
         out: out.clone(),
         resume: a.resume,
-        inject_nan_steps: std::env::var("STARFLOW_INJECT_NAN_STEPS")
-            .ok()
-            .map(|s| s.split(',').filter_map(|v| v.trim().parse().ok()).collect())
-            .unwrap_or_default(),
+        inject_nan_steps: inject_nan_steps()?,
         // Test hook of the fault tests (crates/cli/tests/faults.rs); see PauseAt.
         pause_at: match std::env::var("STARFLOW_PAUSE_AT") {
             Ok(v) => Some(
@@ -303,6 +337,26 @@ fn print_evaluation(e: &Evaluation) {
     }
 }
 
+/// The fault tests' `STARFLOW_INJECT_NAN_STEPS` (comma-separated global step numbers whose loss is
+/// made NaN). An entry that is not a step number is an error: a hook that silently skipped it would
+/// let a fault test pass without injecting its fault.
+fn inject_nan_steps() -> anyhow::Result<Vec<u64>> {
+    let Ok(text) = std::env::var("STARFLOW_INJECT_NAN_STEPS") else {
+        return Ok(Vec::new());
+    };
+    text.split(',')
+        .map(|v| {
+            v.trim().parse().map_err(|_| {
+                UserError(format!(
+                    "STARFLOW_INJECT_NAN_STEPS={text}: `{}` is not a step number; fix: give comma-separated non-negative integers (e.g. 5,6) or unset it",
+                    v.trim()
+                ))
+                .into()
+            })
+        })
+        .collect()
+}
+
 pub fn evaluate(a: &EvaluateArgs) -> anyhow::Result<()> {
     let source = match (&a.data, &a.spectra, &a.labels) {
         (Some(dir), _, _) => EvalSource::dir(dir),
@@ -352,16 +406,44 @@ pub fn evaluate(a: &EvaluateArgs) -> anyhow::Result<()> {
 
 pub fn predict(a: &PredictArgs) -> anyhow::Result<()> {
     let cal = calibration(&a.run, !a.raw, a.samples, a.seed)?;
-    let stars =
-        starflow_training::predict_scaled(&a.run, &a.spectra, a.samples, a.seed, cal.as_ref())?;
-    let state = starflow_training::RunDir::new(&a.run).load_state()?;
+    let rows = a.rows.map(|r| (r.start, r.end));
+    let predictor = starflow_training::Predictor::open(
+        &a.run,
+        &a.spectra,
+        rows,
+        a.samples,
+        a.seed,
+        cal.as_ref(),
+    )?;
+    let range = predictor.rows();
     let out = a.out.clone().unwrap_or_else(|| {
-        a.spectra
-            .parent()
-            .unwrap_or(Path::new("."))
-            .join("predictions.csv")
+        let name = match a.rows {
+            Some(_) => format!("predictions-{}-{}.csv", range.start, range.end),
+            None => "predictions.csv".into(),
+        };
+        a.spectra.parent().unwrap_or(Path::new(".")).join(name)
     });
-    write_text(&out, &predictions_csv(&state.scaler.names, &stars))?;
-    println!("wrote {} predictions to {}", stars.len(), out.display());
+    let mut table = PredictionWriter::create(&out, predictor.label_names(), false)?;
+    let bar = ProgressBar::new(range.len() as u64).with_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} stars  {per_sec}  eta {eta}")
+            .expect("static template"),
+    );
+    let started = std::time::Instant::now();
+    for batch in predictor.batches() {
+        let stars = predictor.predict_batch(batch.clone())?;
+        table.write(&stars)?;
+        bar.inc(batch.len() as u64);
+    }
+    bar.finish_and_clear();
+    let n = table.rows();
+    let path = table.finish()?;
+    let seconds = started.elapsed().as_secs_f64();
+    println!(
+        "wrote {n} predictions (rows {}..{}) to {} in {seconds:.1} s ({:.0} stars/s)",
+        range.start,
+        range.end,
+        path.display(),
+        n as f64 / seconds.max(1e-9)
+    );
     Ok(())
 }

@@ -516,7 +516,12 @@ fn bad_input_exits_2_naming_the_file_and_the_problem() {
         user_error(
             "value of the wrong type",
             &[trn, c, &wrong_type, o, &out("k")],
-            &["wrong_type.toml", "invalid type"],
+            &[
+                "wrong_type.toml",
+                "optim.lr = \"fast\" (from ",
+                "invalid type",
+                "must be a positive number",
+            ],
         ),
         user_error(
             "invalid TOML",
@@ -532,27 +537,57 @@ fn bad_input_exits_2_naming_the_file_and_the_problem() {
         user_error(
             "negative learning rate",
             &[trn, c, &negative_lr, o, &out("k")],
-            &["negative_lr.toml", "optim.lr must be a positive number"],
+            &[
+                "negative_lr.toml",
+                "optim.lr = -0.001 (from ",
+                "must be a positive number",
+            ],
         ),
         user_error(
             "negative learning rate override",
             &[trn, c, &cfg, &"--set", &"optim.lr=-0.1", o, &out("k")],
-            &["tiny.toml", "optim.lr must be a positive number (got -0.1)"],
+            &[
+                "tiny.toml",
+                "optim.lr = -0.1 (from the command line: optim.lr=-0.1): must be a positive number",
+            ],
+        ),
+        user_error(
+            "negative batch size override (a type error, not a range error)",
+            &[trn, c, &cfg, &"--set", &"optim.batch_size=-3", o, &out("k")],
+            &[
+                "tiny.toml",
+                "optim.batch_size = -3 (from the command line: optim.batch_size=-3)",
+                "invalid value",
+                "must be an integer >= 1",
+            ],
         ),
         user_error(
             "zero batch size",
             &[trn, c, &zero_batch, o, &out("k")],
-            &["zero_batch.toml", "optim.batch_size must be at least 1"],
+            &[
+                "zero_batch.toml",
+                "optim.batch_size = 0 (from ",
+                "must be an integer >= 1",
+            ],
         ),
         user_error(
             "fractions not summing to 1",
             &[trn, c, &fractions, o, &out("k")],
-            &["fractions.toml", "sum to 1"],
+            &[
+                "fractions.toml",
+                "data.train_fraction = 0.8",
+                "the fractions sum to 1.1",
+                "train + val + test = 1",
+            ],
         ),
         user_error(
             "zero epochs",
             &[trn, c, &cfg, &"--epochs", &"0", o, &out("k")],
-            &["tiny.toml", "optim.epochs must be at least 1"],
+            &[
+                "tiny.toml",
+                "optim.epochs = 0 (from the command line: optim.epochs=0)",
+                "must be an integer >= 1",
+            ],
         ),
         user_error(
             "unknown flow",

@@ -249,9 +249,9 @@ enum Block {
     /// A directory where `checkpoint/model-e0002.safetensors` must go (works as root too).
     InTheWay,
     /// The temporary file of `metrics.csv` is a symlink to /dev/full: writes fail with ENOSPC.
-    /// (The safetensors files cannot be blocked this way: the safetensors crate writes them
-    /// through a randomly named temporary file of its own.)
     FullDisk,
+    /// The same for `checkpoint/model-e0002.safetensors`, the first file of the checkpoint.
+    FullDiskSafetensors,
     /// `checkpoint/` is made read-only (only when that stops this user writing, i.e. not root).
     ReadOnly,
 }
@@ -273,6 +273,7 @@ fn a_failed_checkpoint_write_is_reported_and_keeps_the_last_checkpoint() {
     let mut blocks = vec![Block::InTheWay];
     if Path::new("/dev/full").exists() {
         blocks.push(Block::FullDisk);
+        blocks.push(Block::FullDiskSafetensors);
     }
     if chmod_blocks_writes(fx.dir.path()) {
         blocks.push(Block::ReadOnly);
@@ -293,6 +294,14 @@ fn a_failed_checkpoint_write_is_reported_and_keeps_the_last_checkpoint() {
                 let tmp = format!(".metrics.csv.{}.tmp", paused.child.id());
                 symlink("/dev/full", run.join(tmp)).unwrap();
                 ("metrics.csv", "No space left on device")
+            }
+            Block::FullDiskSafetensors => {
+                let tmp = format!(".model-e0002.safetensors.{}.tmp", paused.child.id());
+                symlink("/dev/full", ckpt.join(tmp)).unwrap();
+                (
+                    "checkpoint/model-e0002.safetensors",
+                    "No space left on device",
+                )
             }
             Block::ReadOnly => {
                 std::fs::set_permissions(&ckpt, std::fs::Permissions::from_mode(0o555)).unwrap();
@@ -339,7 +348,8 @@ fn a_failed_checkpoint_write_is_reported_and_keeps_the_last_checkpoint() {
         // ...and once the cause is gone the run resumes to the uninterrupted result.
         match block {
             Block::InTheWay => std::fs::remove_dir_all(ckpt.join("model-e0002.safetensors")),
-            Block::FullDisk => Ok(()), // the failed write removed its temporary file (the link)
+            // The failed write removed its temporary file (the link).
+            Block::FullDisk | Block::FullDiskSafetensors => Ok(()),
             Block::ReadOnly => {
                 std::fs::set_permissions(&ckpt, std::fs::Permissions::from_mode(0o755))
             }
@@ -423,4 +433,71 @@ fn non_finite_losses_are_skipped_reported_and_the_run_finishes_finite() {
     );
     let st = check_run_is_readable(&run, "diverged");
     assert_eq!(st.epochs_done, 1);
+}
+
+/// Two `train` processes on one run directory would overwrite each other's checkpoints: the second
+/// gets a clear error naming the directory and the first process (exit 2) and writes nothing; once
+/// the first has finished, the lock is free and the run resumes normally.
+#[test]
+fn a_second_train_on_the_same_run_directory_is_refused() {
+    let fx = Fixture::new();
+    let run = fx.run("locked");
+    let paused = Paused::start(&fx, &run, "step:1");
+    let pid = paused.child.id();
+    let before = std::fs::read_dir(&run).unwrap().count();
+    for extra in [&[][..], &["--resume"][..]] {
+        let o = command()
+            .args(["train", "--config", fx.config.to_str().unwrap()])
+            .args(["--out", run.to_str().unwrap()])
+            .args(extra)
+            .output()
+            .unwrap();
+        let (_, se) = text(&o);
+        assert_eq!(o.status.code(), Some(2), "{extra:?}: {se}");
+        for needle in [
+            run.to_str().unwrap(),
+            &format!("another starflow process (pid {pid}) is training in this run directory"),
+            "choose another --out",
+        ] {
+            assert!(se.contains(needle), "{extra:?}: lacks {needle:?}:\n{se}");
+        }
+        assert!(!se.contains("panicked"), "{se}");
+    }
+    assert_eq!(std::fs::read_dir(&run).unwrap().count(), before);
+    let (status, stderr) = paused.carry_on();
+    assert!(status.success(), "{stderr}");
+    assert_same_run(&run, &fx.reference, "locked");
+    // The lock went with the process: extending the finished run works.
+    ok(&[
+        "train",
+        "--out",
+        run.to_str().unwrap(),
+        "--resume",
+        "--epochs",
+        "4",
+    ]);
+}
+
+/// The NaN-injection hook refuses entries it cannot parse, so a fault test cannot pass without its
+/// fault.
+#[test]
+fn an_unparsable_nan_injection_step_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    synth(&data, 40, 16);
+    let config = tiny_config(&dir.path().join("tiny.toml"), &data, 1, "");
+    let run = dir.path().join("run");
+    let o = command()
+        .args(["train", "--config", config.to_str().unwrap()])
+        .args(["--out", run.to_str().unwrap()])
+        .env("STARFLOW_INJECT_NAN_STEPS", "5, six")
+        .output()
+        .unwrap();
+    let (_, se) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{se}");
+    assert!(
+        se.contains("STARFLOW_INJECT_NAN_STEPS=5, six: `six` is not a step number"),
+        "{se}"
+    );
+    assert!(!run.join("state.json").exists());
 }

@@ -4,6 +4,7 @@
 //! **Architecture invariant:** this crate knows nothing of models, flows or training. It turns files
 //! into validated arrays and arrays into tensors, and it is the only crate that reads spectra files.
 
+pub mod atomic_file;
 pub mod dataset;
 pub mod error;
 #[cfg(feature = "hdf5")]

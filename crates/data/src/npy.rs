@@ -410,7 +410,7 @@ impl NpyArray {
             return None;
         }
         let data = self.data();
-        if data.as_ptr() as usize % std::mem::align_of::<f32>() != 0 {
+        if !(data.as_ptr() as usize).is_multiple_of(std::mem::align_of::<f32>()) {
             return None;
         }
         // SAFETY: the pointer is aligned for f32 (checked above), the length is a whole number of
@@ -492,9 +492,11 @@ impl NpyElement for f64 {
     }
 }
 
-/// The version-1 `.npy` header for an array of `T` with `shape`, padded to 64 bytes as numpy does
-/// so that readers can map the data aligned.
-pub fn npy_header<T: NpyElement>(shape: &[usize]) -> Vec<u8> {
+/// The `.npy` header for an array of `T` with `shape`, padded to a multiple of 64 bytes as numpy does so
+/// that readers can map the data aligned. Version 1.0 stores the header length in 16 bits; a header
+/// longer than 65,535 bytes (a shape with thousands of axes) gets version 2.0 and a 32-bit length, as
+/// numpy writes it. Only a header beyond 4 GiB, which no reader accepts, is an error.
+pub fn npy_header<T: NpyElement>(shape: &[usize]) -> Result<Vec<u8>> {
     let shape_str = match shape {
         [n] => format!("({n},)"),
         s => format!(
@@ -509,26 +511,48 @@ pub fn npy_header<T: NpyElement>(shape: &[usize]) -> Vec<u8> {
         "{{'descr': '{}', 'fortran_order': False, 'shape': {shape_str}, }}",
         T::DESCR
     );
-    let unpadded = 10 + dict.len() + 1;
-    let pad = (64 - unpadded % 64) % 64;
-    dict.push_str(&" ".repeat(pad));
+    let padded = |prefix: usize, dict_len: usize| {
+        let unpadded = prefix + dict_len + 1;
+        dict_len + (64 - unpadded % 64) % 64 + 1
+    };
+    let (version, prefix) = if padded(10, dict.len()) <= u16::MAX as usize {
+        (1u8, 10usize)
+    } else {
+        (2u8, 12usize)
+    };
+    let total = padded(prefix, dict.len());
+    dict.push_str(&" ".repeat(total - dict.len() - 1));
     dict.push('\n');
-    let mut out = Vec::with_capacity(10 + dict.len());
+    let mut out = Vec::with_capacity(prefix + dict.len());
     out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&[1, 0]);
-    out.extend_from_slice(&(dict.len() as u16).to_le_bytes());
+    out.extend_from_slice(&[version, 0]);
+    if version == 1 {
+        out.extend_from_slice(&(dict.len() as u16).to_le_bytes());
+    } else {
+        let len = u32::try_from(dict.len()).map_err(|_| {
+            DataError::config(
+                "npy shape",
+                format!(
+                    "a shape with {} axes needs a {}-byte npy header, beyond the format's 4 GiB limit",
+                    shape.len(),
+                    dict.len()
+                ),
+            )
+        })?;
+        out.extend_from_slice(&len.to_le_bytes());
+    }
     out.extend_from_slice(dict.as_bytes());
-    out
+    Ok(out)
 }
 
 /// Encodes `data` with `shape` as a complete `.npy` byte string.
-pub fn encode_npy<T: NpyElement>(shape: &[usize], data: &[T]) -> Vec<u8> {
-    let mut out = npy_header::<T>(shape);
+pub fn encode_npy<T: NpyElement>(shape: &[usize], data: &[T]) -> Result<Vec<u8>> {
+    let mut out = npy_header::<T>(shape)?;
     T::extend_le(data, &mut out);
-    out
+    Ok(out)
 }
 
-/// Writes an `.npy` file atomically (see [`atomic_write_with`]), streaming the data in chunks so
+/// Writes an `.npy` file atomically (see [`crate::atomic_file`]), streaming the data in chunks so
 /// that a 584 MB array is never copied whole.
 pub fn write_npy<T: NpyElement>(path: impl AsRef<Path>, shape: &[usize], data: &[T]) -> Result<()> {
     let path = path.as_ref();
@@ -543,8 +567,9 @@ pub fn write_npy<T: NpyElement>(path: impl AsRef<Path>, shape: &[usize], data: &
             ),
         ));
     }
-    atomic_write_with(path, |w| {
-        w.write_all(&npy_header::<T>(shape))?;
+    let header = npy_header::<T>(shape)?;
+    crate::atomic_file::write_with(path, |w| {
+        w.write_all(&header)?;
         let mut buf = Vec::with_capacity(1 << 20);
         for chunk in data.chunks(1 << 17) {
             buf.clear();
@@ -555,62 +580,32 @@ pub fn write_npy<T: NpyElement>(path: impl AsRef<Path>, shape: &[usize], data: &
     })
 }
 
-/// Writes `bytes` to `path` atomically.
-pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
-    atomic_write_with(path, |w| w.write_all(bytes))
-}
-
-/// Writes a file so that a crash never leaves a truncated one: write a temporary file in the same
-/// directory, fsync it, rename it over the target, then fsync the directory. On failure the
-/// temporary file is removed and any previous file at `path` is untouched.
-pub fn atomic_write_with(
-    path: &Path,
-    write: impl FnOnce(&mut std::io::BufWriter<File>) -> std::io::Result<()>,
-) -> Result<()> {
-    let io = |source| DataError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "out".into());
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let result = (|| {
-        let mut w = std::io::BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
-        write(&mut w)?;
-        let f = w.into_inner().map_err(|e| e.into_error())?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, path)?;
-        if let Ok(d) = File::open(&dir) {
-            // Directory fsync makes the rename durable; some filesystems refuse it, which is harmless.
-            let _ = d.sync_all();
-        }
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map_err(io)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn header_round_trip() {
-        let bytes = encode_npy(&[2, 3], &[1f32, 2., 3., 4., 5., 6.]);
+        let bytes = encode_npy(&[2, 3], &[1f32, 2., 3., 4., 5., 6.]).unwrap();
         let h = parse_header(&bytes).unwrap();
         assert_eq!(h.shape, vec![2, 3]);
         assert_eq!(h.dtype, Dtype::F32);
         assert!(!h.fortran_order);
         assert_eq!(h.data_offset % 64, 0);
+    }
+
+    #[test]
+    fn a_header_beyond_16_bits_is_written_as_version_2() {
+        // 30,000 axes of length 1: "1, " each, about 90 kB of header.
+        let shape = vec![1usize; 30_000];
+        let bytes = npy_header::<f64>(&shape).unwrap();
+        assert_eq!(&bytes[6..8], &[2, 0]);
+        let h = parse_header(&bytes).unwrap();
+        assert_eq!(h.shape, shape);
+        assert_eq!(h.data_offset % 64, 0);
+        assert_eq!(h.data_offset, bytes.len());
+        // A short one stays version 1.
+        assert_eq!(&npy_header::<f64>(&[3, 4]).unwrap()[6..8], &[1, 0]);
     }
 
     #[test]

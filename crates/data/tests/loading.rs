@@ -293,5 +293,5 @@ fn header_parser_matches_numpy_bytes() {
     }
     numpy.push(b'\n');
     numpy.extend_from_slice(&[0u8; 24]);
-    assert_eq!(encode_npy(&[2, 3], &[0f32; 6]), numpy);
+    assert_eq!(encode_npy(&[2, 3], &[0f32; 6]).unwrap(), numpy);
 }

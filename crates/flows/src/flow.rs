@@ -278,10 +278,49 @@ impl Flow {
         n_per_item: usize,
         rng: &mut R,
     ) -> Result<Samples> {
+        let rows = self.sample_rows("sample", params)?;
+        let b = rows.len() / self.n_params().max(1);
+        let values: Vec<f64> = (0..b * n_per_item * self.dim)
+            .map(|_| rng.sample(StandardNormal))
+            .collect();
+        self.samples_from_base(rows, values, b, n_per_item)
+    }
+
+    /// [`Flow::sample`] with item `i`'s base draws taken from `rngs[i]` alone, so that an item's
+    /// samples do not depend on which other items share its batch (one generator per star, keyed
+    /// by the star's row, lets a survey be predicted in any slicing with the same result).
+    pub fn sample_per_item<R: Rng>(
+        &self,
+        params: &Tensor,
+        n_per_item: usize,
+        rngs: &mut [R],
+    ) -> Result<Samples> {
+        let rows = self.sample_rows("sample_per_item", params)?;
+        let b = rows.len() / self.n_params().max(1);
+        if rngs.len() != b {
+            return Err(FlowError::Shape {
+                op: "sample_per_item",
+                msg: format!("{b} items but {} generators", rngs.len()),
+            });
+        }
+        let per_item = n_per_item * self.dim;
+        let values: Vec<f64> = rngs
+            .iter_mut()
+            .flat_map(|rng| {
+                (0..per_item)
+                    .map(|_| rng.sample::<f64, _>(StandardNormal))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        self.samples_from_base(rows, values, b, n_per_item)
+    }
+
+    /// The parameter rows `(b, P)` as f64, after checking the shape.
+    fn sample_rows(&self, op: &'static str, params: &Tensor) -> Result<Vec<f64>> {
         let dims = params.dims();
         if dims.len() != 2 || dims[1] != self.n_params() {
             return Err(FlowError::Shape {
-                op: "sample",
+                op,
                 msg: format!(
                     "{} expects params (b, {}), got {:?}",
                     self.name,
@@ -290,14 +329,20 @@ impl Flow {
                 ),
             });
         }
-        let b = dims[0];
-        let rows = params
+        Ok(params
             .to_dtype(DType::F64)?
             .flatten_all()?
-            .to_vec1::<f64>()?;
-        let mut values: Vec<f64> = (0..b * n_per_item * self.dim)
-            .map(|_| rng.sample(StandardNormal))
-            .collect();
+            .to_vec1::<f64>()?)
+    }
+
+    /// Pushes base draws `(b, n, d)` through the flow into [`Samples`].
+    fn samples_from_base(
+        &self,
+        rows: Vec<f64>,
+        mut values: Vec<f64>,
+        b: usize,
+        n_per_item: usize,
+    ) -> Result<Samples> {
         self.push_from_base(&rows, &mut values, n_per_item)?;
         Ok(Samples {
             n_items: b,

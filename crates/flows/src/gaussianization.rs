@@ -130,7 +130,7 @@ impl Bijector for GaussianizationLayer {
 
     fn from_base_points(&self, theta: &[f64], points: &mut [f64]) -> Result<()> {
         let d = self.spec.dim;
-        if theta.len() != self.n_params() || points.len() % d != 0 {
+        if theta.len() != self.n_params() || !points.len().is_multiple_of(d) {
             return Err(FlowError::Shape {
                 op: "from_base_points",
                 msg: format!(

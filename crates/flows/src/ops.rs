@@ -201,7 +201,7 @@ pub(crate) fn householder_reflect_cols(
 ) -> candle_core::Result<Tensor> {
     let (b, d) = x.dims2()?;
     let (bv, p) = theta.dims2()?;
-    if bv != b || d == 0 || len % d != 0 || start + len > p {
+    if bv != b || d == 0 || !len.is_multiple_of(d) || start + len > p {
         bail!(
             "householder-reflect: x {:?} and theta {:?} do not match (want {len} = n {d} vector values from column {start})",
             x.dims(),

@@ -7,6 +7,7 @@
 //!   with an embedded DejaVu Sans so text renders on machines without system fonts.
 //! * [`table`] — the comparison of several runs: `REPORT.md` (Markdown tables with the quality
 //!   targets checked) and `metrics.parquet`/`history.parquet` (every number, via polars).
+//! * [`predictions`] — prediction tables (CSV or Parquet) written batch by batch, atomically.
 //! * [`report_runs`] — the one call the CLI makes: evaluate each run on its test split, draw its
 //!   figures, and write the comparison.
 //!
@@ -16,6 +17,7 @@
 pub mod error;
 mod font;
 pub mod plots;
+pub mod predictions;
 mod report;
 pub mod stats;
 pub mod table;

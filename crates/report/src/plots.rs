@@ -92,7 +92,7 @@ fn render(path: &Path, size: (u32, u32), draw: impl FnOnce(&Area<'_>) -> DrawRes
     )
     .write_image(&buf, w, h, image::ColorType::Rgb8)
     .map_err(|e| plot_err(format!("cannot encode PNG: {e}")))?;
-    starflow_data::npy::atomic_write(path, &png)?;
+    starflow_data::atomic_file::write(path, &png)?;
     Ok(())
 }
 

@@ -4,9 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use crate::predictions::predictions_csv;
 use starflow_data::npy::NpyArray;
 use starflow_data::synth::{wavelength_grid, CAMERAS};
-use starflow_training::evaluate::predictions_csv;
 use starflow_training::run::write_text;
 use starflow_training::{
     cached_calibration, evaluate_on, fit_calibration, posterior_samples_on, source_rows,

@@ -716,6 +716,6 @@ pub fn write_parquet(path: &Path, df: &mut DataFrame) -> Result<()> {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
-    starflow_data::npy::atomic_write(path, &buf)?;
+    starflow_data::atomic_file::write(path, &buf)?;
     Ok(())
 }

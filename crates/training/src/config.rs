@@ -299,6 +299,93 @@ fn check_keys(doc: &toml::Table, file: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Where the values of a configuration came from: the `--set` overrides by key, the rest from the
+/// file (or the defaults). Every error about a value says which.
+#[derive(Debug, Default)]
+struct Sources {
+    /// `(section.key, the override as given)`.
+    overrides: Vec<(String, String)>,
+}
+
+impl Sources {
+    fn describe(&self, key: &str, origin: &Path) -> String {
+        match self.overrides.iter().rev().find(|(k, _)| k == key) {
+            Some((_, given)) => format!("from the command line: {given}"),
+            None => format!("from {}", origin.display()),
+        }
+    }
+}
+
+/// What each key accepts, stated in every error about it.
+fn rule(key: &str) -> String {
+    let s = match key {
+        "data.dir" => "a directory path",
+        "data.synthetic" | "data.drop_nonfinite" => "true or false",
+        "data.synthetic_n" => "an integer >= 1",
+        "data.synthetic_seed" | "data.split_seed" | "run.seed" => "an integer >= 0",
+        "data.synthetic_pixels_per_camera" => "an integer >= 16",
+        "data.label_names" => "a list of names, one per column of the labels file",
+        "data.targets" => "a list of names from data.label_names",
+        "data.flux_floor" => "a positive number",
+        "data.train_fraction" => "a number in (0, 1], with train + val + test = 1",
+        "data.val_fraction" => "a number in (0, 1], with train + val + test = 1",
+        "data.test_fraction" => "a number in [0, 1], with train + val + test = 1",
+        "model.backbone" => {
+            return format!("one of {}", starflow_models::BACKBONE_NAMES.join(", "))
+        }
+        "model.flow" => return format!("one of {}", starflow_flows::FLOW_NAMES.join(", ")),
+        "model.flow_layers" | "model.flow_kernels" => "an integer >= 1",
+        "model.offdiagonal" => "`absolute` or `relative`",
+        "model.dropout" => "a number in [0, 0.5)",
+        "model.compute_path" => "`fast` or `stock`",
+        "optim.batch_size" | "optim.epochs" | "optim.max_bad_steps" => "an integer >= 1",
+        "optim.lr" | "optim.eps" => "a positive number",
+        "optim.schedule" => "`constant` or `cosine`",
+        "optim.warmup_epochs" | "optim.patience" | "optim.offdiagonal_warmup_epochs" => {
+            "an integer >= 0"
+        }
+        "optim.min_lr_factor" => "a number in (0, 1]",
+        "optim.weight_decay" | "optim.grad_clip" => "a number >= 0 (0 = off)",
+        "optim.beta1" | "optim.beta2" => "a number in [0, 1)",
+        "run.threads" => "an integer >= 0 (0 = all cores)",
+        "run.device" => "cpu, cuda or metal",
+        _ => "see configs/reference.toml",
+    };
+    s.to_string()
+}
+
+/// A value that breaks its rule: the key, the value as TOML shows it, and what is wrong beyond the
+/// rule itself (if anything).
+struct Invalid {
+    key: &'static str,
+    value: String,
+    note: Option<String>,
+}
+
+fn invalid(key: &'static str, value: impl std::fmt::Display) -> Option<Invalid> {
+    Some(Invalid {
+        key,
+        value: value.to_string(),
+        note: None,
+    })
+}
+
+/// The error for a value that breaks its rule: the key, the value, where it came from and what the
+/// key accepts.
+fn value_error(origin: &Path, sources: &Sources, bad: Invalid) -> TrainError {
+    let from = sources.describe(bad.key, origin);
+    let note = bad.note.map(|n| format!("{n}; ")).unwrap_or_default();
+    TrainError::config(
+        origin,
+        format!(
+            "{} = {} ({from}): {note}must be {}",
+            bad.key,
+            bad.value,
+            rule(bad.key)
+        ),
+    )
+}
+
 impl TrainConfig {
     /// Reads a TOML file; missing keys take their defaults, unknown keys are errors.
     pub fn from_file(path: &Path) -> Result<Self> {
@@ -316,11 +403,21 @@ impl TrainConfig {
         let doc: toml::Table = text.parse().map_err(|e: toml::de::Error| {
             TrainError::config(origin, format!("invalid TOML: {}", e.message()))
         })?;
+        Self::from_doc(doc, origin, &Sources::default())
+    }
+
+    /// Checks keys, types and ranges of a parsed document.
+    fn from_doc(doc: toml::Table, origin: &Path, sources: &Sources) -> Result<Self> {
         check_keys(&doc, origin)?;
+        if let Some(e) = first_type_error(&doc, origin, sources) {
+            return Err(e);
+        }
         let cfg: TrainConfig = toml::Value::Table(doc)
             .try_into()
             .map_err(|e: toml::de::Error| TrainError::config(origin, e.message().to_string()))?;
-        cfg.validate(origin)?;
+        if let Some(bad) = cfg.first_invalid() {
+            return Err(value_error(origin, sources, bad));
+        }
         Ok(cfg)
     }
 
@@ -329,122 +426,143 @@ impl TrainConfig {
         toml::to_string(self).unwrap_or_default()
     }
 
-    /// Checks ranges and names.
+    /// Checks ranges and names; the error names the key, its value and what it accepts.
     pub fn validate(&self, origin: &Path) -> Result<()> {
-        let bad = |p: String| Err(TrainError::config(origin, p));
-        let o = &self.optim;
-        if !(o.lr.is_finite() && o.lr > 0.0) {
-            return bad(format!("optim.lr must be a positive number (got {})", o.lr));
+        match self.first_invalid() {
+            Some(bad) => Err(value_error(origin, &Sources::default(), bad)),
+            None => Ok(()),
         }
-        if o.batch_size == 0 {
-            return bad("optim.batch_size must be at least 1 (got 0)".into());
-        }
-        if o.epochs == 0 {
-            return bad("optim.epochs must be at least 1 (got 0)".into());
-        }
-        if !(0.0..1.0).contains(&o.beta1) || !(0.0..1.0).contains(&o.beta2) {
-            return bad(format!(
-                "optim.beta1 and beta2 must lie in [0, 1) (got {} and {})",
-                o.beta1, o.beta2
-            ));
-        }
-        if o.eps.is_nan()
-            || o.eps <= 0.0
-            || o.weight_decay.is_nan()
-            || o.weight_decay < 0.0
-            || o.grad_clip.is_nan()
-            || o.grad_clip < 0.0
-        {
-            return bad(
-                "optim.eps must be positive; weight_decay and grad_clip must not be negative"
-                    .into(),
-            );
-        }
-        if !(o.min_lr_factor > 0.0 && o.min_lr_factor <= 1.0) {
-            return bad(format!(
-                "optim.min_lr_factor must lie in (0, 1] (got {})",
-                o.min_lr_factor
-            ));
-        }
-        if !["constant", "cosine"].contains(&o.schedule.as_str()) {
-            return bad(format!(
-                "optim.schedule must be `constant` or `cosine` (got `{}`)",
-                o.schedule
-            ));
-        }
-        if o.max_bad_steps == 0 {
-            return bad("optim.max_bad_steps must be at least 1".into());
-        }
-        let d = &self.data;
-        let f = starflow_data::SplitFractions {
-            train: d.train_fraction,
-            val: d.val_fraction,
-            test: d.test_fraction,
-        };
-        if let Err(e) = f.validate() {
-            return bad(format!("data: {e}"));
-        }
-        if d.val_fraction <= 0.0 {
-            return bad(
-                "data.val_fraction must be positive: early stopping needs a validation split"
-                    .into(),
-            );
-        }
-        if let Err(e) = starflow_data::FluxTransform::new(d.flux_floor) {
-            return bad(format!("data: {e}"));
-        }
-        let m = &self.model;
-        if !starflow_models::BACKBONE_NAMES.contains(&m.backbone.as_str()) {
-            return bad(format!(
-                "model.backbone `{}` is unknown; valid: {}",
-                m.backbone,
-                starflow_models::BACKBONE_NAMES.join(", ")
-            ));
-        }
-        if starflow_flows::OffDiagonal::from_name(&m.offdiagonal).is_none() {
-            return bad(format!(
-                "model.offdiagonal must be `absolute` or `relative` (got `{}`)",
-                m.offdiagonal
-            ));
-        }
-        if !starflow_flows::FLOW_NAMES.contains(&m.flow.as_str()) {
-            return bad(format!(
-                "model.flow `{}` is unknown; valid: {}",
-                m.flow,
-                starflow_flows::FLOW_NAMES.join(", ")
-            ));
-        }
-        if !(0.0..0.5).contains(&m.dropout) {
-            return bad(format!(
-                "model.dropout must lie in [0, 0.5) (got {})",
-                m.dropout
-            ));
-        }
-        if !["fast", "stock"].contains(&m.compute_path.as_str()) {
-            return bad(format!(
-                "model.compute_path must be `fast` or `stock` (got `{}`)",
-                m.compute_path
-            ));
-        }
-        if m.flow_layers == 0 || m.flow_kernels == 0 {
-            return bad("model.flow_layers and model.flow_kernels must be at least 1".into());
-        }
-        if !["cpu", "cuda", "metal"].contains(&self.run.device.as_str()) {
-            return bad(format!(
-                "run.device must be cpu, cuda or metal (got `{}`)",
-                self.run.device
-            ));
-        }
-        Ok(())
     }
 
-    /// Applies `key=value` overrides (`optim.lr=1e-3`), with the same checks as the file.
+    /// The first value that breaks its key's rule, in the order of the sections.
+    fn first_invalid(&self) -> Option<Invalid> {
+        self.invalid_data()
+            .or_else(|| self.invalid_model())
+            .or_else(|| self.invalid_optim())
+            .or_else(|| self.invalid_run())
+    }
+
+    fn invalid_data(&self) -> Option<Invalid> {
+        let d = &self.data;
+        if d.synthetic_n == 0 {
+            return invalid("data.synthetic_n", 0);
+        }
+        if d.synthetic_pixels_per_camera < 16 {
+            return invalid(
+                "data.synthetic_pixels_per_camera",
+                d.synthetic_pixels_per_camera,
+            );
+        }
+        if !(d.flux_floor.is_finite() && d.flux_floor > 0.0) {
+            return invalid("data.flux_floor", d.flux_floor);
+        }
+        let fractions = [
+            ("data.train_fraction", d.train_fraction, true),
+            ("data.val_fraction", d.val_fraction, true),
+            ("data.test_fraction", d.test_fraction, false),
+        ];
+        for (key, f, positive) in fractions {
+            if !(f.is_finite() && f <= 1.0 && (f > 0.0 || (!positive && f == 0.0))) {
+                return invalid(key, f);
+            }
+        }
+        let sum = d.train_fraction + d.val_fraction + d.test_fraction;
+        if (sum - 1.0).abs() > 1e-6 {
+            return Some(Invalid {
+                key: "data.train_fraction",
+                value: d.train_fraction.to_string(),
+                note: Some(format!(
+                    "the fractions sum to {sum:.4} (train {} + val {} + test {})",
+                    d.train_fraction, d.val_fraction, d.test_fraction
+                )),
+            });
+        }
+        None
+    }
+
+    fn invalid_model(&self) -> Option<Invalid> {
+        let m = &self.model;
+        let quoted = |s: &str| format!("\"{s}\"");
+        if !starflow_models::BACKBONE_NAMES.contains(&m.backbone.as_str()) {
+            return unknown_name("model.backbone", &m.backbone);
+        }
+        if !starflow_flows::FLOW_NAMES.contains(&m.flow.as_str()) {
+            return unknown_name("model.flow", &m.flow);
+        }
+        if starflow_flows::OffDiagonal::from_name(&m.offdiagonal).is_none() {
+            return invalid("model.offdiagonal", quoted(&m.offdiagonal));
+        }
+        if !(0.0..0.5).contains(&m.dropout) {
+            return invalid("model.dropout", m.dropout);
+        }
+        if !["fast", "stock"].contains(&m.compute_path.as_str()) {
+            return invalid("model.compute_path", quoted(&m.compute_path));
+        }
+        if m.flow_layers == 0 {
+            return invalid("model.flow_layers", 0);
+        }
+        if m.flow_kernels == 0 {
+            return invalid("model.flow_kernels", 0);
+        }
+        None
+    }
+
+    fn invalid_optim(&self) -> Option<Invalid> {
+        let o = &self.optim;
+        let positive = |x: f64| x.is_finite() && x > 0.0;
+        let non_negative = |x: f64| x.is_finite() && x >= 0.0;
+        if !positive(o.lr) {
+            return invalid("optim.lr", o.lr);
+        }
+        if o.batch_size == 0 {
+            return invalid("optim.batch_size", 0);
+        }
+        if o.epochs == 0 {
+            return invalid("optim.epochs", 0);
+        }
+        if !(0.0..1.0).contains(&o.beta1) {
+            return invalid("optim.beta1", o.beta1);
+        }
+        if !(0.0..1.0).contains(&o.beta2) {
+            return invalid("optim.beta2", o.beta2);
+        }
+        if !positive(o.eps) {
+            return invalid("optim.eps", o.eps);
+        }
+        if !non_negative(o.weight_decay) {
+            return invalid("optim.weight_decay", o.weight_decay);
+        }
+        if !non_negative(o.grad_clip) {
+            return invalid("optim.grad_clip", o.grad_clip);
+        }
+        if !(o.min_lr_factor > 0.0 && o.min_lr_factor <= 1.0) {
+            return invalid("optim.min_lr_factor", o.min_lr_factor);
+        }
+        if !["constant", "cosine"].contains(&o.schedule.as_str()) {
+            return invalid("optim.schedule", format!("\"{}\"", o.schedule));
+        }
+        if o.max_bad_steps == 0 {
+            return invalid("optim.max_bad_steps", 0);
+        }
+        None
+    }
+
+    fn invalid_run(&self) -> Option<Invalid> {
+        if !["cpu", "cuda", "metal"].contains(&self.run.device.as_str()) {
+            return invalid("run.device", format!("\"{}\"", self.run.device));
+        }
+        None
+    }
+
+    /// Applies `key=value` overrides (`optim.lr=1e-3`), with the same checks as the file; an error
+    /// about an overridden value quotes the override.
     pub fn apply_overrides(&mut self, overrides: &[String], origin: &Path) -> Result<()> {
         if overrides.is_empty() {
             return Ok(());
         }
         let mut doc: toml::Table = toml::Table::try_from(&*self)
             .map_err(|e| TrainError::config(origin, format!("cannot serialise config: {e}")))?;
+        let mut sources = Sources::default();
         for ov in overrides {
             let Some((key, value)) = ov.split_once('=') else {
                 return Err(TrainError::config(
@@ -473,10 +591,51 @@ impl TrainConfig {
                 ));
             };
             table.insert(name.to_string(), parsed);
+            sources
+                .overrides
+                .push((format!("{section}.{name}"), ov.clone()));
         }
-        *self = Self::from_toml(&toml::to_string(&doc).unwrap_or_default(), origin)?;
+        *self = Self::from_doc(doc, origin, &sources)?;
         Ok(())
     }
+}
+
+/// An unknown backbone or flow name: says so before the rule lists the valid ones.
+fn unknown_name(key: &'static str, name: &str) -> Option<Invalid> {
+    Some(Invalid {
+        key,
+        value: format!("\"{name}\""),
+        note: Some(format!("{key} `{name}` is unknown")),
+    })
+}
+
+/// The first key whose value has the wrong type or cannot be represented (`-3` for a count), found
+/// by deserialising each key alone over the defaults, so that the error can name it.
+fn first_type_error(doc: &toml::Table, origin: &Path, sources: &Sources) -> Option<TrainError> {
+    for (section, table) in doc {
+        let Some(table) = table.as_table() else {
+            continue;
+        };
+        for (name, value) in table {
+            let mut one = toml::Table::new();
+            let mut inner = toml::Table::new();
+            inner.insert(name.clone(), value.clone());
+            one.insert(section.clone(), toml::Value::Table(inner));
+            if let Err(e) = toml::Value::Table(one).try_into::<TrainConfig>() {
+                let key = format!("{section}.{name}");
+                let from = sources.describe(&key, origin);
+                return Some(TrainError::config(
+                    origin,
+                    format!(
+                        "{key} = {value} ({from}): {}; must be {}",
+                        e.message(),
+                        rule(&key)
+                    ),
+                ));
+            }
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -491,6 +650,20 @@ mod tests {
             Some("batch_size")
         );
         assert_eq!(closest("zzzzzzzz", ["lr"].into_iter()), None);
+    }
+
+    #[test]
+    fn every_key_states_what_it_accepts() {
+        for (section, keys) in KEYS {
+            for k in *keys {
+                let key = format!("{section}.{k}");
+                assert_ne!(
+                    rule(&key),
+                    "see configs/reference.toml",
+                    "{key} has no rule"
+                );
+            }
+        }
     }
 
     #[test]

@@ -141,7 +141,7 @@ fn erf(x: f64) -> f64 {
 }
 
 /// Refuses posterior sample counts too small for meaningful quantiles.
-fn check_samples(run_dir: &Path, n_samples: usize) -> Result<()> {
+pub(crate) fn check_samples(run_dir: &Path, n_samples: usize) -> Result<()> {
     if n_samples < 10 {
         return Err(TrainError::config(
             run_dir,
@@ -265,12 +265,12 @@ const NORMAL_QUARTILE: f64 = 0.674_489_750_196_081_7;
 /// With a calibration each label's posterior is moved and stretched (see [`Calibration`]): the
 /// PIT of a truth under the recalibrated posterior is the unscaled posterior's CDF at the point
 /// [`Calibration::seen`], and the summary is moved and stretched alike.
-fn summarize_batch(
+pub(crate) fn summarize_batch(
     model: &StarModel,
     params: &Tensor,
     truth_z: Option<&[f64]>,
     n_samples: usize,
-    rng: &mut ChaCha8Rng,
+    draws: &mut Draws,
     cal: Option<&Calibration>,
 ) -> Result<BatchSummaries> {
     let d = model.flow.dim();
@@ -298,7 +298,13 @@ fn summarize_batch(
             })
             .collect()
     } else {
-        let samples = model.flow.sample(params, n_samples, rng)?;
+        let samples = match draws {
+            Draws::Shared(rng) => model.flow.sample(params, n_samples, *rng)?,
+            Draws::PerStar { seed, rows } => {
+                let mut rngs: Vec<ChaCha8Rng> = rows.iter().map(|&r| star_rng(*seed, r)).collect();
+                model.flow.sample_per_item(params, n_samples, &mut rngs)?
+            }
+        };
         let summaries = samples.summarize();
         let out = summaries
             .into_iter()
@@ -340,10 +346,26 @@ fn summarize_batch(
     })
 }
 
+/// Where the randomness of posterior samples comes from.
+pub(crate) enum Draws<'a> {
+    /// One generator for the whole pass, drawn from in star order (evaluation).
+    Shared(&'a mut ChaCha8Rng),
+    /// One stream per star, from the seed and the star's row in its file (prediction): a star's
+    /// samples do not depend on the batch or shard it is predicted in.
+    PerStar { seed: u64, rows: &'a [usize] },
+}
+
+/// The generator of the star in file row `row`: ChaCha8 keyed by `seed`, on stream `row`.
+pub(crate) fn star_rng(seed: u64, row: usize) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(row as u64);
+    rng
+}
+
 /// One batch's posteriors.
-struct BatchSummaries {
+pub(crate) struct BatchSummaries {
     /// Per star, the z-unit summary (recalibrated when asked) and the PITs (given truths).
-    items: Vec<(PosteriorSummary, Option<Vec<f64>>)>,
+    pub(crate) items: Vec<(PosteriorSummary, Option<Vec<f64>>)>,
     /// The posterior samples the summaries came from (non-Gaussian flows only).
     samples: Option<Samples>,
     /// Given truths, `(b, d)` row-major: each truth as seen by the unscaled posterior, whose
@@ -424,7 +446,7 @@ pub fn chi2_cdf(k: usize, x: f64) -> f64 {
     p.clamp(0.0, 1.0)
 }
 
-fn to_physical(
+pub(crate) fn to_physical(
     s: &PosteriorSummary,
     mean: &[f64],
     std: &[f64],
@@ -686,7 +708,14 @@ pub fn evaluate_on(
         let b = batch?;
         let params = model.params(&b.x, false)?;
         let yz: Vec<f64> = b.y.flatten_all()?.to_vec1()?;
-        let batch = summarize_batch(model, &params, Some(&yz), n_samples, &mut rng, calibration)?;
+        let batch = summarize_batch(
+            model,
+            &params,
+            Some(&yz),
+            n_samples,
+            &mut Draws::Shared(&mut rng),
+            calibration,
+        )?;
         // The recalibrated density at y is the unscaled density at y_seen, divided by prod s.
         let y_seen = match batch.y_seen {
             Some(v) if calibration.is_some() => Tensor::from_vec(v, b.y.dims(), b.y.device())?,
@@ -1131,116 +1160,4 @@ pub fn posterior_samples_on(
         }
     }
     Ok(out)
-}
-
-/// Posterior summaries for new spectra (no labels), with the run's stored preprocessing.
-pub fn predict(
-    run_dir: &Path,
-    spectra: &Path,
-    n_samples: usize,
-    seed: u64,
-) -> Result<Vec<StarPrediction>> {
-    predict_scaled(run_dir, spectra, n_samples, seed, None)
-}
-
-/// [`predict`] with the posteriors σ-scaled by `calibration` (when given).
-pub fn predict_scaled(
-    run_dir: &Path,
-    spectra: &Path,
-    n_samples: usize,
-    seed: u64,
-    calibration: Option<&Calibration>,
-) -> Result<Vec<StarPrediction>> {
-    let (state, model) = load_run(run_dir)?;
-    let arr = NpyArray::open(spectra)?;
-    let (rows, n_pix) = arr.shape2("spectra")?;
-    if n_pix != state.n_pix {
-        return Err(TrainError::Input {
-            path: spectra.to_path_buf(),
-            problem: format!(
-                "spectra have {n_pix} pixels, but the run was trained on {} pixels",
-                state.n_pix
-            ),
-            fix: "pass spectra on the same wavelength grid as the training data".into(),
-        });
-    }
-    check_samples(run_dir, n_samples)?;
-    let flux = FluxTransform::new(state.flux_floor)?;
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut out = Vec::with_capacity(rows);
-    let mut buf = vec![0f32; n_pix];
-    for start in (0..rows).step_by(128) {
-        let end = (start + 128).min(rows);
-        let mut x = Vec::with_capacity((end - start) * n_pix);
-        for r in start..end {
-            arr.read_f32_into(r * n_pix, &mut buf);
-            if let Some(k) = buf.iter().position(|v| !v.is_finite()) {
-                return Err(TrainError::Input {
-                    path: spectra.to_path_buf(),
-                    problem: format!("row {r} has a non-finite value at pixel {k}"),
-                    fix: "clean the spectra (NaN and inf cannot be predicted on)".into(),
-                });
-            }
-            flux.apply(&mut buf);
-            x.extend_from_slice(&buf);
-        }
-        let x = Tensor::from_vec(x, (end - start, 1, n_pix), &model.device)?;
-        let params = model.params(&x, false)?;
-        for (k, (s, _)) in summarize_batch(&model, &params, None, n_samples, &mut rng, calibration)?
-            .items
-            .into_iter()
-            .enumerate()
-        {
-            let (mean, std, quantiles) = to_physical(&s, &state.scaler.mean, &state.scaler.std);
-            out.push(StarPrediction {
-                row: start + k,
-                mean,
-                std,
-                quantiles,
-                truth: None,
-                pit: None,
-                hpd: None,
-            });
-        }
-    }
-    Ok(out)
-}
-
-/// Predictions as CSV: one row per star, `<label>_mean, _std, _q025, _q16, _q50, _q84, _q975`, and
-/// when the truth is known `<label>_true, _pit` and the joint `hpd` level.
-pub fn predictions_csv(names: &[String], stars: &[StarPrediction]) -> String {
-    let mut s = String::from("row");
-    for n in names {
-        for suffix in ["mean", "std", "q025", "q16", "q50", "q84", "q975"] {
-            s.push_str(&format!(",{n}_{suffix}"));
-        }
-    }
-    let with_truth = stars.first().is_some_and(|p| p.truth.is_some());
-    if with_truth {
-        for n in names {
-            s.push_str(&format!(",{n}_true,{n}_pit"));
-        }
-        s.push_str(",hpd");
-    }
-    s.push('\n');
-    for p in stars {
-        s.push_str(&p.row.to_string());
-        for j in 0..names.len() {
-            s.push_str(&format!(",{},{}", p.mean[j], p.std[j]));
-            for q in p.quantiles[j] {
-                s.push_str(&format!(",{q}"));
-            }
-        }
-        if let (Some(t), Some(u)) = (&p.truth, &p.pit) {
-            for j in 0..names.len() {
-                s.push_str(&format!(",{},{}", t[j], u[j]));
-            }
-            match p.hpd {
-                Some(h) => s.push_str(&format!(",{h}")),
-                None => s.push(','),
-            }
-        }
-        s.push('\n');
-    }
-    s
 }

@@ -10,6 +10,7 @@ pub mod evaluate;
 pub mod model;
 pub mod optim;
 pub mod pause;
+pub mod predict;
 pub mod run;
 pub mod train;
 
@@ -17,11 +18,12 @@ pub use config::TrainConfig;
 pub use error::{Result, TrainError};
 pub use evaluate::{
     cached_calibration, chi2_cdf, evaluate, evaluate_ensemble, evaluate_on, evaluate_scaled,
-    fit_calibration, load_or_fit_calibration, posterior_samples, posterior_samples_on, predict,
-    predict_scaled, source_rows, Calibration, EvalSource, Evaluation, LabelErrors, LabelMetrics,
-    SourceRows, StarPrediction, StarSamples,
+    fit_calibration, load_or_fit_calibration, posterior_samples, posterior_samples_on, source_rows,
+    Calibration, EvalSource, Evaluation, LabelErrors, LabelMetrics, SourceRows, StarPrediction,
+    StarSamples,
 };
 pub use model::StarModel;
 pub use pause::PauseAt;
+pub use predict::{predict, predict_scaled, Predictor, PREDICT_BATCH};
 pub use run::{EpochRecord, RunDir, RunState};
 pub use train::{train, Observer, Quiet, TrainOptions};

@@ -11,10 +11,12 @@
 //! - `metrics.csv`, `config.toml`: for people.
 
 use std::collections::HashMap;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
+use starflow_data::atomic_file::AtomicFile;
 use starflow_data::LabelScaler;
 
 use crate::config::TrainConfig;
@@ -62,6 +64,17 @@ pub struct RunState {
     pub config: TrainConfig,
 }
 
+/// The advisory lock file of a run directory; it holds the owner's process id.
+pub const LOCK_FILE: &str = ".lock";
+
+/// An exclusive advisory lock on a run directory, held by the one process that trains into it. The
+/// kernel releases it when the lock is dropped or the process dies, so a crashed run never leaves a
+/// stale lock behind.
+#[derive(Debug)]
+pub struct RunLock {
+    _file: std::fs::File,
+}
+
 /// Paths inside a run directory.
 #[derive(Clone, Debug)]
 pub struct RunDir {
@@ -71,6 +84,43 @@ pub struct RunDir {
 impl RunDir {
     pub fn new(root: impl Into<PathBuf>) -> Self {
         RunDir { root: root.into() }
+    }
+
+    /// Takes the run directory's lock (creating the directory), or fails with an error that names
+    /// the directory and the process that holds it: two `train` processes on one directory would
+    /// overwrite each other's checkpoints.
+    pub fn lock(&self) -> Result<RunLock> {
+        std::fs::create_dir_all(&self.root).map_err(io(&self.root))?;
+        let path = self.root.join(LOCK_FILE);
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io(&path))?;
+        match file.try_lock() {
+            Ok(()) => {
+                let owner = format!("pid {}\n", std::process::id());
+                file.set_len(0)
+                    .and_then(|()| file.write_all(owner.as_bytes()))
+                    .map_err(io(&path))?;
+                Ok(RunLock { _file: file })
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let owner = std::fs::read_to_string(&path).unwrap_or_default();
+                let owner = match owner.trim() {
+                    "" => "a process that has not yet written its id".to_string(),
+                    o => o.to_string(),
+                };
+                Err(TrainError::run(
+                    &self.root,
+                    format!("another starflow process ({owner}) is training in this run directory"),
+                    "wait for it to finish or stop it, or choose another --out",
+                ))
+            }
+            Err(std::fs::TryLockError::Error(e)) => Err(TrainError::io(&path, e)),
+        }
     }
     pub fn state(&self) -> PathBuf {
         self.root.join("state.json")
@@ -159,27 +209,9 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> TrainError + '_ {
     move |e| TrainError::io(path, e)
 }
 
-/// Makes the rename of a just-written file durable.
-fn fsync_dir(dir: &Path) {
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-}
-
-/// The I/O error inside a candle error (a full disk while writing safetensors), so that the
-/// message reads "No space left on device" rather than a debug dump.
-fn io_cause(e: &candle_core::Error) -> std::io::Error {
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(c) = cause {
-        if let Some(io) = c.downcast_ref::<std::io::Error>() {
-            return std::io::Error::new(io.kind(), io.to_string());
-        }
-        cause = c.source();
-    }
-    std::io::Error::other(e.to_string())
-}
-
-/// Saves tensors as safetensors atomically: temporary file, fsync, rename.
+/// Saves tensors as a safetensors file atomically (see [`starflow_data::atomic_file`]): the bytes
+/// come from the `safetensors` crate's serializer (names sorted, so the same tensors give the same
+/// bytes) and go through our own temporary file, fsync, rename and directory fsync, with mode 0644.
 pub fn save_tensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
     save_tensors_with(path, tensors, &|_| {})
 }
@@ -193,31 +225,12 @@ pub(crate) fn save_tensors_with(
 ) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        path.file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
-    let result = (|| -> Result<()> {
-        // Create the file first so that a read-only directory is reported with its path; candle's
-        // own error would not name it.
-        std::fs::File::create(&tmp).map_err(io(&tmp))?;
-        candle_core::safetensors::save(tensors, &tmp)
-            .map_err(|e| TrainError::io(&tmp, io_cause(&e)))?;
-        std::fs::File::open(&tmp)
-            .and_then(|f| f.sync_all())
-            .map_err(io(&tmp))?;
-        before_rename(path);
-        std::fs::rename(&tmp, path).map_err(io(path))?;
-        fsync_dir(dir);
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    let bytes = safetensors::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), None)
+        .map_err(|e| TrainError::io(path, std::io::Error::other(e)))?;
+    let mut file = AtomicFile::create(path)?;
+    file.write_all(&bytes).map_err(io(path))?;
+    file.commit_after(before_rename)?;
+    Ok(())
 }
 
 /// Loads a safetensors file onto `device`, with an error that names it.
@@ -233,14 +246,14 @@ pub fn load_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tens
 
 /// Writes a text file atomically.
 pub fn write_text(path: &Path, text: &str) -> Result<()> {
-    starflow_data::npy::atomic_write(path, text.as_bytes()).map_err(TrainError::from)
+    starflow_data::atomic_file::write(path, text.as_bytes()).map_err(TrainError::from)
 }
 
 /// [`write_text`] with a callback when half of the temporary file is written, before the rest,
 /// the fsync and the rename (the test hook of [`PauseAt::Checkpoint`](crate::pause::PauseAt)).
 pub(crate) fn write_text_with(path: &Path, text: &str, midway: &dyn Fn(&Path)) -> Result<()> {
     let (first, second) = text.as_bytes().split_at(text.len() / 2);
-    starflow_data::npy::atomic_write_with(path, |w| {
+    starflow_data::atomic_file::write_with(path, |w| {
         use std::io::Write;
         w.write_all(first)?;
         w.flush()?;
@@ -260,10 +273,10 @@ fn is_checkpoint_name(name: &str) -> bool {
     })
 }
 
-/// True for a temporary file of [`save_tensors`] or `atomic_write` (`.NAME.PID.tmp`), or of the
-/// safetensors crate, which candle's `save` uses and which writes `.tmpXXXXXX` before renaming.
+/// True for a temporary file of [`starflow_data::atomic_file`] (`.NAME.PID.tmp`), or of the
+/// safetensors crate's own writer, which runs before this version wrote `.tmpXXXXXX` files.
 fn is_temp_name(name: &str) -> bool {
-    name.starts_with('.') && name.ends_with(".tmp") || name.starts_with(".tmp")
+    starflow_data::atomic_file::is_temp_name(name) || name.starts_with(".tmp")
 }
 
 impl RunState {

@@ -195,6 +195,8 @@ pub struct TrainOptions {
 /// Trains a model as configured, writing the run directory; returns the final state.
 pub fn train(cfg: &TrainConfig, opts: &TrainOptions, observer: &dyn Observer) -> Result<RunState> {
     let run = RunDir::new(&opts.out);
+    // Held until training returns: a second process on this directory gets a clear error.
+    let _lock = run.lock()?;
     let existing = run.state().exists();
     if existing && !opts.resume {
         return Err(TrainError::run(

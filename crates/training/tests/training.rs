@@ -251,15 +251,15 @@ fn config_errors_name_the_key_and_suggest_a_fix() {
         ("[optm]\nlr = 1e-3\n", &["did you mean [optim]?"]),
         (
             "[optim]\nlr = -1e-3\n",
-            &["optim.lr must be a positive number"],
+            &["optim.lr = -0.001 (from my.toml): must be a positive number"],
         ),
         (
             "[optim]\nbatch_size = 0\n",
-            &["batch_size must be at least 1"],
+            &["optim.batch_size = 0 (from my.toml): must be an integer >= 1"],
         ),
         (
             "[data]\ntrain_fraction = 0.8\nval_fraction = 0.15\ntest_fraction = 0.15\n",
-            &["sum to 1"],
+            &["data.train_fraction = 0.8", "sum to 1.1000"],
         ),
         (
             "[model]\nflow = \"maf\"\n",
@@ -269,7 +269,22 @@ fn config_errors_name_the_key_and_suggest_a_fix() {
             "[model]\nbackbone = \"resnet\"\n",
             &["model.backbone `resnet` is unknown", "tiny_cnn"],
         ),
-        ("[optim]\nlr = \"fast\"\n", &["my.toml", "invalid type"]),
+        (
+            "[optim]\nlr = \"fast\"\n",
+            &[
+                "my.toml",
+                "optim.lr = \"fast\" (from my.toml)",
+                "invalid type",
+                "must be a positive number",
+            ],
+        ),
+        (
+            "[data]\nsynthetic_n = -5\n",
+            &[
+                "data.synthetic_n = -5 (from my.toml)",
+                "must be an integer >= 1",
+            ],
+        ),
         ("[optim\n", &["my.toml", "invalid TOML"]),
     ];
     for (text, needles) in cases {
@@ -286,6 +301,30 @@ fn config_errors_name_the_key_and_suggest_a_fix() {
     assert_eq!(cfg.model.flow, "full_flow");
     let e = cfg.apply_overrides(&["optim.lrr=1".into()], p).unwrap_err();
     assert!(e.to_string().contains("did you mean `lr`?"), "{e}");
+    // An override's error names the key, the override as given and what the key accepts, both for
+    // a value of the wrong type (a negative count) and for one out of range.
+    for (ov, needles) in [
+        (
+            "optim.batch_size=-3",
+            &[
+                "my.toml: optim.batch_size = -3 (from the command line: optim.batch_size=-3)",
+                "must be an integer >= 1",
+            ],
+        ),
+        (
+            "model.dropout=0.7",
+            &[
+                "my.toml: model.dropout = 0.7 (from the command line: model.dropout=0.7)",
+                "must be a number in [0, 0.5)",
+            ],
+        ),
+    ] {
+        let e = cfg.apply_overrides(&[ov.into()], p).unwrap_err();
+        assert!(e.is_user_error(), "{e}");
+        for n in needles {
+            assert!(e.to_string().contains(n), "{ov}: {e} lacks {n:?}");
+        }
+    }
 }
 
 #[test]

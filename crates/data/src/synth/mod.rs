@@ -37,8 +37,9 @@ use rand_distr::{Distribution, Normal, StandardNormal};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::atomic_file;
 use crate::error::{DataError, Result};
-use crate::npy::{atomic_write, write_npy};
+use crate::npy::write_npy;
 use lines::{Line, LineKind};
 
 /// Version of the generator's model; bump it whenever the output for a given seed changes.
@@ -1276,7 +1277,7 @@ impl SynthData {
             path: dir.join("synth.json"),
             source: std::io::Error::other(e),
         })?;
-        atomic_write(&dir.join("synth.json"), json.as_bytes())
+        atomic_file::write(&dir.join("synth.json"), json.as_bytes())
     }
 }
 
@@ -1322,7 +1323,7 @@ mod tests {
                     _ => {
                         let q = p - P_TILT;
                         let t = &mut nu.tilt[q / 2];
-                        if q % 2 == 0 {
+                        if q.is_multiple_of(2) {
                             t.0 += h
                         } else {
                             t.1 += h
