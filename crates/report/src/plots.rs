@@ -135,6 +135,66 @@ fn title_area<'a>(root: &Area<'a>, title: &str) -> std::result::Result<Area<'a>,
     Ok(root.margin(36, 0, 0, 0))
 }
 
+/// A chart of f64 against f64 on one panel, as every figure here draws them.
+type Chart<'a, 'b> = ChartContext<
+    'a,
+    BitMapBackend<'b>,
+    Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+>;
+
+/// The frame of a panel: margin, an optional caption `(text, font size)`, the sizes of the x and y
+/// label areas, and the plotted ranges.
+fn frame<'a, 'b>(
+    panel: &'a Area<'b>,
+    margin: u32,
+    caption: Option<(&str, u32)>,
+    (x_area, y_area): (u32, u32),
+    x: std::ops::Range<f64>,
+    y: std::ops::Range<f64>,
+) -> std::result::Result<Chart<'a, 'b>, Box<dyn Error>> {
+    let mut builder = ChartBuilder::on(panel);
+    builder
+        .margin(margin)
+        .x_label_area_size(x_area)
+        .y_label_area_size(y_area);
+    if let Some((text, size)) = caption {
+        builder.caption(text, font(size));
+    }
+    Ok(builder.build_cartesian_2d(x, y)?)
+}
+
+/// Axes with white grid lines, ticks written by [`fmt_tick`] in font size `text`, and the two axis
+/// descriptions one size larger.
+fn axes(chart: &mut Chart<'_, '_>, x_desc: &str, y_desc: &str, text: u32) -> DrawResult {
+    chart
+        .configure_mesh()
+        .light_line_style(WHITE)
+        .x_label_formatter(&|v| fmt_tick(*v))
+        .y_label_formatter(&|v| fmt_tick(*v))
+        .x_desc(x_desc)
+        .y_desc(y_desc)
+        .label_style(font(text))
+        .axis_desc_style(font(text + 1))
+        .draw()?;
+    Ok(())
+}
+
+/// The legend: framed, on a translucent white box, at `position`.
+fn legend<'a, 'b: 'a>(
+    chart: &mut Chart<'a, 'b>,
+    text: u32,
+    position: SeriesLabelPosition,
+) -> DrawResult {
+    chart
+        .configure_series_labels()
+        .label_font(font(text))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .position(position)
+        .draw()?;
+    Ok(())
+}
+
 /// Training and validation NLL per epoch, with the epoch whose weights were kept.
 pub fn loss_curve(
     path: &Path,
@@ -150,21 +210,8 @@ pub fn loss_curve(
             .flat_map(|r| [r.train_nll, r.val_nll])
             .collect();
         let (lo, hi) = range_of(&vals, 0.08);
-        let mut chart = ChartBuilder::on(&area)
-            .margin(14)
-            .x_label_area_size(44)
-            .y_label_area_size(64)
-            .build_cartesian_2d(0.5..n + 0.5, lo..hi)?;
-        chart
-            .configure_mesh()
-            .light_line_style(WHITE)
-            .x_label_formatter(&|v| fmt_tick(*v))
-            .y_label_formatter(&|v| fmt_tick(*v))
-            .x_desc("epoch")
-            .y_desc("negative log-likelihood (z-units)")
-            .label_style(font(15))
-            .axis_desc_style(font(16))
-            .draw()?;
+        let mut chart = frame(&area, 14, None, (44, 64), 0.5..n + 0.5, lo..hi)?;
+        axes(&mut chart, "epoch", "negative log-likelihood (z-units)", 15)?;
         for (name, color, pick) in [
             (
                 "train",
@@ -196,14 +243,7 @@ pub fn loss_curve(
                 .label(format!("kept: epoch {}", b + 1))
                 .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], GREY));
         }
-        chart
-            .configure_series_labels()
-            .label_font(font(15))
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .position(SeriesLabelPosition::UpperRight)
-            .draw()?;
-        Ok(())
+        legend(&mut chart, 15, SeriesLabelPosition::UpperRight)
     })
 }
 
@@ -223,22 +263,9 @@ pub fn pulls(
             let h = Histogram::new(&pulls[j], -5.0, 5.0, 40);
             let (m, s) = mean_std(&pulls[j]);
             let top = h.density.iter().copied().fold(0.41, f64::max) * 1.18;
-            let mut chart = ChartBuilder::on(panel)
-                .margin(12)
-                .caption(labels[j].title.as_str(), font(18))
-                .x_label_area_size(42)
-                .y_label_area_size(52)
-                .build_cartesian_2d(-5.0..5.0, 0.0..top)?;
-            chart
-                .configure_mesh()
-                .light_line_style(WHITE)
-                .x_label_formatter(&|v| fmt_tick(*v))
-                .y_label_formatter(&|v| fmt_tick(*v))
-                .x_desc("pull = (mean - truth) / std")
-                .y_desc("density")
-                .label_style(font(14))
-                .axis_desc_style(font(15))
-                .draw()?;
+            let caption = Some((labels[j].title.as_str(), 18));
+            let mut chart = frame(panel, 12, caption, (42, 52), -5.0..5.0, 0.0..top)?;
+            axes(&mut chart, "pull = (mean - truth) / std", "density", 14)?;
             chart
                 .draw_series(h.bars().map(|(a, b, v)| {
                     Rectangle::new([(a, 0.0), (b, v)], TRAIN.mix(0.55).filled())
@@ -262,13 +289,7 @@ pub fn pulls(
                     .label("fitted normal")
                     .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
             }
-            chart
-                .configure_series_labels()
-                .label_font(font(13))
-                .background_style(WHITE.mix(0.85))
-                .border_style(BLACK)
-                .position(SeriesLabelPosition::UpperRight)
-                .draw()?;
+            legend(&mut chart, 13, SeriesLabelPosition::UpperRight)?;
             let mut note = format!("mean {m:+.3}\nstd  {s:.3}\n{} beyond ±5", h.outside);
             if let Some(v) = scaled_std.and_then(|v| v.get(j)) {
                 note.push_str(&format!("\nrecalibrated std {v:.3}"));
@@ -297,22 +318,10 @@ pub fn predicted_vs_true(
         for j in 0..d {
             let (t, p) = (&truth[j], &pred[j]);
             let (lo, hi) = range_of(t.iter().chain(p.iter()), 0.04);
-            let mut chart = ChartBuilder::on(&panels[j])
-                .margin(12)
-                .caption(labels[j].title.as_str(), font(18))
-                .x_label_area_size(42)
-                .y_label_area_size(64)
-                .build_cartesian_2d(lo..hi, lo..hi)?;
-            chart
-                .configure_mesh()
-                .light_line_style(WHITE)
-                .x_label_formatter(&|v| fmt_tick(*v))
-                .y_label_formatter(&|v| fmt_tick(*v))
-                .x_desc(labels[j].axis("true "))
-                .y_desc(labels[j].axis("predicted "))
-                .label_style(font(14))
-                .axis_desc_style(font(15))
-                .draw()?;
+            let caption = Some((labels[j].title.as_str(), 18));
+            let mut chart = frame(&panels[j], 12, caption, (42, 64), lo..hi, lo..hi)?;
+            let x_desc = labels[j].axis("true ");
+            axes(&mut chart, &x_desc, &labels[j].axis("predicted "), 14)?;
             chart.draw_series(
                 t.iter()
                     .zip(p)
@@ -337,20 +346,8 @@ pub fn predicted_vs_true(
             }
 
             let (rlo, rhi) = robust_range(&err, 0.002, &[0.0]);
-            let mut res = ChartBuilder::on(&panels[d + j])
-                .margin(12)
-                .x_label_area_size(42)
-                .y_label_area_size(64)
-                .build_cartesian_2d(lo..hi, rlo..rhi)?;
-            res.configure_mesh()
-                .light_line_style(WHITE)
-                .x_label_formatter(&|v| fmt_tick(*v))
-                .y_label_formatter(&|v| fmt_tick(*v))
-                .x_desc(labels[j].axis("true "))
-                .y_desc(labels[j].axis("predicted - true "))
-                .label_style(font(14))
-                .axis_desc_style(font(15))
-                .draw()?;
+            let mut res = frame(&panels[d + j], 12, None, (42, 64), lo..hi, rlo..rhi)?;
+            axes(&mut res, &x_desc, &labels[j].axis("predicted - true "), 14)?;
             res.draw_series(
                 t.iter().zip(&err).map(|(&x, &y)| {
                     Circle::new((x, y.clamp(rlo, rhi)), 2, TRAIN.mix(0.35).filled())
@@ -472,22 +469,8 @@ fn coverage_panel(
     curves: &Curves<'_>,
     notes: &[String],
 ) -> DrawResult {
-    let mut chart = ChartBuilder::on(panel)
-        .margin(12)
-        .caption(caption, font(18))
-        .x_label_area_size(42)
-        .y_label_area_size(56)
-        .build_cartesian_2d(0.0..1.0, 0.0..1.0)?;
-    chart
-        .configure_mesh()
-        .light_line_style(WHITE)
-        .x_label_formatter(&|v| fmt_tick(*v))
-        .y_label_formatter(&|v| fmt_tick(*v))
-        .x_desc(x_desc)
-        .y_desc("empirical coverage")
-        .label_style(font(14))
-        .axis_desc_style(font(15))
-        .draw()?;
+    let mut chart = frame(panel, 12, Some((caption, 18)), (42, 56), 0.0..1.0, 0.0..1.0)?;
+    axes(&mut chart, x_desc, "empirical coverage", 14)?;
     let diagonal = [(0.0, 0.0), (1.0, 1.0)];
     chart
         .draw_series(LineSeries::new(diagonal, REFERENCE.stroke_width(2)))?
@@ -509,13 +492,7 @@ fn coverage_panel(
     if let Some(sc) = &curves.scaled {
         line(sc, "recalibrated", VAL)?;
     }
-    chart
-        .configure_series_labels()
-        .label_font(font(13))
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::LowerRight)
-        .draw()?;
+    legend(&mut chart, 13, SeriesLabelPosition::LowerRight)?;
     for (k, note) in notes.iter().enumerate() {
         panel.draw_text(note, &font(14), (70, 48 + 18 * k as i32))?;
     }
@@ -526,20 +503,8 @@ fn coverage_panel(
 fn uniform_histogram(panel: &Area<'_>, values: &[f64], x_desc: &str) -> DrawResult {
     let h = Histogram::new(values, 0.0, 1.0 + 1e-12, 20);
     let top = h.density.iter().copied().fold(1.0, f64::max) * 1.15;
-    let mut hist = ChartBuilder::on(panel)
-        .margin(12)
-        .x_label_area_size(42)
-        .y_label_area_size(56)
-        .build_cartesian_2d(0.0..1.0, 0.0..top)?;
-    hist.configure_mesh()
-        .light_line_style(WHITE)
-        .x_label_formatter(&|v| fmt_tick(*v))
-        .y_label_formatter(&|v| fmt_tick(*v))
-        .x_desc(x_desc)
-        .y_desc("density")
-        .label_style(font(14))
-        .axis_desc_style(font(15))
-        .draw()?;
+    let mut hist = frame(panel, 12, None, (42, 56), 0.0..1.0, 0.0..top)?;
+    axes(&mut hist, x_desc, "density", 14)?;
     hist.draw_series(
         h.bars()
             .map(|(a, b, v)| Rectangle::new([(a, 0.0), (b.min(1.0), v)], TRAIN.mix(0.55).filled())),
@@ -590,11 +555,7 @@ pub fn corner(path: &Path, labels: &[LabelInfo], star: &StarSamples, title: &str
                     let s = cov[j * d + j].sqrt();
                     let peak = normal_pdf(mean[j], mean[j], s);
                     let top = h.density.iter().copied().fold(peak, f64::max) * 1.15;
-                    let mut chart = ChartBuilder::on(cell)
-                        .margin(8)
-                        .x_label_area_size(40)
-                        .y_label_area_size(20)
-                        .build_cartesian_2d(xlo..xhi, 0.0..top)?;
+                    let mut chart = frame(cell, 8, None, (40, 20), xlo..xhi, 0.0..top)?;
                     chart
                         .configure_mesh()
                         .disable_y_axis()
@@ -620,11 +581,8 @@ pub fn corner(path: &Path, labels: &[LabelInfo], star: &StarSamples, title: &str
                     ))?;
                 } else {
                     let (ylo, yhi) = ranges[i];
-                    let mut chart = ChartBuilder::on(cell)
-                        .margin(8)
-                        .x_label_area_size(40)
-                        .y_label_area_size(if j == 0 { 64 } else { 20 })
-                        .build_cartesian_2d(xlo..xhi, ylo..yhi)?;
+                    let y_area = if j == 0 { 64 } else { 20 };
+                    let mut chart = frame(cell, 8, None, (40, y_area), xlo..xhi, ylo..yhi)?;
                     let mut mesh = chart.configure_mesh();
                     mesh.disable_mesh()
                         .x_label_formatter(&|v| fmt_tick(*v))
@@ -732,22 +690,16 @@ pub fn spectrum(
             let f: Vec<f64> = flux[a..b].iter().map(|&v| v as f64).collect();
             let (xlo, xhi) = range_of(w, 0.0);
             let (flo, fhi) = robust_range(&f, 0.0005, &[0.0, 1.05]);
-            let mut chart = ChartBuilder::on(&panels[k])
-                .margin(10)
-                .caption(format!("{name} camera"), font(17))
-                .x_label_area_size(40)
-                .y_label_area_size(56)
-                .build_cartesian_2d(xlo..xhi, flo..fhi)?;
-            chart
-                .configure_mesh()
-                .light_line_style(WHITE)
-                .x_label_formatter(&|v| fmt_tick(*v))
-                .y_label_formatter(&|v| fmt_tick(*v))
-                .x_desc("wavelength [Å]")
-                .y_desc("normalised flux")
-                .label_style(font(13))
-                .axis_desc_style(font(14))
-                .draw()?;
+            let caption = format!("{name} camera");
+            let mut chart = frame(
+                &panels[k],
+                10,
+                Some((&caption, 17)),
+                (40, 56),
+                xlo..xhi,
+                flo..fhi,
+            )?;
+            axes(&mut chart, "wavelength [Å]", "normalised flux", 13)?;
             chart.draw_series(LineSeries::new(
                 w.iter().copied().zip(f.iter().map(|v| v.clamp(flo, fhi))),
                 BLACK.stroke_width(1),

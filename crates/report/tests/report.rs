@@ -9,39 +9,19 @@ use starflow_report::{report_runs, ReportOptions, TARGETS};
 use starflow_training::config::TrainConfig;
 use starflow_training::{evaluate, train, Quiet, TrainOptions};
 
-/// 160 stars of 4 x 64 pixels, 2 epochs: about a second per run.
+/// The shared tiny config (160 stars of 4 x 64 pixels, CNNModel), 2 epochs: about a second per run.
 fn tiny(data: &Path, flow: &str) -> TrainConfig {
-    let text = format!(
-        r#"
-[data]
-dir = "{}"
-synthetic_n = 160
-synthetic_pixels_per_camera = 64
-[model]
-flow = "{flow}"
-backbone = "cnn"
-[optim]
-epochs = 2
-batch_size = 32
-lr = 1e-3
-[run]
-seed = 5
-threads = 2
-"#,
-        data.display()
-    );
-    TrainConfig::from_toml(&text, Path::new("tiny.toml")).unwrap()
+    TrainConfig::tiny(data, flow, "cnn", 2)
 }
 
 fn train_tiny(dir: &Path, flow: &str) -> PathBuf {
     let run = dir.join(format!("cnn-{flow}"));
-    let opts = TrainOptions {
-        out: run.clone(),
-        resume: false,
-        inject_nan_steps: Vec::new(),
-        pause_at: None,
-    };
-    train(&tiny(&dir.join("data"), flow), &opts, &Quiet).unwrap();
+    train(
+        &tiny(&dir.join("data"), flow),
+        &TrainOptions::new(&run),
+        &Quiet,
+    )
+    .unwrap();
     run
 }
 

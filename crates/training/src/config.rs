@@ -387,6 +387,24 @@ fn value_error(origin: &Path, sources: &Sources, bad: Invalid) -> TrainError {
 }
 
 impl TrainConfig {
+    /// A configuration that trains in about a second, for tests and examples: 160 synthetic stars of
+    /// 4 x 64 pixels (generated into `data` on first use), `epochs` epochs of batch 32 at lr 1e-3,
+    /// seed 5, two threads.
+    pub fn tiny(data: &Path, flow: &str, backbone: &str, epochs: usize) -> Self {
+        let mut cfg = TrainConfig::default();
+        cfg.data.dir = data.to_path_buf();
+        cfg.data.synthetic_n = 160;
+        cfg.data.synthetic_pixels_per_camera = 64;
+        cfg.model.flow = flow.into();
+        cfg.model.backbone = backbone.into();
+        cfg.optim.epochs = epochs;
+        cfg.optim.batch_size = 32;
+        cfg.optim.lr = 1e-3;
+        cfg.run.seed = 5;
+        cfg.run.threads = 2;
+        cfg
+    }
+
     /// Reads a TOML file; missing keys take their defaults, unknown keys are errors.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| {

@@ -192,6 +192,18 @@ pub struct TrainOptions {
     pub pause_at: Option<PauseAt>,
 }
 
+impl TrainOptions {
+    /// Train into `out` from scratch, with no test hook.
+    pub fn new(out: impl Into<PathBuf>) -> Self {
+        TrainOptions {
+            out: out.into(),
+            resume: false,
+            inject_nan_steps: Vec::new(),
+            pause_at: None,
+        }
+    }
+}
+
 /// Trains a model as configured, writing the run directory; returns the final state.
 pub fn train(cfg: &TrainConfig, opts: &TrainOptions, observer: &dyn Observer) -> Result<RunState> {
     let run = RunDir::new(&opts.out);

@@ -12,21 +12,9 @@ use starflow_training::{
 };
 
 fn tiny_run(dir: &Path, flow: &str) -> PathBuf {
-    let text = format!(
-        "[data]\ndir = \"{}\"\nsynthetic_n = 160\nsynthetic_pixels_per_camera = 64\n\
-         [model]\nflow = \"{flow}\"\nbackbone = \"cnn\"\n[optim]\nepochs = 2\nbatch_size = 32\n\
-         lr = 1e-3\n[run]\nseed = 5\nthreads = 2\n",
-        dir.join("data").display()
-    );
-    let cfg = TrainConfig::from_toml(&text, Path::new("tiny.toml")).unwrap();
+    let cfg = TrainConfig::tiny(&dir.join("data"), flow, "cnn", 2);
     let run = dir.join(flow);
-    let opts = TrainOptions {
-        out: run.clone(),
-        resume: false,
-        inject_nan_steps: Vec::new(),
-        pause_at: None,
-    };
-    train(&cfg, &opts, &Quiet).unwrap();
+    train(&cfg, &TrainOptions::new(&run), &Quiet).unwrap();
     run
 }
 

@@ -6,37 +6,13 @@ use std::path::Path;
 use starflow_training::config::TrainConfig;
 use starflow_training::{evaluate, predict, train, Quiet, TrainError, TrainOptions};
 
-/// A config small enough to train in about a second: 160 stars of 4 x 64 pixels.
+/// The shared tiny config (160 stars of 4 x 64 pixels, about a second) with 3 epochs.
 fn tiny(data: &Path, flow: &str, backbone: &str) -> TrainConfig {
-    let text = format!(
-        r#"
-[data]
-dir = "{}"
-synthetic_n = 160
-synthetic_pixels_per_camera = 64
-[model]
-flow = "{flow}"
-backbone = "{backbone}"
-[optim]
-epochs = 3
-batch_size = 32
-lr = 1e-3
-[run]
-seed = 5
-threads = 2
-"#,
-        data.display()
-    );
-    TrainConfig::from_toml(&text, Path::new("tiny.toml")).unwrap()
+    TrainConfig::tiny(data, flow, backbone, 3)
 }
 
 fn opts(out: &Path) -> TrainOptions {
-    TrainOptions {
-        out: out.to_path_buf(),
-        resume: false,
-        inject_nan_steps: Vec::new(),
-        pause_at: None,
-    }
+    TrainOptions::new(out)
 }
 
 fn read(p: &Path) -> Vec<u8> {
