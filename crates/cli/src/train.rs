@@ -65,6 +65,13 @@ pub struct EvaluateArgs {
     /// `-raw` is appended with --raw, `-ensemble` with --member).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    #[command(flatten)]
+    pub posterior: PosteriorArgs,
+}
+
+/// How posteriors are summarised, shared by `evaluate` and `predict`.
+#[derive(Args, Debug)]
+pub struct PosteriorArgs {
     /// Posterior samples per star (non-Gaussian flows; Gaussian flows are exact).
     #[arg(long, default_value_t = 1000)]
     pub samples: usize,
@@ -100,20 +107,8 @@ pub struct PredictArgs {
     /// and its row), so shards concatenate to exactly the single-process table.
     #[arg(long, value_name = "START:END", value_parser = parse_rows)]
     pub rows: Option<RowRange>,
-    /// Posterior samples per star (non-Gaussian flows; Gaussian flows are exact).
-    #[arg(long, default_value_t = 1000)]
-    pub samples: usize,
-    /// Seed of the posterior sampler.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// The model's own posteriors, without the recalibration that is applied by default (a
-    /// shift and a σ-scale per label fitted on the validation split when training ends, kept in
-    /// RUN/calibration.json).
-    #[arg(long)]
-    pub raw: bool,
-    /// Recalibrate (the default; kept so that older scripts still run).
-    #[arg(long, hide = true, conflicts_with = "raw")]
-    pub calibrate: bool,
+    #[command(flatten)]
+    pub posterior: PosteriorArgs,
 }
 
 /// `--rows START:END`, END open when omitted.
@@ -367,8 +362,19 @@ pub fn evaluate(a: &EvaluateArgs) -> anyhow::Result<()> {
         _ => EvalSource::Split(a.split.clone()),
     };
     let (e, suffix) = if a.members.is_empty() {
-        let cal = calibration(&a.run, !a.raw, a.samples, a.seed)?;
-        let e = starflow_training::evaluate_on(&a.run, &source, a.samples, a.seed, cal.as_ref())?;
+        let cal = calibration(
+            &a.run,
+            !a.posterior.raw,
+            a.posterior.samples,
+            a.posterior.seed,
+        )?;
+        let e = starflow_training::evaluate_on(
+            &a.run,
+            &source,
+            a.posterior.samples,
+            a.posterior.seed,
+            cal.as_ref(),
+        )?;
         (e, if cal.is_some() { "" } else { "-raw" })
     } else {
         let runs: Vec<PathBuf> = std::iter::once(a.run.clone())
@@ -378,7 +384,12 @@ pub fn evaluate(a: &EvaluateArgs) -> anyhow::Result<()> {
             "ensemble of {} runs: the equal-weight mixture of their own posteriors (not recalibrated)",
             runs.len()
         );
-        let e = starflow_training::evaluate_ensemble(&runs, &source, a.samples, a.seed)?;
+        let e = starflow_training::evaluate_ensemble(
+            &runs,
+            &source,
+            a.posterior.samples,
+            a.posterior.seed,
+        )?;
         (e, "-ensemble")
     };
     let dir = a
@@ -405,14 +416,19 @@ pub fn evaluate(a: &EvaluateArgs) -> anyhow::Result<()> {
 }
 
 pub fn predict(a: &PredictArgs) -> anyhow::Result<()> {
-    let cal = calibration(&a.run, !a.raw, a.samples, a.seed)?;
+    let cal = calibration(
+        &a.run,
+        !a.posterior.raw,
+        a.posterior.samples,
+        a.posterior.seed,
+    )?;
     let rows = a.rows.map(|r| (r.start, r.end));
     let predictor = starflow_training::Predictor::open(
         &a.run,
         &a.spectra,
         rows,
-        a.samples,
-        a.seed,
+        a.posterior.samples,
+        a.posterior.seed,
         cal.as_ref(),
     )?;
     let range = predictor.rows();

@@ -450,6 +450,28 @@ impl NpyArray {
         }
     }
 
+    /// Tells the kernel that flat elements `start..start + len` will not be read again soon, so
+    /// their pages leave this process's resident memory. Prediction over a survey reads each
+    /// spectrum once; without this the mapped pages of a 60 GB file would all count as resident
+    /// (reclaimable, but alarming in `top` and in batch schedulers' memory accounting). A later read
+    /// of the range still works: the pages come back from the page cache or the file. Does nothing
+    /// for a file read into memory (big-endian) or off Unix.
+    pub fn release(&self, start: usize, len: usize) {
+        #[cfg(unix)]
+        if let Bytes::Mapped(m) = &self.bytes {
+            let size = self.header.dtype.size();
+            let offset = self.header.data_offset + start * size;
+            let len = (len * size).min(m.len().saturating_sub(offset));
+            // SAFETY: `Mmap::map` made a shared read-only mapping that this process never writes;
+            // MADV_DONTNEED on it only drops page-table entries, and the next access re-reads the
+            // same bytes from the file, so every slice into the mapping keeps its contents. The
+            // range lies inside the mapping (clamped above).
+            let _ = unsafe {
+                m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len)
+            };
+        }
+    }
+
     /// All elements as an owned f64 vector (for small arrays such as labels).
     pub fn to_f64_vec(&self) -> Vec<f64> {
         let mut v = vec![0.0; self.header.n_elements().unwrap_or(0)];

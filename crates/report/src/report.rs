@@ -9,7 +9,7 @@ use starflow_data::npy::NpyArray;
 use starflow_data::synth::{wavelength_grid, CAMERAS};
 use starflow_training::run::write_text;
 use starflow_training::{
-    cached_calibration, evaluate_on, fit_calibration, posterior_samples_on, source_rows,
+    cached_calibration, evaluate_on_each, fit_calibration, posterior_samples_on, source_rows,
     EvalSource, Evaluation, RunDir, RunState,
 };
 
@@ -116,7 +116,6 @@ pub fn report_runs(
             "{name}: evaluating on the {} stars",
             opts.set_name()
         ));
-        let eval = evaluate_on(run, &source, opts.n_samples, opts.seed, None)?;
         // The recalibration users get by default: the one fitted when training ended, else
         // fitted now (and not saved: the report never writes into a run).
         let calibration = match cached_calibration(run)? {
@@ -128,7 +127,12 @@ pub fn report_runs(
                 fit_calibration(run, opts.n_samples, opts.seed)?
             }
         };
-        let scaled = evaluate_on(run, &source, opts.n_samples, opts.seed, Some(&calibration))?;
+        // The model's own and the recalibrated posteriors, from one pass over the stars.
+        let calibrations = [None, Some(&calibration)];
+        let [eval, scaled]: [Evaluation; 2] =
+            evaluate_on_each(run, &source, opts.n_samples, opts.seed, &calibrations)?
+                .try_into()
+                .map_err(|_| ReportError::Input("expected two evaluations".into()))?;
         let dir = out.join(&name);
         std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
         progress(&format!("{name}: drawing figures"));

@@ -14,7 +14,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use starflow_data::npy::NpyArray;
-use starflow_data::{Batcher, Dataset, FluxTransform, LoadOptions};
+use starflow_data::{Batch, Batcher, Dataset, FluxTransform, LoadOptions};
 use starflow_flows::{Flow, LogProbParts, PosteriorSummary, Samples};
 
 use crate::error::{Result, TrainError};
@@ -677,6 +677,21 @@ pub fn evaluate_on(
     seed: u64,
     calibration: Option<&Calibration>,
 ) -> Result<Evaluation> {
+    let mut evals = evaluate_on_each(run_dir, source, n_samples, seed, &[calibration])?;
+    Ok(evals.remove(0))
+}
+
+/// [`evaluate_on`] for several calibrations (`None`: the model's own posteriors) in one pass over
+/// the data: each batch is read and run through the network once, and every calibration summarises
+/// the same posteriors. Each gets its own sampler seeded with `seed`, so the results equal separate
+/// [`evaluate_on`] calls. `starflow report` uses it for the raw and the recalibrated figures.
+pub fn evaluate_on_each(
+    run_dir: &Path,
+    source: &EvalSource,
+    n_samples: usize,
+    seed: u64,
+    calibrations: &[Option<&Calibration>],
+) -> Result<Vec<Evaluation>> {
     let start = Instant::now();
     check_samples(run_dir, n_samples)?;
     let opened = open_source(run_dir, source)?;
@@ -688,50 +703,109 @@ pub fn evaluate_on(
         device: model.device.clone(),
     };
     let d = state.scaler.mean.len();
-    if let Some(c) = calibration {
-        if c.scale.len() != d || !(c.shift.is_empty() || c.shift.len() == d) {
-            return Err(TrainError::config(
-                run_dir,
-                format!(
-                    "the calibration has {} factors and {} shifts but the run predicts {d} labels",
-                    c.scale.len(),
-                    c.shift.len()
-                ),
-            ));
-        }
-    }
-    let log_scale_sum: f64 = calibration.map_or(0.0, |c| c.scale.iter().map(|v| v.ln()).sum());
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut stars = Vec::with_capacity(opened.indices.len());
-    let mut nll = Vec::with_capacity(opened.indices.len());
+    let mut passes = calibrations
+        .iter()
+        .map(|&c| Pass::new(run_dir, c, d, seed, opened.indices.len()))
+        .collect::<Result<Vec<_>>>()?;
     for batch in batcher.batches(&opened.indices, 128)? {
         let b = batch?;
         let params = model.params(&b.x, false)?;
         let yz: Vec<f64> = b.y.flatten_all()?.to_vec1()?;
+        for pass in &mut passes {
+            pass.add(&opened, &params, &b, &yz, n_samples)?;
+        }
+    }
+    passes
+        .into_iter()
+        .map(|p| {
+            assemble(
+                state,
+                source,
+                &opened.data_dir,
+                p.stars,
+                &p.nll,
+                state.config.model.flow.clone(),
+                n_samples,
+                start,
+            )
+        })
+        .collect()
+}
+
+/// One calibration's share of [`evaluate_on_each`]: its sampler and what it has summarised so far.
+struct Pass<'c> {
+    calibration: Option<&'c Calibration>,
+    /// `sum(ln s_j)`: the recalibrated density is the unscaled one divided by the scales.
+    log_scale_sum: f64,
+    rng: ChaCha8Rng,
+    stars: Vec<StarPrediction>,
+    nll: Vec<f64>,
+}
+
+impl<'c> Pass<'c> {
+    fn new(
+        run_dir: &Path,
+        calibration: Option<&'c Calibration>,
+        d: usize,
+        seed: u64,
+        n: usize,
+    ) -> Result<Self> {
+        if let Some(c) = calibration {
+            if c.scale.len() != d || !(c.shift.is_empty() || c.shift.len() == d) {
+                return Err(TrainError::config(
+                    run_dir,
+                    format!(
+                        "the calibration has {} factors and {} shifts but the run predicts {d} labels",
+                        c.scale.len(),
+                        c.shift.len()
+                    ),
+                ));
+            }
+        }
+        Ok(Pass {
+            calibration,
+            log_scale_sum: calibration.map_or(0.0, |c| c.scale.iter().map(|v| v.ln()).sum()),
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            stars: Vec::with_capacity(n),
+            nll: Vec::with_capacity(n),
+        })
+    }
+
+    /// Summarises one batch: `params` from the network, `yz` the z-scored truths of `b`.
+    fn add(
+        &mut self,
+        opened: &Opened,
+        params: &Tensor,
+        b: &Batch,
+        yz: &[f64],
+        n_samples: usize,
+    ) -> Result<()> {
+        let (state, model) = (&opened.state, &opened.model);
         let batch = summarize_batch(
             model,
-            &params,
-            Some(&yz),
+            params,
+            Some(yz),
             n_samples,
-            &mut Draws::Shared(&mut rng),
-            calibration,
+            &mut Draws::Shared(&mut self.rng),
+            self.calibration,
         )?;
         // The recalibrated density at y is the unscaled density at y_seen, divided by prod s.
         let y_seen = match batch.y_seen {
-            Some(v) if calibration.is_some() => Tensor::from_vec(v, b.y.dims(), b.y.device())?,
+            Some(v) if self.calibration.is_some() => Tensor::from_vec(v, b.y.dims(), b.y.device())?,
             _ => b.y.clone(),
         };
-        let summaries = batch.items;
-        let parts = model.flow.log_prob_parts(&params, &y_seen)?;
+        let parts = model.flow.log_prob_parts(params, &y_seen)?;
         let log_prob: Vec<f64> = parts.log_prob.to_vec1()?;
-        nll.extend(log_prob.iter().map(|lp| log_scale_sum - lp));
+        let log_scale_sum = self.log_scale_sum;
+        self.nll
+            .extend(log_prob.iter().map(|lp| log_scale_sum - lp));
         // The scaled posterior's samples are the unscaled ones stretched about the mean, so the
         // density ranking of the truth is that of y_seen among the unscaled samples.
-        let hpd = hpd_levels(&model.flow, &params, &parts, batch.samples.as_ref())?;
-        for (k, (s, pit)) in summaries.into_iter().enumerate() {
+        let hpd = hpd_levels(&model.flow, params, &parts, batch.samples.as_ref())?;
+        for (k, (s, pit)) in batch.items.into_iter().enumerate() {
             let (mean, std, quantiles) = to_physical(&s, &state.scaler.mean, &state.scaler.std);
             let i = b.indices[k];
-            stars.push(StarPrediction {
+            self.stars.push(StarPrediction {
                 row: opened.dataset.file_row(i),
                 mean,
                 std,
@@ -741,17 +815,8 @@ pub fn evaluate_on(
                 hpd: Some(hpd[k]),
             });
         }
+        Ok(())
     }
-    assemble(
-        state,
-        source,
-        &opened.data_dir,
-        stars,
-        &nll,
-        state.config.model.flow.clone(),
-        n_samples,
-        start,
-    )
 }
 
 /// Evaluates a deep ensemble: the equal-weight mixture of the posteriors of `runs` (the same

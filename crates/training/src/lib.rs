@@ -17,10 +17,10 @@ pub mod train;
 pub use config::TrainConfig;
 pub use error::{Result, TrainError};
 pub use evaluate::{
-    cached_calibration, chi2_cdf, evaluate, evaluate_ensemble, evaluate_on, evaluate_scaled,
-    fit_calibration, load_or_fit_calibration, posterior_samples, posterior_samples_on, source_rows,
-    Calibration, EvalSource, Evaluation, LabelErrors, LabelMetrics, SourceRows, StarPrediction,
-    StarSamples,
+    cached_calibration, chi2_cdf, evaluate, evaluate_ensemble, evaluate_on, evaluate_on_each,
+    evaluate_scaled, fit_calibration, load_or_fit_calibration, posterior_samples,
+    posterior_samples_on, source_rows, Calibration, EvalSource, Evaluation, LabelErrors,
+    LabelMetrics, SourceRows, StarPrediction, StarSamples,
 };
 pub use model::StarModel;
 pub use pause::PauseAt;

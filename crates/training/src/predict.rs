@@ -187,6 +187,8 @@ impl Predictor {
             }
             self.flux.apply(buf);
         }
+        // Each spectrum is read once: its pages need not stay resident.
+        self.spectra.release(rows.start * n_pix, rows.len() * n_pix);
         let x = Tensor::from_vec(x, (PREDICT_BATCH, 1, n_pix), &self.model.device)?;
         Ok((x, offset))
     }

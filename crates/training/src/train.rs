@@ -205,282 +205,416 @@ impl TrainOptions {
 }
 
 /// Trains a model as configured, writing the run directory; returns the final state.
+///
+/// The algorithm: take the run directory's lock; open the run (new, or resumed from its last
+/// committed epoch); then for each remaining epoch train on the shuffled training split, measure
+/// the validation NLL and commit the checkpoint, until the epoch budget or early stopping ends it.
 pub fn train(cfg: &TrainConfig, opts: &TrainOptions, observer: &dyn Observer) -> Result<RunState> {
     let run = RunDir::new(&opts.out);
     // Held until training returns: a second process on this directory gets a clear error.
     let _lock = run.lock()?;
-    let existing = run.state().exists();
-    if existing && !opts.resume {
+    let (cfg, previous) = match open_run(&run, cfg, opts, observer)? {
+        Opened::Finished(state) => return Ok(state),
+        Opened::Train { cfg, previous } => (cfg, previous),
+    };
+    let mut t = Trainer::start(run, cfg, opts, previous, observer)?;
+    for epoch in t.state.epochs_done..t.cfg.optim.epochs {
+        let start = Instant::now();
+        let lr = learning_rate(&t.cfg.optim, epoch);
+        let (train_nll, steps_skipped) = t.train_epoch(epoch, lr, observer)?;
+        let val_nll = t.validate(epoch)?;
+        let record = EpochRecord {
+            epoch,
+            train_nll,
+            val_nll,
+            lr,
+            seconds: start.elapsed().as_secs_f64(),
+            steps_skipped,
+        };
+        t.commit(epoch, &record)?;
+        tracing::info!(
+            epoch = epoch + 1,
+            train_nll,
+            val_nll,
+            lr,
+            seconds = record.seconds,
+            skipped = steps_skipped,
+            "epoch finished"
+        );
+        observer.epoch_end(&record);
+        if t.state.finished {
+            if let Some(r) = &t.state.stop_reason {
+                observer.message(r);
+            }
+            break;
+        }
+    }
+    Ok(t.state)
+}
+
+/// What [`open_run`] found in the run directory (made once per run, so its size does not matter).
+#[allow(clippy::large_enum_variant)]
+enum Opened {
+    /// The run is finished within the requested epoch budget: nothing to do.
+    Finished(RunState),
+    /// Train with this configuration, continuing `previous` when resuming.
+    Train {
+        cfg: TrainConfig,
+        previous: Option<RunState>,
+    },
+}
+
+/// Decides whether to start a run, continue one, or do nothing. A resumed run keeps its stored
+/// configuration; only the epoch budget may grow.
+fn open_run(
+    run: &RunDir,
+    cfg: &TrainConfig,
+    opts: &TrainOptions,
+    observer: &dyn Observer,
+) -> Result<Opened> {
+    if !run.state().exists() {
+        return Ok(Opened::Train {
+            cfg: cfg.clone(),
+            previous: None,
+        });
+    }
+    if !opts.resume {
         return Err(TrainError::run(
             &run.root,
             "the run directory already holds a run",
             "pass --resume to continue it, or choose another --out",
         ));
     }
-    let (cfg, previous) = if existing {
-        let st = run.load_state()?;
-        let mut stored = st.config.clone();
-        // Only the epoch budget may change on resume; everything else comes from the run.
-        stored.optim.epochs = cfg.optim.epochs.max(stored.optim.epochs);
-        (stored, Some(st))
-    } else {
-        (cfg.clone(), None)
-    };
-    if previous
-        .as_ref()
-        .is_some_and(|p| p.finished && p.config.optim.epochs >= cfg.optim.epochs)
-    {
+    let st = run.load_state()?;
+    let mut stored = st.config.clone();
+    stored.optim.epochs = cfg.optim.epochs.max(stored.optim.epochs);
+    if st.finished && st.config.optim.epochs >= stored.optim.epochs {
         observer.message("the run is already finished");
-        return Ok(previous.expect("checked above"));
+        return Ok(Opened::Finished(st));
     }
-    std::fs::create_dir_all(run.checkpoint_dir())
-        .map_err(|e| TrainError::io(run.checkpoint_dir(), e))?;
-    run.remove_stale_files(previous.as_ref());
-    set_threads(cfg.run.threads);
-    let dev = device(&cfg.run.device)?;
-    let data = prepare_data(&cfg, observer)?;
-    let dim = data.scaler.mean.len();
-    let n_pix = data.dataset.n_pix();
-    let model = StarModel::new(&cfg, n_pix, dim, &dev)?;
-    let mut adam = Adam::new(
-        starflow_models::named_trainable_vars(&model.varmap),
-        &cfg.optim,
-    )?;
-    let mut state = match previous {
-        Some(mut st) => {
-            if st.n_pix != n_pix {
-                return Err(TrainError::Input {
-                    path: data.dataset.paths().0.to_path_buf(),
-                    problem: format!(
-                        "the spectra have {n_pix} pixels, but the run in {} was trained on {} pixels",
-                        run.root.display(),
-                        st.n_pix
-                    ),
-                    fix: "resume with the data the run was trained on, or start a new run".into(),
-                });
-            }
-            if st.scaler != data.scaler {
-                return Err(TrainError::run(
-                    &run.root,
-                    "the data no longer matches the run (the label statistics changed)",
-                    "resume with the data the run was trained on, or start a new run",
-                ));
-            }
-            if let (Some(m), Some(o)) = (&st.model_file, &st.optimizer_file) {
-                let mut vm = model.varmap.clone();
-                vm.load(run.root.join(m)).map_err(|e| {
-                    TrainError::run(
-                        run.root.join(m),
-                        format!("cannot load checkpoint ({e})"),
-                        "train again",
-                    )
-                })?;
-                adam.load_state(&load_tensors(&run.root.join(o), &dev)?, st.adam_steps)?;
-            }
-            observer.message(&format!("resuming after epoch {}", st.epochs_done));
-            st.config.optim.epochs = cfg.optim.epochs;
-            st.finished = false;
-            st.stop_reason = None;
-            st
+    Ok(Opened::Train {
+        cfg: stored,
+        previous: Some(st),
+    })
+}
+
+/// One training run in progress: its configuration, data, model, optimiser and committed state,
+/// plus the bookkeeping of the non-finite step guard and the test hooks.
+struct Trainer<'o> {
+    run: RunDir,
+    cfg: TrainConfig,
+    opts: &'o TrainOptions,
+    data: Prepared,
+    model: StarModel,
+    adam: Adam,
+    state: RunState,
+    /// Global step attempts so far (applied plus skipped), for the NaN-injection and pause hooks.
+    attempts: u64,
+    /// Non-finite steps in a row; training stops at `optim.max_bad_steps`.
+    consecutive_bad: usize,
+}
+
+impl<'o> Trainer<'o> {
+    /// Loads the data, builds the model and the optimiser, and either writes a new run's
+    /// `config.toml` and initial state or restores the last committed checkpoint of `previous`.
+    fn start(
+        run: RunDir,
+        cfg: TrainConfig,
+        opts: &'o TrainOptions,
+        previous: Option<RunState>,
+        observer: &dyn Observer,
+    ) -> Result<Self> {
+        std::fs::create_dir_all(run.checkpoint_dir())
+            .map_err(|e| TrainError::io(run.checkpoint_dir(), e))?;
+        run.remove_stale_files(previous.as_ref());
+        set_threads(cfg.run.threads);
+        let dev = device(&cfg.run.device)?;
+        let data = prepare_data(&cfg, observer)?;
+        let dim = data.scaler.mean.len();
+        let model = StarModel::new(&cfg, data.dataset.n_pix(), dim, &dev)?;
+        let adam = Adam::new(
+            starflow_models::named_trainable_vars(&model.varmap),
+            &cfg.optim,
+        )?;
+        let mut t = Trainer {
+            state: fresh_state(&cfg, &data),
+            run,
+            cfg,
+            opts,
+            data,
+            model,
+            adam,
+            attempts: 0,
+            consecutive_bad: 0,
+        };
+        match previous {
+            Some(st) => t.resume_from(st, observer)?,
+            None => write_text(&t.run.root.join("config.toml"), &t.cfg.to_toml())?,
         }
-        None => {
-            write_text(&run.root.join("config.toml"), &cfg.to_toml())?;
-            RunState {
-                format: RUN_FORMAT,
-                starflow_version: env!("CARGO_PKG_VERSION").to_string(),
-                epochs_done: 0,
-                best_val_nll: f64::INFINITY,
-                best_epoch: 0,
-                epochs_since_best: 0,
-                adam_steps: 0,
-                finished: false,
-                stop_reason: None,
-                history: Vec::new(),
-                scaler: data.scaler.clone(),
-                flux_floor: data.flux.floor,
-                n_pix,
-                n_train: data.split.train.len(),
-                n_val: data.split.val.len(),
-                n_test: data.split.test.len(),
-                rng_scheme: format!("chacha8(seed={}, stream=epoch)", cfg.run.seed),
-                model_file: None,
-                optimizer_file: None,
-                config: cfg.clone(),
-            }
+        t.attempts = t.state.adam_steps
+            + t.state
+                .history
+                .iter()
+                .map(|r| r.steps_skipped as u64)
+                .sum::<u64>();
+        Ok(t)
+    }
+
+    /// Continues `st`: checks that the data still match the run, then loads the committed weights
+    /// and Adam moments.
+    fn resume_from(&mut self, mut st: RunState, observer: &dyn Observer) -> Result<()> {
+        let n_pix = self.data.dataset.n_pix();
+        if st.n_pix != n_pix {
+            return Err(TrainError::Input {
+                path: self.data.dataset.paths().0.to_path_buf(),
+                problem: format!(
+                    "the spectra have {n_pix} pixels, but the run in {} was trained on {} pixels",
+                    self.run.root.display(),
+                    st.n_pix
+                ),
+                fix: "resume with the data the run was trained on, or start a new run".into(),
+            });
         }
-    };
-    let batcher = Batcher {
-        dataset: &data.dataset,
-        flux: data.flux,
-        scaler: &data.scaler,
-        device: dev.clone(),
-    };
-    let bs = cfg.optim.batch_size;
-    let mut consecutive_bad = 0usize;
-    let pause_at = opts.pause_at.as_ref();
-    let pause_if = |hit: bool| {
-        if let (true, Some(at)) = (hit, pause_at) {
-            pause(at, &run.root);
+        if st.scaler != self.data.scaler {
+            return Err(TrainError::run(
+                &self.run.root,
+                "the data no longer matches the run (the label statistics changed)",
+                "resume with the data the run was trained on, or start a new run",
+            ));
         }
-    };
-    // Global step attempts so far (applied plus skipped), for the NaN-injection and pause hooks.
-    let mut attempts: u64 = state.adam_steps
-        + state
-            .history
-            .iter()
-            .map(|r| r.steps_skipped as u64)
-            .sum::<u64>();
-    for epoch in state.epochs_done..cfg.optim.epochs {
-        let start = Instant::now();
-        let lr = learning_rate(&cfg.optim, epoch);
-        let order = epoch_order(&data.split.train, cfg.run.seed, epoch as u64);
-        model
+        if let (Some(m), Some(o)) = (&st.model_file, &st.optimizer_file) {
+            let mut vm = self.model.varmap.clone();
+            vm.load(self.run.root.join(m)).map_err(|e| {
+                TrainError::run(
+                    self.run.root.join(m),
+                    format!("cannot load checkpoint ({e})"),
+                    "train again",
+                )
+            })?;
+            let moments = load_tensors(&self.run.root.join(o), &self.model.device)?;
+            self.adam.load_state(&moments, st.adam_steps)?;
+        }
+        observer.message(&format!("resuming after epoch {}", st.epochs_done));
+        st.config.optim.epochs = self.cfg.optim.epochs;
+        st.finished = false;
+        st.stop_reason = None;
+        self.state = st;
+        Ok(())
+    }
+
+    fn batcher(&self) -> Batcher<'_> {
+        Batcher {
+            dataset: &self.data.dataset,
+            flux: self.data.flux,
+            scaler: &self.data.scaler,
+            device: self.model.device.clone(),
+        }
+    }
+
+    /// Waits at the configured pause point when `hit` (the fault tests' hook).
+    fn pause_if(&self, hit: bool) {
+        if let (true, Some(at)) = (hit, self.opts.pause_at.as_ref()) {
+            pause(at, &self.run.root);
+        }
+    }
+
+    /// One epoch of training steps in the epoch's seeded order; returns the mean training NLL of
+    /// the applied steps and the number of skipped (non-finite) steps.
+    fn train_epoch(
+        &mut self,
+        epoch: usize,
+        lr: f64,
+        observer: &dyn Observer,
+    ) -> Result<(f64, usize)> {
+        let seed = self.cfg.run.seed;
+        let order = epoch_order(&self.data.split.train, seed, epoch as u64);
+        self.model
             .backbone
-            .reseed_dropout(cfg.run.seed ^ (epoch as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
-        let n_steps = order.len().div_ceil(bs);
-        observer.epoch_start(epoch, cfg.optim.epochs, n_steps);
+            .reseed_dropout(seed ^ (epoch as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let bs = self.cfg.optim.batch_size;
+        if bs == 0 {
+            return Err(TrainError::config(
+                &self.run.root,
+                "optim.batch_size = 0: must be an integer >= 1",
+            ));
+        }
+        observer.epoch_start(epoch, self.cfg.optim.epochs, order.len().div_ceil(bs));
         let (mut sum, mut count, mut skipped) = (0.0, 0usize, 0usize);
-        for (k, batch) in batcher.batches(&order, bs)?.enumerate() {
-            pause_if(pause_at == Some(&PauseAt::Step(attempts)));
-            let b = batch?;
-            let offdiagonal = epoch >= cfg.optim.offdiagonal_warmup_epochs;
-            let nll = model.nll_gated(&b.x, &b.y, true, offdiagonal)?;
-            let mut loss = nll.mean_all()?;
-            if opts.inject_nan_steps.contains(&attempts) {
-                loss = (loss * f64::NAN)?;
-            }
-            attempts += 1;
-            let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            let applied = if value.is_finite() {
-                adam.step(&loss.backward()?, lr)?.applied
-            } else {
-                false
-            };
-            if applied {
-                consecutive_bad = 0;
-                sum += value * b.indices.len() as f64;
-                count += b.indices.len();
-            } else {
-                skipped += 1;
-                consecutive_bad += 1;
-                tracing::warn!(
-                    epoch,
-                    step = k,
-                    loss = value,
-                    "skipped a step with a non-finite loss or gradient"
-                );
-                if consecutive_bad >= cfg.optim.max_bad_steps {
-                    return Err(TrainError::Diverged {
-                        count: consecutive_bad,
+        for (k, rows) in order.chunks(bs).enumerate() {
+            let b = self.batcher().batch(rows)?;
+            match self.step(epoch, lr, &b.x, &b.y)? {
+                (value, true) => {
+                    sum += value * b.indices.len() as f64;
+                    count += b.indices.len();
+                }
+                (value, false) => {
+                    skipped += 1;
+                    tracing::warn!(
                         epoch,
-                        run: run.root.clone(),
-                    });
+                        step = k,
+                        loss = value,
+                        "skipped a step with a non-finite loss or gradient"
+                    );
+                    if self.consecutive_bad >= self.cfg.optim.max_bad_steps {
+                        return Err(TrainError::Diverged {
+                            count: self.consecutive_bad,
+                            epoch,
+                            run: self.run.root.clone(),
+                        });
+                    }
                 }
             }
-            observer.step(
-                k,
-                if count > 0 {
-                    sum / count as f64
-                } else {
-                    f64::NAN
-                },
-            );
+            observer.step(k, mean_or_nan(sum, count));
         }
-        let val_nll = mean_nll_with(&model, &batcher, &data.split.val, bs.max(64), &|k| {
-            pause_if(k == 0 && pause_at == Some(&PauseAt::Validation(epoch + 1)));
-        })?;
-        let record = EpochRecord {
-            epoch,
-            train_nll: if count > 0 {
-                sum / count as f64
-            } else {
-                f64::NAN
-            },
-            val_nll,
-            lr,
-            seconds: start.elapsed().as_secs_f64(),
-            steps_skipped: skipped,
-        };
-        // Checkpoint: epoch-named weights and moments first, the best weights if improved, then
-        // state.json as the commit point, and only then the previous epoch's files are removed.
-        // A failed write leaves the previous commit in force; the error says so.
-        let last_good = match state.epochs_done {
+        Ok((mean_or_nan(sum, count), skipped))
+    }
+
+    /// One optimiser step on a batch; returns its loss and whether the step was applied (not when
+    /// the loss or the gradient was not finite).
+    fn step(&mut self, epoch: usize, lr: f64, x: &Tensor, y: &Tensor) -> Result<(f64, bool)> {
+        self.pause_if(self.opts.pause_at == Some(PauseAt::Step(self.attempts)));
+        let offdiagonal = epoch >= self.cfg.optim.offdiagonal_warmup_epochs;
+        let nll = self.model.nll_gated(x, y, true, offdiagonal)?;
+        let mut loss = nll.mean_all()?;
+        if self.opts.inject_nan_steps.contains(&self.attempts) {
+            loss = (loss * f64::NAN)?;
+        }
+        self.attempts += 1;
+        let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let applied = value.is_finite() && self.adam.step(&loss.backward()?, lr)?.applied;
+        if applied {
+            self.consecutive_bad = 0;
+        } else {
+            self.consecutive_bad += 1;
+        }
+        Ok((value, applied))
+    }
+
+    /// The validation NLL in eval mode.
+    fn validate(&self, epoch: usize) -> Result<f64> {
+        let bs = self.cfg.optim.batch_size.max(64);
+        let batcher = self.batcher();
+        mean_nll_with(&self.model, &batcher, &self.data.split.val, bs, &|k| {
+            self.pause_if(k == 0 && self.opts.pause_at == Some(PauseAt::Validation(epoch + 1)));
+        })
+    }
+
+    /// Commits the epoch: epoch-named weights and moments first, the best weights if improved,
+    /// then `metrics.csv` and `state.json` as the commit point, and only then the previous epoch's
+    /// files are removed. A failed write leaves the previous commit in force; the error says so.
+    fn commit(&mut self, epoch: usize, record: &EpochRecord) -> Result<()> {
+        let last_good = match self.state.epochs_done {
             0 => "none yet".to_string(),
             n => format!("epoch {n}"),
         };
-        let hook = |path: &Path| {
-            pause_if(
-                matches!(pause_at, Some(PauseAt::Checkpoint { epoch: e, file })
-                if *e == epoch + 1 && path.file_name() == Some(std::ffi::OsStr::new(file))),
-            );
-        };
-        let old = (|| -> Result<[Option<String>; 2]> {
-            let tag = format!("{:04}", epoch + 1);
-            let model_file = format!("checkpoint/model-e{tag}.safetensors");
-            let optim_file = format!("checkpoint/optimizer-e{tag}.safetensors");
-            let epoch_weights = weights(&model);
-            save_tensors_with(&run.root.join(&model_file), &epoch_weights, &hook)?;
-            save_tensors_with(&run.root.join(&optim_file), &adam.state_tensors(), &hook)?;
-            if val_nll.is_finite() && val_nll < state.best_val_nll {
-                state.best_val_nll = val_nll;
-                state.best_epoch = epoch + 1;
-                state.epochs_since_best = 0;
-                save_tensors_with(&run.best_model(), &epoch_weights, &hook)?;
-            } else {
-                state.epochs_since_best += 1;
-            }
-            let old = [state.model_file.take(), state.optimizer_file.take()];
-            state.model_file = Some(model_file);
-            state.optimizer_file = Some(optim_file);
-            state.epochs_done = epoch + 1;
-            state.adam_steps = adam.steps();
-            state.history.push(record.clone());
-            let patience_hit =
-                cfg.optim.patience > 0 && state.epochs_since_best >= cfg.optim.patience;
-            let last = epoch + 1 == cfg.optim.epochs;
-            if patience_hit || last {
-                state.finished = true;
-                state.stop_reason = Some(if patience_hit && !last {
-                    format!(
-                        "early stop: no better validation NLL for {} epochs",
-                        cfg.optim.patience
-                    )
-                } else {
-                    format!("completed {} epochs", cfg.optim.epochs)
-                });
-            }
-            write_text_with(&run.metrics(), &state.metrics_csv(), &hook)?;
-            state.save_with(&run, &hook)?;
-            Ok(old)
-        })()
-        .map_err(|e| TrainError::CheckpointWrite {
-            epoch: epoch + 1,
-            last_good,
-            run: run.root.clone(),
-            source: Box::new(e),
-        })?;
-        pause_if(pause_at == Some(&PauseAt::Commit(epoch + 1)));
+        let old =
+            self.write_checkpoint(epoch, record)
+                .map_err(|e| TrainError::CheckpointWrite {
+                    epoch: epoch + 1,
+                    last_good,
+                    run: self.run.root.clone(),
+                    source: Box::new(e),
+                })?;
+        self.pause_if(self.opts.pause_at == Some(PauseAt::Commit(epoch + 1)));
         for f in old.into_iter().flatten() {
-            let _ = std::fs::remove_file(run.root.join(f));
+            let _ = std::fs::remove_file(self.run.root.join(f));
         }
-        tracing::info!(
-            epoch = epoch + 1,
-            train_nll = record.train_nll,
-            val_nll = record.val_nll,
-            lr,
-            seconds = record.seconds,
-            skipped,
-            "epoch finished"
-        );
-        observer.epoch_end(&record);
-        if state.finished {
-            if let Some(r) = &state.stop_reason {
-                observer.message(r);
-            }
-            break;
-        }
+        Ok(())
     }
-    Ok(state)
+
+    /// The writes of [`Trainer::commit`]; returns the previous epoch's checkpoint files.
+    fn write_checkpoint(
+        &mut self,
+        epoch: usize,
+        record: &EpochRecord,
+    ) -> Result<[Option<String>; 2]> {
+        let pause_at = self.opts.pause_at.as_ref();
+        let run_root = self.run.root.clone();
+        let hook = |path: &Path| {
+            if matches!(pause_at, Some(PauseAt::Checkpoint { epoch: e, file })
+                if *e == epoch + 1 && path.file_name() == Some(std::ffi::OsStr::new(file)))
+            {
+                pause(pause_at.expect("matched"), &run_root);
+            }
+        };
+        let tag = format!("{:04}", epoch + 1);
+        let model_file = format!("checkpoint/model-e{tag}.safetensors");
+        let optim_file = format!("checkpoint/optimizer-e{tag}.safetensors");
+        let epoch_weights = weights(&self.model);
+        save_tensors_with(&self.run.root.join(&model_file), &epoch_weights, &hook)?;
+        save_tensors_with(
+            &self.run.root.join(&optim_file),
+            &self.adam.state_tensors(),
+            &hook,
+        )?;
+        let state = &mut self.state;
+        let val_nll = record.val_nll;
+        if val_nll.is_finite() && val_nll < state.best_val_nll {
+            state.best_val_nll = val_nll;
+            state.best_epoch = epoch + 1;
+            state.epochs_since_best = 0;
+            save_tensors_with(&self.run.best_model(), &epoch_weights, &hook)?;
+        } else {
+            state.epochs_since_best += 1;
+        }
+        let old = [state.model_file.take(), state.optimizer_file.take()];
+        state.model_file = Some(model_file);
+        state.optimizer_file = Some(optim_file);
+        state.epochs_done = epoch + 1;
+        state.adam_steps = self.adam.steps();
+        state.history.push(record.clone());
+        let optim = &self.cfg.optim;
+        let patience_hit = optim.patience > 0 && state.epochs_since_best >= optim.patience;
+        let last = epoch + 1 == optim.epochs;
+        if patience_hit || last {
+            state.finished = true;
+            state.stop_reason = Some(if patience_hit && !last {
+                format!(
+                    "early stop: no better validation NLL for {} epochs",
+                    optim.patience
+                )
+            } else {
+                format!("completed {} epochs", optim.epochs)
+            });
+        }
+        write_text_with(&self.run.metrics(), &state.metrics_csv(), &hook)?;
+        state.save_with(&self.run, &hook)?;
+        Ok(old)
+    }
+}
+
+/// The state of a new run before its first epoch.
+fn fresh_state(cfg: &TrainConfig, data: &Prepared) -> RunState {
+    RunState {
+        format: RUN_FORMAT,
+        starflow_version: env!("CARGO_PKG_VERSION").to_string(),
+        epochs_done: 0,
+        best_val_nll: f64::INFINITY,
+        best_epoch: 0,
+        epochs_since_best: 0,
+        adam_steps: 0,
+        finished: false,
+        stop_reason: None,
+        history: Vec::new(),
+        scaler: data.scaler.clone(),
+        flux_floor: data.flux.floor,
+        n_pix: data.dataset.n_pix(),
+        n_train: data.split.train.len(),
+        n_val: data.split.val.len(),
+        n_test: data.split.test.len(),
+        rng_scheme: format!("chacha8(seed={}, stream=epoch)", cfg.run.seed),
+        model_file: None,
+        optimizer_file: None,
+        config: cfg.clone(),
+    }
+}
+
+fn mean_or_nan(sum: f64, count: usize) -> f64 {
+    if count > 0 {
+        sum / count as f64
+    } else {
+        f64::NAN
+    }
 }
 
 /// Loads a finished (or interrupted) run's best model for evaluation and prediction.
