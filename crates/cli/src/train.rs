@@ -136,6 +136,13 @@ fn parse_rows(s: &str) -> Result<RowRange, String> {
     Ok(RowRange { start, end })
 }
 
+impl PosteriorArgs {
+    /// The run's recalibration unless `--raw` was given.
+    fn calibration(&self, run: &Path) -> anyhow::Result<Option<starflow_training::Calibration>> {
+        calibration(run, !self.raw, self.samples, self.seed)
+    }
+}
+
 /// The run's recalibration (shifts and σ-scales) unless `--raw` is given, announced on stderr.
 fn calibration(
     run: &Path,
@@ -362,12 +369,7 @@ pub fn evaluate(a: &EvaluateArgs) -> anyhow::Result<()> {
         _ => EvalSource::Split(a.split.clone()),
     };
     let (e, suffix) = if a.members.is_empty() {
-        let cal = calibration(
-            &a.run,
-            !a.posterior.raw,
-            a.posterior.samples,
-            a.posterior.seed,
-        )?;
+        let cal = a.posterior.calibration(&a.run)?;
         let e = starflow_training::evaluate_on(
             &a.run,
             &source,
@@ -416,12 +418,7 @@ pub fn evaluate(a: &EvaluateArgs) -> anyhow::Result<()> {
 }
 
 pub fn predict(a: &PredictArgs) -> anyhow::Result<()> {
-    let cal = calibration(
-        &a.run,
-        !a.posterior.raw,
-        a.posterior.samples,
-        a.posterior.seed,
-    )?;
+    let cal = a.posterior.calibration(&a.run)?;
     let rows = a.rows.map(|r| (r.start, r.end));
     let predictor = starflow_training::Predictor::open(
         &a.run,
