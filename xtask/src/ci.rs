@@ -3,12 +3,18 @@
 //! The HDF5 feature needs the system libhdf5; on a developer machine without it the feature's
 //! tests are skipped with a notice, while under CI (`CI=true`) its absence is an error, so the
 //! feature can never silently stop being tested.
+//!
+//! The Python package (`crates/python`) is tested the same way: its pytest suite runs against a
+//! build made by maturin in a virtualenv under `target/python-ci`, with the tools pinned in
+//! `crates/python/requirements-ci.txt` installed from the package index by this step itself.
+//! Without a `python3` (>= 3.9) it is skipped with a notice, except under CI.
 
+use std::path::Path;
 use std::process::Command;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
-use crate::cargo;
+use crate::{cargo, root};
 
 fn have_libhdf5() -> bool {
     Command::new("pkg-config")
@@ -60,9 +66,93 @@ pub fn run() -> Result<()> {
     } else {
         eprintln!("note: libhdf5 not found (pkg-config hdf5); skipping the hdf5 feature's tests. Install libhdf5-dev to run them.");
     }
+    python_tests()?;
     eprintln!(
         "xtask ci: all checks passed in {:.0} s",
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// A Python interpreter of at least 3.9: `$STARFLOW_PYTHON`, else `python3`.
+fn python() -> Option<String> {
+    let exe = std::env::var("STARFLOW_PYTHON").unwrap_or_else(|_| "python3".into());
+    let ok = Command::new(&exe)
+        .args([
+            "-c",
+            "import sys, venv; sys.exit(sys.version_info < (3, 9))",
+        ])
+        .status()
+        .is_ok_and(|s| s.success());
+    ok.then_some(exe)
+}
+
+/// Runs `program args` in the workspace root with `env` added, echoing it; fails on non-zero exit.
+fn exec(program: &Path, args: &[&str], env: &[(&str, &Path)]) -> Result<()> {
+    eprintln!("$ {} {}", program.display(), args.join(" "));
+    let status = Command::new(program)
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_os_str())))
+        .current_dir(root())
+        .status()
+        .with_context(|| format!("could not run {}", program.display()))?;
+    if !status.success() {
+        bail!(
+            "`{} {}` failed ({status})",
+            program.display(),
+            args.join(" ")
+        );
+    }
+    Ok(())
+}
+
+/// Builds the Python package into a virtualenv with maturin and runs its pytest suite, which
+/// compares the package's predictions with the `starflow` binary of the same build.
+fn python_tests() -> Result<()> {
+    let Some(python) = python() else {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            bail!("python3 (>= 3.9, with venv) is not installed, so the Python package cannot be tested; install python3 and python3-venv");
+        }
+        eprintln!("note: python3 >= 3.9 not found; skipping the Python package's tests. Install python3 to run them.");
+        return Ok(());
+    };
+    let root = root();
+    let venv = root.join("target").join("python-ci");
+    let bin = venv.join("bin");
+    if !bin.join("python").exists() {
+        exec(
+            Path::new(&python),
+            &["-m", "venv", &venv.to_string_lossy()],
+            &[],
+        )?;
+    }
+    exec(
+        &bin.join("python"),
+        &[
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "-r",
+            "crates/python/requirements-ci.txt",
+        ],
+        &[],
+    )?;
+    cargo(&["build", "-p", "starflow-cli"])?;
+    let path = std::env::join_paths(std::iter::once(bin.clone()).chain(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    )))
+    .context("PATH")?;
+    exec(
+        &bin.join("maturin"),
+        &["develop", "--quiet", "-m", "crates/python/Cargo.toml"],
+        &[("VIRTUAL_ENV", &venv), ("PATH", Path::new(&path))],
+    )?;
+    let cli = root.join("target").join("debug").join("starflow");
+    exec(
+        &bin.join("python"),
+        &["-m", "pytest", "-q", "crates/python/tests"],
+        &[("STARFLOW_CLI", &cli)],
+    )
 }

@@ -181,23 +181,6 @@ fn is_user_error(err: &anyhow::Error) -> bool {
     })
 }
 
-/// The error and its causes on one line, like `{e:#}`, but without repeating a cause that an outer
-/// message already quotes (our error types print their source, e.g. "i/o error on PATH: CAUSE").
-fn one_line(err: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for cause in err.chain() {
-        let text = cause.to_string();
-        if line.contains(&text) {
-            continue;
-        }
-        if !line.is_empty() {
-            line.push_str(": ");
-        }
-        line.push_str(&text);
-    }
-    line
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.verbose);
@@ -220,7 +203,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", one_line(&e));
+            eprintln!("error: {}", starflow_data::error::error_line(e.as_ref()));
             if is_user_error(&e) {
                 ExitCode::from(2)
             } else {

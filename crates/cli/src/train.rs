@@ -10,7 +10,9 @@ use starflow_report::predictions::{predictions_csv, PredictionWriter};
 
 use crate::inspect::UserError;
 use starflow_training::run::write_text;
-use starflow_training::{EpochRecord, EvalSource, Evaluation, Observer, TrainConfig, TrainOptions};
+use starflow_training::{
+    EpochRecord, EvalSource, Evaluation, Observer, TrainOptions, TrainRequest,
+};
 
 #[derive(Args, Debug)]
 pub struct TrainArgs {
@@ -153,12 +155,16 @@ fn calibration(
     if !on {
         return Ok(None);
     }
-    let c = starflow_training::load_or_fit_calibration(run, samples, seed).with_context(|| {
-        format!(
+    let c = starflow_training::load_or_fit_calibration(run, samples, seed).map_err(|e| {
+        // A run that is not there needs no word about its recalibration.
+        if matches!(e, starflow_training::TrainError::Missing { .. }) {
+            return anyhow::Error::from(e);
+        }
+        anyhow::Error::from(e).context(format!(
             "{}: no current recalibration is saved there and fitting one needs the run's \
              validation data; restore the data or pass --raw for the model's own posteriors",
             run.display()
-        )
+        ))
     })?;
     eprintln!(
         "recalibration fitted on {} {} stars: {}",
@@ -224,35 +230,23 @@ impl Observer for Bars {
 }
 
 pub fn train(a: &TrainArgs) -> anyhow::Result<()> {
-    let origin = a
-        .config
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("<defaults>"));
-    let mut cfg = match &a.config {
-        Some(p) => TrainConfig::from_file(p)?,
-        None => TrainConfig::default(),
-    };
-    if a.resume {
-        // A resumed run keeps its stored config, and `train` takes the larger of the stored and
-        // the given epoch budgets; so only an explicit --epochs (or --set optim.epochs) may extend
-        // it. Without this, `--resume` alone took the default budget of 10 epochs and trained a
-        // killed 3-epoch run on to 10.
-        cfg.optim.epochs = 1;
-    }
-    let mut sets = a.set.clone();
+    let mut overrides = a.set.clone();
     if let Some(f) = &a.flow {
-        sets.push(format!("model.flow=\"{f}\""));
+        overrides.push(format!("model.flow=\"{f}\""));
     }
     if let Some(b) = &a.backbone {
-        sets.push(format!("model.backbone=\"{b}\""));
+        overrides.push(format!("model.backbone=\"{b}\""));
     }
     if let Some(e) = a.epochs {
-        sets.push(format!("optim.epochs={e}"));
+        overrides.push(format!("optim.epochs={e}"));
     }
-    cfg.apply_overrides(&sets, &origin)?;
-    let out = a.out.clone().unwrap_or_else(|| {
-        PathBuf::from(format!("runs/{}-{}", cfg.model.backbone, cfg.model.flow))
-    });
+    let request = TrainRequest {
+        config: a.config.clone(),
+        overrides,
+        out: a.out.clone(),
+        resume: a.resume,
+    };
+    let (cfg, out) = request.resolve()?;
     let observer = Bars {
         bar: std::cell::RefCell::new(None),
     };

@@ -59,6 +59,11 @@ impl DataError {
         !matches!(self, DataError::Io { .. } | DataError::Candle(_))
     }
 
+    /// True when the file the caller named does not exist.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, DataError::Open { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+    }
+
     pub(crate) fn npy(
         path: impl Into<PathBuf>,
         problem: impl Into<String>,
@@ -93,3 +98,22 @@ impl DataError {
 
 /// The crate's result type.
 pub type Result<T> = std::result::Result<T, DataError>;
+
+/// An error and its causes on one line, like anyhow's `{e:#}`, but without repeating a cause that
+/// an outer message already quotes (starflow's errors print their source, e.g. "i/o error on PATH:
+/// CAUSE"). The command line and the Python package show errors through it, so both say the same.
+pub fn error_line(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = String::new();
+    let mut cause = Some(err);
+    while let Some(e) = cause {
+        let text = e.to_string();
+        if !line.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+        cause = e.source();
+    }
+    line
+}

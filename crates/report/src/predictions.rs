@@ -22,9 +22,6 @@ use starflow_training::StarPrediction;
 
 use crate::error::{ReportError, Result};
 
-/// The five quantile columns of each label, in order.
-const QUANTILE_SUFFIXES: [&str; 5] = ["q025", "q16", "q50", "q84", "q975"];
-
 /// The file format of a prediction table, chosen by the file's extension.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TableFormat {
@@ -46,47 +43,17 @@ impl TableFormat {
     }
 }
 
-/// The column names of a table over `names` (the labels), with or without the truth columns.
+/// The column names of a table over `names` (the labels), with or without the truth columns (see
+/// [`StarPrediction::columns`]).
 pub fn prediction_columns(names: &[String], with_truth: bool) -> Vec<String> {
-    let mut cols = vec!["row".to_string()];
-    for n in names {
-        cols.push(format!("{n}_mean"));
-        cols.push(format!("{n}_std"));
-        cols.extend(QUANTILE_SUFFIXES.iter().map(|s| format!("{n}_{s}")));
-    }
-    if with_truth {
-        for n in names {
-            cols.push(format!("{n}_true"));
-            cols.push(format!("{n}_pit"));
-        }
-        cols.push("hpd".into());
-    }
-    cols
-}
-
-/// The float cells of one star, in column order after `row`; the `hpd` cell is `None` when unknown.
-fn cells(p: &StarPrediction, d: usize, with_truth: bool) -> Vec<Option<f64>> {
-    let mut out = Vec::with_capacity(7 * d + 2 * d + 1);
-    for j in 0..d {
-        out.push(Some(p.mean[j]));
-        out.push(Some(p.std[j]));
-        out.extend(p.quantiles[j].iter().map(|&q| Some(q)));
-    }
-    if with_truth {
-        for j in 0..d {
-            out.push(p.truth.as_ref().map(|t| t[j]));
-            out.push(p.pit.as_ref().map(|u| u[j]));
-        }
-        out.push(p.hpd);
-    }
-    out
+    StarPrediction::columns(names, with_truth)
 }
 
 /// Appends the CSV lines of `stars` to `out`.
 fn csv_rows(out: &mut String, stars: &[StarPrediction], d: usize, with_truth: bool) {
     for p in stars {
         let _ = write!(out, "{}", p.row);
-        for c in cells(p, d, with_truth) {
+        for c in p.cells(d, with_truth) {
             match c {
                 Some(v) => {
                     let _ = write!(out, ",{v}");
@@ -217,7 +184,7 @@ fn frame(
     d: usize,
     with_truth: bool,
 ) -> Result<DataFrame> {
-    let rows: Vec<Vec<Option<f64>>> = stars.iter().map(|p| cells(p, d, with_truth)).collect();
+    let rows: Vec<Vec<Option<f64>>> = stars.iter().map(|p| p.cells(d, with_truth)).collect();
     let mut cols = vec![Column::new(
         PlSmallStr::from("row"),
         stars.iter().map(|p| p.row as u64).collect::<Vec<u64>>(),

@@ -408,10 +408,16 @@ impl TrainConfig {
     /// Reads a TOML file; missing keys take their defaults, unknown keys are errors.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| {
-            TrainError::config(
-                path,
-                format!("cannot read the config file: {e}; check the path (see configs/)"),
-            )
+            let problem = format!("cannot read the config file: {e}");
+            let fix = "check the path (see configs/)".to_string();
+            match e.kind() {
+                std::io::ErrorKind::NotFound => TrainError::Missing {
+                    path: path.to_path_buf(),
+                    problem,
+                    fix,
+                },
+                _ => TrainError::config(path, format!("{problem}; {fix}")),
+            }
         })?;
         Self::from_toml(&text, path)
     }

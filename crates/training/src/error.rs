@@ -16,6 +16,14 @@ pub enum TrainError {
         problem: String,
         fix: String,
     },
+    /// A run directory or file that does not exist (a user error, told apart so that a caller such
+    /// as the Python package can raise its "not found" error).
+    #[error("{path}: {problem}; fix: {fix}")]
+    Missing {
+        path: PathBuf,
+        problem: String,
+        fix: String,
+    },
     /// Input that does not fit the trained run (for example the wrong spectrum length).
     #[error("{path}: {problem}; fix: {fix}")]
     Input {
@@ -44,6 +52,15 @@ pub enum TrainError {
         #[source]
         source: Box<TrainError>,
     },
+    /// The caller asked training to stop (its [`crate::Observer::interrupted`] said so, e.g. on
+    /// Ctrl-C in a notebook). The epoch in progress is not committed; the run resumes from the
+    /// last committed one.
+    #[error("training interrupted during epoch {shown}; the last committed epoch in {run} is intact; fix: continue it with `starflow train --out {run} --resume`", shown = .epoch + 1)]
+    Interrupted {
+        /// 0-based.
+        epoch: usize,
+        run: PathBuf,
+    },
     /// Writing or reading a file failed.
     #[error("i/o error on {path}: {source}")]
     Io {
@@ -65,9 +82,21 @@ impl TrainError {
     /// True for errors caused by the user's input or settings.
     pub fn is_user_error(&self) -> bool {
         match self {
-            TrainError::Config { .. } | TrainError::Run { .. } | TrainError::Input { .. } => true,
+            TrainError::Config { .. }
+            | TrainError::Run { .. }
+            | TrainError::Missing { .. }
+            | TrainError::Input { .. } => true,
             TrainError::Data(e) => e.is_user_error(),
             TrainError::Model(starflow_models::ModelError::InputTooShort { .. }) => true,
+            _ => false,
+        }
+    }
+
+    /// True when a file or directory the caller named does not exist.
+    pub fn is_not_found(&self) -> bool {
+        match self {
+            TrainError::Missing { .. } => true,
+            TrainError::Data(e) => e.is_not_found(),
             _ => false,
         }
     }

@@ -45,6 +45,51 @@ pub struct StarPrediction {
     pub hpd: Option<f64>,
 }
 
+/// The five quantile columns of each label, in order (levels [`starflow_flows::QUANTILE_LEVELS`]).
+const QUANTILE_SUFFIXES: [&str; 5] = ["q025", "q16", "q50", "q84", "q975"];
+
+impl StarPrediction {
+    /// The columns of a prediction table over the labels `names`: `row`, then per label
+    /// `<label>_mean, _std, _q025, _q16, _q50, _q84, _q975`, and with the truth `<label>_true,
+    /// _pit` per label and the joint `hpd` level. The CSV and Parquet tables and the Python
+    /// package's predictions all use these names.
+    pub fn columns(names: &[String], with_truth: bool) -> Vec<String> {
+        let mut cols = vec!["row".to_string()];
+        for n in names {
+            cols.push(format!("{n}_mean"));
+            cols.push(format!("{n}_std"));
+            cols.extend(QUANTILE_SUFFIXES.iter().map(|s| format!("{n}_{s}")));
+        }
+        if with_truth {
+            for n in names {
+                cols.push(format!("{n}_true"));
+                cols.push(format!("{n}_pit"));
+            }
+            cols.push("hpd".into());
+        }
+        cols
+    }
+
+    /// The float cells of this star over `d` labels, in the order of [`StarPrediction::columns`]
+    /// after `row`; a cell is `None` when unknown (no truth).
+    pub fn cells(&self, d: usize, with_truth: bool) -> Vec<Option<f64>> {
+        let mut out = Vec::with_capacity(7 * d + 2 * d + 1);
+        for j in 0..d {
+            out.push(Some(self.mean[j]));
+            out.push(Some(self.std[j]));
+            out.extend(self.quantiles[j].iter().map(|&q| Some(q)));
+        }
+        if with_truth {
+            for j in 0..d {
+                out.push(self.truth.as_ref().map(|t| t[j]));
+                out.push(self.pit.as_ref().map(|u| u[j]));
+            }
+            out.push(self.hpd);
+        }
+        out
+    }
+}
+
 /// Metrics of one label, in physical units unless said otherwise.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LabelMetrics {
@@ -239,6 +284,17 @@ impl Calibration {
     /// unscaled one at this point.
     fn seen(&self, t: f64, m: f64, sd: f64, j: usize) -> f64 {
         m + (t - m + self.shift(j) * sd) / self.scale[j]
+    }
+
+    /// Moves and stretches posterior samples of one star, `points` `(n, d)` row-major in z-units,
+    /// whose unscaled posterior has mean `mean` and standard deviation `sd`: `x' = m - c sd + s (x
+    /// - m)`, the map [`Calibration::apply`] applies to the summary.
+    pub fn apply_to_points(&self, points: &mut [f64], mean: &[f64], sd: &[f64]) {
+        let d = mean.len();
+        for (k, x) in points.iter_mut().enumerate() {
+            let j = k % d;
+            *x = mean[j] - self.shift(j) * sd[j] + self.scale[j] * (*x - mean[j]);
+        }
     }
 
     /// Moves and stretches a z-unit posterior summary.

@@ -24,6 +24,9 @@ pub use evaluate::{
 };
 pub use model::StarModel;
 pub use pause::PauseAt;
-pub use predict::{predict, predict_scaled, Predictor, PREDICT_BATCH};
+pub use predict::{
+    batches, predict, predict_scaled, Fluxes, PosteriorSettings, Predictor, SpectraFile,
+    SpectraRows, SpectraSlice, TrainedModel, PREDICT_BATCH,
+};
 pub use run::{EpochRecord, RunDir, RunState};
-pub use train::{train, Observer, Quiet, TrainOptions};
+pub use train::{load_run, train, Observer, Quiet, TrainOptions, TrainRequest};

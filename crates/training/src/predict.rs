@@ -18,12 +18,13 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
+use rand_chacha::ChaCha8Rng;
 use starflow_data::npy::NpyArray;
 use starflow_data::FluxTransform;
 
 use crate::error::{Result, TrainError};
 use crate::evaluate::{
-    check_samples, summarize_batch, to_physical, Calibration, Draws, StarPrediction,
+    check_samples, star_rng, summarize_batch, to_physical, Calibration, Draws, StarPrediction,
 };
 use crate::model::StarModel;
 use crate::run::RunState;
@@ -33,72 +34,168 @@ use crate::train::load_run;
 /// GALAH spectra (128 × 16,384 px) and its activations stay well under a gigabyte.
 pub const PREDICT_BATCH: usize = 128;
 
-/// A trained run and a spectra file, ready to predict any of its rows.
-pub struct Predictor {
-    state: RunState,
-    model: StarModel,
-    spectra: NpyArray,
-    path: PathBuf,
-    flux: FluxTransform,
-    rows: Range<usize>,
-    n_pix: usize,
-    n_samples: usize,
-    seed: u64,
-    calibration: Option<Calibration>,
+/// Rows of spectra to predict on, each `n_pix` fluxes: a memory-mapped `.npy` file
+/// ([`SpectraFile`]) or an array already in memory ([`SpectraSlice`], e.g. a numpy array lent by
+/// the Python package without a copy).
+pub trait SpectraRows: Sync {
+    /// Where the rows come from, for error messages (a path, or a name such as `<array>`).
+    fn origin(&self) -> &Path;
+    /// Number of rows.
+    fn n_rows(&self) -> usize;
+    /// Pixels per row.
+    fn n_pix(&self) -> usize;
+    /// Copies row `row` into `out` (`n_pix` values) as f32.
+    fn read_row(&self, row: usize, out: &mut [f32]);
+    /// The rows will not be read again soon (a mapped file gives their pages back).
+    fn release(&self, _rows: Range<usize>) {}
 }
 
-impl std::fmt::Debug for Predictor {
+/// A spectra `.npy` file (float32 or float64, `(n_stars, n_pix)`), memory-mapped.
+pub struct SpectraFile {
+    array: NpyArray,
+    path: PathBuf,
+    n_rows: usize,
+    n_pix: usize,
+}
+
+impl SpectraFile {
+    /// Maps the file and checks that it is a 2-D float array.
+    pub fn open(path: &Path) -> Result<Self> {
+        let array = NpyArray::open(path)?;
+        let (n_rows, n_pix) = array.shape2("spectra")?;
+        Ok(SpectraFile {
+            array,
+            path: path.to_path_buf(),
+            n_rows,
+            n_pix,
+        })
+    }
+}
+
+impl SpectraRows for SpectraFile {
+    fn origin(&self) -> &Path {
+        &self.path
+    }
+    fn n_rows(&self) -> usize {
+        self.n_rows
+    }
+    fn n_pix(&self) -> usize {
+        self.n_pix
+    }
+    fn read_row(&self, row: usize, out: &mut [f32]) {
+        self.array.read_f32_into(row * self.n_pix, out);
+    }
+    fn release(&self, rows: Range<usize>) {
+        // Each spectrum is read once: its pages need not stay resident.
+        self.array
+            .release(rows.start * self.n_pix, rows.len() * self.n_pix);
+    }
+}
+
+/// Flat row-major fluxes of either float width.
+#[derive(Clone, Copy, Debug)]
+pub enum Fluxes<'a> {
+    F32(&'a [f32]),
+    F64(&'a [f64]),
+}
+
+/// Spectra held in memory: `n_rows × n_pix` fluxes, row-major, borrowed without a copy.
+#[derive(Clone, Copy, Debug)]
+pub struct SpectraSlice<'a> {
+    fluxes: Fluxes<'a>,
+    n_pix: usize,
+    origin: &'a Path,
+}
+
+impl<'a> SpectraSlice<'a> {
+    /// `fluxes` holds whole rows of `n_pix` values; `origin` names them in errors.
+    pub fn new(fluxes: Fluxes<'a>, n_pix: usize, origin: &'a Path) -> Result<Self> {
+        let len = match fluxes {
+            Fluxes::F32(v) => v.len(),
+            Fluxes::F64(v) => v.len(),
+        };
+        if n_pix == 0 || len % n_pix != 0 {
+            return Err(TrainError::Input {
+                path: origin.to_path_buf(),
+                problem: format!("{len} fluxes do not make whole spectra of {n_pix} pixels"),
+                fix: "pass a 2-D array of shape (n_stars, n_pix)".into(),
+            });
+        }
+        Ok(SpectraSlice {
+            fluxes,
+            n_pix,
+            origin,
+        })
+    }
+}
+
+impl SpectraRows for SpectraSlice<'_> {
+    fn origin(&self) -> &Path {
+        self.origin
+    }
+    fn n_rows(&self) -> usize {
+        match self.fluxes {
+            Fluxes::F32(v) => v.len() / self.n_pix,
+            Fluxes::F64(v) => v.len() / self.n_pix,
+        }
+    }
+    fn n_pix(&self) -> usize {
+        self.n_pix
+    }
+    fn read_row(&self, row: usize, out: &mut [f32]) {
+        let at = row * self.n_pix..(row + 1) * self.n_pix;
+        match self.fluxes {
+            Fluxes::F32(v) => out.copy_from_slice(&v[at]),
+            Fluxes::F64(v) => {
+                for (o, &x) in out.iter_mut().zip(&v[at]) {
+                    *o = x as f32;
+                }
+            }
+        }
+    }
+}
+
+/// How posteriors are drawn and summarised: samples per star (non-Gaussian flows; Gaussian flows
+/// are exact), the sampler's seed, and the recalibration, if any.
+#[derive(Clone, Debug)]
+pub struct PosteriorSettings {
+    pub n_samples: usize,
+    pub seed: u64,
+    pub calibration: Option<Calibration>,
+}
+
+/// A trained run loaded for prediction: its state, its model at the best epoch and its flux
+/// preprocessing. It predicts on any [`SpectraRows`] on the run's pixel grid.
+pub struct TrainedModel {
+    pub state: RunState,
+    model: StarModel,
+    flux: FluxTransform,
+    dir: PathBuf,
+}
+
+impl std::fmt::Debug for TrainedModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Predictor")
-            .field("spectra", &self.path)
-            .field("rows", &self.rows)
+        f.debug_struct("TrainedModel")
+            .field("run", &self.dir)
             .finish()
     }
 }
 
-impl Predictor {
-    /// Opens the run and the spectra, and checks that `rows` (`(start, end)`, `end` `None` for the
-    /// end of the file; all rows when `None`) lie in the file and the pixel grid matches the run.
-    pub fn open(
-        run_dir: &Path,
-        spectra: &Path,
-        rows: Option<(usize, Option<usize>)>,
-        n_samples: usize,
-        seed: u64,
-        calibration: Option<&Calibration>,
-    ) -> Result<Self> {
-        check_samples(run_dir, n_samples)?;
+impl TrainedModel {
+    /// Loads the run in `run_dir` (its best-epoch weights).
+    pub fn open(run_dir: &Path) -> Result<Self> {
         let (state, model) = load_run(run_dir)?;
-        let arr = NpyArray::open(spectra)?;
-        let (n_rows, n_pix) = arr.shape2("spectra")?;
-        if n_pix != state.n_pix {
-            return Err(TrainError::Input {
-                path: spectra.to_path_buf(),
-                problem: format!(
-                    "spectra have {n_pix} pixels, but the run was trained on {} pixels",
-                    state.n_pix
-                ),
-                fix: "pass spectra on the same wavelength grid as the training data".into(),
-            });
-        }
-        let rows = row_range(spectra, n_rows, rows)?;
-        Ok(Predictor {
+        Ok(TrainedModel {
             flux: FluxTransform::new(state.flux_floor)?,
             state,
             model,
-            spectra: arr,
-            path: spectra.to_path_buf(),
-            rows,
-            n_pix,
-            n_samples,
-            seed,
-            calibration: calibration.cloned(),
+            dir: run_dir.to_path_buf(),
         })
     }
 
-    /// The rows this predictor covers.
-    pub fn rows(&self) -> Range<usize> {
-        self.rows.clone()
+    /// The run directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// The predicted labels, in column order.
@@ -106,40 +203,44 @@ impl Predictor {
         &self.state.scaler.names
     }
 
-    /// The batches of [`Predictor::rows`], in order, cut at multiples of [`PREDICT_BATCH`] of the
-    /// file's row number so that a shard starting inside a batch still lines up with the others.
-    pub fn batches(&self) -> impl Iterator<Item = Range<usize>> + '_ {
-        let end = self.rows.end;
-        let mut start = self.rows.start;
-        std::iter::from_fn(move || {
-            (start < end).then(|| {
-                let stop = ((start / PREDICT_BATCH + 1) * PREDICT_BATCH).min(end);
-                let r = start..stop;
-                start = stop;
-                r
-            })
-        })
+    /// Checks that `spectra` are on the run's pixel grid and that the settings are usable.
+    pub fn check(&self, spectra: &dyn SpectraRows, settings: &PosteriorSettings) -> Result<()> {
+        check_samples(&self.dir, settings.n_samples)?;
+        if spectra.n_pix() != self.state.n_pix {
+            return Err(TrainError::Input {
+                path: spectra.origin().to_path_buf(),
+                problem: format!(
+                    "spectra have {} pixels, but the run was trained on {} pixels",
+                    spectra.n_pix(),
+                    self.state.n_pix
+                ),
+                fix: "pass spectra on the same wavelength grid as the training data".into(),
+            });
+        }
+        Ok(())
     }
 
-    /// Posterior summaries, in physical units, of the stars in `rows` (within [`Predictor::rows`]).
-    pub fn predict_batch(&self, rows: Range<usize>) -> Result<Vec<StarPrediction>> {
-        let (x, offset) = self.read(rows.clone())?;
-        let params = self
-            .model
-            .params(&x, false)?
-            .narrow(0, offset, rows.len())?;
+    /// Posterior summaries, in physical units, of the stars in `rows`, which lie within one
+    /// aligned batch (see [`batches`]).
+    pub fn predict_batch(
+        &self,
+        spectra: &dyn SpectraRows,
+        rows: Range<usize>,
+        settings: &PosteriorSettings,
+    ) -> Result<Vec<StarPrediction>> {
+        let params = self.params(spectra, rows.clone())?;
         let row_ids: Vec<usize> = rows.clone().collect();
         let mut draws = Draws::PerStar {
-            seed: self.seed,
+            seed: settings.seed,
             rows: &row_ids,
         };
         let batch = summarize_batch(
             &self.model,
             &params,
             None,
-            self.n_samples,
+            settings.n_samples,
             &mut draws,
-            self.calibration.as_ref(),
+            settings.calibration.as_ref(),
         )?;
         let scaler = &self.state.scaler;
         Ok(batch
@@ -161,14 +262,102 @@ impl Predictor {
             .collect())
     }
 
+    /// Posterior summaries of every row of `spectra`, batch by batch; `progress` is told the
+    /// number of stars done after each batch.
+    pub fn predict(
+        &self,
+        spectra: &dyn SpectraRows,
+        settings: &PosteriorSettings,
+        progress: &dyn Fn(usize),
+    ) -> Result<Vec<StarPrediction>> {
+        self.check(spectra, settings)?;
+        let mut out = Vec::with_capacity(spectra.n_rows());
+        for rows in batches(0..spectra.n_rows()) {
+            out.extend(self.predict_batch(spectra, rows, settings)?);
+            progress(out.len());
+        }
+        Ok(out)
+    }
+
+    /// `n` posterior samples of every row of `spectra`, `(n_rows, n, d)` row-major in physical
+    /// units (see [`TrainedModel::sample_batch`]).
+    pub fn sample(
+        &self,
+        spectra: &dyn SpectraRows,
+        n: usize,
+        settings: &PosteriorSettings,
+    ) -> Result<Vec<f64>> {
+        self.check(spectra, settings)?;
+        let mut out = Vec::with_capacity(spectra.n_rows() * n * self.model.flow.dim());
+        for rows in batches(0..spectra.n_rows()) {
+            out.extend(self.sample_batch(spectra, rows, n, settings)?);
+        }
+        Ok(out)
+    }
+
+    /// `n` posterior samples of each star in `rows` (within one aligned batch), in physical
+    /// units, `(rows, n, d)` row-major. Each star's draws come from the same stream as in
+    /// [`TrainedModel::predict_batch`], so for a sampled flow with `n` equal to the summaries'
+    /// sample count these are the very samples the summaries describe. With a recalibration each
+    /// sample is moved and stretched like the summary: `x' = m - c sd + s (x - m)` with the
+    /// unscaled posterior's mean `m` and standard deviation `sd` (exact for Gaussian flows).
+    pub fn sample_batch(
+        &self,
+        spectra: &dyn SpectraRows,
+        rows: Range<usize>,
+        n: usize,
+        settings: &PosteriorSettings,
+    ) -> Result<Vec<f64>> {
+        let params = self.params(spectra, rows.clone())?;
+        let flow = &self.model.flow;
+        let d = flow.dim();
+        let mut rngs: Vec<ChaCha8Rng> = rows.clone().map(|r| star_rng(settings.seed, r)).collect();
+        let mut samples = flow.sample_per_item(&params, n, &mut rngs)?;
+        if let Some(cal) = &settings.calibration {
+            let moments: Vec<(Vec<f64>, Vec<f64>)> = if flow.n_layers() == 1 {
+                flow.gaussian_moments(&params)?
+                    .into_iter()
+                    .map(|m| {
+                        let s = m.to_summary();
+                        (s.mean, s.std)
+                    })
+                    .collect()
+            } else {
+                samples
+                    .summarize()
+                    .into_iter()
+                    .map(|s| (s.mean, s.std))
+                    .collect()
+            };
+            let w = n * d;
+            for (chunk, (m, sd)) in samples.values.chunks_exact_mut(w).zip(&moments) {
+                cal.apply_to_points(chunk, m, sd);
+            }
+        }
+        let scaler = &self.state.scaler;
+        for (k, v) in samples.values.iter_mut().enumerate() {
+            *v = scaler.mean[k % d] + scaler.std[k % d] * *v;
+        }
+        Ok(samples.values)
+    }
+
+    /// The flow parameters of the stars in `rows` (within one aligned batch).
+    fn params(&self, spectra: &dyn SpectraRows, rows: Range<usize>) -> Result<Tensor> {
+        let (x, offset) = self.read(spectra, rows.clone())?;
+        Ok(self
+            .model
+            .params(&x, false)?
+            .narrow(0, offset, rows.len())?)
+    }
+
     /// The preprocessed spectra of `rows` (within one aligned batch) as a full `(PREDICT_BATCH, 1,
-    /// n_pix)` tensor with each star at its file row modulo the batch size, the other slots zero;
+    /// n_pix)` tensor with each star at its row modulo the batch size, the other slots zero;
     /// returns it and the slot of the first star. The network then always sees the same shape with
     /// every star in the same slot: the matrix products' blocking, and so the rounding of each
     /// star's output, cannot depend on how many stars a shard or the file's end left in the batch.
     /// A non-finite flux is an error that names the row and pixel.
-    fn read(&self, rows: Range<usize>) -> Result<(Tensor, usize)> {
-        let n_pix = self.n_pix;
+    fn read(&self, spectra: &dyn SpectraRows, rows: Range<usize>) -> Result<(Tensor, usize)> {
+        let n_pix = spectra.n_pix();
         let offset = rows.start % PREDICT_BATCH;
         debug_assert!(
             offset + rows.len() <= PREDICT_BATCH,
@@ -177,20 +366,103 @@ impl Predictor {
         let mut x = vec![0f32; PREDICT_BATCH * n_pix];
         let used = &mut x[offset * n_pix..(offset + rows.len()) * n_pix];
         for (buf, r) in used.chunks_exact_mut(n_pix).zip(rows.clone()) {
-            self.spectra.read_f32_into(r * n_pix, buf);
+            spectra.read_row(r, buf);
             if let Some(k) = buf.iter().position(|v| !v.is_finite()) {
                 return Err(TrainError::Input {
-                    path: self.path.clone(),
+                    path: spectra.origin().to_path_buf(),
                     problem: format!("row {r} has a non-finite value at pixel {k}"),
                     fix: "clean the spectra (NaN and inf cannot be predicted on)".into(),
                 });
             }
             self.flux.apply(buf);
         }
-        // Each spectrum is read once: its pages need not stay resident.
-        self.spectra.release(rows.start * n_pix, rows.len() * n_pix);
+        spectra.release(rows.clone());
         let x = Tensor::from_vec(x, (PREDICT_BATCH, 1, n_pix), &self.model.device)?;
         Ok((x, offset))
+    }
+}
+
+/// The batches of `rows`, in order, cut at multiples of [`PREDICT_BATCH`] of the row number so
+/// that a shard starting inside a batch still lines up with the others.
+pub fn batches(rows: Range<usize>) -> impl Iterator<Item = Range<usize>> {
+    let end = rows.end;
+    let mut start = rows.start;
+    std::iter::from_fn(move || {
+        (start < end).then(|| {
+            let stop = ((start / PREDICT_BATCH + 1) * PREDICT_BATCH).min(end);
+            let r = start..stop;
+            start = stop;
+            r
+        })
+    })
+}
+
+/// A trained run and a spectra file, ready to predict any of its rows (the command line's
+/// `starflow predict`).
+pub struct Predictor {
+    model: TrainedModel,
+    spectra: SpectraFile,
+    rows: Range<usize>,
+    settings: PosteriorSettings,
+}
+
+impl std::fmt::Debug for Predictor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Predictor")
+            .field("spectra", &self.spectra.path)
+            .field("rows", &self.rows)
+            .finish()
+    }
+}
+
+impl Predictor {
+    /// Opens the run and the spectra, and checks that `rows` (`(start, end)`, `end` `None` for the
+    /// end of the file; all rows when `None`) lie in the file and the pixel grid matches the run.
+    pub fn open(
+        run_dir: &Path,
+        spectra: &Path,
+        rows: Option<(usize, Option<usize>)>,
+        n_samples: usize,
+        seed: u64,
+        calibration: Option<&Calibration>,
+    ) -> Result<Self> {
+        let settings = PosteriorSettings {
+            n_samples,
+            seed,
+            calibration: calibration.cloned(),
+        };
+        check_samples(run_dir, n_samples)?;
+        let model = TrainedModel::open(run_dir)?;
+        let spectra = SpectraFile::open(spectra)?;
+        model.check(&spectra, &settings)?;
+        let rows = row_range(&spectra.path, spectra.n_rows, rows)?;
+        Ok(Predictor {
+            model,
+            spectra,
+            rows,
+            settings,
+        })
+    }
+
+    /// The rows this predictor covers.
+    pub fn rows(&self) -> Range<usize> {
+        self.rows.clone()
+    }
+
+    /// The predicted labels, in column order.
+    pub fn label_names(&self) -> &[String] {
+        self.model.label_names()
+    }
+
+    /// The batches of [`Predictor::rows`] (see [`batches`]).
+    pub fn batches(&self) -> impl Iterator<Item = Range<usize>> {
+        batches(self.rows.clone())
+    }
+
+    /// Posterior summaries, in physical units, of the stars in `rows` (within [`Predictor::rows`]).
+    pub fn predict_batch(&self, rows: Range<usize>) -> Result<Vec<StarPrediction>> {
+        self.model
+            .predict_batch(&self.spectra, rows, &self.settings)
     }
 }
 

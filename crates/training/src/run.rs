@@ -168,11 +168,16 @@ impl RunDir {
     pub fn load_state(&self) -> Result<RunState> {
         let path = self.state();
         let text = std::fs::read_to_string(&path).map_err(|e| {
-            TrainError::run(
-                &self.root,
-                format!("not a starflow run directory (cannot read state.json: {e})"),
-                "pass the --out directory of a `starflow train` run",
-            )
+            let problem = format!("not a starflow run directory (cannot read state.json: {e})");
+            let fix = "pass the --out directory of a `starflow train` run".to_string();
+            match e.kind() {
+                std::io::ErrorKind::NotFound => TrainError::Missing {
+                    path: self.root.clone(),
+                    problem,
+                    fix,
+                },
+                _ => TrainError::run(&self.root, problem, fix),
+            }
         })?;
         let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
             TrainError::run(

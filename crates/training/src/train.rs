@@ -29,6 +29,11 @@ pub trait Observer {
     fn step(&self, _step: usize, _running_nll: f64) {}
     /// After validation and the checkpoint.
     fn epoch_end(&self, _record: &EpochRecord) {}
+    /// Asked after every step: `true` stops training with [`TrainError::Interrupted`] before the
+    /// epoch is committed (a notebook's Ctrl-C reaches a library call this way).
+    fn interrupted(&self) -> bool {
+        false
+    }
 }
 
 /// An observer that ignores everything.
@@ -176,6 +181,44 @@ fn mean_nll_with(
         after_batch(k);
     }
     Ok(total / indices.len() as f64)
+}
+
+/// What a caller asks of one training: a config file (the defaults when `None`), `section.key=value`
+/// overrides, the run directory (default `runs/<backbone>-<flow>`) and whether to resume. The
+/// command line and the Python package both resolve their arguments through it, so the same
+/// request trains the same run.
+#[derive(Clone, Debug, Default)]
+pub struct TrainRequest {
+    pub config: Option<PathBuf>,
+    pub overrides: Vec<String>,
+    pub out: Option<PathBuf>,
+    pub resume: bool,
+}
+
+impl TrainRequest {
+    /// The configuration and the run directory.
+    pub fn resolve(&self) -> Result<(TrainConfig, PathBuf)> {
+        let origin = self
+            .config
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("<defaults>"));
+        let mut cfg = match &self.config {
+            Some(p) => TrainConfig::from_file(p)?,
+            None => TrainConfig::default(),
+        };
+        if self.resume {
+            // A resumed run keeps its stored config, and `train` takes the larger of the stored
+            // and the given epoch budgets; so only an explicit override of optim.epochs may extend
+            // it. Without this, a resume took the default budget of 10 epochs and trained a
+            // killed 3-epoch run on to 10.
+            cfg.optim.epochs = 1;
+        }
+        cfg.apply_overrides(&self.overrides, &origin)?;
+        let out = self.out.clone().unwrap_or_else(|| {
+            PathBuf::from(format!("runs/{}-{}", cfg.model.backbone, cfg.model.flow))
+        });
+        Ok((cfg, out))
+    }
 }
 
 /// Options of one `train` call.
@@ -465,6 +508,12 @@ impl<'o> Trainer<'o> {
                 }
             }
             observer.step(k, mean_or_nan(sum, count));
+            if observer.interrupted() {
+                return Err(TrainError::Interrupted {
+                    epoch,
+                    run: self.run.root.clone(),
+                });
+            }
         }
         Ok((mean_or_nan(sum, count), skipped))
     }

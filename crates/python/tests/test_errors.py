@@ -1,0 +1,74 @@
+"""Bad input raises the right exception, with the command line's message."""
+
+import numpy as np
+import pytest
+
+import starflow
+from conftest import run_cli
+
+
+def cli_error(cli, *args):
+    done = run_cli(cli, *args, check=False)
+    assert done.returncode == 2, done.stderr
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ")
+    return line[len("error: "):]
+
+
+def test_missing_run_is_file_not_found_with_the_cli_message(cli, tmp_path):
+    missing = tmp_path / "no-such-run"
+    with pytest.raises(FileNotFoundError) as e:
+        starflow.load_run(missing)
+    spectra = tmp_path / "s.npy"
+    np.save(spectra, np.ones((1, 8), dtype=np.float32))
+    assert str(e.value) == cli_error(cli, "predict", "--run", missing, "--spectra", spectra)
+
+
+def test_wrong_pixel_count_is_value_error(gaussian_run):
+    with pytest.raises(ValueError, match=r"spectra array: spectra have 100 pixels, but the run was trained on 256 pixels; fix: "):
+        gaussian_run.predict(np.ones((2, 100), dtype=np.float32))
+
+
+def test_non_finite_flux_names_row_and_pixel(gaussian_run, spectra):
+    bad = spectra[:3].copy()
+    bad[2, 17] = np.nan
+    with pytest.raises(ValueError, match="row 2 has a non-finite value at pixel 17"):
+        gaussian_run.predict(bad)
+
+
+def test_bad_shapes_and_settings(gaussian_run, spectra):
+    with pytest.raises(ValueError, match="2-D array"):
+        gaussian_run.predict(np.ones((2, 2, 256)))
+    with pytest.raises(ValueError, match="at least 10"):
+        gaussian_run.predict(spectra[:2], samples=3)
+    with pytest.raises(ValueError):
+        gaussian_run.predict([["a", "b"]])
+
+
+def test_bad_config_is_value_error_with_the_cli_message(cli, tmp_path):
+    with pytest.raises(ValueError) as e:
+        starflow.train(out=tmp_path / "r", progress=False, optim__lr=-1.0)
+    assert str(e.value) == cli_error(cli, "train", "--out", tmp_path / "r", "--set", "optim.lr=-1.0")
+    with pytest.raises(ValueError, match="unknown key"):
+        starflow.train(out=tmp_path / "r", progress=False, optim__learning_rate=1e-3)
+    with pytest.raises(FileNotFoundError):
+        starflow.train(tmp_path / "missing.toml", out=tmp_path / "r", progress=False)
+    with pytest.raises(TypeError):
+        starflow.train(out=tmp_path / "r", progress=False, optim__lr=object())
+
+
+def test_synth_rejects_bad_settings():
+    with pytest.raises(ValueError, match="snr"):
+        starflow.synth(10, snr_min=300.0, snr_max=250.0)
+
+
+def test_synth_is_reproducible():
+    a = starflow.synth(3, seed=9, pixels_per_camera=32)
+    b = starflow.synth(3, seed=9, pixels_per_camera=32)
+    spectra, labels, wavelength, crlb = a
+    assert spectra.shape == (3, 128) and spectra.dtype == np.float32
+    assert labels.shape == (3, 8) and wavelength.shape == (128,) and crlb.shape == (3, 3)
+    for x, y in zip(a, b):
+        assert np.array_equal(x, y)
+    marginal = starflow.synth(3, seed=9, pixels_per_camera=32, marginal_crlb=True)[3]
+    assert (marginal >= crlb).all()

@@ -1,0 +1,50 @@
+"""The notebook-style example runs end to end, and the default progress display works."""
+
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import starflow
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "quickstart.py"
+
+
+def test_quickstart_runs_end_to_end(tmp_path):
+    done = subprocess.run([sys.executable, str(EXAMPLE), str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    for label in ("t_eff", "log_g", "fe_h"):
+        assert f"{label}: RMSE" in out
+    assert "posterior samples of star 0: (1, 2000, 3)" in out
+    # The progress display printed one line per epoch.
+    assert done.stderr.count("val nll") == 6
+    assert (tmp_path / "run" / "calibration.json").exists()
+
+
+def test_progress_uses_tqdm_when_installed(monkeypatch, data_dir, tmp_path, capsys):
+    bars = []
+
+    class FakeBar:
+        def __init__(self, total, desc, leave):
+            self.total, self.desc, self.n = total, desc, 0
+            bars.append(self)
+
+        def update(self, k):
+            self.n += k
+
+        def set_postfix(self, **kw):
+            self.postfix = kw
+
+        def close(self):
+            self.closed = True
+
+    auto = types.ModuleType("tqdm.auto")
+    auto.tqdm = FakeBar
+    monkeypatch.setitem(sys.modules, "tqdm", types.ModuleType("tqdm"))
+    monkeypatch.setitem(sys.modules, "tqdm.auto", auto)
+    cfg = {"data": {"dir": str(data_dir), "synthetic_n": 160, "synthetic_pixels_per_camera": 64}}
+    starflow.train(cfg, out=tmp_path / "run", epochs=2, optim__batch_size=32, flow="diagonal_gaussian")
+    assert [b.desc for b in bars] == ["epoch 1/2", "epoch 2/2"]
+    assert all(b.n == b.total and b.closed for b in bars)
+    assert capsys.readouterr().err.count("val nll") == 2
