@@ -15,6 +15,16 @@ mod train;
 
 use pyo3::prelude::*;
 
+/// Makes the process's allocator (glibc) keep large freed blocks for reuse, as the `starflow`
+/// command does at startup: prediction and training then stop faulting tens of megabytes back in
+/// at every batch (measured: predict ~20 % faster at 16,384 px). Process-wide and permanent, and
+/// freed memory stays with the process, so the package never does it on its own: call it once in a
+/// session that predicts or trains at scale. Returns whether it applied (false off glibc).
+#[pyfunction]
+fn tune_allocator() -> bool {
+    starflow_models::tune_allocator()
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -24,5 +34,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(run::load_run, m)?)?;
     m.add_function(wrap_pyfunction!(synth::synth, m)?)?;
     m.add_function(wrap_pyfunction!(train::train, m)?)?;
+    m.add_function(wrap_pyfunction!(tune_allocator, m)?)?;
     Ok(())
 }

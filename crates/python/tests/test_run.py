@@ -127,3 +127,9 @@ def test_an_exception_in_the_callback_stops_training(data_dir, tmp_path):
     run = starflow.train(cfg, out=tmp_path / "run", resume=True, progress=False, epochs=1,
                          optim__batch_size=32)
     assert len(run.history) == 1
+
+
+def test_tune_allocator_applies_on_glibc():
+    import platform
+
+    assert starflow.tune_allocator() is (platform.libc_ver()[0] == "glibc")

@@ -23,10 +23,19 @@ import os
 import sys
 from typing import Any, Callable, Mapping, Optional, Union
 
-from ._native import FLOW_NAMES, Flow, Run, __version__, load_run, synth
+from ._native import FLOW_NAMES, Flow, Run, __version__, load_run, synth, tune_allocator
 from . import _native
 
-__all__ = ["FLOW_NAMES", "Flow", "Run", "__version__", "load_run", "synth", "train"]
+__all__ = [
+    "FLOW_NAMES",
+    "Flow",
+    "Run",
+    "__version__",
+    "load_run",
+    "synth",
+    "train",
+    "tune_allocator",
+]
 
 PathLike = Union[str, "os.PathLike[str]"]
 

@@ -1,6 +1,7 @@
 """Type stubs of the compiled module ``starflow._native`` (re-exported by ``starflow``)."""
 
 from os import PathLike
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -16,7 +17,7 @@ class Run:
     """A trained run: its model at the best epoch, its configuration and history."""
 
     @property
-    def path(self) -> str: ...
+    def path(self) -> Path: ...
     @property
     def labels(self) -> list[str]: ...
     @property
@@ -57,6 +58,10 @@ class Flow:
         """`log p(x | params)` for params `(b, n_params)` and x `(b, dim)`; shape `(b,)`."""
     def sample(self, params: npt.ArrayLike, n: int, seed: int = 0) -> npt.NDArray[np.float64]:
         """`n` samples per parameter row, shape `(b, n, dim)`."""
+
+def tune_allocator() -> bool:
+    """Keep large freed blocks in the heap (glibc), as the `starflow` command does: faster
+    prediction and training at scale; process-wide, opt-in. Returns whether it applied."""
 
 def load_run(path: _Path) -> Run:
     """Open a run directory written by `starflow train` or `starflow.train`."""
