@@ -74,6 +74,26 @@ fn columns<'py>(
     Ok(out)
 }
 
+/// Runs `work` on the spectra argument lent to Rust as it is (see [`crate::arrays::spectra`]) as
+/// rows `first_row..`, without the GIL; returns its result and the number of spectra.
+fn on_spectra<'py, T: Send>(
+    py: Python<'py>,
+    spectra: &Bound<'py, PyAny>,
+    first_row: usize,
+    work: impl FnOnce(&SpectraSlice<'_>) -> starflow_training::Result<T> + Send,
+) -> PyResult<(T, usize)> {
+    let arr = crate::arrays::spectra(spectra)?;
+    let (n_stars, n_pix) = arr.shape();
+    let fluxes = arr.fluxes()?;
+    let out = py
+        .detach(|| {
+            let view = SpectraSlice::new(fluxes, n_pix, Path::new(ARRAY_ORIGIN))?;
+            work(&view.starting_at(first_row))
+        })
+        .map_err(train_error)?;
+    Ok((out, n_stars))
+}
+
 /// `json.loads` of a serialisable value: plain dicts, lists, numbers and strings.
 fn plain<'py>(py: Python<'py>, value: &impl serde::Serialize) -> PyResult<Bound<'py, PyAny>> {
     let text = serde_json::to_string(value)
@@ -88,8 +108,11 @@ impl Run {
     /// predict`). A pandas DataFrame when pandas is installed (or `as_frame=True`), else a dict
     /// of numpy arrays. `calibrate` applies the run's recalibration, as the command line does
     /// unless given `--raw`. Each star's posterior samples come from its own stream (the seed and
-    /// its row), so the result equals `starflow predict` on the same spectra bit for bit.
-    #[pyo3(signature = (spectra, samples=1000, calibrate=true, seed=0, as_frame=None))]
+    /// its row), so the result equals `starflow predict` on the same spectra bit for bit. The rows
+    /// are numbered from `first_row`: predicting a large set in chunks, pass each chunk's first row
+    /// and the chunks concatenate to exactly the one-call result (as `starflow predict --rows`).
+    #[pyo3(signature = (spectra, samples=1000, calibrate=true, seed=0, as_frame=None, first_row=0))]
+    #[allow(clippy::too_many_arguments)] // Python keyword arguments, each with its default
     fn predict<'py>(
         &self,
         py: Python<'py>,
@@ -98,17 +121,12 @@ impl Run {
         calibrate: bool,
         seed: u64,
         as_frame: Option<bool>,
+        first_row: usize,
     ) -> PyResult<Bound<'py, PyAny>> {
         let settings = self.settings(samples, seed, calibrate)?;
-        let arr = crate::arrays::spectra(spectra)?;
-        let (_, n_pix) = arr.shape();
-        let fluxes = arr.fluxes()?;
-        let stars = py
-            .detach(|| {
-                let view = SpectraSlice::new(fluxes, n_pix, Path::new(ARRAY_ORIGIN))?;
-                self.model.predict(&view, &settings, &|_| {})
-            })
-            .map_err(train_error)?;
+        let (stars, _) = on_spectra(py, spectra, first_row, |view| {
+            self.model.predict(view, &settings, &|_| {})
+        })?;
         let cols = columns(py, self.model.label_names(), &stars)?;
         let pandas = match as_frame {
             Some(false) => None,
@@ -122,8 +140,9 @@ impl Run {
     }
 
     /// `n` posterior samples per spectrum, physical units, shape `(n_stars, n, n_labels)`. Drawn
-    /// from the same per-star streams as `predict`; recalibrated like it when `calibrate`.
-    #[pyo3(signature = (spectra, n=1000, calibrate=true, seed=0))]
+    /// from the same per-star streams as `predict` (rows numbered from `first_row`); recalibrated
+    /// like it when `calibrate`.
+    #[pyo3(signature = (spectra, n=1000, calibrate=true, seed=0, first_row=0))]
     fn posterior_samples<'py>(
         &self,
         py: Python<'py>,
@@ -131,17 +150,12 @@ impl Run {
         n: usize,
         calibrate: bool,
         seed: u64,
+        first_row: usize,
     ) -> PyResult<Bound<'py, PyAny>> {
         let settings = self.settings(n.max(10), seed, calibrate)?;
-        let arr = crate::arrays::spectra(spectra)?;
-        let (n_stars, n_pix) = arr.shape();
-        let fluxes = arr.fluxes()?;
-        let values = py
-            .detach(|| {
-                let view = SpectraSlice::new(fluxes, n_pix, Path::new(ARRAY_ORIGIN))?;
-                self.model.sample(&view, n, &settings)
-            })
-            .map_err(train_error)?;
+        let (values, n_stars) = on_spectra(py, spectra, first_row, |view| {
+            self.model.sample(view, n, &settings)
+        })?;
         array(py, values, &[n_stars, n, self.model.label_names().len()])
     }
 

@@ -52,6 +52,18 @@ def test_predict_is_zero_copy_safe_and_per_star(flow_run, spectra):
         assert np.array_equal(col, full[name][:4]), name
 
 
+def test_chunks_with_first_row_concatenate_to_one_call(flow_run, spectra):
+    whole = flow_run.predict(spectra, samples=100, seed=6, as_frame=False)
+    parts = [
+        flow_run.predict(spectra[a:b], samples=100, seed=6, as_frame=False, first_row=a)
+        for a, b in [(0, 50), (50, 131), (131, len(spectra))]
+    ]
+    for name, col in whole.items():
+        assert np.array_equal(np.concatenate([p[name] for p in parts]), col), name
+    s = flow_run.posterior_samples(spectra[131:133], 50, seed=6, first_row=131)
+    assert np.array_equal(s, flow_run.posterior_samples(spectra[:133], 50, seed=6)[131:])
+
+
 def test_predict_returns_a_dataframe_with_pandas(gaussian_run, spectra):
     pd = pytest.importorskip("pandas")
     frame = gaussian_run.predict(spectra[:5])

@@ -42,9 +42,14 @@ pub trait SpectraRows: Sync {
     fn origin(&self) -> &Path;
     /// Number of rows.
     fn n_rows(&self) -> usize;
+    /// The row numbers these spectra hold, `0..n_rows()` unless they are a slice of a larger set
+    /// (see [`SpectraSlice::starting_at`]). A star's posterior samples are keyed by its row number.
+    fn rows(&self) -> Range<usize> {
+        0..self.n_rows()
+    }
     /// Pixels per row.
     fn n_pix(&self) -> usize;
-    /// Copies row `row` into `out` (`n_pix` values) as f32.
+    /// Copies row `row` (one of [`SpectraRows::rows`]) into `out` (`n_pix` values) as f32.
     fn read_row(&self, row: usize, out: &mut [f32]);
     /// The rows will not be read again soon (a mapped file gives their pages back).
     fn release(&self, _rows: Range<usize>) {}
@@ -105,6 +110,7 @@ pub struct SpectraSlice<'a> {
     fluxes: Fluxes<'a>,
     n_pix: usize,
     origin: &'a Path,
+    first_row: usize,
 }
 
 impl<'a> SpectraSlice<'a> {
@@ -125,7 +131,14 @@ impl<'a> SpectraSlice<'a> {
             fluxes,
             n_pix,
             origin,
+            first_row: 0,
         })
+    }
+
+    /// The same spectra as rows `first_row..` of a larger set: predicting a set in chunks this
+    /// way gives exactly the rows of predicting it in one go (the same per-star streams).
+    pub fn starting_at(self, first_row: usize) -> Self {
+        SpectraSlice { first_row, ..self }
     }
 }
 
@@ -142,8 +155,12 @@ impl SpectraRows for SpectraSlice<'_> {
     fn n_pix(&self) -> usize {
         self.n_pix
     }
+    fn rows(&self) -> Range<usize> {
+        self.first_row..self.first_row + self.n_rows()
+    }
     fn read_row(&self, row: usize, out: &mut [f32]) {
-        let at = row * self.n_pix..(row + 1) * self.n_pix;
+        let i = row - self.first_row;
+        let at = i * self.n_pix..(i + 1) * self.n_pix;
         match self.fluxes {
             Fluxes::F32(v) => out.copy_from_slice(&v[at]),
             Fluxes::F64(v) => {
@@ -262,7 +279,7 @@ impl TrainedModel {
             .collect())
     }
 
-    /// Posterior summaries of every row of `spectra`, batch by batch; `progress` is told the
+    /// Posterior summaries of every row of `spectra` ([`SpectraRows::rows`]), batch by batch; `progress` is told the
     /// number of stars done after each batch.
     pub fn predict(
         &self,
@@ -272,7 +289,7 @@ impl TrainedModel {
     ) -> Result<Vec<StarPrediction>> {
         self.check(spectra, settings)?;
         let mut out = Vec::with_capacity(spectra.n_rows());
-        for rows in batches(0..spectra.n_rows()) {
+        for rows in batches(spectra.rows()) {
             out.extend(self.predict_batch(spectra, rows, settings)?);
             progress(out.len());
         }
@@ -289,7 +306,7 @@ impl TrainedModel {
     ) -> Result<Vec<f64>> {
         self.check(spectra, settings)?;
         let mut out = Vec::with_capacity(spectra.n_rows() * n * self.model.flow.dim());
-        for rows in batches(0..spectra.n_rows()) {
+        for rows in batches(spectra.rows()) {
             out.extend(self.sample_batch(spectra, rows, n, settings)?);
         }
         Ok(out)

@@ -35,12 +35,19 @@ class Run:
         calibrate: bool = True,
         seed: int = 0,
         as_frame: Optional[bool] = None,
+        first_row: int = 0,
     ) -> Any:
         """Per-star posterior summaries in physical units (`row`, then `<label>_mean`, `_std`,
         `_q025`, `_q16`, `_q50`, `_q84`, `_q975`): a pandas DataFrame when pandas is installed
-        (or `as_frame=True`), else a dict of numpy arrays."""
+        (or `as_frame=True`), else a dict of numpy arrays. Rows are numbered from `first_row`, so
+        chunks of a large set concatenate to exactly the one-call result."""
     def posterior_samples(
-        self, spectra: _Spectra, n: int = 1000, calibrate: bool = True, seed: int = 0
+        self,
+        spectra: _Spectra,
+        n: int = 1000,
+        calibrate: bool = True,
+        seed: int = 0,
+        first_row: int = 0,
     ) -> npt.NDArray[np.float64]:
         """`n` posterior samples per spectrum, shape `(n_stars, n, n_labels)`."""
 
