@@ -167,7 +167,12 @@ fn calibration(
         ))
     })?;
     eprintln!(
-        "recalibration fitted on {} {} stars: {}",
+        "recalibration ({}) fitted on {} {} stars: {}",
+        if c.maps.is_empty() {
+            "one shift and scale per label"
+        } else {
+            "quantile maps"
+        },
         c.n_stars,
         c.fitted_on,
         c.labels

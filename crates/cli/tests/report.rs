@@ -60,7 +60,7 @@ fn report_writes_figures_and_tables_for_a_trained_run() {
         "--calibrate",
     ]);
     assert!(
-        se.contains("recalibration fitted on") && se.contains("val stars"),
+        se.contains("recalibration (quantile maps) fitted on") && se.contains("val stars"),
         "{se}"
     );
     assert!(so.contains("eval-test/"), "{so}");

@@ -86,7 +86,7 @@ impl BoundedLog {
 
 /// `erf^{-1}(y)` for `|y| < 1` to full f64 precision: Giles' single-precision approximation as
 /// a start, then Halley steps on `erf` (or `erfc` for `|y| > 1/2`, where `1 -+ y` is exact).
-pub(crate) fn erfinv(y: f64) -> f64 {
+pub fn erfinv(y: f64) -> f64 {
     if y.is_nan() || y.abs() > 1.0 {
         return f64::NAN;
     }

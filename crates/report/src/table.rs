@@ -263,11 +263,13 @@ pub fn markdown(title: &str, intro: &str, rows: &[RunRow]) -> String {
     );
     s.push_str(
         "Each cell shows the model's own posteriors → the same posteriors recalibrated (what \
-         `starflow evaluate` and `predict` give by default; `--raw` for the model's own): every \
-         label's posterior moved by c of its own standard deviation and stretched about its mean \
-         by s, both fitted on the validation split when training ended (c = median pull, \
-         s = median |pull - c| / 0.6745). Correlations are unchanged; ± is one standard error of \
-         the model's figure.\n\n",
+         `starflow evaluate` and `predict` give by default; `--raw` for the model's own): each \
+         label's posterior mapped through a monotone map of its standardised axis (x - mean) / std \
+         that sends the normal quantiles to the quantiles of the validation stars' standardised \
+         errors, fitted when training ended, so the recalibrated posteriors have the errors' own \
+         tails. c and s describe the map: it moves the posterior's centre by c of its own standard \
+         deviation, and its central ±1 std by a factor s. Rank correlations are unchanged; ± is one \
+         standard error of the model's figure.\n\n",
     );
     s.push_str("| run | label | shift c, scale s | pull mean | pull std | 68 % coverage | 95 % coverage | targets (model) | targets (recalibrated) |\n");
     s.push_str("|---|---|---|---|---|---|---|---|---|\n");
@@ -363,9 +365,10 @@ pub fn markdown(title: &str, intro: &str, rows: &[RunRow]) -> String {
         s,
         "The fraction of stars whose true (t_eff, log g, [Fe/H]) lies inside the posterior's \
          highest-density region of mass 68.3 % / 95.4 %. Marginal coverage can be right while the \
-         correlations are wrong; this cannot. Targets: {:.1}-{:.1} % and {:.1}-{:.1} %. Gaussian \
-         flows are exact (chi-square of the Mahalanobis distance); full_flow ranks the truth's \
-         density among 400 posterior samples per star.\n",
+         correlations are wrong; this cannot. Targets: {:.1}-{:.1} % and {:.1}-{:.1} %. The model's \
+         own Gaussian flows are exact (chi-square of the Mahalanobis distance); full_flow, and \
+         every recalibrated posterior (whose density is the model's over the maps' Jacobian), rank \
+         the truth's density among 400 posterior samples per star.\n",
         100.0 * TARGETS.joint_68.0,
         100.0 * TARGETS.joint_68.1,
         100.0 * TARGETS.joint_95.0,

@@ -17,6 +17,7 @@ use starflow_data::npy::NpyArray;
 use starflow_data::{Batch, Batcher, Dataset, FluxTransform, LoadOptions};
 use starflow_flows::{Flow, LogProbParts, PosteriorSummary, Samples};
 
+use crate::calibration::{Calibration, CalibrationMethod, Resolved};
 use crate::error::{Result, TrainError};
 use crate::model::StarModel;
 use crate::run::{write_text, RunDir, RunState};
@@ -156,10 +157,20 @@ pub struct Evaluation {
     pub seconds: f64,
     #[serde(skip)]
     pub stars: Vec<StarPrediction>,
+    /// Per label, posterior samples of the model's own posteriors standardised by each star's
+    /// mean and std, `(x - m) / σ`, pooled over the stars (sampled flows only, up to
+    /// [`POOLED_DRAWS`] per star; empty otherwise): the shape a recalibration map starts from.
+    #[serde(skip)]
+    pub standardized_draws: Vec<Vec<f64>>,
 }
 
+/// Samples per star kept in [`Evaluation::standardized_draws`]: with a validation split of a
+/// thousand stars, tens of thousands of draws fix the pooled quantiles far better than the
+/// errors' own are fixed.
+pub const POOLED_DRAWS: usize = 64;
+
 /// Standard normal CDF.
-fn phi(x: f64) -> f64 {
+pub(crate) fn phi(x: f64) -> f64 {
     0.5 * (1.0 + erf(x / std::f64::consts::SQRT_2))
 }
 
@@ -196,131 +207,11 @@ pub(crate) fn check_samples(run_dir: &Path, n_samples: usize) -> Result<()> {
     Ok(())
 }
 
-/// Per-label recalibration of the posteriors, fitted on the validation split: each label's
-/// posterior is moved by `-shift[j]` of its own standard deviation and stretched about its mean by
-/// `scale[j]`, `X' = m - c σ + s (X - m)`, so that a pull `p` becomes `(p - c) / s`. Both come
-/// from the validation pulls robustly: `c = median(pull)` and `s = median(|pull - c|) / 0.6745`
-/// (half of N(0, 1) lies within ±0.6745). A network trained with a finite budget is usually too
-/// wide or too narrow, and biased by a fraction of its own width, as a whole rather than star by
-/// star, which one shift and one factor per label repair (σ-scaling, Levi et al. 2019,
-/// "Evaluating and calibrating uncertainty prediction in regression tasks", with the location
-/// term of a location-scale recalibration). Medians, not the Gaussian maximum-likelihood mean and
-/// `mean(pull²)`, because pulls are heavy-tailed: a few badly predicted giants in a validation
-/// split of a few hundred stars moved the mean-square factor by up to 1.8x in the quick profile.
-/// Correlations are unchanged; RMSE and bias change only through the shift.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Calibration {
-    pub labels: Vec<String>,
-    pub scale: Vec<f64>,
-    /// Shift of each label's posterior in units of its own standard deviation (empty in files
-    /// written before shifts existed: no shift).
-    #[serde(default)]
-    pub shift: Vec<f64>,
-    /// Split the factors were fitted on and its size.
-    pub fitted_on: String,
-    pub n_stars: usize,
-    /// Epochs done when fitted: a run trained further needs new factors.
-    #[serde(default)]
-    pub epochs_done: usize,
-}
-
-/// Median of finite values (0 when there are none).
-fn median(mut v: Vec<f64>) -> f64 {
-    v.retain(|x| x.is_finite());
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        0.5 * (v[n / 2 - 1] + v[n / 2])
-    }
-}
-
-impl Calibration {
-    /// Fits shifts and factors to an (unscaled) evaluation, normally of the validation split.
-    pub fn fit(eval: &Evaluation) -> Self {
-        let d = eval.labels.len();
-        let pulls = |j: usize| -> Vec<f64> {
-            eval.stars
-                .iter()
-                .filter_map(|s| s.truth.as_ref().map(|t| (s.mean[j] - t[j]) / s.std[j]))
-                .collect()
-        };
-        let (shift, scale) = (0..d)
-            .map(|j| {
-                let p = pulls(j);
-                let c = median(p.clone());
-                let spread = median(p.iter().map(|v| (v - c).abs()).collect());
-                (
-                    c,
-                    if spread > 0.0 {
-                        spread / NORMAL_QUARTILE
-                    } else {
-                        1.0
-                    },
-                )
-            })
-            .unzip();
-        Calibration {
-            labels: eval.labels.iter().map(|l| l.name.clone()).collect(),
-            scale,
-            shift,
-            fitted_on: eval.split.clone(),
-            n_stars: eval.n_stars,
-            epochs_done: 0,
-        }
-    }
-
-    /// The shift of label `j` (0 when the file has none).
-    fn shift(&self, j: usize) -> f64 {
-        self.shift.get(j).copied().unwrap_or(0.0)
-    }
-
-    /// The truth `t` of label `j` as seen by the unscaled posterior with mean `m` and standard
-    /// deviation `sd`: the recalibrated CDF (and density, up to `1 / scale`) at `t` is the
-    /// unscaled one at this point.
-    fn seen(&self, t: f64, m: f64, sd: f64, j: usize) -> f64 {
-        m + (t - m + self.shift(j) * sd) / self.scale[j]
-    }
-
-    /// Moves and stretches posterior samples of one star, `points` `(n, d)` row-major in z-units,
-    /// whose unscaled posterior has mean `mean` and standard deviation `sd`: `x' = m - c sd + s (x
-    /// - m)`, the map [`Calibration::apply`] applies to the summary.
-    pub fn apply_to_points(&self, points: &mut [f64], mean: &[f64], sd: &[f64]) {
-        let d = mean.len();
-        for (k, x) in points.iter_mut().enumerate() {
-            let j = k % d;
-            *x = mean[j] - self.shift(j) * sd[j] + self.scale[j] * (*x - mean[j]);
-        }
-    }
-
-    /// Moves and stretches a z-unit posterior summary.
-    fn apply(&self, s: &mut PosteriorSummary) {
-        let d = s.mean.len();
-        for j in 0..d {
-            let (m, sd, sc) = (s.mean[j], s.std[j], self.scale[j]);
-            let moved = m - self.shift(j) * sd;
-            s.mean[j] = moved;
-            s.std[j] = sc * sd;
-            s.quantiles[j] = s.quantiles[j].map(|q| moved + sc * (q - m));
-            for k in 0..d {
-                s.cov[j * d + k] *= sc * self.scale[k];
-            }
-        }
-    }
-}
-
-/// The 75 % quantile of the standard normal: half of N(0, 1) lies within ±0.6745.
-const NORMAL_QUARTILE: f64 = 0.674_489_750_196_081_7;
-
 /// Posterior summaries (z-units) and, given truths, PITs for one batch of parameters.
 ///
-/// With a calibration each label's posterior is moved and stretched (see [`Calibration`]): the
-/// PIT of a truth under the recalibrated posterior is the unscaled posterior's CDF at the point
-/// [`Calibration::seen`], and the summary is moved and stretched alike.
+/// With a calibration each label's posterior is mapped (see [`Calibration`]): the PIT of a truth
+/// under the recalibrated posterior is the unscaled posterior's CDF at the point
+/// [`Resolved::seen`], and the summary is mapped alike.
 pub(crate) fn summarize_batch(
     model: &StarModel,
     params: &Tensor,
@@ -330,8 +221,9 @@ pub(crate) fn summarize_batch(
     cal: Option<&Calibration>,
 ) -> Result<BatchSummaries> {
     let d = model.flow.dim();
+    let cal = cal.map(Calibration::resolved);
     // The truth as seen by the unscaled posterior of item i, label j.
-    let seen = |t: f64, s: &PosteriorSummary, j: usize| match cal {
+    let seen = |t: f64, s: &PosteriorSummary, j: usize| match &cal {
         Some(c) => c.seen(t, s.mean[j], s.std[j], j),
         None => t,
     };
@@ -383,22 +275,31 @@ pub(crate) fn summarize_batch(
         out
     };
     debug_assert_eq!(b, out.len());
-    // Before the summaries move: the truths as seen by the unscaled posteriors.
+    // Before the summaries move: the truths as seen by the unscaled posteriors, and the
+    // unscaled means and stds the maps act about.
     let y_seen = truth_z.map(|t| {
         (0..b * d)
             .map(|k| seen(t[k], &out[k / d].0, k % d))
             .collect()
     });
+    let raw: Vec<(Vec<f64>, Vec<f64>)> = match &cal {
+        Some(_) => out
+            .iter()
+            .map(|(s, _)| (s.mean.clone(), s.std.clone()))
+            .collect(),
+        None => Vec::new(),
+    };
     let mut out = out;
-    if let Some(c) = cal {
-        for (s, _) in &mut out {
-            c.apply(s);
+    if let Some(c) = &cal {
+        for (i, (s, _)) in out.iter_mut().enumerate() {
+            c.apply(s, drawn.as_ref().map(|p: &Samples| p.item(i)));
         }
     }
     Ok(BatchSummaries {
         items: out,
         samples: drawn,
         y_seen,
+        raw,
     })
 }
 
@@ -425,8 +326,10 @@ pub(crate) struct BatchSummaries {
     /// The posterior samples the summaries came from (non-Gaussian flows only).
     samples: Option<Samples>,
     /// Given truths, `(b, d)` row-major: each truth as seen by the unscaled posterior, whose
-    /// density there is the recalibrated density at the truth times the product of the scales.
+    /// density there is the recalibrated density at the truth times the maps' Jacobian.
     y_seen: Option<Vec<f64>>,
+    /// Per star, the unscaled posterior's mean and std (z-units), about which the maps act.
+    raw: Vec<(Vec<f64>, Vec<f64>)>,
 }
 
 /// Posterior samples per star used to rank the truth's density for [`StarPrediction::hpd`]
@@ -434,14 +337,25 @@ pub(crate) struct BatchSummaries {
 /// coverage on a few thousand stars, at a fraction of the cost of ranking every sample.
 const HPD_SAMPLES: usize = 400;
 
+/// What the joint HPD levels of a recalibrated posterior need beyond the unscaled one: the
+/// maps, about which means and stds they act, and the truths as the unscaled posterior sees them.
+struct Jacobians<'a> {
+    cal: &'a Resolved,
+    raw: &'a [(Vec<f64>, Vec<f64>)],
+    y_seen: &'a [f64],
+}
+
 /// [`StarPrediction::hpd`] for a batch. Gaussian flows: the chi-square CDF of the squared
-/// Mahalanobis distance, which is `|z|^2` at the base point. Other flows: the fraction of the
-/// star's posterior samples whose density exceeds the truth's.
+/// Mahalanobis distance, which is `|z|^2` at the base point. Other flows, and Gaussian flows
+/// under a non-affine recalibration (`jac`, with `samples` drawn for it): the fraction of the
+/// star's posterior samples whose density exceeds the truth's. A map's image of a sample has the
+/// sample's density over the map's Jacobian there; an affine map's constant Jacobian cancels.
 fn hpd_levels(
     flow: &Flow,
     params: &Tensor,
     parts: &LogProbParts,
     samples: Option<&Samples>,
+    jac: Option<Jacobians>,
 ) -> Result<Vec<f64>> {
     let d = flow.dim();
     let Some(s) = samples else {
@@ -460,11 +374,21 @@ fn hpd_levels(
     for i in 0..b {
         pts.extend_from_slice(&s.item(i)[..k * d]);
     }
-    let pts = Tensor::from_vec(pts, (b * k, d), params.device())?;
-    let lp_samples: Vec<f64> = flow
-        .log_prob(&params.index_select(&idx, 0)?, &pts)?
+    let points = Tensor::from_vec(pts.clone(), (b * k, d), params.device())?;
+    let mut lp_samples: Vec<f64> = flow
+        .log_prob(&params.index_select(&idx, 0)?, &points)?
         .to_vec1()?;
-    let lp_truth: Vec<f64> = parts.log_prob.to_vec1()?;
+    let mut lp_truth: Vec<f64> = parts.log_prob.to_vec1()?;
+    if let Some(j) = jac {
+        for i in 0..b {
+            let (m, sd) = &j.raw[i];
+            lp_truth[i] -= j.cal.log_jacobian(&j.y_seen[i * d..(i + 1) * d], m, sd);
+            for r in 0..k {
+                let at = (i * k + r) * d;
+                lp_samples[i * k + r] -= j.cal.log_jacobian(&pts[at..at + d], m, sd);
+            }
+        }
+    }
     Ok((0..b)
         .map(|i| {
             let denser = lp_samples[i * k..(i + 1) * k]
@@ -661,10 +585,20 @@ pub fn evaluate(run_dir: &Path, split: &str, n_samples: usize, seed: u64) -> Res
     evaluate_scaled(run_dir, split, n_samples, seed, None)
 }
 
-/// Fits a [`Calibration`] on the validation split of a run.
+/// Fits a [`Calibration`] (quantile maps) on the validation split of a run.
 pub fn fit_calibration(run_dir: &Path, n_samples: usize, seed: u64) -> Result<Calibration> {
+    fit_calibration_with(run_dir, n_samples, seed, CalibrationMethod::Quantile)
+}
+
+/// Fits a [`Calibration`] of the given kind on the validation split of a run.
+pub fn fit_calibration_with(
+    run_dir: &Path,
+    n_samples: usize,
+    seed: u64,
+    method: CalibrationMethod,
+) -> Result<Calibration> {
     let state = RunDir::new(run_dir).load_state()?;
-    let mut c = Calibration::fit(&evaluate(run_dir, "val", n_samples, seed)?);
+    let mut c = Calibration::fit(&evaluate(run_dir, "val", n_samples, seed)?, method);
     c.epochs_done = state.epochs_done;
     Ok(c)
 }
@@ -774,7 +708,7 @@ pub fn evaluate_on_each(
     passes
         .into_iter()
         .map(|p| {
-            assemble(
+            let mut e = assemble(
                 state,
                 source,
                 &opened.data_dir,
@@ -783,7 +717,9 @@ pub fn evaluate_on_each(
                 state.config.model.flow.clone(),
                 n_samples,
                 start,
-            )
+            )?;
+            e.standardized_draws = p.draws;
+            Ok(e)
         })
         .collect()
 }
@@ -791,11 +727,13 @@ pub fn evaluate_on_each(
 /// One calibration's share of [`evaluate_on_each`]: its sampler and what it has summarised so far.
 struct Pass<'c> {
     calibration: Option<&'c Calibration>,
-    /// `sum(ln s_j)`: the recalibrated density is the unscaled one divided by the scales.
-    log_scale_sum: f64,
+    /// The calibration's maps, resolved once.
+    resolved: Option<Resolved>,
     rng: ChaCha8Rng,
     stars: Vec<StarPrediction>,
     nll: Vec<f64>,
+    /// [`Evaluation::standardized_draws`] (model's own posteriors only).
+    draws: Vec<Vec<f64>>,
 }
 
 impl<'c> Pass<'c> {
@@ -807,23 +745,26 @@ impl<'c> Pass<'c> {
         n: usize,
     ) -> Result<Self> {
         if let Some(c) = calibration {
-            if c.scale.len() != d || !(c.shift.is_empty() || c.shift.len() == d) {
+            let fits = |len: usize| len == 0 || len == d;
+            if c.scale.len() != d || !fits(c.shift.len()) || !fits(c.maps.len()) {
                 return Err(TrainError::config(
                     run_dir,
                     format!(
-                        "the calibration has {} factors and {} shifts but the run predicts {d} labels",
+                        "the calibration has {} factors, {} shifts and {} maps but the run predicts {d} labels",
                         c.scale.len(),
-                        c.shift.len()
+                        c.shift.len(),
+                        c.maps.len()
                     ),
                 ));
             }
         }
         Ok(Pass {
             calibration,
-            log_scale_sum: calibration.map_or(0.0, |c| c.scale.iter().map(|v| v.ln()).sum()),
+            resolved: calibration.map(Calibration::resolved),
             rng: ChaCha8Rng::seed_from_u64(seed),
             stars: Vec::with_capacity(n),
             nll: Vec::with_capacity(n),
+            draws: vec![Vec::new(); d],
         })
     }
 
@@ -837,6 +778,7 @@ impl<'c> Pass<'c> {
         n_samples: usize,
     ) -> Result<()> {
         let (state, model) = (&opened.state, &opened.model);
+        let d = model.flow.dim();
         let batch = summarize_batch(
             model,
             params,
@@ -845,19 +787,39 @@ impl<'c> Pass<'c> {
             &mut Draws::Shared(&mut self.rng),
             self.calibration,
         )?;
-        // The recalibrated density at y is the unscaled density at y_seen, divided by prod s.
-        let y_seen = match batch.y_seen {
-            Some(v) if self.calibration.is_some() => Tensor::from_vec(v, b.y.dims(), b.y.device())?,
-            _ => b.y.clone(),
+        // The recalibrated density at y is the unscaled density at y_seen over the Jacobian.
+        let (y_seen, jac) = match (&batch.y_seen, &self.resolved) {
+            (Some(v), Some(cal)) => (
+                Tensor::from_vec(v.clone(), b.y.dims(), b.y.device())?,
+                Some(Jacobians {
+                    cal,
+                    raw: &batch.raw,
+                    y_seen: v,
+                }),
+            ),
+            _ => (b.y.clone(), None),
         };
         let parts = model.flow.log_prob_parts(params, &y_seen)?;
         let log_prob: Vec<f64> = parts.log_prob.to_vec1()?;
-        let log_scale_sum = self.log_scale_sum;
-        self.nll
-            .extend(log_prob.iter().map(|lp| log_scale_sum - lp));
-        // The scaled posterior's samples are the unscaled ones stretched about the mean, so the
-        // density ranking of the truth is that of y_seen among the unscaled samples.
-        let hpd = hpd_levels(&model.flow, params, &parts, batch.samples.as_ref())?;
+        self.nll.extend(log_prob.iter().enumerate().map(|(i, lp)| {
+            let log_jac = jac.as_ref().map_or(0.0, |j| {
+                let (m, sd) = &j.raw[i];
+                j.cal.log_jacobian(&j.y_seen[i * d..(i + 1) * d], m, sd)
+            });
+            log_jac - lp
+        }));
+        // An affine map keeps the density ranking of the truth among the unscaled samples (and
+        // the Gaussian flows' chi-square levels); another map needs samples and its Jacobian.
+        let jac = jac.filter(|j| !j.cal.is_affine());
+        let drawn_for_hpd = match (&batch.samples, &jac) {
+            (None, Some(_)) => Some(model.flow.sample(params, HPD_SAMPLES, &mut self.rng)?),
+            _ => None,
+        };
+        let samples = batch.samples.as_ref().or(drawn_for_hpd.as_ref());
+        let hpd = hpd_levels(&model.flow, params, &parts, samples, jac)?;
+        if let (None, Some(drawn)) = (self.calibration, &batch.samples) {
+            self.pool_draws(drawn, &batch.items);
+        }
         for (k, (s, pit)) in batch.items.into_iter().enumerate() {
             let (mean, std, quantiles) = to_physical(&s, &state.scaler.mean, &state.scaler.std);
             let i = b.indices[k];
@@ -872,6 +834,20 @@ impl<'c> Pass<'c> {
             });
         }
         Ok(())
+    }
+}
+
+impl Pass<'_> {
+    /// Adds up to [`POOLED_DRAWS`] standardised samples per star to `draws`.
+    fn pool_draws(&mut self, drawn: &Samples, items: &[(PosteriorSummary, Option<Vec<f64>>)]) {
+        let d = self.draws.len();
+        for (i, (s, _)) in items.iter().enumerate() {
+            for x in drawn.item(i).chunks_exact(d).take(POOLED_DRAWS) {
+                for (j, pool) in self.draws.iter_mut().enumerate() {
+                    pool.push((x[j] - s.mean[j]) / s.std[j]);
+                }
+            }
+        }
     }
 }
 
@@ -1051,6 +1027,7 @@ fn assemble(
         joint_coverage_se,
         seconds: start.elapsed().as_secs_f64(),
         stars,
+        standardized_draws: Vec::new(),
     })
 }
 

@@ -4,6 +4,7 @@
 //! **Architecture invariant:** this crate composes `data`, `flows` and `models` and owns the run
 //! directory format (see [`run`]); it knows nothing of command lines, tables or plots.
 
+pub mod calibration;
 pub mod config;
 pub mod error;
 pub mod evaluate;
@@ -14,12 +15,13 @@ pub mod predict;
 pub mod run;
 pub mod train;
 
+pub use calibration::{Calibration, CalibrationMethod, MarginalMap};
 pub use config::TrainConfig;
 pub use error::{Result, TrainError};
 pub use evaluate::{
     cached_calibration, chi2_cdf, evaluate, evaluate_ensemble, evaluate_on, evaluate_on_each,
-    evaluate_scaled, fit_calibration, load_or_fit_calibration, posterior_samples,
-    posterior_samples_on, source_rows, Calibration, EvalSource, Evaluation, LabelErrors,
+    evaluate_scaled, fit_calibration, fit_calibration_with, load_or_fit_calibration,
+    posterior_samples, posterior_samples_on, source_rows, EvalSource, Evaluation, LabelErrors,
     LabelMetrics, SourceRows, StarPrediction, StarSamples,
 };
 pub use model::StarModel;

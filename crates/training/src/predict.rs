@@ -22,9 +22,10 @@ use rand_chacha::ChaCha8Rng;
 use starflow_data::npy::NpyArray;
 use starflow_data::FluxTransform;
 
+use crate::calibration::Calibration;
 use crate::error::{Result, TrainError};
 use crate::evaluate::{
-    check_samples, star_rng, summarize_batch, to_physical, Calibration, Draws, StarPrediction,
+    check_samples, star_rng, summarize_batch, to_physical, Draws, StarPrediction,
 };
 use crate::model::StarModel;
 use crate::run::RunState;

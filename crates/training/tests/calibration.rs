@@ -1,14 +1,15 @@
-//! Recalibration of posteriors (Calibration: a shift and a σ-scale per label): the fitted values
-//! centre the validation pulls on zero and put half of them within the normal quartile, the
-//! recalibrated NLL is the density of the recalibrated posterior, and factors of 1 with no shift
-//! change nothing.
+//! Recalibration of posteriors (Calibration: a monotone map per label of the standardised axis):
+//! quantile maps make the validation PITs uniform at their knots, affine maps centre the
+//! validation pulls on zero and put half of them within the normal quartile, the recalibrated NLL
+//! is the density of the recalibrated posterior (the model's over the maps' Jacobian), and the
+//! identity changes nothing.
 
 use std::path::{Path, PathBuf};
 
 use starflow_training::config::TrainConfig;
 use starflow_training::{
-    evaluate, evaluate_scaled, fit_calibration, load_or_fit_calibration, train, Calibration, Quiet,
-    TrainOptions,
+    evaluate, evaluate_scaled, fit_calibration, fit_calibration_with, load_or_fit_calibration,
+    train, Calibration, CalibrationMethod, MarginalMap, Quiet, TrainOptions,
 };
 
 fn tiny_run(dir: &Path, flow: &str) -> PathBuf {
@@ -22,15 +23,92 @@ fn ones(c: &Calibration) -> Calibration {
     Calibration {
         scale: vec![1.0; c.scale.len()],
         shift: vec![0.0; c.scale.len()],
+        maps: Vec::new(),
         ..c.clone()
     }
 }
 
 #[test]
-fn fitted_scale_normalises_validation_pulls_and_keeps_the_nll_a_density() {
+fn quantile_maps_make_validation_pits_uniform_and_keep_the_nll_a_density() {
     let dir = tempfile::tempdir().unwrap();
     let run = tiny_run(dir.path(), "diagonal_gaussian");
     let c = fit_calibration(&run, 100, 1).unwrap();
+    assert_eq!(c.maps.len(), 3, "{c:?}");
+    let raw = evaluate(&run, "val", 100, 1).unwrap();
+    let mapped = evaluate_scaled(&run, "val", 100, 1, Some(&c)).unwrap();
+    let n = raw.stars.len() as f64;
+    for (j, g) in c.maps.iter().enumerate() {
+        // Each knot sends a normal quantile Φ^{-1}(p) to the errors' p-quantile, so a fraction p
+        // of the validation truths lies below the recalibrated posterior's p-quantile.
+        for &[u, _] in &g.knots {
+            let p = 0.5 * (1.0 + erf(u / std::f64::consts::SQRT_2));
+            let below = mapped
+                .stars
+                .iter()
+                .filter(|s| s.pit.as_ref().unwrap()[j] < p)
+                .count() as f64;
+            assert!(
+                (below / n - p).abs() <= 1.5 / n,
+                "label {j}: {below} of {n} below {p}"
+            );
+        }
+    }
+    // The recalibrated density of a diagonal Gaussian at the truth, computed here from the maps:
+    // the model's density at the truth as it sees it, over the map's slope there.
+    let expected: f64 = raw
+        .stars
+        .iter()
+        .map(|s| {
+            let t = s.truth.as_ref().unwrap();
+            (0..3)
+                .map(|j| {
+                    let g = &c.maps[j];
+                    let u = g.inverse((t[j] - s.mean[j]) / s.std[j]);
+                    0.5 * (2.0 * std::f64::consts::PI).ln()
+                        + s.std[j].ln()
+                        + 0.5 * u * u
+                        + g.slope(u).ln()
+                })
+                .sum::<f64>()
+        })
+        .sum::<f64>()
+        / n;
+    assert!(
+        (mapped.nll - expected).abs() < 1e-6 * expected.abs().max(1.0),
+        "{} vs {expected}",
+        mapped.nll
+    );
+}
+
+/// erf to 1e-7 (Abramowitz & Stegun 7.1.26 is too coarse for a knot test; this is the
+/// Numerical Recipes erfc fit).
+fn erf(x: f64) -> f64 {
+    let z = x.abs();
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let r = t
+        * (-z * z - 1.265_512_23
+            + t * (1.000_023_68
+                + t * (0.374_091_96
+                    + t * (0.096_784_18
+                        + t * (-0.186_288_06
+                            + t * (0.278_868_07
+                                + t * (-1.135_203_98
+                                    + t * (1.488_515_87
+                                        + t * (-0.822_152_23 + t * 0.170_872_77)))))))))
+            .exp();
+    if x >= 0.0 {
+        1.0 - r
+    } else {
+        r - 1.0
+    }
+}
+
+#[test]
+fn affine_calibration_normalises_validation_pulls_and_keeps_the_nll_a_density() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = tiny_run(dir.path(), "diagonal_gaussian");
+    let c = fit_calibration_with(&run, 100, 1, CalibrationMethod::Affine).unwrap();
+    assert!(c.maps.is_empty());
     assert_eq!(c.labels, ["t_eff", "log_g", "fe_h"]);
     assert!(c.scale.iter().all(|s| s.is_finite() && *s > 0.0), "{c:?}");
     assert_eq!(c.fitted_on, "val");
@@ -82,7 +160,8 @@ fn unit_scale_changes_nothing_and_wider_scale_covers_more() {
     let c = fit_calibration(&run, 200, 2).unwrap();
     let raw = evaluate(&run, "test", 200, 2).unwrap();
     let same = evaluate_scaled(&run, "test", 200, 2, Some(&ones(&c))).unwrap();
-    assert_eq!(raw.nll_z, same.nll_z);
+    // Equal up to rounding: the truth as the unscaled posterior sees it is m + sd ((t - m) / sd).
+    assert!((raw.nll_z - same.nll_z).abs() < 1e-12 * raw.nll_z.abs().max(1.0));
     // Same PITs and stds; quantiles equal up to the rounding of m + 1 * (q - m).
     for (a, b) in raw.stars.iter().zip(&same.stars) {
         assert_eq!((&a.mean, &a.std, &a.pit), (&b.mean, &b.std, &b.pit));
@@ -97,13 +176,11 @@ fn unit_scale_changes_nothing_and_wider_scale_covers_more() {
     }
     let wide = Calibration {
         scale: vec![3.0; 3],
-        shift: vec![0.0; 3],
-        ..c.clone()
+        ..ones(&c)
     };
     let narrow = Calibration {
         scale: vec![0.3; 3],
-        shift: vec![0.0; 3],
-        ..c
+        ..ones(&c)
     };
     let w = evaluate_scaled(&run, "test", 200, 2, Some(&wide)).unwrap();
     let n = evaluate_scaled(&run, "test", 200, 2, Some(&narrow)).unwrap();
@@ -231,4 +308,51 @@ fn ensemble_of_copies_is_the_member_itself() {
     std::fs::write(other_run.join("state.json"), state.to_string()).unwrap();
     let err = evaluate_ensemble(&[run, other_run], &test, 200, 4).unwrap_err();
     assert!(err.to_string().contains("same data"), "{err}");
+}
+
+/// A map that is not affine takes the sampled path of the joint HPD levels (400 posterior samples
+/// per star, ranked by the model's density over the maps' Jacobian): with a kink too small to
+/// matter, its levels are the exact chi-square levels of the affine map within sampling noise.
+#[test]
+fn sampled_joint_levels_under_a_map_agree_with_the_exact_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = tiny_run(dir.path(), "full_gaussian");
+    let c = fit_calibration_with(&run, 100, 3, CalibrationMethod::Affine).unwrap();
+    let kinked = Calibration {
+        maps: (0..3)
+            .map(|j| {
+                let [u0, v0] = c.map(j).knots[0];
+                let s = c.scale[j];
+                MarginalMap {
+                    knots: vec![
+                        [u0 - 1.0, v0 - s * (1.0 + 1e-9)],
+                        [u0, v0],
+                        [u0 + 1.0, v0 + s],
+                    ],
+                }
+            })
+            .collect(),
+        ..c.clone()
+    };
+    assert!(!kinked.map(0).is_affine());
+    let exact = evaluate_scaled(&run, "test", 100, 3, Some(&c)).unwrap();
+    let sampled = evaluate_scaled(&run, "test", 100, 3, Some(&kinked)).unwrap();
+    assert!((exact.nll_z - sampled.nll_z).abs() < 1e-6);
+    for (a, b) in exact.stars.iter().zip(&sampled.stars) {
+        let (a, b) = (a.hpd.unwrap(), b.hpd.unwrap());
+        // One sample level's binomial sd is at most 0.025 with 400 samples.
+        assert!((a - b).abs() < 0.1, "{a} vs {b}");
+    }
+}
+
+/// A calibration file written before maps existed (shifts and scales only) is the affine map.
+#[test]
+fn calibration_without_maps_is_affine() {
+    let text = r#"{"labels":["t_eff","log_g","fe_h"],"scale":[2.0,1.0,0.5],"shift":[0.1,0.0,-0.2],
+        "fitted_on":"val","n_stars":10,"epochs_done":2}"#;
+    let c: Calibration = serde_json::from_str(text).unwrap();
+    assert!(c.maps.is_empty());
+    let g = c.map(0);
+    assert!(g.is_affine());
+    assert!((g.forward(1.5) - (-0.1 + 2.0 * 1.5)).abs() < 1e-12);
 }
