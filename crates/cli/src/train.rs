@@ -81,7 +81,7 @@ pub struct PosteriorArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// The model's own posteriors, without the recalibration that is applied by default (a
-    /// shift and a σ-scale per label fitted on the validation split when training ends, kept in
+    /// monotone map per label fitted on the validation split when training ends, kept in
     /// RUN/calibration.json).
     #[arg(long)]
     pub raw: bool,
@@ -145,7 +145,8 @@ impl PosteriorArgs {
     }
 }
 
-/// The run's recalibration (shifts and σ-scales) unless `--raw` is given, announced on stderr.
+/// The run's recalibration (a map per label) unless `--raw` is given, announced on stderr with
+/// each map's shift and scale.
 fn calibration(
     run: &Path,
     on: bool,

@@ -168,6 +168,7 @@ pub fn report_runs(
             labels: eval.labels.clone(),
             sigma_scale: calibration.scale.clone(),
             sigma_shift: calibration.shift.clone(),
+            calibration_stars: calibration.n_stars,
             calibrated: scaled.labels.clone(),
             test_nll_z_calibrated: scaled.nll_z,
             seconds_per_epoch: train_seconds / state.history.len().max(1) as f64,

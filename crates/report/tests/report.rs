@@ -101,6 +101,7 @@ fn report_of_two_runs_has_every_figure_table_and_number() {
         "cnn-full_flow/calibration.png",
         "cnn-full_flow/joint_calibration.png",
         "[an example spectrum](spectrum.png)",
+        "The recalibrated figures also carry the noise of the maps, fitted on",
     ] {
         assert!(md.contains(needle), "REPORT.md lacks {needle:?}:\n{md}");
     }
