@@ -13,6 +13,26 @@ use starflow_training::TrainError;
 
 pub fn train_error(err: TrainError) -> PyErr {
     let msg = error_line(&err);
+    typed(&err, msg)
+}
+
+/// A failure to fit a run's recalibration (its validation data are gone, say), with the way out
+/// a Python user has, as the command line gives its own (`--raw`).
+pub fn calibration_error(run: &std::path::Path, err: TrainError) -> PyErr {
+    if matches!(err, TrainError::Missing { .. }) {
+        return train_error(err);
+    }
+    let msg = format!(
+        "{}: no current recalibration is saved there and fitting one needs the run's validation \
+         data; restore the data or pass calibrate=False for the model's own posteriors ({})",
+        run.display(),
+        error_line(&err)
+    );
+    typed(&err, msg)
+}
+
+/// `msg` as the exception type of `err`.
+fn typed(err: &TrainError, msg: String) -> PyErr {
     if err.is_not_found() {
         PyFileNotFoundError::new_err(msg)
     } else if matches!(err, TrainError::Interrupted { .. }) {

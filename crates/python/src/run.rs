@@ -9,7 +9,7 @@ use starflow_training::{
 };
 
 use crate::arrays::array;
-use crate::errors::train_error;
+use crate::errors::{calibration_error, train_error};
 
 /// Names the spectra in error messages, where the command line names the file.
 const ARRAY_ORIGIN: &str = "spectra array";
@@ -38,7 +38,11 @@ impl Run {
     /// validation split and cached in the run when it has none yet (as on the command line).
     fn settings(&self, samples: usize, seed: u64, calibrate: bool) -> PyResult<PosteriorSettings> {
         let calibration = if calibrate {
-            Some(load_or_fit_calibration(self.model.dir(), samples, seed).map_err(train_error)?)
+            let dir = self.model.dir();
+            Some(
+                load_or_fit_calibration(dir, samples, seed)
+                    .map_err(|e| calibration_error(dir, e))?,
+            )
         } else {
             None
         };

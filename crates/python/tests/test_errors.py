@@ -1,5 +1,8 @@
 """Bad input raises the right exception, with the command line's message."""
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 
@@ -72,3 +75,19 @@ def test_synth_is_reproducible():
         assert np.array_equal(x, y)
     marginal = starflow.synth(3, seed=9, pixels_per_camera=32, marginal_crlb=True)[3]
     assert (marginal >= crlb).all()
+
+
+def test_recalibration_without_validation_data_says_how_to_go_on(gaussian_run, spectra, tmp_path):
+    # A copy of the run, trained on (real, not regenerable) data that are gone, whose
+    # recalibration is not saved.
+    run = tmp_path / "run"
+    shutil.copytree(gaussian_run.path, run)
+    (run / "calibration.json").unlink()
+    state = json.loads((run / "state.json").read_text())
+    state["config"]["data"].update(dir=str(tmp_path / "gone"), synthetic=False)
+    (run / "state.json").write_text(json.dumps(state))
+    moved = starflow.load_run(run)
+    with pytest.raises(ValueError, match="pass calibrate=False for the model's own posteriors"):
+        moved.predict(spectra[:2])
+    raw = moved.predict(spectra[:2], calibrate=False, as_frame=False)
+    assert raw["t_eff_mean"].shape == (2,)
