@@ -59,12 +59,12 @@ pub struct EvaluateArgs {
     #[arg(long, requires = "spectra")]
     pub labels: Option<PathBuf>,
     /// Evaluate the deep ensemble of --run and these runs (repeatable): the equal-weight mixture
-    /// of their posteriors, e.g. the same recipe trained with other `run.seed`s. Members are not
-    /// recalibrated.
+    /// of their posteriors, e.g. the same recipe trained with other `run.seed`s, recalibrated as a
+    /// whole (quantile maps fitted on --run's validation split; --raw for the mixture as it is).
     #[arg(long = "member", value_name = "RUN")]
     pub members: Vec<PathBuf>,
     /// Output directory (default RUN/eval-<split>, or RUN/eval-data for --data/--spectra;
-    /// `-raw` is appended with --raw, `-ensemble` with --member).
+    /// `-raw` is appended with --raw, `-ensemble` with --member, `-ensemble-raw` with both).
     #[arg(long)]
     pub out: Option<PathBuf>,
     #[command(flatten)]
@@ -176,18 +176,25 @@ fn calibration(
         },
         c.n_stars,
         c.fitted_on,
-        c.labels
-            .iter()
-            .enumerate()
-            .map(|(j, l)| format!(
+        describe_maps(&c)
+    );
+    Ok(Some(c))
+}
+
+/// Each label's map as its shift and scale, for stderr.
+fn describe_maps(c: &starflow_training::Calibration) -> String {
+    c.labels
+        .iter()
+        .enumerate()
+        .map(|(j, l)| {
+            format!(
                 "{l} shift {:+.3} sd, scale x{:.3}",
                 c.shift.get(j).copied().unwrap_or(0.0),
                 c.scale[j]
-            ))
-            .collect::<Vec<_>>()
-            .join("; ")
-    );
-    Ok(Some(c))
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Progress bars for the training loop.
@@ -382,17 +389,41 @@ pub fn evaluate(a: &EvaluateArgs) -> anyhow::Result<()> {
         let runs: Vec<PathBuf> = std::iter::once(a.run.clone())
             .chain(a.members.iter().cloned())
             .collect();
-        eprintln!(
-            "ensemble of {} runs: the equal-weight mixture of their own posteriors (not recalibrated)",
-            runs.len()
-        );
-        let e = starflow_training::evaluate_ensemble(
+        let (samples, seed) = (a.posterior.samples, a.posterior.seed);
+        let cal = if a.posterior.raw {
+            eprintln!(
+                "ensemble of {} runs: the equal-weight mixture of their own posteriors",
+                runs.len()
+            );
+            None
+        } else {
+            let c = starflow_training::fit_ensemble_calibration(&runs, samples, seed)
+                .context("fitting the ensemble's recalibration on the first run's validation split; pass --raw for the mixture as it is")?;
+            eprintln!(
+                "ensemble of {} runs: the equal-weight mixture of their posteriors, recalibrated \
+                 as a whole (quantile maps fitted on {} {} stars: {})",
+                runs.len(),
+                c.n_stars,
+                c.fitted_on,
+                describe_maps(&c)
+            );
+            Some(c)
+        };
+        let e = starflow_training::evaluate_ensemble_scaled(
             &runs,
             &source,
-            a.posterior.samples,
-            a.posterior.seed,
+            samples,
+            seed,
+            cal.as_ref(),
         )?;
-        (e, "-ensemble")
+        (
+            e,
+            if cal.is_some() {
+                "-ensemble"
+            } else {
+                "-ensemble-raw"
+            },
+        )
     };
     let dir = a
         .out

@@ -1,5 +1,5 @@
-//! `starflow report` and `starflow evaluate --calibrate` through the real binary: a trained run in,
-//! figures and tables out; a missing run is a user error (exit 2, names the directory, no panic).
+//! `starflow report` and `starflow evaluate` (recalibrated, raw, ensembles) through the real
+//! binary: a trained run in, figures and tables out; a missing run is a user error (exit 2, names the directory, no panic).
 
 mod common;
 
@@ -80,6 +80,32 @@ fn report_writes_figures_and_tables_for_a_trained_run() {
     ]);
     assert!(!se.contains("recalibration"), "{se}");
     assert!(run.join("eval-test-raw/metrics.json").exists(), "{so}");
+    // An ensemble (here of the run and a copy) is recalibrated as a whole, or not with --raw.
+    let copy = d.join("copy");
+    std::fs::create_dir_all(&copy).unwrap();
+    for f in ["state.json", "model.safetensors", "config.toml"] {
+        std::fs::copy(run.join(f), copy.join(f)).unwrap();
+    }
+    let member = ["--member", copy.to_str().unwrap()];
+    let args = [
+        "evaluate",
+        "--run",
+        run.to_str().unwrap(),
+        "--samples",
+        "100",
+    ];
+    let (_, se) = ok(&[&args[..], &member[..]].concat());
+    assert!(
+        se.contains("recalibrated as a whole (quantile maps fitted on"),
+        "{se}"
+    );
+    assert!(run.join("eval-test-ensemble/metrics.json").exists());
+    let (_, se) = ok(&[&args[..], &member[..], &["--raw"][..]].concat());
+    assert!(
+        se.contains("the equal-weight mixture of their own posteriors"),
+        "{se}"
+    );
+    assert!(run.join("eval-test-ensemble-raw/metrics.json").exists());
     let png = std::fs::read(out.join("cnn-diag/pulls.png")).unwrap();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
     let md = std::fs::read_to_string(out.join("REPORT.md")).unwrap();

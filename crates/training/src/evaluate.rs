@@ -840,13 +840,25 @@ impl<'c> Pass<'c> {
 impl Pass<'_> {
     /// Adds up to [`POOLED_DRAWS`] standardised samples per star to `draws`.
     fn pool_draws(&mut self, drawn: &Samples, items: &[(PosteriorSummary, Option<Vec<f64>>)]) {
-        let d = self.draws.len();
         for (i, (s, _)) in items.iter().enumerate() {
-            for x in drawn.item(i).chunks_exact(d).take(POOLED_DRAWS) {
-                for (j, pool) in self.draws.iter_mut().enumerate() {
-                    pool.push((x[j] - s.mean[j]) / s.std[j]);
-                }
-            }
+            pool_standardized(&mut self.draws, drawn.item(i), s, 1, POOLED_DRAWS);
+        }
+    }
+}
+
+/// Adds up to `max` of one star's samples `pts` (`(n, d)` row-major), every `step`-th,
+/// standardised by its summary `s`, to the per-label pools `draws`.
+fn pool_standardized(
+    draws: &mut [Vec<f64>],
+    pts: &[f64],
+    s: &PosteriorSummary,
+    step: usize,
+    max: usize,
+) {
+    let d = draws.len();
+    for x in pts.chunks_exact(d).step_by(step.max(1)).take(max) {
+        for (j, pool) in draws.iter_mut().enumerate() {
+            pool.push((x[j] - s.mean[j]) / s.std[j]);
         }
     }
 }
@@ -855,12 +867,37 @@ impl Pass<'_> {
 /// labels, normalisation and pixel grid; typically the same recipe trained from different seeds)
 /// on the stars of `source`. Each member contributes `n_samples / K` posterior samples, so means,
 /// quantiles, PITs and the joint HPD levels come from the pooled samples of the mixture; the NLL
-/// is the mixture's exact density, `log(mean_k p_k(y))`. Members are not recalibrated.
+/// is the mixture's exact density, `log(mean_k p_k(y))`. The mixture as it is; see
+/// [`evaluate_ensemble_scaled`] for it recalibrated.
 pub fn evaluate_ensemble(
     runs: &[PathBuf],
     source: &EvalSource,
     n_samples: usize,
     seed: u64,
+) -> Result<Evaluation> {
+    evaluate_ensemble_scaled(runs, source, n_samples, seed, None)
+}
+
+/// Fits a [`Calibration`] (quantile maps) of the ensemble of `runs` on the validation split of
+/// the first run's data: members are not recalibrated one by one; their mixture is, like a
+/// single run's posterior.
+pub fn fit_ensemble_calibration(
+    runs: &[PathBuf],
+    n_samples: usize,
+    seed: u64,
+) -> Result<Calibration> {
+    let val = evaluate_ensemble(runs, &EvalSource::Split("val".into()), n_samples, seed)?;
+    Ok(Calibration::fit(&val, CalibrationMethod::Quantile))
+}
+
+/// [`evaluate_ensemble`] with the mixture mapped by `calibration` (when given), as
+/// [`evaluate_scaled`] maps a single run's posteriors.
+pub fn evaluate_ensemble_scaled(
+    runs: &[PathBuf],
+    source: &EvalSource,
+    n_samples: usize,
+    seed: u64,
+    calibration: Option<&Calibration>,
 ) -> Result<Evaluation> {
     let start = Instant::now();
     let Some(first) = runs.first() else {
@@ -870,23 +907,8 @@ pub fn evaluate_ensemble(
         ));
     };
     check_samples(first, n_samples)?;
-    let members = runs
-        .iter()
-        .map(|r| load_run(r))
-        .collect::<Result<Vec<_>>>()?;
+    let members = load_members(runs)?;
     let state = &members[0].0;
-    for (r, (st, _)) in runs.iter().zip(&members) {
-        if st.scaler != state.scaler || st.n_pix != state.n_pix {
-            return Err(TrainError::config(
-                r,
-                format!(
-                    "this run's labels, normalisation or pixel grid differ from {}'s: ensemble \
-                     members must be trained on the same data",
-                    first.display()
-                ),
-            ));
-        }
-    }
     let rows = source_rows(first, state, source)?;
     let batcher = Batcher {
         dataset: &rows.dataset,
@@ -896,9 +918,11 @@ pub fn evaluate_ensemble(
     };
     let (k, d) = (members.len(), state.scaler.mean.len());
     let per_member = (n_samples / k).max(10);
+    let cal = calibration.map(Calibration::resolved);
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut stars = Vec::with_capacity(rows.indices.len());
     let mut nll = Vec::with_capacity(rows.indices.len());
+    let mut draws = vec![Vec::new(); d];
     for batch in batcher.batches(&rows.indices, 128)? {
         let b = batch?;
         let n = b.indices.len();
@@ -915,23 +939,30 @@ pub fn evaluate_ensemble(
                 pts.extend_from_slice(smp.item(i));
             }
         }
-        let mix = |pts: &Tensor, reps: usize| -> Result<Vec<f64>> {
-            let idx: Vec<u32> = (0..n as u32)
-                .flat_map(|i| std::iter::repeat_n(i, reps))
-                .collect();
-            let idx = Tensor::from_vec(idx, n * reps, pts.device())?;
-            let lps = members
-                .iter()
-                .zip(&params)
-                .map(|((_, m), p)| -> Result<Vec<f64>> {
-                    Ok(m.flow.log_prob(&p.index_select(&idx, 0)?, pts)?.to_vec1()?)
-                })
-                .collect::<Result<Vec<_>>>()?;
-            Ok((0..n * reps)
-                .map(|r| log_mean_exp(lps.iter().map(|lp| lp[r])))
-                .collect())
+        let raw: Vec<PosteriorSummary> = pooled
+            .iter()
+            .map(|pts| starflow_flows::summarize_points(pts, d))
+            .collect();
+        // The truths as the unscaled mixture sees them, and the log-Jacobian of the maps there
+        // (see `Pass::add`); with no calibration, the truths themselves.
+        let seen: Vec<f64> = (0..n * d)
+            .map(|q| {
+                let (i, j) = (q / d, q % d);
+                cal.as_ref()
+                    .map_or(yz[q], |c| c.seen(yz[q], raw[i].mean[j], raw[i].std[j], j))
+            })
+            .collect();
+        let log_jac = |x: &[f64], i: usize| {
+            cal.as_ref()
+                .map_or(0.0, |c| c.log_jacobian(x, &raw[i].mean, &raw[i].std))
         };
-        let lp_truth = mix(&b.y, 1)?;
+        let mix = |pts: &Tensor, reps: usize| mixture_log_prob(&members, &params, pts, n, reps);
+        let seen_t = Tensor::from_vec(seen.clone(), (n, d), b.y.device())?;
+        let lp_truth: Vec<f64> = mix(&seen_t, 1)?
+            .into_iter()
+            .enumerate()
+            .map(|(i, lp)| lp - log_jac(&seen[i * d..(i + 1) * d], i))
+            .collect();
         nll.extend(lp_truth.iter().map(|v| -v));
         // HPD levels: the mixture density at up to HPD_SAMPLES pooled samples per star, taken
         // evenly from every member.
@@ -942,21 +973,37 @@ pub fn evaluate_ensemble(
                 hp.extend_from_slice(&pts[m * per_member * d..(m * per_member + h) * d]);
             }
         }
-        let lp_h = mix(&Tensor::from_vec(hp, (n * k * h, d), b.y.device())?, k * h)?;
+        let lp_h = mix(
+            &Tensor::from_vec(hp.clone(), (n * k * h, d), b.y.device())?,
+            k * h,
+        )?;
         for (i, pts) in pooled.iter().enumerate() {
-            let s = starflow_flows::summarize_points(pts, d);
             let total = pts.len() / d;
             let pit = (0..d)
                 .map(|j| {
-                    let t = yz[i * d + j];
+                    let t = seen[i * d + j];
                     let below = (0..total).filter(|&r| pts[r * d + j] < t).count();
                     (below as f64 + 0.5) / (total as f64 + 1.0)
                 })
                 .collect();
-            let denser = lp_h[i * k * h..(i + 1) * k * h]
-                .iter()
-                .filter(|&&v| v > lp_truth[i])
+            let denser = (0..k * h)
+                .filter(|&r| {
+                    let at = (i * k * h + r) * d;
+                    lp_h[i * k * h + r] - log_jac(&hp[at..at + d], i) > lp_truth[i]
+                })
                 .count();
+            let mut s = raw[i].clone();
+            match &cal {
+                Some(c) => c.apply(&mut s, Some(pts)),
+                // Every member's share alike: the pooled samples are member by member.
+                None => pool_standardized(
+                    &mut draws,
+                    pts,
+                    &s,
+                    total.div_ceil(POOLED_DRAWS),
+                    POOLED_DRAWS,
+                ),
+            }
             let (mean, std, quantiles) = to_physical(&s, &state.scaler.mean, &state.scaler.std);
             let row = b.indices[i];
             stars.push(StarPrediction {
@@ -974,7 +1021,7 @@ pub fn evaluate_ensemble(
         .iter()
         .map(|(st, _)| st.config.model.flow.clone())
         .collect();
-    assemble(
+    let mut e = assemble(
         state,
         source,
         &rows.data_dir,
@@ -983,7 +1030,56 @@ pub fn evaluate_ensemble(
         format!("ensemble of {k} ({})", flows.join(", ")),
         k * per_member,
         start,
-    )
+    )?;
+    e.standardized_draws = draws;
+    Ok(e)
+}
+
+/// The members of an ensemble, checked to share labels, normalisation and pixel grid.
+fn load_members(runs: &[PathBuf]) -> Result<Vec<(RunState, StarModel)>> {
+    let members = runs
+        .iter()
+        .map(|r| load_run(r))
+        .collect::<Result<Vec<_>>>()?;
+    let state = &members[0].0;
+    for (r, (st, _)) in runs.iter().zip(&members) {
+        if st.scaler != state.scaler || st.n_pix != state.n_pix {
+            return Err(TrainError::config(
+                r,
+                format!(
+                    "this run's labels, normalisation or pixel grid differ from {}'s: ensemble \
+                     members must be trained on the same data",
+                    runs[0].display()
+                ),
+            ));
+        }
+    }
+    Ok(members)
+}
+
+/// The ensemble's log-density, `log(mean_k p_k(x))`, at `pts` (`(n * reps, d)`: `reps` points
+/// for each of the batch's `n` stars).
+fn mixture_log_prob(
+    members: &[(RunState, StarModel)],
+    params: &[Tensor],
+    pts: &Tensor,
+    n: usize,
+    reps: usize,
+) -> Result<Vec<f64>> {
+    let idx: Vec<u32> = (0..n as u32)
+        .flat_map(|i| std::iter::repeat_n(i, reps))
+        .collect();
+    let idx = Tensor::from_vec(idx, n * reps, pts.device())?;
+    let lps = members
+        .iter()
+        .zip(params)
+        .map(|((_, m), p)| -> Result<Vec<f64>> {
+            Ok(m.flow.log_prob(&p.index_select(&idx, 0)?, pts)?.to_vec1()?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((0..n * reps)
+        .map(|r| log_mean_exp(lps.iter().map(|lp| lp[r])))
+        .collect())
 }
 
 /// The figures of an evaluation from its stars and their NLLs (z-units): per-label metrics with

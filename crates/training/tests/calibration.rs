@@ -310,6 +310,35 @@ fn ensemble_of_copies_is_the_member_itself() {
     assert!(err.to_string().contains("same data"), "{err}");
 }
 
+/// An ensemble is recalibrated as a whole: its maps are fitted on the first run's validation
+/// split, and an ensemble of copies recalibrated by a run's own maps is that run recalibrated,
+/// within the sampling noise of the mixture's 200 samples per star.
+#[test]
+fn recalibrated_ensemble_of_copies_is_the_recalibrated_member() {
+    use starflow_training::{evaluate_ensemble_scaled, fit_ensemble_calibration, EvalSource};
+    let dir = tempfile::tempdir().unwrap();
+    let run = tiny_run(dir.path(), "full_gaussian");
+    let copies = [run.clone(), run.clone()];
+    let fitted = fit_ensemble_calibration(&copies, 200, 4).unwrap();
+    assert_eq!((fitted.fitted_on.as_str(), fitted.maps.len()), ("val", 3));
+    let c = fit_calibration(&run, 200, 4).unwrap();
+    let test = EvalSource::Split("test".into());
+    let alone = evaluate_scaled(&run, "test", 200, 4, Some(&c)).unwrap();
+    let both = evaluate_ensemble_scaled(&copies, &test, 200, 4, Some(&c)).unwrap();
+    assert!(
+        (both.nll_z - alone.nll_z).abs() < 0.15,
+        "{} vs {}",
+        both.nll_z,
+        alone.nll_z
+    );
+    for (a, b) in both.stars.iter().zip(&alone.stars) {
+        for j in 0..3 {
+            assert!((a.mean[j] - b.mean[j]).abs() < 0.5 * b.std[j], "label {j}");
+            assert!((a.std[j] / b.std[j] - 1.0).abs() < 0.3, "label {j}");
+        }
+    }
+}
+
 /// A map that is not affine takes the sampled path of the joint HPD levels (400 posterior samples
 /// per star, ranked by the model's density over the maps' Jacobian): with a kink too small to
 /// matter, its levels are the exact chi-square levels of the affine map within sampling noise.
