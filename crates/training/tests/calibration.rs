@@ -41,7 +41,7 @@ fn quantile_maps_make_validation_pits_uniform_and_keep_the_nll_a_density() {
         // Each knot sends a normal quantile Φ^{-1}(p) to the errors' p-quantile, so a fraction p
         // of the validation truths lies below the recalibrated posterior's p-quantile.
         for &[u, _] in &g.knots {
-            let p = 0.5 * (1.0 + erf(u / std::f64::consts::SQRT_2));
+            let p = normal_cdf(u);
             let below = mapped
                 .stars
                 .iter()
@@ -80,27 +80,10 @@ fn quantile_maps_make_validation_pits_uniform_and_keep_the_nll_a_density() {
     );
 }
 
-/// erf to 1e-7 (Abramowitz & Stegun 7.1.26 is too coarse for a knot test; this is the
-/// Numerical Recipes erfc fit).
-fn erf(x: f64) -> f64 {
-    let z = x.abs();
-    let t = 1.0 / (1.0 + 0.5 * z);
-    let r = t
-        * (-z * z - 1.265_512_23
-            + t * (1.000_023_68
-                + t * (0.374_091_96
-                    + t * (0.096_784_18
-                        + t * (-0.186_288_06
-                            + t * (0.278_868_07
-                                + t * (-1.135_203_98
-                                    + t * (1.488_515_87
-                                        + t * (-0.822_152_23 + t * 0.170_872_77)))))))))
-            .exp();
-    if x >= 0.0 {
-        1.0 - r
-    } else {
-        r - 1.0
-    }
+/// The standard normal CDF, from the chi-square CDF with one degree of freedom:
+/// `P(|Z| < |u|) = 2 Φ(|u|) - 1`.
+fn normal_cdf(u: f64) -> f64 {
+    0.5 + 0.5 * u.signum() * starflow_training::chi2_cdf(1, u * u)
 }
 
 #[test]
