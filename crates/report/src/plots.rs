@@ -248,7 +248,7 @@ pub fn loss_curve(
 }
 
 /// Pull histograms per label against N(0, 1), with the fitted mean and std written on each panel
-/// (and, when given, the pull std after σ-scaling).
+/// (and, when given, the pull std after recalibration).
 pub fn pulls(
     path: &Path,
     labels: &[LabelInfo],

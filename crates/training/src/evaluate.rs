@@ -638,11 +638,11 @@ pub fn load_or_fit_calibration(run_dir: &Path, n_samples: usize, seed: u64) -> R
     Ok(c)
 }
 
-/// File name of a run's recalibration (shifts and σ-scales).
+/// File name of a run's recalibration (its maps, see [`Calibration`]).
 pub const CALIBRATION_FILE: &str = "calibration.json";
 
-/// [`evaluate`] with the posteriors σ-scaled by `calibration` (when given): PITs, coverage, pulls,
-/// quantiles and the NLL are those of the scaled posteriors.
+/// [`evaluate`] with the posteriors recalibrated by `calibration` (when given): PITs, coverage,
+/// pulls, quantiles and the NLL are those of the recalibrated posteriors.
 pub fn evaluate_scaled(
     run_dir: &Path,
     split: &str,
@@ -659,7 +659,7 @@ pub fn evaluate_scaled(
     )
 }
 
-/// Evaluates a run on the stars of `source`, σ-scaled by `calibration` when given.
+/// Evaluates a run on the stars of `source`, recalibrated by `calibration` when given.
 pub fn evaluate_on(
     run_dir: &Path,
     source: &EvalSource,
