@@ -161,11 +161,7 @@ fn calibration(
         if matches!(e, starflow_training::TrainError::Missing { .. }) {
             return anyhow::Error::from(e);
         }
-        anyhow::Error::from(e).context(format!(
-            "{}: no current recalibration is saved there and fitting one needs the run's \
-             validation data; restore the data or pass --raw for the model's own posteriors",
-            run.display()
-        ))
+        anyhow::Error::from(e).context(starflow_training::calibration_unavailable(run, "--raw"))
     })?;
     eprintln!(
         "recalibration ({}) fitted on {} {} stars: {}",

@@ -37,7 +37,9 @@ pub use flow::{
 };
 pub use gaussianization::{GaussianizationConfig, GaussianizationLayer};
 pub use special::Nonlinearity;
-pub use summary::{summarize_points, GaussianMoments, PosteriorSummary, Samples, QUANTILE_LEVELS};
+pub use summary::{
+    quantile_sorted, summarize_points, GaussianMoments, PosteriorSummary, Samples, QUANTILE_LEVELS,
+};
 
 /// Compiles and runs the README's example as a doctest.
 #[cfg(doctest)]

@@ -113,8 +113,9 @@ pub fn summarize_points(points: &[f64], dim: usize) -> PosteriorSummary {
     }
 }
 
-/// Linear-interpolation quantile of sorted values (numpy's default "linear" method).
-fn quantile_sorted(sorted: &[f64], q: f64) -> f64 {
+/// Linear-interpolation quantile of sorted values (numpy's default "linear" method); NaN when
+/// there are none.
+pub fn quantile_sorted(sorted: &[f64], q: f64) -> f64 {
     match sorted.len() {
         0 => f64::NAN,
         1 => sorted[0],

@@ -9,7 +9,7 @@ use pyo3::PyErr;
 use starflow_data::error::error_line;
 use starflow_data::DataError;
 use starflow_flows::FlowError;
-use starflow_training::TrainError;
+use starflow_training::{calibration_unavailable, TrainError};
 
 pub fn train_error(err: TrainError) -> PyErr {
     let msg = error_line(&err);
@@ -23,9 +23,8 @@ pub fn calibration_error(run: &std::path::Path, err: TrainError) -> PyErr {
         return train_error(err);
     }
     let msg = format!(
-        "{}: no current recalibration is saved there and fitting one needs the run's validation \
-         data; restore the data or pass calibrate=False for the model's own posteriors ({})",
-        run.display(),
+        "{} ({})",
+        calibration_unavailable(run, "calibrate=False"),
         error_line(&err)
     );
     typed(&err, msg)

@@ -17,6 +17,7 @@
 //! kept; the density changes by the Jacobian `prod_j g_j'(u_j)`.
 
 use serde::{Deserialize, Serialize};
+use starflow_flows::quantile_sorted;
 
 use crate::evaluate::{phi, Evaluation};
 
@@ -186,14 +187,6 @@ fn density(u: f64) -> f64 {
 /// `Φ^{-1}(p)`.
 fn normal_quantile(p: f64) -> f64 {
     std::f64::consts::SQRT_2 * starflow_flows::special::erfinv(2.0 * p - 1.0)
-}
-
-/// Linear-interpolation quantile of sorted values (numpy's default).
-fn quantile_sorted(sorted: &[f64], q: f64) -> f64 {
-    let pos = q * (sorted.len() - 1) as f64;
-    let lo = pos.floor() as usize;
-    let hi = (lo + 1).min(sorted.len() - 1);
-    sorted[lo] + (pos - lo as f64) * (sorted[hi] - sorted[lo])
 }
 
 /// Median of finite values (0 when there are none).

@@ -218,12 +218,11 @@ pub(crate) fn summarize_batch(
     truth_z: Option<&[f64]>,
     n_samples: usize,
     draws: &mut Draws,
-    cal: Option<&Calibration>,
+    cal: Option<&Resolved>,
 ) -> Result<BatchSummaries> {
     let d = model.flow.dim();
-    let cal = cal.map(Calibration::resolved);
     // The truth as seen by the unscaled posterior of item i, label j.
-    let seen = |t: f64, s: &PosteriorSummary, j: usize| match &cal {
+    let seen = |t: f64, s: &PosteriorSummary, j: usize| match cal {
         Some(c) => c.seen(t, s.mean[j], s.std[j], j),
         None => t,
     };
@@ -282,7 +281,7 @@ pub(crate) fn summarize_batch(
             .map(|k| seen(t[k], &out[k / d].0, k % d))
             .collect()
     });
-    let raw: Vec<(Vec<f64>, Vec<f64>)> = match &cal {
+    let raw: Vec<(Vec<f64>, Vec<f64>)> = match cal {
         Some(_) => out
             .iter()
             .map(|(s, _)| (s.mean.clone(), s.std.clone()))
@@ -290,7 +289,7 @@ pub(crate) fn summarize_batch(
         None => Vec::new(),
     };
     let mut out = out;
-    if let Some(c) = &cal {
+    if let Some(c) = cal {
         for (i, (s, _)) in out.iter_mut().enumerate() {
             c.apply(s, drawn.as_ref().map(|p: &Samples| p.item(i)));
         }
@@ -374,7 +373,7 @@ fn hpd_levels(
     for i in 0..b {
         pts.extend_from_slice(&s.item(i)[..k * d]);
     }
-    let points = Tensor::from_vec(pts.clone(), (b * k, d), params.device())?;
+    let points = Tensor::from_slice(&pts, (b * k, d), params.device())?;
     let mut lp_samples: Vec<f64> = flow
         .log_prob(&params.index_select(&idx, 0)?, &points)?
         .to_vec1()?;
@@ -638,6 +637,17 @@ pub fn load_or_fit_calibration(run_dir: &Path, n_samples: usize, seed: u64) -> R
     Ok(c)
 }
 
+/// What to tell a user when fitting a run's recalibration failed (its validation data are gone,
+/// say): restore them, or take the model's own posteriors the way the caller offers (`--raw` on
+/// the command line, `calibrate=False` in Python).
+pub fn calibration_unavailable(run_dir: &Path, opt_out: &str) -> String {
+    format!(
+        "{}: no current recalibration is saved there and fitting one needs the run's validation \
+         data; restore the data or pass {opt_out} for the model's own posteriors",
+        run_dir.display()
+    )
+}
+
 /// File name of a run's recalibration (its maps, see [`Calibration`]).
 pub const CALIBRATION_FILE: &str = "calibration.json";
 
@@ -725,9 +735,8 @@ pub fn evaluate_on_each(
 }
 
 /// One calibration's share of [`evaluate_on_each`]: its sampler and what it has summarised so far.
-struct Pass<'c> {
-    calibration: Option<&'c Calibration>,
-    /// The calibration's maps, resolved once.
+struct Pass {
+    /// The calibration's maps, resolved once (`None`: the model's own posteriors).
     resolved: Option<Resolved>,
     rng: ChaCha8Rng,
     stars: Vec<StarPrediction>,
@@ -736,10 +745,10 @@ struct Pass<'c> {
     draws: Vec<Vec<f64>>,
 }
 
-impl<'c> Pass<'c> {
+impl Pass {
     fn new(
         run_dir: &Path,
-        calibration: Option<&'c Calibration>,
+        calibration: Option<&Calibration>,
         d: usize,
         seed: u64,
         n: usize,
@@ -759,7 +768,6 @@ impl<'c> Pass<'c> {
             }
         }
         Ok(Pass {
-            calibration,
             resolved: calibration.map(Calibration::resolved),
             rng: ChaCha8Rng::seed_from_u64(seed),
             stars: Vec::with_capacity(n),
@@ -785,12 +793,12 @@ impl<'c> Pass<'c> {
             Some(yz),
             n_samples,
             &mut Draws::Shared(&mut self.rng),
-            self.calibration,
+            self.resolved.as_ref(),
         )?;
         // The recalibrated density at y is the unscaled density at y_seen over the Jacobian.
         let (y_seen, jac) = match (&batch.y_seen, &self.resolved) {
             (Some(v), Some(cal)) => (
-                Tensor::from_vec(v.clone(), b.y.dims(), b.y.device())?,
+                Tensor::from_slice(v, b.y.dims(), b.y.device())?,
                 Some(Jacobians {
                     cal,
                     raw: &batch.raw,
@@ -817,7 +825,7 @@ impl<'c> Pass<'c> {
         };
         let samples = batch.samples.as_ref().or(drawn_for_hpd.as_ref());
         let hpd = hpd_levels(&model.flow, params, &parts, samples, jac)?;
-        if let (None, Some(drawn)) = (self.calibration, &batch.samples) {
+        if let (None, Some(drawn)) = (&self.resolved, &batch.samples) {
             self.pool_draws(drawn, &batch.items);
         }
         for (k, (s, pit)) in batch.items.into_iter().enumerate() {
@@ -837,7 +845,7 @@ impl<'c> Pass<'c> {
     }
 }
 
-impl Pass<'_> {
+impl Pass {
     /// Adds up to [`POOLED_DRAWS`] standardised samples per star to `draws`.
     fn pool_draws(&mut self, drawn: &Samples, items: &[(PosteriorSummary, Option<Vec<f64>>)]) {
         for (i, (s, _)) in items.iter().enumerate() {
@@ -957,7 +965,7 @@ pub fn evaluate_ensemble_scaled(
                 .map_or(0.0, |c| c.log_jacobian(x, &raw[i].mean, &raw[i].std))
         };
         let mix = |pts: &Tensor, reps: usize| mixture_log_prob(&members, &params, pts, n, reps);
-        let seen_t = Tensor::from_vec(seen.clone(), (n, d), b.y.device())?;
+        let seen_t = Tensor::from_slice(&seen, (n, d), b.y.device())?;
         let lp_truth: Vec<f64> = mix(&seen_t, 1)?
             .into_iter()
             .enumerate()
@@ -974,7 +982,7 @@ pub fn evaluate_ensemble_scaled(
             }
         }
         let lp_h = mix(
-            &Tensor::from_vec(hp.clone(), (n * k * h, d), b.y.device())?,
+            &Tensor::from_slice(&hp, (n * k * h, d), b.y.device())?,
             k * h,
         )?;
         for (i, pts) in pooled.iter().enumerate() {

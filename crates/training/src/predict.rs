@@ -258,7 +258,11 @@ impl TrainedModel {
             None,
             settings.n_samples,
             &mut draws,
-            settings.calibration.as_ref(),
+            settings
+                .calibration
+                .as_ref()
+                .map(Calibration::resolved)
+                .as_ref(),
         )?;
         let scaler = &self.state.scaler;
         Ok(batch
@@ -347,7 +351,7 @@ impl TrainedModel {
                     .map(|s| (s.mean, s.std))
                     .collect()
             };
-            let w = n * d;
+            let (cal, w) = (cal.resolved(), n * d);
             for (chunk, (m, sd)) in samples.values.chunks_exact_mut(w).zip(&moments) {
                 cal.apply_to_points(chunk, m, sd);
             }
