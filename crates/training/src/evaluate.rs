@@ -17,9 +17,10 @@ use starflow_data::npy::NpyArray;
 use starflow_data::{Batch, Batcher, Dataset, FluxTransform, LoadOptions};
 use starflow_flows::{Flow, LogProbParts, PosteriorSummary, Samples};
 
-use crate::calibration::{Calibration, CalibrationMethod, Resolved};
+use crate::calibration::{Calibration, CalibrationMethod, Frame, Resolved};
 use crate::error::{Result, TrainError};
 use crate::model::StarModel;
+use crate::radial::precision_of;
 use crate::run::{write_text, RunDir, RunState};
 use crate::train::{load_run, prepare_data, Prepared, Quiet};
 
@@ -162,6 +163,10 @@ pub struct Evaluation {
     /// [`POOLED_DRAWS`] per star; empty otherwise): the shape a recalibration map starts from.
     #[serde(skip)]
     pub standardized_draws: Vec<Vec<f64>>,
+    /// Per star (as in `stars`), the inverse of the model's own posterior correlation matrix,
+    /// `d x d` (single runs' own posteriors only; empty otherwise).
+    #[serde(skip)]
+    pub precisions: Vec<Vec<f64>>,
 }
 
 /// Samples per star kept in [`Evaluation::standardized_draws`]: with a validation split of a
@@ -209,9 +214,10 @@ pub(crate) fn check_samples(run_dir: &Path, n_samples: usize) -> Result<()> {
 
 /// Posterior summaries (z-units) and, given truths, PITs for one batch of parameters.
 ///
-/// With a calibration each label's posterior is mapped (see [`Calibration`]): the PIT of a truth
-/// under the recalibrated posterior is the unscaled posterior's CDF at the point
-/// [`Resolved::seen`], and the summary is mapped alike.
+/// With a calibration each posterior is mapped (see [`Calibration`]). A Gaussian flow's summary
+/// is mapped in closed form, and the PIT of a truth is the unscaled posterior's CDF at the point
+/// [`Resolved::seen`]; a sampled flow's samples are mapped, and summaries and PITs are the
+/// mapped samples' own.
 pub(crate) fn summarize_batch(
     model: &StarModel,
     params: &Tensor,
@@ -221,29 +227,11 @@ pub(crate) fn summarize_batch(
     cal: Option<&Resolved>,
 ) -> Result<BatchSummaries> {
     let d = model.flow.dim();
-    // The truth as seen by the unscaled posterior of item i, label j.
-    let seen = |t: f64, s: &PosteriorSummary, j: usize| match cal {
-        Some(c) => c.seen(t, s.mean[j], s.std[j], j),
-        None => t,
-    };
     let b = params.dims()[0];
-    let gaussian = model.flow.n_layers() == 1;
-    let mut drawn = None;
-    let out: Vec<(PosteriorSummary, Option<Vec<f64>>)> = if gaussian {
+    let (unscaled, drawn): (Vec<PosteriorSummary>, Option<Samples>) = if model.flow.n_layers() == 1
+    {
         let moments = model.flow.gaussian_moments(params)?;
-        moments
-            .iter()
-            .enumerate()
-            .map(|(i, m)| {
-                let s = m.to_summary();
-                let pit = truth_z.map(|t| {
-                    (0..d)
-                        .map(|j| phi((seen(t[i * d + j], &s, j) - s.mean[j]) / s.std[j]))
-                        .collect()
-                });
-                (s, pit)
-            })
-            .collect()
+        (moments.iter().map(|m| m.to_summary()).collect(), None)
     } else {
         let samples = match draws {
             Draws::Shared(rng) => model.flow.sample(params, n_samples, *rng)?,
@@ -252,54 +240,73 @@ pub(crate) fn summarize_batch(
                 model.flow.sample_per_item(params, n_samples, &mut rngs)?
             }
         };
-        let summaries = samples.summarize();
-        let out = summaries
+        (samples.summarize(), Some(samples))
+    };
+    debug_assert_eq!(b, unscaled.len());
+    // The unscaled posteriors, about which a calibration acts.
+    let frames: Vec<Frame> = match cal {
+        Some(_) => unscaled.iter().map(Frame::of).collect(),
+        None => Vec::new(),
+    };
+    let truth = |i: usize| truth_z.map(|t| &t[i * d..(i + 1) * d]);
+    let items: Vec<(PosteriorSummary, Option<Vec<f64>>)> = match (&drawn, cal) {
+        (Some(smp), Some(c)) => {
+            let mut mapped = smp.clone();
+            for (chunk, f) in mapped.values.chunks_exact_mut(n_samples * d).zip(&frames) {
+                c.apply_to_points(chunk, f);
+            }
+            let pits = (0..b).map(|i| truth(i).map(|t| sample_pit(mapped.item(i), t)));
+            mapped.summarize().into_iter().zip(pits).collect()
+        }
+        (Some(smp), None) => unscaled
             .into_iter()
             .enumerate()
-            .map(|(i, s)| {
-                let pit = truth_z.map(|t| {
-                    let pts = samples.item(i);
+            .map(|(i, s)| (s, truth(i).map(|t| sample_pit(smp.item(i), t))))
+            .collect(),
+        (None, _) => unscaled
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut s)| {
+                let pit = truth(i).map(|t| {
                     (0..d)
                         .map(|j| {
-                            let tj = seen(t[i * d + j], &s, j);
-                            let below = (0..n_samples).filter(|&k| pts[k * d + j] < tj).count();
-                            (below as f64 + 0.5) / (n_samples as f64 + 1.0)
+                            let seen = cal.map_or(t[j], |c| c.seen(t[j], s.mean[j], s.std[j], j));
+                            phi((seen - s.mean[j]) / s.std[j])
                         })
                         .collect()
                 });
+                if let Some(c) = cal {
+                    c.apply(&mut s, None);
+                }
                 (s, pit)
             })
-            .collect();
-        drawn = Some(samples);
-        out
-    };
-    debug_assert_eq!(b, out.len());
-    // Before the summaries move: the truths as seen by the unscaled posteriors, and the
-    // unscaled means and stds the maps act about.
-    let y_seen = truth_z.map(|t| {
-        (0..b * d)
-            .map(|k| seen(t[k], &out[k / d].0, k % d))
-            .collect()
-    });
-    let raw: Vec<(Vec<f64>, Vec<f64>)> = match cal {
-        Some(_) => out
-            .iter()
-            .map(|(s, _)| (s.mean.clone(), s.std.clone()))
             .collect(),
-        None => Vec::new(),
     };
-    let mut out = out;
-    if let Some(c) = cal {
-        for (i, (s, _)) in out.iter_mut().enumerate() {
-            c.apply(s, drawn.as_ref().map(|p: &Samples| p.item(i)));
-        }
-    }
+    let y_seen = truth_z.map(|t| match cal {
+        Some(c) => (0..b)
+            .flat_map(|i| c.seen_point(&t[i * d..(i + 1) * d], &frames[i]))
+            .collect(),
+        None => t.to_vec(),
+    });
     Ok(BatchSummaries {
-        items: out,
+        items,
         samples: drawn,
         y_seen,
-        raw,
+        raw: frames,
     })
+}
+
+/// Per label, the fraction of posterior samples `pts` (`(n, d)` row-major) below the truth `t`,
+/// with half a sample's weight at each end so it never reaches 0 or 1.
+fn sample_pit(pts: &[f64], t: &[f64]) -> Vec<f64> {
+    let d = t.len();
+    let n = pts.len() / d;
+    (0..d)
+        .map(|j| {
+            let below = pts.chunks_exact(d).filter(|p| p[j] < t[j]).count();
+            (below as f64 + 0.5) / (n as f64 + 1.0)
+        })
+        .collect()
 }
 
 /// Where the randomness of posterior samples comes from.
@@ -322,13 +329,13 @@ pub(crate) fn star_rng(seed: u64, row: usize) -> ChaCha8Rng {
 pub(crate) struct BatchSummaries {
     /// Per star, the z-unit summary (recalibrated when asked) and the PITs (given truths).
     pub(crate) items: Vec<(PosteriorSummary, Option<Vec<f64>>)>,
-    /// The posterior samples the summaries came from (non-Gaussian flows only).
+    /// The unscaled posterior samples (non-Gaussian flows only).
     samples: Option<Samples>,
     /// Given truths, `(b, d)` row-major: each truth as seen by the unscaled posterior, whose
     /// density there is the recalibrated density at the truth times the maps' Jacobian.
     y_seen: Option<Vec<f64>>,
-    /// Per star, the unscaled posterior's mean and std (z-units), about which the maps act.
-    raw: Vec<(Vec<f64>, Vec<f64>)>,
+    /// Per star, the unscaled posterior as the calibration sees it (empty without one).
+    raw: Vec<Frame>,
 }
 
 /// Posterior samples per star used to rank the truth's density for [`StarPrediction::hpd`]
@@ -340,7 +347,7 @@ const HPD_SAMPLES: usize = 400;
 /// maps, about which means and stds they act, and the truths as the unscaled posterior sees them.
 struct Jacobians<'a> {
     cal: &'a Resolved,
-    raw: &'a [(Vec<f64>, Vec<f64>)],
+    raw: &'a [Frame],
     y_seen: &'a [f64],
 }
 
@@ -380,11 +387,11 @@ fn hpd_levels(
     let mut lp_truth: Vec<f64> = parts.log_prob.to_vec1()?;
     if let Some(j) = jac {
         for i in 0..b {
-            let (m, sd) = &j.raw[i];
-            lp_truth[i] -= j.cal.log_jacobian(&j.y_seen[i * d..(i + 1) * d], m, sd);
+            let f = &j.raw[i];
+            lp_truth[i] -= j.cal.log_jacobian(&j.y_seen[i * d..(i + 1) * d], f);
             for r in 0..k {
                 let at = (i * k + r) * d;
-                lp_samples[i * k + r] -= j.cal.log_jacobian(&pts[at..at + d], m, sd);
+                lp_samples[i * k + r] -= j.cal.log_jacobian(&pts[at..at + d], f);
             }
         }
     }
@@ -729,6 +736,7 @@ pub fn evaluate_on_each(
                 start,
             )?;
             e.standardized_draws = p.draws;
+            e.precisions = p.precisions;
             Ok(e)
         })
         .collect()
@@ -741,8 +749,9 @@ struct Pass {
     rng: ChaCha8Rng,
     stars: Vec<StarPrediction>,
     nll: Vec<f64>,
-    /// [`Evaluation::standardized_draws`] (model's own posteriors only).
+    /// [`Evaluation::standardized_draws`] and `precisions` (model's own posteriors only).
     draws: Vec<Vec<f64>>,
+    precisions: Vec<Vec<f64>>,
 }
 
 impl Pass {
@@ -773,6 +782,7 @@ impl Pass {
             stars: Vec::with_capacity(n),
             nll: Vec::with_capacity(n),
             draws: vec![Vec::new(); d],
+            precisions: Vec::new(),
         })
     }
 
@@ -811,8 +821,7 @@ impl Pass {
         let log_prob: Vec<f64> = parts.log_prob.to_vec1()?;
         self.nll.extend(log_prob.iter().enumerate().map(|(i, lp)| {
             let log_jac = jac.as_ref().map_or(0.0, |j| {
-                let (m, sd) = &j.raw[i];
-                j.cal.log_jacobian(&j.y_seen[i * d..(i + 1) * d], m, sd)
+                j.cal.log_jacobian(&j.y_seen[i * d..(i + 1) * d], &j.raw[i])
             });
             log_jac - lp
         }));
@@ -825,8 +834,8 @@ impl Pass {
         };
         let samples = batch.samples.as_ref().or(drawn_for_hpd.as_ref());
         let hpd = hpd_levels(&model.flow, params, &parts, samples, jac)?;
-        if let (None, Some(drawn)) = (&self.resolved, &batch.samples) {
-            self.pool_draws(drawn, &batch.items);
+        if self.resolved.is_none() {
+            self.record_shapes(batch.samples.as_ref(), &batch.items);
         }
         for (k, (s, pit)) in batch.items.into_iter().enumerate() {
             let (mean, std, quantiles) = to_physical(&s, &state.scaler.mean, &state.scaler.std);
@@ -846,12 +855,30 @@ impl Pass {
 }
 
 impl Pass {
-    /// Adds up to [`POOLED_DRAWS`] standardised samples per star to `draws`.
-    fn pool_draws(&mut self, drawn: &Samples, items: &[(PosteriorSummary, Option<Vec<f64>>)]) {
+    /// Records what a recalibration is fitted to beyond the summaries: each star's precision
+    /// (identity where its correlation is singular), and for sampled flows up to
+    /// [`POOLED_DRAWS`] standardised samples per star.
+    fn record_shapes(
+        &mut self,
+        drawn: Option<&Samples>,
+        items: &[(PosteriorSummary, Option<Vec<f64>>)],
+    ) {
+        let d = self.draws.len();
         for (i, (s, _)) in items.iter().enumerate() {
-            pool_standardized(&mut self.draws, drawn.item(i), s, 1, POOLED_DRAWS);
+            self.precisions
+                .push(precision_of(&s.cov, &s.std).unwrap_or_else(|| identity(d)));
+            if let Some(drawn) = drawn {
+                pool_standardized(&mut self.draws, drawn.item(i), s, 1, POOLED_DRAWS);
+            }
         }
     }
+}
+
+/// The `d x d` identity, row-major.
+fn identity(d: usize) -> Vec<f64> {
+    (0..d * d)
+        .map(|k| if k % (d + 1) == 0 { 1.0 } else { 0.0 })
+        .collect()
 }
 
 /// Adds up to `max` of one star's samples `pts` (`(n, d)` row-major), every `step`-th,
@@ -960,10 +987,9 @@ pub fn evaluate_ensemble_scaled(
                     .map_or(yz[q], |c| c.seen(yz[q], raw[i].mean[j], raw[i].std[j], j))
             })
             .collect();
-        let log_jac = |x: &[f64], i: usize| {
-            cal.as_ref()
-                .map_or(0.0, |c| c.log_jacobian(x, &raw[i].mean, &raw[i].std))
-        };
+        let frames: Vec<Frame> = raw.iter().map(Frame::marginal).collect();
+        let log_jac =
+            |x: &[f64], i: usize| cal.as_ref().map_or(0.0, |c| c.log_jacobian(x, &frames[i]));
         let mix = |pts: &Tensor, reps: usize| mixture_log_prob(&members, &params, pts, n, reps);
         let seen_t = Tensor::from_slice(&seen, (n, d), b.y.device())?;
         let lp_truth: Vec<f64> = mix(&seen_t, 1)?
@@ -1132,6 +1158,7 @@ fn assemble(
         seconds: start.elapsed().as_secs_f64(),
         stars,
         standardized_draws: Vec::new(),
+        precisions: Vec::new(),
     })
 }
 

@@ -12,6 +12,7 @@ pub mod model;
 pub mod optim;
 pub mod pause;
 pub mod predict;
+pub mod radial;
 pub mod run;
 pub mod train;
 
@@ -31,5 +32,6 @@ pub use predict::{
     batches, predict, predict_scaled, Fluxes, PosteriorSettings, Predictor, SpectraFile,
     SpectraRows, SpectraSlice, TrainedModel, PREDICT_BATCH,
 };
+pub use radial::RadialMap;
 pub use run::{EpochRecord, RunDir, RunState};
 pub use train::{load_run, train, Observer, Quiet, TrainOptions, TrainRequest};

@@ -21,8 +21,9 @@ use candle_core::Tensor;
 use rand_chacha::ChaCha8Rng;
 use starflow_data::npy::NpyArray;
 use starflow_data::FluxTransform;
+use starflow_flows::PosteriorSummary;
 
-use crate::calibration::Calibration;
+use crate::calibration::{Calibration, Frame};
 use crate::error::{Result, TrainError};
 use crate::evaluate::{
     check_samples, star_rng, summarize_batch, to_physical, Draws, StarPrediction,
@@ -321,8 +322,8 @@ impl TrainedModel {
     /// units, `(rows, n, d)` row-major. Each star's draws come from the same stream as in
     /// [`TrainedModel::predict_batch`], so for a sampled flow with `n` equal to the summaries'
     /// sample count these are the very samples the summaries describe. With a recalibration each
-    /// sample is moved and stretched like the summary: `x' = m - c sd + s (x - m)` with the
-    /// unscaled posterior's mean `m` and standard deviation `sd` (exact for Gaussian flows).
+    /// sample is mapped like the posterior (see [`Calibration`]) about the unscaled posterior's
+    /// mean, standard deviation and correlation (exact for Gaussian flows).
     pub fn sample_batch(
         &self,
         spectra: &dyn SpectraRows,
@@ -336,24 +337,17 @@ impl TrainedModel {
         let mut rngs: Vec<ChaCha8Rng> = rows.clone().map(|r| star_rng(settings.seed, r)).collect();
         let mut samples = flow.sample_per_item(&params, n, &mut rngs)?;
         if let Some(cal) = &settings.calibration {
-            let moments: Vec<(Vec<f64>, Vec<f64>)> = if flow.n_layers() == 1 {
+            let unscaled: Vec<PosteriorSummary> = if flow.n_layers() == 1 {
                 flow.gaussian_moments(&params)?
-                    .into_iter()
-                    .map(|m| {
-                        let s = m.to_summary();
-                        (s.mean, s.std)
-                    })
+                    .iter()
+                    .map(|m| m.to_summary())
                     .collect()
             } else {
-                samples
-                    .summarize()
-                    .into_iter()
-                    .map(|s| (s.mean, s.std))
-                    .collect()
+                samples.summarize()
             };
             let (cal, w) = (cal.resolved(), n * d);
-            for (chunk, (m, sd)) in samples.values.chunks_exact_mut(w).zip(&moments) {
-                cal.apply_to_points(chunk, m, sd);
+            for (chunk, s) in samples.values.chunks_exact_mut(w).zip(&unscaled) {
+                cal.apply_to_points(chunk, &Frame::of(s));
             }
         }
         let scaler = &self.state.scaler;
