@@ -326,10 +326,15 @@ impl Calibration {
 /// model's own shape, N(0, R). `None` for sampled flows, without the correlations (ensembles)
 /// or with fewer than [`MIN_RADIAL_STARS`] stars.
 ///
-/// Sampled flows get none: every star's posterior has its own shape, and a radial map fitted to
-/// the pooled shape moves each star's marginals. Measured on CNNModel + full_flow (quick
-/// profile, 3,000 held-out stars): the joint 68 % region went from 75.3 to 70.3 %, but the pull
-/// stds from 0.99–1.03 to 1.05–1.10 and the 68 % intervals to 64.6–65.4 %.
+/// Sampled flows get none: every star's posterior has its own shape. Two versions were measured
+/// on CNNModel + full_flow (quick profile, 3,000 held-out stars, joint 68 % region at 75.3 %):
+/// - this map with `h_j` fitted to keep the pooled marginals: joint 70.3 %, but each star's
+///   marginals moved (pull stds 0.99–1.03 -> 1.05–1.10, 68 % intervals 64.6–65.4 %);
+/// - `ρ` alone with the label maps refitted to the moved pooled samples: marginals kept, joint
+///   74.9 %. The fitted `ρ` was a near-uniform shrink (x0.78), which the label maps undo: in
+///   Mahalanobis terms the truths sit like the flow's own draws, scaled. The flow's regions are
+///   not ellipsoids; a radial map of the flow's base space (where its regions are spheres, and
+///   the radius law is chi(d) for every star) is the candidate left.
 fn fit_radial(eval: &Evaluation, maps: &[MarginalMap]) -> Option<RadialMap> {
     let d = maps.len();
     let gaussian = eval.standardized_draws.iter().all(Vec::is_empty);
