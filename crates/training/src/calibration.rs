@@ -326,19 +326,20 @@ impl Calibration {
 /// model's own shape, N(0, R). `None` for sampled flows, without the correlations (ensembles)
 /// or with fewer than [`MIN_RADIAL_STARS`] stars.
 ///
-/// Sampled flows get none: every star's posterior has its own shape. Two versions were measured
+/// Sampled flows get none: every star's posterior has its own shape. Three versions were measured
 /// on CNNModel + full_flow (quick profile, 3,000 held-out stars, joint 68 % region at 75.3 %):
 /// - this map with `h_j` fitted to keep the pooled marginals: joint 70.3 %, but each star's
 ///   marginals moved (pull stds 0.99–1.03 -> 1.05–1.10, 68 % intervals 64.6–65.4 %);
 /// - `ρ` alone with the label maps refitted to the moved pooled samples: marginals kept, joint
 ///   74.9 %. The fitted `ρ` was a near-uniform shrink (x0.78), which the label maps undo: in
 ///   Mahalanobis terms the truths sit like the flow's own draws, scaled.
-/// A third, a radial map of the flow's base space (the norm of `f⁻¹(truth)` sent to the chi
-/// law, samples drawn through it, label maps refitted after it), kept the marginals but left
-/// the joint region at 74.7–74.9 % (2 and 5 rounds): the base map and the label maps traded a
-/// shrink for a stretch. Affine label maps (a constant Jacobian) give 75.7 %, so the label maps'
-/// kinks are not the cause either; only a map that moves each star's own radius law while
-/// keeping that star's marginals is left (the first version did the former, not the latter).
+/// - a radial map of the flow's base space (the norm of `f⁻¹(truth)` sent to the chi law,
+///   samples drawn through it, label maps refitted after it): marginals kept, joint 74.7–74.9 %
+///   (2 and 5 rounds); the base map and the label maps traded a shrink for a stretch.
+///
+/// Affine label maps (a constant Jacobian) give 75.7 %, so the label maps' kinks are not the
+/// cause either. Left: a map that moves each star's own radius law while keeping that star's
+/// marginals (the first version did the former, not the latter).
 fn fit_radial(eval: &Evaluation, maps: &[MarginalMap]) -> Option<RadialMap> {
     let d = maps.len();
     let gaussian = eval.standardized_draws.iter().all(Vec::is_empty);
