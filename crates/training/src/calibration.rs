@@ -316,8 +316,8 @@ impl Calibration {
     /// Maps posterior samples of one star, `points` `(n, d)` row-major in z-units, whose unscaled
     /// posterior is summarised by `unscaled`: `x' = m + sd g(T((x - m) / sd))`.
     pub fn apply_to_points(&self, points: &mut [f64], unscaled: &PosteriorSummary) {
-        self.resolved()
-            .apply_to_points(points, &Frame::of(unscaled));
+        let resolved = self.resolved();
+        resolved.apply_to_points(points, &resolved.frame(unscaled));
     }
 }
 
@@ -381,15 +381,6 @@ pub(crate) struct Frame {
 }
 
 impl Frame {
-    /// The frame of an unscaled summary; a singular correlation leaves the radial map out.
-    pub(crate) fn of(s: &PosteriorSummary) -> Self {
-        Frame {
-            mean: s.mean.clone(),
-            sd: s.std.clone(),
-            precision: precision_of(&s.cov, &s.std),
-        }
-    }
-
     /// A frame for the per-label maps alone.
     pub(crate) fn marginal(s: &PosteriorSummary) -> Self {
         Frame {
@@ -417,6 +408,18 @@ pub(crate) struct Resolved {
 }
 
 impl Resolved {
+    /// The frame of an unscaled summary. The precision is only worked out when there is a
+    /// radial map to use it; a singular correlation leaves the radial map out for that star.
+    pub(crate) fn frame(&self, s: &PosteriorSummary) -> Frame {
+        Frame {
+            precision: self
+                .radial
+                .as_ref()
+                .and_then(|_| precision_of(&s.cov, &s.std)),
+            ..Frame::marginal(s)
+        }
+    }
+
     /// The truth `t` of label `j` as seen by the unscaled posterior with mean `m` and standard
     /// deviation `sd`: the recalibrated CDF at `t` is the unscaled one at this point. (Exact for
     /// the per-label maps; the radial map keeps each marginal of a Gaussian posterior up to the

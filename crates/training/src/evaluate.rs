@@ -164,7 +164,7 @@ pub struct Evaluation {
     #[serde(skip)]
     pub standardized_draws: Vec<Vec<f64>>,
     /// Per star (as in `stars`), the inverse of the model's own posterior correlation matrix,
-    /// `d x d` (single runs' own posteriors only; empty otherwise).
+    /// `d x d` (single runs' own posteriors of Gaussian flows only; empty otherwise).
     #[serde(skip)]
     pub precisions: Vec<Vec<f64>>,
 }
@@ -245,7 +245,7 @@ pub(crate) fn summarize_batch(
     debug_assert_eq!(b, unscaled.len());
     // The unscaled posteriors, about which a calibration acts.
     let frames: Vec<Frame> = match cal {
-        Some(_) => unscaled.iter().map(Frame::of).collect(),
+        Some(c) => unscaled.iter().map(|s| c.frame(s)).collect(),
         None => Vec::new(),
     };
     let truth = |i: usize| truth_z.map(|t| &t[i * d..(i + 1) * d]);
@@ -855,9 +855,9 @@ impl Pass {
 }
 
 impl Pass {
-    /// Records what a recalibration is fitted to beyond the summaries: each star's precision
-    /// (identity where its correlation is singular), and for sampled flows up to
-    /// [`POOLED_DRAWS`] standardised samples per star.
+    /// Records what a recalibration is fitted to beyond the summaries: for Gaussian flows each
+    /// star's precision (identity where its correlation is singular), which only their radial
+    /// map uses; for sampled flows up to [`POOLED_DRAWS`] standardised samples per star.
     fn record_shapes(
         &mut self,
         drawn: Option<&Samples>,
@@ -865,10 +865,13 @@ impl Pass {
     ) {
         let d = self.draws.len();
         for (i, (s, _)) in items.iter().enumerate() {
-            self.precisions
-                .push(precision_of(&s.cov, &s.std).unwrap_or_else(|| identity(d)));
-            if let Some(drawn) = drawn {
-                pool_standardized(&mut self.draws, drawn.item(i), s, 1, POOLED_DRAWS);
+            match drawn {
+                Some(drawn) => {
+                    pool_standardized(&mut self.draws, drawn.item(i), s, 1, POOLED_DRAWS)
+                }
+                None => self
+                    .precisions
+                    .push(precision_of(&s.cov, &s.std).unwrap_or_else(|| identity(d))),
             }
         }
     }

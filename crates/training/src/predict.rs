@@ -23,7 +23,7 @@ use starflow_data::npy::NpyArray;
 use starflow_data::FluxTransform;
 use starflow_flows::PosteriorSummary;
 
-use crate::calibration::{Calibration, Frame};
+use crate::calibration::Calibration;
 use crate::error::{Result, TrainError};
 use crate::evaluate::{
     check_samples, star_rng, summarize_batch, to_physical, Draws, StarPrediction,
@@ -347,7 +347,7 @@ impl TrainedModel {
             };
             let (cal, w) = (cal.resolved(), n * d);
             for (chunk, s) in samples.values.chunks_exact_mut(w).zip(&unscaled) {
-                cal.apply_to_points(chunk, &Frame::of(s));
+                cal.apply_to_points(chunk, &cal.frame(s));
             }
         }
         let scaler = &self.state.scaler;

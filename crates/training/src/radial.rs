@@ -14,9 +14,8 @@
 //!
 //! 1. `v = (ρ(r) / r) u`: the radius is remapped along its ray, so the joint regions stay the
 //!    posterior's own ellipsoids; `ρ` sends the model's radius law to the validation truths';
-//! 2. `u'_j = h_j(v_j)`: a map per label undoes what step 1 did to that label's marginal shape
-//!    (pooled over the stars), so the per-label maps, fitted before, still see the shape they
-//!    were fitted to.
+//! 2. `u'_j = h_j(v_j)`: a map per label undoes what step 1 did to that label's marginal shape,
+//!    so the per-label maps, fitted before, still see the N(0, 1) shape they were fitted to.
 //!
 //! `T` is a bijection with `ln |det ∂T/∂u| = ln ρ̃'(ln r) + d ln(ρ/r) + Σ_j ln h_j'(v_j)` (`ρ̃`
 //! is `ρ` in log-log terms, how it is stored), which the recalibrated density divides by.
