@@ -145,6 +145,14 @@ impl Dataset {
     /// Loads `spectra.npy` and `labels.npy` from a directory.
     pub fn load_dir(dir: impl AsRef<Path>, opts: &LoadOptions) -> Result<Self> {
         let dir = dir.as_ref();
+        if !dir.exists() {
+            // A not-found error, so callers can tell a mistyped path from a bad file (the
+            // Python layer raises `FileNotFoundError` for it, as for a missing file).
+            return Err(DataError::Open {
+                path: dir.to_path_buf(),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such directory"),
+            });
+        }
         if !dir.is_dir() {
             return Err(DataError::invalid(
                 dir,

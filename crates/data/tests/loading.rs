@@ -106,6 +106,25 @@ fn missing_file() {
     assert_mentions(&msg, &["nope.npy", "cannot open", "starflow synth"]);
 }
 
+/// A mistyped data directory is a not-found error (the Python layer's `FileNotFoundError`),
+/// while a path that exists but is a file stays a plain invalid-input error.
+#[test]
+fn missing_and_non_directory_data_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-dir");
+    let err = Dataset::load_dir(&missing, &LoadOptions::default()).unwrap_err();
+    assert!(err.is_not_found() && err.is_user_error(), "{err}");
+    assert_mentions(
+        &err.to_string(),
+        &["no-such-dir", "no such directory", "starflow synth"],
+    );
+
+    let (s, _) = write_pair(dir.path(), 3, 8);
+    let err = Dataset::load_dir(&s, &LoadOptions::default()).unwrap_err();
+    assert!(!err.is_not_found() && err.is_user_error(), "{err}");
+    assert_mentions(&err.to_string(), &["spectra.npy", "is not a directory"]);
+}
+
 #[test]
 fn not_an_npy_file_and_empty_file() {
     let dir = tempfile::tempdir().unwrap();

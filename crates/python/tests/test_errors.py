@@ -60,6 +60,13 @@ def test_bad_config_is_value_error_with_the_cli_message(cli, tmp_path):
         starflow.train(out=tmp_path / "r", progress=False, optim__lr=object())
 
 
+def test_missing_data_dir_is_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        starflow.train(
+            out=tmp_path / "r", progress=False, data__dir=str(tmp_path / "nope"), data__synthetic=False
+        )
+
+
 def test_synth_rejects_bad_settings():
     with pytest.raises(ValueError, match="snr"):
         starflow.synth(10, snr_min=300.0, snr_max=250.0)
@@ -87,7 +94,8 @@ def test_recalibration_without_validation_data_says_how_to_go_on(gaussian_run, s
     state["config"]["data"].update(dir=str(tmp_path / "gone"), synthetic=False)
     (run / "state.json").write_text(json.dumps(state))
     moved = starflow.load_run(run)
-    with pytest.raises(ValueError, match="pass calibrate=False for the model's own posteriors"):
+    # The missing data directory makes it a FileNotFoundError, with the way out in the message.
+    with pytest.raises(FileNotFoundError, match="pass calibrate=False for the model's own posteriors"):
         moved.predict(spectra[:2])
     raw = moved.predict(spectra[:2], calibrate=False, as_frame=False)
     assert raw["t_eff_mean"].shape == (2,)
