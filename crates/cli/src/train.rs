@@ -81,8 +81,8 @@ pub struct PosteriorArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// The model's own posteriors, without the recalibration that is applied by default (a
-    /// monotone map per label fitted on the validation split when training ends, kept in
-    /// RUN/calibration.json).
+    /// monotone map per label fitted when training ends on the validation split, or on the
+    /// config's synthetic calibration set (data.calibration_n), kept in RUN/calibration.json).
     #[arg(long)]
     pub raw: bool,
     /// Recalibrate (the default; kept so that older scripts still run).

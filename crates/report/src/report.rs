@@ -122,7 +122,8 @@ pub fn report_runs(
             Some(c) => c,
             None => {
                 progress(&format!(
-                    "{name}: fitting the recalibration on the val split"
+                    "{name}: fitting the recalibration (on the validation split, or the \
+                     config's synthetic calibration set)"
                 ));
                 fit_calibration(run, opts.n_samples, opts.seed)?
             }
@@ -169,6 +170,7 @@ pub fn report_runs(
             sigma_scale: calibration.scale.clone(),
             sigma_shift: calibration.shift.clone(),
             calibration_stars: calibration.n_stars,
+            calibration_set: calibration.fitted_on.clone(),
             calibrated: scaled.labels.clone(),
             test_nll_z_calibrated: scaled.nll_z,
             seconds_per_epoch: train_seconds / state.history.len().max(1) as f64,

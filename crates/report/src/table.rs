@@ -138,6 +138,10 @@ pub struct RunRow {
     /// Stars the recalibration was fitted on (0: unknown).
     #[serde(default)]
     pub calibration_stars: usize,
+    /// What they were: `val` (the validation split) or `calibration` (the config's synthetic
+    /// calibration set).
+    #[serde(default)]
+    pub calibration_set: String,
     pub calibrated: Vec<LabelMetrics>,
     pub test_nll_z_calibrated: f64,
     pub seconds_per_epoch: f64,
@@ -268,8 +272,9 @@ pub fn markdown(title: &str, intro: &str, rows: &[RunRow]) -> String {
         "Each cell shows the model's own posteriors → the same posteriors recalibrated (what \
          `starflow evaluate` and `predict` give by default; `--raw` for the model's own): each \
          label's posterior mapped through a monotone map of its standardised axis (x - mean) / std \
-         that sends the normal quantiles to the quantiles of the validation stars' standardised \
-         errors, fitted when training ended, so the recalibrated posteriors have the errors' own \
+         that sends the normal quantiles to the quantiles of the standardised errors of the \
+         validation stars (or of a separate synthetic calibration set, when the config draws \
+         one), fitted when training ended, so the recalibrated posteriors have the errors' own \
          tails. c and s describe the map: it moves the posterior's centre by c of its own standard \
          deviation, and its central ±1 std by a factor s. Rank correlations are unchanged; ± is one \
          standard error of the model's figure.\n\n",
@@ -376,11 +381,15 @@ pub fn markdown(title: &str, intro: &str, rows: &[RunRow]) -> String {
         );
         let _ = writeln!(
             s,
-            "\nThe recalibrated figures also carry the noise of the maps, fitted on {} validation \
+            "\nThe recalibrated figures also carry the noise of the maps, fitted on {} {} \
              stars: together ±{:.3}, ±{:.3}, ±{:.1} % and ±{:.1} %, so a perfectly recalibrated \
              model meets all four targets for a label with probability {:.0} %: about {:.0} of the \
              {total_pairs} pairs would miss by chance.",
             first.calibration_stars,
+            match first.calibration_set.as_str() {
+                "calibration" => "synthetic calibration",
+                _ => "validation",
+            },
             fitted.se_pull_mean,
             fitted.se_pull_std,
             100.0 * fitted.se_coverage_68,

@@ -24,6 +24,13 @@ pub struct DataConfig {
     pub synthetic_seed: u64,
     /// Pixels per camera (synthetic only; 4096 like GALAH, smaller for quick runs).
     pub synthetic_pixels_per_camera: usize,
+    /// Synthetic stars drawn with `calibration_seed` to fit the recalibration maps on, instead of
+    /// the validation split (synthetic only; 0: the validation split). The maps' own sampling
+    /// noise is shared by every figure measured after them, and synthetic stars are free: one
+    /// forward pass each, no training. Written next to `dir` as `<dir>-calibration-<seed>`.
+    pub calibration_n: usize,
+    /// Generator seed of the calibration set; never the training set's.
+    pub calibration_seed: u64,
     /// One name per label column.
     pub label_names: Vec<String>,
     /// The predicted columns.
@@ -48,6 +55,8 @@ impl Default for DataConfig {
             synthetic_n: 8914,
             synthetic_seed: 42,
             synthetic_pixels_per_camera: 4096,
+            calibration_n: 0,
+            calibration_seed: 4242,
             label_names: opts.label_names,
             targets: opts.targets,
             flux_floor: 0.2,
@@ -191,6 +200,8 @@ const KEYS: &[(&str, &[&str])] = &[
             "synthetic_n",
             "synthetic_seed",
             "synthetic_pixels_per_camera",
+            "calibration_n",
+            "calibration_seed",
             "label_names",
             "targets",
             "flux_floor",
@@ -324,6 +335,10 @@ fn rule(key: &str) -> String {
         "data.synthetic_n" => "an integer >= 1",
         "data.synthetic_seed" | "data.split_seed" | "run.seed" => "an integer >= 0",
         "data.synthetic_pixels_per_camera" => "an integer >= 16",
+        "data.calibration_n" => {
+            "an integer >= 0 (0: fit the recalibration on the validation split)"
+        }
+        "data.calibration_seed" => "an integer >= 0, not data.synthetic_seed",
         "data.label_names" => "a list of names, one per column of the labels file",
         "data.targets" => "a list of names from data.label_names",
         "data.flux_floor" => "a positive number",
@@ -476,6 +491,13 @@ impl TrainConfig {
                 "data.synthetic_pixels_per_camera",
                 d.synthetic_pixels_per_camera,
             );
+        }
+        if d.calibration_n > 0 && d.calibration_seed == d.synthetic_seed {
+            return Some(Invalid {
+                key: "data.calibration_seed",
+                value: d.calibration_seed.to_string(),
+                note: Some("it equals data.synthetic_seed, so the calibration set would repeat the training stars".into()),
+            });
         }
         if !(d.flux_floor.is_finite() && d.flux_floor > 0.0) {
             return invalid("data.flux_floor", d.flux_floor);
@@ -688,6 +710,23 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A calibration set drawn with the training seed would repeat the training stars.
+    #[test]
+    fn calibration_seed_must_differ_from_the_training_seed() {
+        let mut cfg = TrainConfig::default();
+        cfg.data.calibration_seed = cfg.data.synthetic_seed;
+        assert!(
+            cfg.validate(Path::new("x.toml")).is_ok(),
+            "unused when calibration_n = 0"
+        );
+        cfg.data.calibration_n = 1000;
+        let err = cfg.validate(Path::new("x.toml")).unwrap_err().to_string();
+        assert!(err.contains("data.calibration_seed"), "{err}");
+        assert!(err.contains("repeat the training stars"), "{err}");
+        cfg.data.calibration_seed += 1;
+        assert!(cfg.validate(Path::new("x.toml")).is_ok());
     }
 
     #[test]

@@ -22,7 +22,7 @@ use crate::error::{Result, TrainError};
 use crate::model::StarModel;
 use crate::radial::precision_of;
 use crate::run::{write_text, RunDir, RunState};
-use crate::train::{load_run, prepare_data, Prepared, Quiet};
+use crate::train::{calibration_set, load_run, prepare_data, Prepared, Quiet};
 
 /// Nominal masses of the two central intervals whose coverage is reported (1 and 2 sigma).
 pub const COVERAGE_LEVELS: [f64; 2] = [0.6827, 0.9545];
@@ -596,7 +596,8 @@ pub fn fit_calibration(run_dir: &Path, n_samples: usize, seed: u64) -> Result<Ca
     fit_calibration_with(run_dir, n_samples, seed, CalibrationMethod::Quantile)
 }
 
-/// Fits a [`Calibration`] of the given kind on the validation split of a run.
+/// Fits a [`Calibration`] of the given kind on the run's synthetic calibration set when its
+/// config draws one (`data.calibration_n`, generated on first use), else on its validation split.
 pub fn fit_calibration_with(
     run_dir: &Path,
     n_samples: usize,
@@ -604,10 +605,20 @@ pub fn fit_calibration_with(
     method: CalibrationMethod,
 ) -> Result<Calibration> {
     let state = RunDir::new(run_dir).load_state()?;
-    let mut c = Calibration::fit(&evaluate(run_dir, "val", n_samples, seed)?, method);
+    let eval = match calibration_set(&state.config, &Quiet)? {
+        Some(dir) => evaluate_on(run_dir, &EvalSource::dir(&dir), n_samples, seed, None)?,
+        None => evaluate(run_dir, "val", n_samples, seed)?,
+    };
+    let mut c = Calibration::fit(&eval, method);
+    if eval.split != "val" {
+        c.fitted_on = CALIBRATION_SET.into();
+    }
     c.epochs_done = state.epochs_done;
     Ok(c)
 }
+
+/// [`Calibration::fitted_on`] of maps fitted on a config's synthetic calibration set.
+pub const CALIBRATION_SET: &str = "calibration";
 
 /// The run's calibration from `RUN/calibration.json` when it is there, readable and fitted to the
 /// run's current weights.

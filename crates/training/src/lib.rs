@@ -34,4 +34,4 @@ pub use predict::{
 };
 pub use radial::RadialMap;
 pub use run::{EpochRecord, RunDir, RunState};
-pub use train::{load_run, train, Observer, Quiet, TrainOptions, TrainRequest};
+pub use train::{calibration_set, load_run, train, Observer, Quiet, TrainOptions, TrainRequest};

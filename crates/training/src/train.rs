@@ -9,7 +9,7 @@ use starflow_data::{
     epoch_order, Batcher, Dataset, FluxTransform, LabelScaler, LoadOptions, Split, SplitFractions,
 };
 
-use crate::config::TrainConfig;
+use crate::config::{DataConfig, TrainConfig};
 use crate::error::{Result, TrainError};
 use crate::model::{device, StarModel};
 use crate::optim::{learning_rate, Adam};
@@ -61,27 +61,7 @@ impl std::fmt::Debug for Prepared {
 pub fn prepare_data(cfg: &TrainConfig, observer: &dyn Observer) -> Result<Prepared> {
     let d = &cfg.data;
     if d.synthetic {
-        let synth = starflow_data::SynthConfig {
-            n: d.synthetic_n,
-            seed: d.synthetic_seed,
-            pixels_per_camera: d.synthetic_pixels_per_camera,
-            ..starflow_data::SynthConfig::default()
-        };
-        let missing = !d.dir.join("spectra.npy").exists();
-        if missing || generated_otherwise(&d.dir, &synth) {
-            observer.message(&format!(
-                "generating the synthetic data set ({} stars, seed {}) into {}{}",
-                d.synthetic_n,
-                d.synthetic_seed,
-                d.dir.display(),
-                if missing {
-                    ""
-                } else {
-                    " (the set there was generated with other settings or an older generator)"
-                }
-            ));
-            starflow_data::generate(&synth, &|_| {})?.write(&d.dir)?;
-        }
+        ensure_synthetic(&d.dir, d.synthetic_n, d.synthetic_seed, d, observer)?;
     }
     let opts = LoadOptions {
         label_names: d.label_names.clone(),
@@ -111,6 +91,56 @@ pub fn prepare_data(cfg: &TrainConfig, observer: &dyn Observer) -> Result<Prepar
         scaler,
         flux: FluxTransform::new(d.flux_floor)?,
     })
+}
+
+/// Generates the synthetic set of `n` stars drawn with `seed` (on `d`'s pixel grid) into `dir`
+/// unless it is already there.
+fn ensure_synthetic(
+    dir: &Path,
+    n: usize,
+    seed: u64,
+    d: &DataConfig,
+    observer: &dyn Observer,
+) -> Result<()> {
+    let synth = starflow_data::SynthConfig {
+        n,
+        seed,
+        pixels_per_camera: d.synthetic_pixels_per_camera,
+        ..starflow_data::SynthConfig::default()
+    };
+    let missing = !dir.join("spectra.npy").exists();
+    if missing || generated_otherwise(dir, &synth) {
+        observer.message(&format!(
+            "generating the synthetic data set ({n} stars, seed {seed}) into {}{}",
+            dir.display(),
+            if missing {
+                ""
+            } else {
+                " (the set there was generated with other settings or an older generator)"
+            }
+        ));
+        starflow_data::generate(&synth, &|_| {})?.write(dir)?;
+    }
+    Ok(())
+}
+
+/// The directory of a config's synthetic calibration set (`data.calibration_n` stars drawn with
+/// `data.calibration_seed`), generated when missing; `None` when the recalibration is fitted on
+/// the validation split (real data, or `calibration_n = 0`).
+pub fn calibration_set(cfg: &TrainConfig, observer: &dyn Observer) -> Result<Option<PathBuf>> {
+    let d = &cfg.data;
+    if !d.synthetic || d.calibration_n == 0 {
+        return Ok(None);
+    }
+    let name = d
+        .dir
+        .file_name()
+        .map_or("synth".into(), |n| n.to_string_lossy().into_owned());
+    let dir = d
+        .dir
+        .with_file_name(format!("{name}-calibration-{}", d.calibration_seed));
+    ensure_synthetic(&dir, d.calibration_n, d.calibration_seed, d, observer)?;
+    Ok(Some(dir))
 }
 
 /// Whether `dir` holds a set that starflow's generator wrote (its `synth.json` says so) with other

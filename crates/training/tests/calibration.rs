@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 
 use starflow_training::config::TrainConfig;
 use starflow_training::{
-    evaluate, evaluate_scaled, fit_calibration, fit_calibration_with, load_or_fit_calibration,
-    train, Calibration, CalibrationMethod, MarginalMap, Quiet, RadialMap, TrainOptions,
+    evaluate, evaluate_on, evaluate_scaled, fit_calibration, fit_calibration_with,
+    load_or_fit_calibration, train, Calibration, CalibrationMethod, EvalSource, MarginalMap, Quiet,
+    RadialMap, TrainOptions,
 };
 
 fn tiny_run(dir: &Path, flow: &str) -> PathBuf {
@@ -431,4 +432,31 @@ fn radial_map_enters_the_nll_through_its_jacobian() {
         .iter()
         .zip(&mapped.stars)
         .any(|(a, b)| (a.hpd.unwrap() - b.hpd.unwrap()).abs() > 0.01));
+}
+
+/// With `data.calibration_n` the maps are fitted on a synthetic set of their own, drawn with
+/// `data.calibration_seed` next to the data directory on first use: the quantile maps of that
+/// set's evaluation, not of the validation split's.
+#[test]
+fn calibration_set_is_drawn_and_fitted_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = TrainConfig::tiny(&dir.path().join("data"), "diagonal_gaussian", "cnn", 2);
+    cfg.data.calibration_n = 150;
+    cfg.data.calibration_seed = 7;
+    let run = dir.path().join("run");
+    train(&cfg, &TrainOptions::new(&run), &Quiet).unwrap();
+    let c = fit_calibration(&run, 100, 1).unwrap();
+    let set = dir.path().join("data-calibration-7");
+    assert!(set.join("spectra.npy").exists());
+    assert_eq!((c.fitted_on.as_str(), c.n_stars), ("calibration", 150));
+    let on_set = evaluate_on(&run, &EvalSource::dir(&set), 100, 1, None).unwrap();
+    assert_eq!(
+        c.maps,
+        Calibration::fit(&on_set, CalibrationMethod::Quantile).maps
+    );
+    let on_val = evaluate(&run, "val", 100, 1).unwrap();
+    assert_ne!(
+        c.maps,
+        Calibration::fit(&on_val, CalibrationMethod::Quantile).maps
+    );
 }

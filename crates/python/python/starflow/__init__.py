@@ -131,7 +131,8 @@ def train(
     (``False``), or calls your ``callback(event, info)``.
 
     The same request trains the same run as ``starflow train`` with the same seed. When training
-    finishes, the recalibration is fitted on the validation split, as on the command line.
+    finishes, the recalibration is fitted on the validation split (or on the config's synthetic
+    calibration set, ``data.calibration_n``), as on the command line.
     """
     path = None
     table = None
