@@ -138,8 +138,8 @@ pub struct RunRow {
     /// Stars the recalibration was fitted on (0: unknown).
     #[serde(default)]
     pub calibration_stars: usize,
-    /// What they were: `val` (the validation split) or `calibration` (the config's synthetic
-    /// calibration set).
+    /// What they were: `val` (the validation split) or
+    /// [`starflow_training::evaluate::CALIBRATION_SET`] (the config's synthetic calibration set).
     #[serde(default)]
     pub calibration_set: String,
     pub calibrated: Vec<LabelMetrics>,
@@ -386,9 +386,10 @@ pub fn markdown(title: &str, intro: &str, rows: &[RunRow]) -> String {
              model meets all four targets for a label with probability {:.0} %: about {:.0} of the \
              {total_pairs} pairs would miss by chance.",
             first.calibration_stars,
-            match first.calibration_set.as_str() {
-                "calibration" => "synthetic calibration",
-                _ => "validation",
+            if first.calibration_set == starflow_training::evaluate::CALIBRATION_SET {
+                "synthetic calibration"
+            } else {
+                "validation"
             },
             fitted.se_pull_mean,
             fitted.se_pull_std,

@@ -605,12 +605,13 @@ pub fn fit_calibration_with(
     method: CalibrationMethod,
 ) -> Result<Calibration> {
     let state = RunDir::new(run_dir).load_state()?;
-    let eval = match calibration_set(&state.config, &Quiet)? {
-        Some(dir) => evaluate_on(run_dir, &EvalSource::dir(&dir), n_samples, seed, None)?,
+    let set = calibration_set(&state.config, &Quiet)?;
+    let eval = match &set {
+        Some(dir) => evaluate_on(run_dir, &EvalSource::dir(dir), n_samples, seed, None)?,
         None => evaluate(run_dir, "val", n_samples, seed)?,
     };
     let mut c = Calibration::fit(&eval, method);
-    if eval.split != "val" {
+    if set.is_some() {
         c.fitted_on = CALIBRATION_SET.into();
     }
     c.epochs_done = state.epochs_done;
