@@ -283,7 +283,9 @@ pub fn train(a: &TrainArgs) -> anyhow::Result<()> {
     );
     if state.finished {
         // Fit the recalibration now, while the training data are at hand, so that `predict`
-        // applies it by default wherever the run directory goes.
+        // applies it by default wherever the run directory goes. A config that draws a synthetic
+        // calibration set has it generated here first, where the user sees it happen.
+        starflow_training::calibration_set(&cfg, &observer)?;
         calibration(&out, true, 1000, 0)?;
     }
     Ok(())

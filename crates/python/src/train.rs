@@ -115,7 +115,9 @@ pub fn train(
         let state = starflow_training::train(&cfg, &opts, &observer)?;
         if state.finished {
             // As the command line does: fit the recalibration while the data are at hand, so that
-            // predictions are recalibrated wherever the run goes.
+            // predictions are recalibrated wherever the run goes; a synthetic calibration set
+            // the config draws is generated first, with the callback told.
+            starflow_training::calibration_set(&cfg, &observer)?;
             load_or_fit_calibration(&out, 1000, 0)?;
         }
         TrainedModel::open(&out)

@@ -9,8 +9,8 @@ use starflow_data::npy::NpyArray;
 use starflow_data::synth::{wavelength_grid, CAMERAS};
 use starflow_training::run::write_text;
 use starflow_training::{
-    cached_calibration, evaluate_on_each, fit_calibration, posterior_samples_on, source_rows,
-    EvalSource, Evaluation, RunDir, RunState,
+    cached_calibration, calibration_set_dir, evaluate_on_each, fit_calibration,
+    posterior_samples_on, source_rows, EvalSource, Evaluation, RunDir, RunState,
 };
 
 use crate::error::{ReportError, Result};
@@ -121,10 +121,15 @@ pub fn report_runs(
         let calibration = match cached_calibration(run)? {
             Some(c) => c,
             None => {
-                progress(&format!(
-                    "{name}: fitting the recalibration (on the validation split, or the \
-                     config's synthetic calibration set)"
-                ));
+                let on = match calibration_set_dir(&state.config) {
+                    Some(dir) => format!(
+                        "on the {} stars of its calibration set {}",
+                        state.config.data.calibration_n,
+                        dir.display()
+                    ),
+                    None => "on its validation split".into(),
+                };
+                progress(&format!("{name}: fitting the recalibration {on}"));
                 fit_calibration(run, opts.n_samples, opts.seed)?
             }
         };
@@ -173,6 +178,9 @@ pub fn report_runs(
             calibration_set: calibration.fitted_on.clone(),
             calibrated: scaled.labels.clone(),
             test_nll_z_calibrated: scaled.nll_z,
+            test_rows: eval.stars.iter().map(|s| s.row).collect(),
+            test_star_nll_z: eval.star_nll_z.clone(),
+            test_star_nll_z_calibrated: scaled.star_nll_z.clone(),
             seconds_per_epoch: train_seconds / state.history.len().max(1) as f64,
             train_seconds,
             report_seconds: start.elapsed().as_secs_f64(),

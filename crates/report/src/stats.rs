@@ -218,6 +218,19 @@ pub fn radius_2d(p: f64) -> f64 {
     (-2.0 * (1.0 - p).ln()).sqrt()
 }
 
+/// Mean and standard error of `a[i] - b[i]`, the per-star difference of two runs on the same
+/// stars; `None` unless both have the same, non-zero number of values. Each star's difficulty
+/// cancels in the difference, so its standard error is far below either mean's.
+pub fn paired_difference(a: &[f64], b: &[f64]) -> Option<(f64, f64)> {
+    if a.len() != b.len() || a.len() < 2 {
+        return None;
+    }
+    let d: Vec<f64> = a.iter().zip(b).map(|(x, y)| x - y).collect();
+    let (mean, std) = mean_std(&d);
+    // The population std over sqrt(n - 1): the usual unbiased estimate's standard error.
+    Some((mean, std / ((d.len() - 1) as f64).sqrt()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -319,5 +332,20 @@ mod tests {
         assert!((c[0] - 4.0).abs() < 1e-12 && (c[3] - 16.0).abs() < 1e-12);
         assert!((c[1] - 8.0).abs() < 1e-12 && (c[2] - 8.0).abs() < 1e-12);
         assert!((r2(&[1.0, 2.0, 3.0], &[1.0, 2.0, 3.0]) - 1.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn paired_difference_cancels_what_the_runs_share() {
+        // Stars of very different difficulty, the same offset between the runs: no noise left.
+        let b = [1.0, -7.0, 30.0, 4.5];
+        let a: Vec<f64> = b.iter().map(|x| x - 0.25).collect();
+        let (d, se) = paired_difference(&a, &b).unwrap();
+        assert!((d + 0.25).abs() < 1e-12 && se < 1e-12, "{d} {se}");
+        // 1, 2, 3, 4 against zeros: mean 2.5, sample std sqrt(5/3), se sqrt(5/3) / 2.
+        let (d, se) = paired_difference(&[1.0, 2.0, 3.0, 4.0], &[0.0; 4]).unwrap();
+        assert!((d - 2.5).abs() < 1e-12);
+        assert!((se - (5.0f64 / 3.0).sqrt() / 2.0).abs() < 1e-12, "{se}");
+        assert_eq!(paired_difference(&[1.0, 2.0], &[1.0]), None);
+        assert_eq!(paired_difference(&[], &[]), None);
     }
 }

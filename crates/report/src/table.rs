@@ -10,7 +10,7 @@ use starflow_training::{EpochRecord, LabelMetrics};
 
 use crate::error::{ReportError, Result};
 use crate::plots::{fmt_sig, LabelInfo};
-use crate::stats::calibration_noise;
+use crate::stats::{calibration_noise, paired_difference};
 
 /// The calibration targets the project holds every flow to (issue #11): pull std, |pull mean|,
 /// 68.3 % and 95.4 % coverage of the central intervals (within ±2 points), and of the joint
@@ -144,6 +144,14 @@ pub struct RunRow {
     pub calibration_set: String,
     pub calibrated: Vec<LabelMetrics>,
     pub test_nll_z_calibrated: f64,
+    /// The evaluated stars' rows and, per star, the NLL in z-units of the model's own and of the
+    /// recalibrated posteriors: runs evaluated on the same stars are compared star by star.
+    #[serde(skip)]
+    pub test_rows: Vec<usize>,
+    #[serde(skip)]
+    pub test_star_nll_z: Vec<f64>,
+    #[serde(skip)]
+    pub test_star_nll_z_calibrated: Vec<f64>,
     pub seconds_per_epoch: f64,
     /// Training wall time (sum over epochs, including validation and checkpoints).
     pub train_seconds: f64,
@@ -484,29 +492,45 @@ pub fn markdown(title: &str, intro: &str, rows: &[RunRow]) -> String {
             rows.iter()
                 .find(|r| r.backbone == backbone && r.flow == flow)
         };
-        // `a <= b + margin`, for the model's own and the recalibrated posteriors.
+        // `a <= b + margin`, for the model's own and the recalibrated posteriors, with the
+        // difference's paired standard error when both runs saw the same stars.
         let compare = |a: &RunRow, b: &RunRow, margin: f64, what: &str, why: &str| {
-            let judge = |x: f64, y: f64| {
+            let same_stars = a.test_rows == b.test_rows;
+            let judge = |x: f64, y: f64, xs: &[f64], ys: &[f64]| {
                 let ok = x <= y + margin;
                 let plus = if margin > 0.0 {
                     format!(" + {margin}")
                 } else {
                     String::new()
                 };
+                let verdict = if ok {
+                    "met".to_string()
+                } else {
+                    format!("**missed**: {why}")
+                };
+                let paired = match paired_difference(xs, ys).filter(|_| same_stars) {
+                    Some((d, se)) => format!("; difference {d:+.3} ± {se:.3}, paired"),
+                    None => String::new(),
+                };
                 format!(
-                    "{x:.3} {} {what} {y:.3}{plus} ({})",
+                    "{x:.3} {} {what} {y:.3}{plus} ({verdict}{paired})",
                     if ok { "<=" } else { ">" },
-                    if ok {
-                        "met".to_string()
-                    } else {
-                        format!("**missed**: {why}")
-                    }
                 )
             };
             format!(
                 "{}; recalibrated (what `evaluate` and `predict` give): {}",
-                judge(a.test_nll_z, b.test_nll_z),
-                judge(a.test_nll_z_calibrated, b.test_nll_z_calibrated)
+                judge(
+                    a.test_nll_z,
+                    b.test_nll_z,
+                    &a.test_star_nll_z,
+                    &b.test_star_nll_z
+                ),
+                judge(
+                    a.test_nll_z_calibrated,
+                    b.test_nll_z_calibrated,
+                    &a.test_star_nll_z_calibrated,
+                    &b.test_star_nll_z_calibrated
+                )
             )
         };
         if let (Some(fg), Some(dg)) = (find("full_gaussian"), find("diagonal_gaussian")) {
@@ -537,6 +561,13 @@ pub fn markdown(title: &str, intro: &str, rows: &[RunRow]) -> String {
         }
     }
 
+    if rows.iter().any(|r| !r.test_star_nll_z.is_empty()) {
+        s.push_str(
+            "\nA difference is the mean over the test stars of one run's NLL minus the other's \
+             on the same star, ± its standard error: each star's difficulty cancels, so it is far \
+             smaller than each mean's own ± and tells an ordering from noise.\n",
+        );
+    }
     s.push_str("\n## Figures\n\n");
     for r in rows {
         let _ = writeln!(

@@ -158,6 +158,11 @@ pub struct Evaluation {
     pub seconds: f64,
     #[serde(skip)]
     pub stars: Vec<StarPrediction>,
+    /// Per star (as in `stars`), the NLL of its true labels in z-units, whose mean is `nll_z`:
+    /// two runs evaluated on the same stars are compared star by star (a paired difference has a
+    /// far smaller standard error than either mean).
+    #[serde(skip)]
+    pub star_nll_z: Vec<f64>,
     /// Per label, posterior samples of the model's own posteriors standardised by each star's
     /// mean and std, `(x - m) / σ`, pooled over the stars (sampled flows only, up to
     /// [`POOLED_DRAWS`] per star; empty otherwise): the shape a recalibration map starts from.
@@ -606,11 +611,14 @@ pub fn fit_calibration_with(
 ) -> Result<Calibration> {
     let state = RunDir::new(run_dir).load_state()?;
     let set = calibration_set(&state.config, &Quiet)?;
-    let eval = match &set {
-        Some(dir) => evaluate_on(run_dir, &EvalSource::dir(dir), n_samples, seed, None)?,
-        None => evaluate(run_dir, "val", n_samples, seed)?,
+    let source = match &set {
+        Some(dir) => EvalSource::dir(dir),
+        None => EvalSource::Split("val".into()),
     };
-    let mut c = Calibration::fit(&eval, method);
+    // The maps are fitted to the marginals (and the Gaussian flows' precisions), never to the
+    // joint HPD levels, which for a sampled flow cost a log-prob per sample and star.
+    let mut evals = evaluate_passes(run_dir, &source, n_samples, seed, &[None], Joint::Skip)?;
+    let mut c = Calibration::fit(&evals.remove(0), method);
     if set.is_some() {
         c.fitted_on = CALIBRATION_SET.into();
     }
@@ -711,6 +719,33 @@ pub fn evaluate_on_each(
     seed: u64,
     calibrations: &[Option<&Calibration>],
 ) -> Result<Vec<Evaluation>> {
+    evaluate_passes(
+        run_dir,
+        source,
+        n_samples,
+        seed,
+        calibrations,
+        Joint::Levels,
+    )
+}
+
+/// Whether an evaluation ranks each truth in its joint posterior ([`StarPrediction::hpd`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Joint {
+    Levels,
+    /// `hpd` left empty: for fitting a calibration, which never reads it.
+    Skip,
+}
+
+/// [`evaluate_on_each`], with the joint HPD levels computed or skipped.
+fn evaluate_passes(
+    run_dir: &Path,
+    source: &EvalSource,
+    n_samples: usize,
+    seed: u64,
+    calibrations: &[Option<&Calibration>],
+    joint: Joint,
+) -> Result<Vec<Evaluation>> {
     let start = Instant::now();
     check_samples(run_dir, n_samples)?;
     let opened = open_source(run_dir, source)?;
@@ -731,7 +766,7 @@ pub fn evaluate_on_each(
         let params = model.params(&b.x, false)?;
         let yz: Vec<f64> = b.y.flatten_all()?.to_vec1()?;
         for pass in &mut passes {
-            pass.add(&opened, &params, &b, &yz, n_samples)?;
+            pass.add(&opened, &params, &b, &yz, n_samples, joint)?;
         }
     }
     passes
@@ -806,6 +841,7 @@ impl Pass {
         b: &Batch,
         yz: &[f64],
         n_samples: usize,
+        joint: Joint,
     ) -> Result<()> {
         let (state, model) = (&opened.state, &opened.model);
         let d = model.flow.dim();
@@ -837,15 +873,13 @@ impl Pass {
             });
             log_jac - lp
         }));
-        // An affine map keeps the density ranking of the truth among the unscaled samples (and
-        // the Gaussian flows' chi-square levels); another map needs samples and its Jacobian.
-        let jac = jac.filter(|j| !j.cal.is_affine());
-        let drawn_for_hpd = match (&batch.samples, &jac) {
-            (None, Some(_)) => Some(model.flow.sample(params, HPD_SAMPLES, &mut self.rng)?),
-            _ => None,
+        let hpd = match joint {
+            Joint::Levels => {
+                let samples = batch.samples.as_ref();
+                joint_levels(model, params, &parts, samples, jac, &mut self.rng)?
+            }
+            Joint::Skip => vec![None; batch.items.len()],
         };
-        let samples = batch.samples.as_ref().or(drawn_for_hpd.as_ref());
-        let hpd = hpd_levels(&model.flow, params, &parts, samples, jac)?;
         if self.resolved.is_none() {
             self.record_shapes(batch.samples.as_ref(), &batch.items);
         }
@@ -859,11 +893,32 @@ impl Pass {
                 quantiles,
                 truth: Some(opened.dataset.targets(i)),
                 pit,
-                hpd: Some(hpd[k]),
+                hpd: hpd[k],
             });
         }
         Ok(())
     }
+}
+
+/// [`StarPrediction::hpd`] for a batch, given its posterior `samples` when the flow is sampled.
+fn joint_levels(
+    model: &StarModel,
+    params: &Tensor,
+    parts: &LogProbParts,
+    samples: Option<&Samples>,
+    jac: Option<Jacobians>,
+    rng: &mut ChaCha8Rng,
+) -> Result<Vec<Option<f64>>> {
+    // An affine map keeps the density ranking of the truth among the unscaled samples (and
+    // the Gaussian flows' chi-square levels); another map needs samples and its Jacobian.
+    let jac = jac.filter(|j| !j.cal.is_affine());
+    let drawn_for_hpd = match (samples, &jac) {
+        (None, Some(_)) => Some(model.flow.sample(params, HPD_SAMPLES, rng)?),
+        _ => None,
+    };
+    let samples = samples.or(drawn_for_hpd.as_ref());
+    let levels = hpd_levels(&model.flow, params, parts, samples, jac)?;
+    Ok(levels.into_iter().map(Some).collect())
 }
 
 impl Pass {
@@ -1172,6 +1227,7 @@ fn assemble(
         joint_coverage_se,
         seconds: start.elapsed().as_secs_f64(),
         stars,
+        star_nll_z: nll.to_vec(),
         standardized_draws: Vec::new(),
         precisions: Vec::new(),
     })

@@ -34,4 +34,7 @@ pub use predict::{
 };
 pub use radial::RadialMap;
 pub use run::{EpochRecord, RunDir, RunState};
-pub use train::{calibration_set, load_run, train, Observer, Quiet, TrainOptions, TrainRequest};
+pub use train::{
+    calibration_set, calibration_set_dir, load_run, train, Observer, Quiet, TrainOptions,
+    TrainRequest,
+};

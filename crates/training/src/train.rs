@@ -128,19 +128,29 @@ fn ensure_synthetic(
 /// `data.calibration_seed`), generated when missing; `None` when the recalibration is fitted on
 /// the validation split (real data, or `calibration_n = 0`).
 pub fn calibration_set(cfg: &TrainConfig, observer: &dyn Observer) -> Result<Option<PathBuf>> {
+    let Some(dir) = calibration_set_dir(cfg) else {
+        return Ok(None);
+    };
+    let d = &cfg.data;
+    ensure_synthetic(&dir, d.calibration_n, d.calibration_seed, d, observer)?;
+    Ok(Some(dir))
+}
+
+/// Where [`calibration_set`] keeps a config's calibration set, `<data.dir>-calibration-<seed>`
+/// beside the training data, without generating it; `None` when there is none.
+pub fn calibration_set_dir(cfg: &TrainConfig) -> Option<PathBuf> {
     let d = &cfg.data;
     if !d.synthetic || d.calibration_n == 0 {
-        return Ok(None);
+        return None;
     }
     let name = d
         .dir
         .file_name()
         .map_or("synth".into(), |n| n.to_string_lossy().into_owned());
-    let dir = d
-        .dir
-        .with_file_name(format!("{name}-calibration-{}", d.calibration_seed));
-    ensure_synthetic(&dir, d.calibration_n, d.calibration_seed, d, observer)?;
-    Ok(Some(dir))
+    Some(
+        d.dir
+            .with_file_name(format!("{name}-calibration-{}", d.calibration_seed)),
+    )
 }
 
 /// Whether `dir` holds a set that starflow's generator wrote (its `synth.json` says so) with other

@@ -460,3 +460,18 @@ fn calibration_set_is_drawn_and_fitted_on() {
         Calibration::fit(&on_val, CalibrationMethod::Quantile).maps
     );
 }
+
+/// Fitting skips the joint HPD levels (a log-prob per sample and star for a sampled flow), which
+/// the maps never read: the fit equals one made from a full evaluation of the validation split,
+/// so the sampler's stream is the same too.
+#[test]
+fn fitting_without_the_joint_levels_gives_the_same_maps() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = tiny_run(dir.path(), "full_flow");
+    let full = evaluate(&run, "val", 100, 1).unwrap();
+    assert!(full.stars.iter().all(|s| s.hpd.is_some()));
+    let got = fit_calibration(&run, 100, 1).unwrap();
+    let mut expected = Calibration::fit(&full, CalibrationMethod::Quantile);
+    expected.epochs_done = got.epochs_done;
+    assert_eq!(got, expected);
+}
