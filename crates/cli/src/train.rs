@@ -396,7 +396,10 @@ pub fn evaluate(a: &EvaluateArgs) -> anyhow::Result<()> {
             None
         } else {
             let c = starflow_training::fit_ensemble_calibration(&runs, samples, seed)
-                .context("fitting the ensemble's recalibration on the first run's validation split; pass --raw for the mixture as it is")?;
+                .context(
+                    "fitting the ensemble's recalibration on the first run's calibration set (its \
+                     validation split when its config draws none); pass --raw for the mixture as it is",
+                )?;
             eprintln!(
                 "ensemble of {} runs: the equal-weight mixture of their posteriors, recalibrated \
                  as a whole (quantile maps fitted on {} {} stars: {})",

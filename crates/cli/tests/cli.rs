@@ -164,7 +164,19 @@ fn evaluate_on_a_held_out_data_set() {
     }
     let csv = std::fs::read_to_string(run.join("eval-data/predictions.csv")).unwrap();
     assert_eq!(csv.lines().count(), 58);
-    assert!(csv.lines().next().unwrap().ends_with(",hpd"), "{csv}");
+    assert!(csv.lines().next().unwrap().ends_with(",hpd,nll"), "{csv}");
+    // Each star's `nll` is its term of the run's NLL (physical units): their mean is that NLL.
+    let star_nll: Vec<f64> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.rsplit(',').next().unwrap().parse().unwrap())
+        .collect();
+    let mean = star_nll.iter().sum::<f64>() / star_nll.len() as f64;
+    let nll = metrics["nll"].as_f64().unwrap();
+    assert!(
+        (mean - nll).abs() < 1e-9 * nll.abs().max(1.0),
+        "{mean} vs {nll}"
+    );
     // Another pixel grid is refused with the file named.
     let other = d.join("other");
     common::synth(&other, 20, 32);

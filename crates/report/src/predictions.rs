@@ -7,7 +7,8 @@
 //! temporary file and leaves any previous table untouched.
 //!
 //! Both formats hold the same columns: `row`, then per label `<label>_mean, _std, _q025, _q16, _q50,
-//! _q84, _q975`, and when the truth is known `<label>_true, _pit` per label and the joint `hpd` level.
+//! _q84, _q975`, and when the truth is known `<label>_true, _pit` per label, the joint `hpd` level and
+//! the star's `nll` (the negative log posterior density of its true labels, physical units).
 //! Numbers are written with Rust's shortest round-trip formatting, so a CSV reads back to the same
 //! f64 bits.
 

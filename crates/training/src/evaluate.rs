@@ -18,6 +18,7 @@ use starflow_data::{Batch, Batcher, Dataset, FluxTransform, LoadOptions};
 use starflow_flows::{Flow, LogProbParts, PosteriorSummary, Samples};
 
 use crate::calibration::{Calibration, CalibrationMethod, Frame, Resolved};
+use crate::config::TrainConfig;
 use crate::error::{Result, TrainError};
 use crate::model::StarModel;
 use crate::radial::precision_of;
@@ -45,6 +46,11 @@ pub struct StarPrediction {
     /// `a` exactly when `hpd <= a`, so for a calibrated joint posterior `hpd` is uniform.
     #[serde(default)]
     pub hpd: Option<f64>,
+    /// The negative log posterior density of the true labels in physical units (K, dex, dex),
+    /// the star's term of the run's NLL: two runs' tables compare star by star, whatever data
+    /// each was trained on.
+    #[serde(default)]
+    pub nll: Option<f64>,
 }
 
 /// The five quantile columns of each label, in order (levels [`starflow_flows::QUANTILE_LEVELS`]).
@@ -53,7 +59,7 @@ const QUANTILE_SUFFIXES: [&str; 5] = ["q025", "q16", "q50", "q84", "q975"];
 impl StarPrediction {
     /// The columns of a prediction table over the labels `names`: `row`, then per label
     /// `<label>_mean, _std, _q025, _q16, _q50, _q84, _q975`, and with the truth `<label>_true,
-    /// _pit` per label and the joint `hpd` level. The CSV and Parquet tables and the Python
+    /// _pit` per label, the joint `hpd` level and the star's `nll`. The CSV and Parquet tables and the Python
     /// package's predictions all use these names.
     pub fn columns(names: &[String], with_truth: bool) -> Vec<String> {
         let mut cols = vec!["row".to_string()];
@@ -68,6 +74,7 @@ impl StarPrediction {
                 cols.push(format!("{n}_pit"));
             }
             cols.push("hpd".into());
+            cols.push("nll".into());
         }
         cols
     }
@@ -75,7 +82,7 @@ impl StarPrediction {
     /// The float cells of this star over `d` labels, in the order of [`StarPrediction::columns`]
     /// after `row`; a cell is `None` when unknown (no truth).
     pub fn cells(&self, d: usize, with_truth: bool) -> Vec<Option<f64>> {
-        let mut out = Vec::with_capacity(7 * d + 2 * d + 1);
+        let mut out = Vec::with_capacity(7 * d + 2 * d + 2);
         for j in 0..d {
             out.push(Some(self.mean[j]));
             out.push(Some(self.std[j]));
@@ -87,6 +94,7 @@ impl StarPrediction {
                 out.push(self.pit.as_ref().map(|u| u[j]));
             }
             out.push(self.hpd);
+            out.push(self.nll);
         }
         out
     }
@@ -610,20 +618,25 @@ pub fn fit_calibration_with(
     method: CalibrationMethod,
 ) -> Result<Calibration> {
     let state = RunDir::new(run_dir).load_state()?;
-    let set = calibration_set(&state.config, &Quiet)?;
-    let source = match &set {
-        Some(dir) => EvalSource::dir(dir),
-        None => EvalSource::Split("val".into()),
-    };
+    let (source, on_set) = calibration_source(&state.config)?;
     // The maps are fitted to the marginals (and the Gaussian flows' precisions), never to the
     // joint HPD levels, which for a sampled flow cost a log-prob per sample and star.
     let mut evals = evaluate_passes(run_dir, &source, n_samples, seed, &[None], Joint::Skip)?;
     let mut c = Calibration::fit(&evals.remove(0), method);
-    if set.is_some() {
+    if on_set {
         c.fitted_on = CALIBRATION_SET.into();
     }
     c.epochs_done = state.epochs_done;
     Ok(c)
+}
+
+/// The stars a config's recalibration is fitted on: its synthetic calibration set when it draws
+/// one (generated on first use; `true`), else its validation split (`false`).
+fn calibration_source(cfg: &TrainConfig) -> Result<(EvalSource, bool)> {
+    Ok(match calibration_set(cfg, &Quiet)? {
+        Some(dir) => (EvalSource::dir(&dir), true),
+        None => (EvalSource::Split("val".into()), false),
+    })
 }
 
 /// [`Calibration::fitted_on`] of maps fitted on a config's synthetic calibration set.
@@ -894,6 +907,7 @@ impl Pass {
                 truth: Some(opened.dataset.targets(i)),
                 pit,
                 hpd: hpd[k],
+                nll: None,
             });
         }
         Ok(())
@@ -983,16 +997,24 @@ pub fn evaluate_ensemble(
     evaluate_ensemble_scaled(runs, source, n_samples, seed, None)
 }
 
-/// Fits a [`Calibration`] (quantile maps) of the ensemble of `runs` on the validation split of
-/// the first run's data: members are not recalibrated one by one; their mixture is, like a
-/// single run's posterior.
+/// Fits a [`Calibration`] (quantile maps) of the ensemble of `runs` on the stars the first run's
+/// own maps are fitted on (its config's calibration set, else its validation split): members are
+/// not recalibrated one by one; their mixture is, like a single run's posterior.
 pub fn fit_ensemble_calibration(
     runs: &[PathBuf],
     n_samples: usize,
     seed: u64,
 ) -> Result<Calibration> {
-    let val = evaluate_ensemble(runs, &EvalSource::Split("val".into()), n_samples, seed)?;
-    Ok(Calibration::fit(&val, CalibrationMethod::Quantile))
+    let (source, on_set) = match runs.first() {
+        Some(first) => calibration_source(&RunDir::new(first).load_state()?.config)?,
+        None => (EvalSource::Split("val".into()), false),
+    };
+    let e = evaluate_ensemble(runs, &source, n_samples, seed)?;
+    let mut c = Calibration::fit(&e, CalibrationMethod::Quantile);
+    if on_set {
+        c.fitted_on = CALIBRATION_SET.into();
+    }
+    Ok(c)
 }
 
 /// [`evaluate_ensemble`] with the mixture mapped by `calibration` (when given), as
@@ -1118,6 +1140,7 @@ pub fn evaluate_ensemble_scaled(
                 truth: Some(rows.dataset.targets(row)),
                 pit: Some(pit),
                 hpd: Some((denser as f64 + 0.5) / ((k * h) as f64 + 1.0)),
+                nll: None,
             });
         }
     }
@@ -1193,7 +1216,7 @@ fn assemble(
     state: &RunState,
     source: &EvalSource,
     data_dir: &Path,
-    stars: Vec<StarPrediction>,
+    mut stars: Vec<StarPrediction>,
     nll: &[f64],
     flow: String,
     n_samples: usize,
@@ -1201,6 +1224,9 @@ fn assemble(
 ) -> Result<Evaluation> {
     let (nll_z, nll_se) = mean_and_se(nll);
     let log_scale: f64 = state.scaler.std.iter().map(|s| s.ln()).sum();
+    for (s, v) in stars.iter_mut().zip(nll) {
+        s.nll = Some(v + log_scale);
+    }
     let targets = &state.config.data.targets;
     let crlb = crlb_for(data_dir, "crlb.npy", targets, &stars)?;
     let crlb_m = crlb_for(data_dir, "crlb_marginal.npy", targets, &stars)?;

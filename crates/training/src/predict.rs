@@ -280,6 +280,7 @@ impl TrainedModel {
                     truth: None,
                     pit: None,
                     hpd: None,
+                    nll: None,
                 }
             })
             .collect())

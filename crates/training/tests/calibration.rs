@@ -461,6 +461,28 @@ fn calibration_set_is_drawn_and_fitted_on() {
     );
 }
 
+/// An ensemble's maps are fitted where its first run's own maps are: on that run's calibration
+/// set when its config draws one, as the quantile maps of the mixture's evaluation there.
+#[test]
+fn ensemble_calibration_is_fitted_on_the_first_runs_calibration_set() {
+    use starflow_training::{evaluate_ensemble, fit_ensemble_calibration};
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = TrainConfig::tiny(&dir.path().join("data"), "full_gaussian", "cnn", 2);
+    cfg.data.calibration_n = 120;
+    cfg.data.calibration_seed = 9;
+    let run = dir.path().join("run");
+    train(&cfg, &TrainOptions::new(&run), &Quiet).unwrap();
+    let copies = [run.clone(), run.clone()];
+    let c = fit_ensemble_calibration(&copies, 100, 2).unwrap();
+    assert_eq!((c.fitted_on.as_str(), c.n_stars), ("calibration", 120));
+    let set = EvalSource::dir(&dir.path().join("data-calibration-9"));
+    let on_set = evaluate_ensemble(&copies, &set, 100, 2).unwrap();
+    assert_eq!(
+        c.maps,
+        Calibration::fit(&on_set, CalibrationMethod::Quantile).maps
+    );
+}
+
 /// Fitting skips the joint HPD levels (a log-prob per sample and star for a sampled flow), which
 /// the maps never read: the fit equals one made from a full evaluation of the validation split,
 /// so the sampler's stream is the same too.
