@@ -622,10 +622,7 @@ pub fn fit_calibration_with(
     // The maps are fitted to the marginals (and the Gaussian flows' precisions), never to the
     // joint HPD levels, which for a sampled flow cost a log-prob per sample and star.
     let mut evals = evaluate_passes(run_dir, &source, n_samples, seed, &[None], Joint::Skip)?;
-    let mut c = Calibration::fit(&evals.remove(0), method);
-    if on_set {
-        c.fitted_on = CALIBRATION_SET.into();
-    }
+    let mut c = fit_marked(&evals.remove(0), method, on_set);
     c.epochs_done = state.epochs_done;
     Ok(c)
 }
@@ -1009,12 +1006,19 @@ pub fn fit_ensemble_calibration(
         Some(first) => calibration_source(&RunDir::new(first).load_state()?.config)?,
         None => (EvalSource::Split("val".into()), false),
     };
-    let e = evaluate_ensemble(runs, &source, n_samples, seed)?;
-    let mut c = Calibration::fit(&e, CalibrationMethod::Quantile);
+    // As for a single run, the maps never read the joint HPD levels: skipped, they cost nothing
+    // (here a mixture log-prob at up to HPD_SAMPLES pooled samples per star).
+    let e = ensemble_pass(runs, &source, n_samples, seed, None, Joint::Skip)?;
+    Ok(fit_marked(&e, CalibrationMethod::Quantile, on_set))
+}
+
+/// [`Calibration::fit`], marked as fitted on the config's calibration set when it was (`on_set`).
+fn fit_marked(e: &Evaluation, method: CalibrationMethod, on_set: bool) -> Calibration {
+    let mut c = Calibration::fit(e, method);
     if on_set {
         c.fitted_on = CALIBRATION_SET.into();
     }
-    Ok(c)
+    c
 }
 
 /// [`evaluate_ensemble`] with the mixture mapped by `calibration` (when given), as
@@ -1025,6 +1029,19 @@ pub fn evaluate_ensemble_scaled(
     n_samples: usize,
     seed: u64,
     calibration: Option<&Calibration>,
+) -> Result<Evaluation> {
+    ensemble_pass(runs, source, n_samples, seed, calibration, Joint::Levels)
+}
+
+/// [`evaluate_ensemble_scaled`], with the joint HPD levels computed or skipped; the samples
+/// drawn, and so every other figure, are the same either way.
+fn ensemble_pass(
+    runs: &[PathBuf],
+    source: &EvalSource,
+    n_samples: usize,
+    seed: u64,
+    calibration: Option<&Calibration>,
+    joint: Joint,
 ) -> Result<Evaluation> {
     let start = Instant::now();
     let Some(first) = runs.first() else {
@@ -1082,27 +1099,23 @@ pub fn evaluate_ensemble_scaled(
         let frames: Vec<Frame> = raw.iter().map(Frame::marginal).collect();
         let log_jac =
             |x: &[f64], i: usize| cal.as_ref().map_or(0.0, |c| c.log_jacobian(x, &frames[i]));
-        let mix = |pts: &Tensor, reps: usize| mixture_log_prob(&members, &params, pts, n, reps);
+        let mixture = Mixture {
+            members: &members,
+            params: &params,
+            per_member,
+        };
         let seen_t = Tensor::from_slice(&seen, (n, d), b.y.device())?;
-        let lp_truth: Vec<f64> = mix(&seen_t, 1)?
+        let lp_truth: Vec<f64> = mixture
+            .log_prob(&seen_t, n, 1)?
             .into_iter()
             .enumerate()
             .map(|(i, lp)| lp - log_jac(&seen[i * d..(i + 1) * d], i))
             .collect();
         nll.extend(lp_truth.iter().map(|v| -v));
-        // HPD levels: the mixture density at up to HPD_SAMPLES pooled samples per star, taken
-        // evenly from every member.
-        let h = (HPD_SAMPLES / k).clamp(1, per_member);
-        let mut hp = Vec::with_capacity(n * k * h * d);
-        for pts in &pooled {
-            for m in 0..k {
-                hp.extend_from_slice(&pts[m * per_member * d..(m * per_member + h) * d]);
-            }
-        }
-        let lp_h = mix(
-            &Tensor::from_slice(&hp, (n * k * h, d), b.y.device())?,
-            k * h,
-        )?;
+        let hpd = match joint {
+            Joint::Levels => mixture.hpd_levels(&pooled, &lp_truth, &log_jac)?,
+            Joint::Skip => vec![None; n],
+        };
         for (i, pts) in pooled.iter().enumerate() {
             let total = pts.len() / d;
             let pit = (0..d)
@@ -1112,12 +1125,6 @@ pub fn evaluate_ensemble_scaled(
                     (below as f64 + 0.5) / (total as f64 + 1.0)
                 })
                 .collect();
-            let denser = (0..k * h)
-                .filter(|&r| {
-                    let at = (i * k * h + r) * d;
-                    lp_h[i * k * h + r] - log_jac(&hp[at..at + d], i) > lp_truth[i]
-                })
-                .count();
             let mut s = raw[i].clone();
             match &cal {
                 Some(c) => c.apply(&mut s, Some(pts)),
@@ -1139,7 +1146,7 @@ pub fn evaluate_ensemble_scaled(
                 quantiles,
                 truth: Some(rows.dataset.targets(row)),
                 pit: Some(pit),
-                hpd: Some((denser as f64 + 0.5) / ((k * h) as f64 + 1.0)),
+                hpd: hpd[i],
                 nll: None,
             });
         }
@@ -1184,29 +1191,72 @@ fn load_members(runs: &[PathBuf]) -> Result<Vec<(RunState, StarModel)>> {
     Ok(members)
 }
 
-/// The ensemble's log-density, `log(mean_k p_k(x))`, at `pts` (`(n * reps, d)`: `reps` points
-/// for each of the batch's `n` stars).
-fn mixture_log_prob(
-    members: &[(RunState, StarModel)],
-    params: &[Tensor],
-    pts: &Tensor,
-    n: usize,
-    reps: usize,
-) -> Result<Vec<f64>> {
-    let idx: Vec<u32> = (0..n as u32)
-        .flat_map(|i| std::iter::repeat_n(i, reps))
-        .collect();
-    let idx = Tensor::from_vec(idx, n * reps, pts.device())?;
-    let lps = members
-        .iter()
-        .zip(params)
-        .map(|((_, m), p)| -> Result<Vec<f64>> {
-            Ok(m.flow.log_prob(&p.index_select(&idx, 0)?, pts)?.to_vec1()?)
-        })
-        .collect::<Result<Vec<_>>>()?;
-    Ok((0..n * reps)
-        .map(|r| log_mean_exp(lps.iter().map(|lp| lp[r])))
-        .collect())
+/// One batch of an ensemble: its members, their flow parameters for the batch's stars and how
+/// many samples each member drew per star (pooled member by member).
+struct Mixture<'a> {
+    members: &'a [(RunState, StarModel)],
+    params: &'a [Tensor],
+    per_member: usize,
+}
+
+impl Mixture<'_> {
+    /// The ensemble's log-density, `log(mean_k p_k(x))`, at `pts` (`(n * reps, d)`: `reps`
+    /// points for each of the batch's `n` stars).
+    fn log_prob(&self, pts: &Tensor, n: usize, reps: usize) -> Result<Vec<f64>> {
+        let idx: Vec<u32> = (0..n as u32)
+            .flat_map(|i| std::iter::repeat_n(i, reps))
+            .collect();
+        let idx = Tensor::from_vec(idx, n * reps, pts.device())?;
+        let lps = self
+            .members
+            .iter()
+            .zip(self.params)
+            .map(|((_, m), p)| -> Result<Vec<f64>> {
+                Ok(m.flow.log_prob(&p.index_select(&idx, 0)?, pts)?.to_vec1()?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((0..n * reps)
+            .map(|r| log_mean_exp(lps.iter().map(|lp| lp[r])))
+            .collect())
+    }
+
+    /// Each star's joint HPD level, `P(p(X) > p(truth))` under the (mapped) mixture: the fraction
+    /// of up to HPD_SAMPLES of its pooled samples, taken evenly from every member, where the
+    /// mixture density (less the maps' log-Jacobian `log_jac`) exceeds the truth's `lp_truth`.
+    fn hpd_levels(
+        &self,
+        pooled: &[Vec<f64>],
+        lp_truth: &[f64],
+        log_jac: &dyn Fn(&[f64], usize) -> f64,
+    ) -> Result<Vec<Option<f64>>> {
+        let (n, k, d) = (
+            pooled.len(),
+            self.members.len(),
+            self.members[0].0.scaler.mean.len(),
+        );
+        let h = (HPD_SAMPLES / k).clamp(1, self.per_member);
+        let mut hp = Vec::with_capacity(n * k * h * d);
+        for pts in pooled {
+            for m in 0..k {
+                let from = m * self.per_member * d;
+                hp.extend_from_slice(&pts[from..from + h * d]);
+            }
+        }
+        let device = self.params[0].device();
+        let pts = Tensor::from_slice(&hp, (n * k * h, d), device)?;
+        let lp_h = self.log_prob(&pts, n, k * h)?;
+        Ok((0..n)
+            .map(|i| {
+                let denser = (0..k * h)
+                    .filter(|&r| {
+                        let at = (i * k * h + r) * d;
+                        lp_h[i * k * h + r] - log_jac(&hp[at..at + d], i) > lp_truth[i]
+                    })
+                    .count();
+                Some((denser as f64 + 0.5) / ((k * h) as f64 + 1.0))
+            })
+            .collect())
+    }
 }
 
 /// The figures of an evaluation from its stars and their NLLs (z-units): per-label metrics with

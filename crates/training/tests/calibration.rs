@@ -462,7 +462,8 @@ fn calibration_set_is_drawn_and_fitted_on() {
 }
 
 /// An ensemble's maps are fitted where its first run's own maps are: on that run's calibration
-/// set when its config draws one, as the quantile maps of the mixture's evaluation there.
+/// set when its config draws one, as the quantile maps of the mixture's evaluation there. The fit
+/// skips the joint HPD levels, the evaluation here computes them: the maps must not differ.
 #[test]
 fn ensemble_calibration_is_fitted_on_the_first_runs_calibration_set() {
     use starflow_training::{evaluate_ensemble, fit_ensemble_calibration};
