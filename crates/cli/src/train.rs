@@ -60,7 +60,9 @@ pub struct EvaluateArgs {
     pub labels: Option<PathBuf>,
     /// Evaluate the deep ensemble of --run and these runs (repeatable): the equal-weight mixture
     /// of their posteriors, e.g. the same recipe trained with other `run.seed`s, recalibrated as a
-    /// whole (quantile maps fitted on --run's validation split; --raw for the mixture as it is).
+    /// whole (quantile maps fitted on --run's calibration set, or its validation split when its
+    /// config draws none, and kept in RUN/ensemble-calibration.json for the next evaluation of
+    /// the same ensemble; --raw for the mixture as it is).
     #[arg(long = "member", value_name = "RUN")]
     pub members: Vec<PathBuf>,
     /// Output directory (default RUN/eval-<split>, or RUN/eval-data for --data/--spectra;
@@ -395,7 +397,7 @@ pub fn evaluate(a: &EvaluateArgs) -> anyhow::Result<()> {
             );
             None
         } else {
-            let c = starflow_training::fit_ensemble_calibration(&runs, samples, seed)
+            let c = starflow_training::load_or_fit_ensemble_calibration(&runs, samples, seed)
                 .context(
                     "fitting the ensemble's recalibration on the first run's calibration set (its \
                      validation split when its config draws none); pass --raw for the mixture as it is",

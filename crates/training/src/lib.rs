@@ -22,9 +22,10 @@ pub use error::{Result, TrainError};
 pub use evaluate::{
     cached_calibration, calibration_unavailable, chi2_cdf, evaluate, evaluate_ensemble,
     evaluate_ensemble_scaled, evaluate_on, evaluate_on_each, evaluate_scaled, fit_calibration,
-    fit_calibration_with, fit_ensemble_calibration, load_or_fit_calibration, posterior_samples,
-    posterior_samples_on, source_rows, EvalSource, Evaluation, LabelErrors, LabelMetrics,
-    SourceRows, StarPrediction, StarSamples,
+    fit_calibration_with, fit_ensemble_calibration, load_or_fit_calibration,
+    load_or_fit_ensemble_calibration, posterior_samples, posterior_samples_on, source_rows,
+    EnsembleCalibration, EnsembleFit, EvalSource, Evaluation, LabelErrors, LabelMetrics,
+    SourceRows, StarPrediction, StarSamples, ENSEMBLE_CALIBRATION_FILE,
 };
 pub use model::StarModel;
 pub use pause::PauseAt;

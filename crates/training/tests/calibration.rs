@@ -498,3 +498,39 @@ fn fitting_without_the_joint_levels_gives_the_same_maps() {
     expected.epochs_done = got.epochs_done;
     assert_eq!(got, expected);
 }
+
+/// An ensemble's maps are kept in its first run's directory and read back when the same members
+/// are evaluated with the same sampler settings; another seed or another member list is fitted
+/// again, giving what a fresh fit gives.
+#[test]
+fn ensemble_calibration_is_kept_for_the_same_ensemble() {
+    use starflow_training::{
+        fit_ensemble_calibration, load_or_fit_ensemble_calibration, EnsembleCalibration,
+        ENSEMBLE_CALIBRATION_FILE,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let run = tiny_run(dir.path(), "full_gaussian");
+    let two = [run.clone(), run.clone()];
+    let fresh = fit_ensemble_calibration(&two, 100, 3).unwrap();
+    assert_eq!(
+        load_or_fit_ensemble_calibration(&two, 100, 3).unwrap(),
+        fresh
+    );
+    // The next call reads the file: a mark put into it comes back.
+    let file = run.join(ENSEMBLE_CALIBRATION_FILE);
+    let mut saved: EnsembleCalibration =
+        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    saved.calibration.n_stars += 1;
+    std::fs::write(&file, serde_json::to_string(&saved).unwrap()).unwrap();
+    let read = load_or_fit_ensemble_calibration(&two, 100, 3).unwrap();
+    assert_eq!(read.n_stars, fresh.n_stars + 1);
+    // Another seed, then another member list: fitted again.
+    let reseeded = load_or_fit_ensemble_calibration(&two, 100, 4).unwrap();
+    assert_eq!(reseeded, fit_ensemble_calibration(&two, 100, 4).unwrap());
+    assert_ne!(reseeded.maps, fresh.maps);
+    let three = [run.clone(), run.clone(), run.clone()];
+    assert_eq!(
+        load_or_fit_ensemble_calibration(&three, 100, 4).unwrap(),
+        fit_ensemble_calibration(&three, 100, 4).unwrap()
+    );
+}
