@@ -668,10 +668,15 @@ pub fn load_or_fit_calibration(run_dir: &Path, n_samples: usize, seed: u64) -> R
     }
     let path = run_dir.join(CALIBRATION_FILE);
     let c = fit_calibration(run_dir, n_samples, seed)?;
-    let text = serde_json::to_string_pretty(&c)
-        .map_err(|e| TrainError::config(&path, format!("cannot serialise: {e}")))?;
-    write_text(&path, &text)?;
+    write_json(&path, &c)?;
     Ok(c)
+}
+
+/// `value` as pretty JSON in `path`, written atomically ([`write_text`]).
+fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| TrainError::config(path, format!("cannot serialise: {e}")))?;
+    write_text(path, &text)
 }
 
 /// What to tell a user when fitting a run's recalibration failed (its validation data are gone,
@@ -1061,26 +1066,22 @@ pub fn load_or_fit_ensemble_calibration(
         seed,
     };
     let path = first.join(ENSEMBLE_CALIBRATION_FILE);
-    let saved = std::fs::read_to_string(&path)
-        .ok()
-        .and_then(|t| serde_json::from_str::<EnsembleCalibration>(&t).ok());
-    match saved {
-        Some(s) if s.fitted_for == fitted_for => return Ok(s.calibration),
-        Some(_) => tracing::info!(
-            "{}: fitted for another ensemble, fitting again",
-            path.display()
-        ),
-        None => {}
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        match serde_json::from_str::<EnsembleCalibration>(&text) {
+            Ok(s) if s.fitted_for == fitted_for => return Ok(s.calibration),
+            Ok(_) => tracing::info!(
+                "{}: fitted for another ensemble, fitting again",
+                path.display()
+            ),
+            Err(e) => tracing::warn!("{}: unreadable ({e}), fitting again", path.display()),
+        }
     }
     let calibration = fit_ensemble_calibration(runs, n_samples, seed)?;
     let entry = EnsembleCalibration {
         fitted_for,
         calibration,
     };
-    let written = serde_json::to_string_pretty(&entry)
-        .map_err(|e| TrainError::config(&path, format!("cannot serialise: {e}")))
-        .and_then(|text| write_text(&path, &text));
-    if let Err(e) = written {
+    if let Err(e) = write_json(&path, &entry) {
         tracing::warn!(
             "{}: not saved ({e}); the next call fits again",
             path.display()
