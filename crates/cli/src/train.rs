@@ -288,7 +288,7 @@ pub fn train(a: &TrainArgs) -> anyhow::Result<()> {
         // applies it by default wherever the run directory goes. A config that draws a synthetic
         // calibration set has it generated here first, where the user sees it happen.
         starflow_training::calibration_set(&cfg, &observer)?;
-        calibration(&out, true, 1000, 0)?;
+        calibration(&out, true, starflow_training::CALIBRATION_FIT_SAMPLES, 0)?;
     }
     Ok(())
 }

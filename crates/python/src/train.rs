@@ -8,6 +8,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use starflow_training::{
     load_or_fit_calibration, EpochRecord, Observer, TrainOptions, TrainRequest, TrainedModel,
+    CALIBRATION_FIT_SAMPLES,
 };
 
 use crate::errors::train_error;
@@ -118,7 +119,7 @@ pub fn train(
             // predictions are recalibrated wherever the run goes; a synthetic calibration set
             // the config draws is generated first, with the callback told.
             starflow_training::calibration_set(&cfg, &observer)?;
-            load_or_fit_calibration(&out, 1000, 0)?;
+            load_or_fit_calibration(&out, CALIBRATION_FIT_SAMPLES, 0)?;
         }
         TrainedModel::open(&out)
     });

@@ -244,6 +244,11 @@ pub struct Calibration {
     /// Epochs done when fitted: a run trained further needs new maps.
     #[serde(default)]
     pub epochs_done: usize,
+    /// Seed of the synthetic calibration set the maps were fitted on (`None` for a split). With
+    /// `n_stars` it tells maps of the config's set from maps of a set it no longer names, so
+    /// that changing `data.calibration_n` or `data.calibration_seed` refits them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub set_seed: Option<u64>,
 }
 
 impl Calibration {
@@ -289,6 +294,7 @@ impl Calibration {
             fitted_on: eval.split.clone(),
             n_stars: eval.n_stars,
             epochs_done: 0,
+            set_seed: None,
         }
     }
 

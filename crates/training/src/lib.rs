@@ -25,7 +25,7 @@ pub use evaluate::{
     fit_calibration_with, fit_ensemble_calibration, load_or_fit_calibration,
     load_or_fit_ensemble_calibration, posterior_samples, posterior_samples_on, source_rows,
     EnsembleCalibration, EnsembleFit, EvalSource, Evaluation, LabelErrors, LabelMetrics,
-    SourceRows, StarPrediction, StarSamples, ENSEMBLE_CALIBRATION_FILE,
+    SourceRows, StarPrediction, StarSamples, CALIBRATION_FIT_SAMPLES, ENSEMBLE_CALIBRATION_FILE,
 };
 pub use model::StarModel;
 pub use pause::PauseAt;

@@ -461,6 +461,52 @@ fn calibration_set_is_drawn_and_fitted_on() {
     );
 }
 
+/// Maps saved for one calibration set are not reused once the run's config names another: a
+/// larger `data.calibration_n` or another `data.calibration_seed` in `state.json` refits them on
+/// the set it names now, and that fit is then kept.
+#[test]
+fn saved_maps_follow_the_configs_calibration_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = TrainConfig::tiny(&dir.path().join("data"), "diagonal_gaussian", "cnn", 2);
+    cfg.data.calibration_n = 120;
+    cfg.data.calibration_seed = 7;
+    let run = dir.path().join("run");
+    train(&cfg, &TrainOptions::new(&run), &Quiet).unwrap();
+    let first = load_or_fit_calibration(&run, 100, 1).unwrap();
+    assert_eq!(
+        (first.n_stars, first.set_seed, first.fitted_on.as_str()),
+        (120, Some(7), "calibration")
+    );
+    let set_config = |n: u64, seed: u64| {
+        let path = run.join("state.json");
+        let mut state: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        state["config"]["data"]["calibration_n"] = n.into();
+        state["config"]["data"]["calibration_seed"] = seed.into();
+        std::fs::write(&path, state.to_string()).unwrap();
+    };
+    set_config(160, 7);
+    let larger = load_or_fit_calibration(&run, 100, 1).unwrap();
+    assert_eq!((larger.n_stars, larger.set_seed), (160, Some(7)));
+    assert_ne!(larger.maps, first.maps);
+    set_config(160, 8);
+    let other = load_or_fit_calibration(&run, 100, 1).unwrap();
+    assert_eq!((other.n_stars, other.set_seed), (160, Some(8)));
+    assert!(dir
+        .path()
+        .join("data-calibration-8")
+        .join("spectra.npy")
+        .exists());
+    // Kept for the set it was fitted on: an edit to the saved file comes back.
+    let path = run.join("calibration.json");
+    let edited = Calibration {
+        scale: vec![1.5, 1.5, 1.5],
+        ..other
+    };
+    std::fs::write(&path, serde_json::to_string(&edited).unwrap()).unwrap();
+    assert_eq!(load_or_fit_calibration(&run, 100, 1).unwrap(), edited);
+}
+
 /// An ensemble's maps are fitted where its first run's own maps are: on that run's calibration
 /// set when its config draws one, as the quantile maps of the mixture's evaluation there. The fit
 /// skips the joint HPD levels, the evaluation here computes them: the maps must not differ.
