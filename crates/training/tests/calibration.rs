@@ -20,6 +20,17 @@ fn tiny_run(dir: &Path, flow: &str) -> PathBuf {
     run
 }
 
+/// A tiny CNNModel run in `dir/run` whose config draws a calibration set of `n` stars with
+/// `seed` (generated into `dir/data-calibration-<seed>` on first use).
+fn run_with_calibration_set(dir: &Path, flow: &str, n: usize, seed: u64) -> PathBuf {
+    let mut cfg = TrainConfig::tiny(&dir.join("data"), flow, "cnn", 2);
+    cfg.data.calibration_n = n;
+    cfg.data.calibration_seed = seed;
+    let run = dir.join("run");
+    train(&cfg, &TrainOptions::new(&run), &Quiet).unwrap();
+    run
+}
+
 /// A recalibrated NLL equals the one computed by hand from the maps, up to rounding.
 fn assert_nll_is(nll: f64, expected: f64) {
     assert!(
@@ -440,11 +451,7 @@ fn radial_map_enters_the_nll_through_its_jacobian() {
 #[test]
 fn calibration_set_is_drawn_and_fitted_on() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = TrainConfig::tiny(&dir.path().join("data"), "diagonal_gaussian", "cnn", 2);
-    cfg.data.calibration_n = 150;
-    cfg.data.calibration_seed = 7;
-    let run = dir.path().join("run");
-    train(&cfg, &TrainOptions::new(&run), &Quiet).unwrap();
+    let run = run_with_calibration_set(dir.path(), "diagonal_gaussian", 150, 7);
     let c = fit_calibration(&run, 100, 1).unwrap();
     let set = dir.path().join("data-calibration-7");
     assert!(set.join("spectra.npy").exists());
@@ -467,11 +474,7 @@ fn calibration_set_is_drawn_and_fitted_on() {
 #[test]
 fn saved_maps_follow_the_configs_calibration_set() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = TrainConfig::tiny(&dir.path().join("data"), "diagonal_gaussian", "cnn", 2);
-    cfg.data.calibration_n = 120;
-    cfg.data.calibration_seed = 7;
-    let run = dir.path().join("run");
-    train(&cfg, &TrainOptions::new(&run), &Quiet).unwrap();
+    let run = run_with_calibration_set(dir.path(), "diagonal_gaussian", 120, 7);
     let first = load_or_fit_calibration(&run, 100, 1).unwrap();
     assert_eq!(
         (first.n_stars, first.set_seed, first.fitted_on.as_str()),
@@ -514,11 +517,7 @@ fn saved_maps_follow_the_configs_calibration_set() {
 fn ensemble_calibration_is_fitted_on_the_first_runs_calibration_set() {
     use starflow_training::{evaluate_ensemble, fit_ensemble_calibration};
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = TrainConfig::tiny(&dir.path().join("data"), "full_gaussian", "cnn", 2);
-    cfg.data.calibration_n = 120;
-    cfg.data.calibration_seed = 9;
-    let run = dir.path().join("run");
-    train(&cfg, &TrainOptions::new(&run), &Quiet).unwrap();
+    let run = run_with_calibration_set(dir.path(), "full_gaussian", 120, 9);
     let copies = [run.clone(), run.clone()];
     let c = fit_ensemble_calibration(&copies, 100, 2).unwrap();
     assert_eq!((c.fitted_on.as_str(), c.n_stars), ("calibration", 120));
