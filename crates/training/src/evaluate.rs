@@ -1087,23 +1087,24 @@ pub fn load_or_fit_ensemble_calibration(
     let Some(first) = runs.first() else {
         return fit_ensemble_calibration(runs, n_samples, seed);
     };
+    let states = runs
+        .iter()
+        .map(|r| RunDir::new(r).load_state())
+        .collect::<Result<Vec<_>>>()?;
     let fitted_for = EnsembleFit {
         members: runs
             .iter()
             .map(|r| std::fs::canonicalize(r).unwrap_or_else(|_| r.clone()))
             .collect(),
-        epochs_done: runs
-            .iter()
-            .map(|r| Ok(RunDir::new(r).load_state()?.epochs_done))
-            .collect::<Result<_>>()?,
+        epochs_done: states.iter().map(|s| s.epochs_done).collect(),
         n_samples,
         seed,
     };
-    let cfg = RunDir::new(first).load_state()?.config;
+    let cfg = &states[0].config;
     let path = first.join(ENSEMBLE_CALIBRATION_FILE);
     if let Ok(text) = std::fs::read_to_string(&path) {
         match serde_json::from_str::<EnsembleCalibration>(&text) {
-            Ok(s) if s.fitted_for == fitted_for && fitted_on_config_stars(&s.calibration, &cfg) => {
+            Ok(s) if s.fitted_for == fitted_for && fitted_on_config_stars(&s.calibration, cfg) => {
                 return Ok(s.calibration)
             }
             Ok(_) => tracing::info!(
