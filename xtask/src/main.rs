@@ -5,6 +5,7 @@
 
 mod bench;
 mod bench_check;
+mod bench_selftest;
 mod ci;
 mod train_all;
 
@@ -30,7 +31,9 @@ commands:
           performance regression gate on counts, not times: instructions (Valgrind Callgrind),
           allocations and peak heap per unit of work of crates/training/examples/counts.rs,
           compared with results/bench-baseline.json; fails on >0.75 % more instructions, >1 % more
-          peak heap, or any extra allocation (--update: re-record the baseline; --figure NAME: one figure)
+          peak heap, or any extra allocation (--update: re-record the baseline; --figure NAME: one figure;
+          --self-test: show the verdict holds on other hosts' cache descriptions and still fails on
+          deliberate regressions; needs root for a private mount namespace)
 ";
 
 /// The workspace root, from this crate's manifest directory.

@@ -6,7 +6,7 @@ mod inspect;
 mod report;
 mod train;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -66,6 +66,11 @@ struct SynthArgs {
     /// Highest per-pixel SNR.
     #[arg(long, default_value_t = 250.0)]
     snr_max: f64,
+    /// Replace data files already in --out. Without it, a directory holding spectra.npy,
+    /// labels.npy or the other files synth writes is refused, unless they are the set these very
+    /// settings write (so rerunning a command is harmless and real data are never overwritten).
+    #[arg(long)]
+    force: bool,
 }
 
 /// Where a data set comes from, shared by every command that reads one.
@@ -147,6 +152,7 @@ fn synth(args: &SynthArgs) -> anyhow::Result<()> {
         ..SynthConfig::default()
     };
     cfg.validate()?;
+    refuse_to_replace(&args.out, &cfg, args.force)?;
     let bar = ProgressBar::new(cfg.n as u64).with_style(
         ProgressStyle::with_template("synth {bar:40} {pos}/{len} stars [{elapsed} < {eta}]")
             .context("progress bar template")?,
@@ -166,6 +172,25 @@ fn synth(args: &SynthArgs) -> anyhow::Result<()> {
         start.elapsed().as_secs_f64() - gen_s
     );
     Ok(())
+}
+
+/// Refuses, before generating, to replace data in `out` that are not the set `cfg` writes.
+fn refuse_to_replace(out: &Path, cfg: &SynthConfig, force: bool) -> Result<(), inspect::UserError> {
+    use starflow_data::synth::Occupied;
+    match starflow_data::synth::occupied(out, cfg) {
+        Occupied::Free | Occupied::SameSet => Ok(()),
+        Occupied::Other { .. } if force => Ok(()),
+        Occupied::Other { files, generated } => Err(inspect::UserError(format!(
+            "{}: already holds {} ({}), which synth would replace; choose another --out, or pass --force to replace them",
+            out.display(),
+            files.join(", "),
+            if generated {
+                "a synthetic set made with other settings"
+            } else {
+                "not written by `starflow synth`: possibly real data"
+            }
+        ))),
+    }
 }
 
 /// True when the error comes from the user's input rather than from a bug.

@@ -31,10 +31,13 @@ pub struct TrainArgs {
     /// Override any key: --set optim.lr=3e-4 (repeatable).
     #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
     pub set: Vec<String>,
-    /// Run directory (default runs/<backbone>-<flow>).
+    /// Run directory (default runs/<backbone>-<flow>). A new run needs a new or empty directory
+    /// (or one whose run never finished its first epoch); any other is refused, not overwritten.
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Continue an interrupted run in --out (its stored config is used; --epochs may extend it).
+    /// Refused where --out holds no committed run, and when another given setting differs from
+    /// the run's own (it could not apply).
     #[arg(long)]
     pub resume: bool,
 }
@@ -165,6 +168,15 @@ fn calibration(
         }
         anyhow::Error::from(e).context(starflow_training::calibration_unavailable(run, "--raw"))
     })?;
+    if c.too_few_stars {
+        eprintln!(
+            "not recalibrated: the {} set has {} stars and maps need at least {}; the model's own posteriors are used (as with --raw)",
+            c.fitted_on,
+            c.n_stars,
+            starflow_training::MIN_CALIBRATION_STARS
+        );
+        return Ok(Some(c));
+    }
     eprintln!(
         "recalibration ({}) fitted on {} {} stars: {}",
         if c.maps.is_empty() {

@@ -9,8 +9,14 @@ use common::{ok, starflow, synth, text, tiny_config};
 fn report_writes_figures_and_tables_for_a_trained_run() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    synth(&d.join("data"), 120, 64);
+    // 120 validation stars: enough for recalibration maps (MIN_CALIBRATION_STARS).
+    synth(&d.join("data"), 480, 64);
     let cfg = tiny_config(&d.join("tiny.toml"), &d.join("data"), 2, "");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "synthetic = false\n",
+        "synthetic = false\ntrain_fraction = 0.6\nval_fraction = 0.25\ntest_fraction = 0.15\n",
+    );
+    std::fs::write(&cfg, text).unwrap();
     let run = d.join("cnn-diag");
     ok(&[
         "train",

@@ -132,6 +132,15 @@ pub fn summarize_npy(path: impl AsRef<Path>) -> Result<FileSummary> {
     })
 }
 
+/// The first name that appears twice in `names`.
+fn first_duplicate(names: &[String]) -> Option<&str> {
+    names
+        .iter()
+        .enumerate()
+        .find(|(i, n)| names[..*i].contains(n))
+        .map(|(_, n)| n.as_str())
+}
+
 fn first_rows(rows: &[usize]) -> String {
     let shown: Vec<String> = rows.iter().take(5).map(|r| r.to_string()).collect();
     if rows.len() > 5 {
@@ -252,6 +261,19 @@ impl Dataset {
                 problem,
                 "pass one name per column with --label-names (the GALAH layout is mass,age,l_bol,dist,t_eff,log_g,fe_h,SNR)",
             ));
+        }
+        // A name given twice would make two identical columns of every output table (Parquet
+        // refuses them only after the work) and, for label names, pick one column silently.
+        for (key, names) in [
+            ("label_names", &opts.label_names),
+            ("targets", &opts.targets),
+        ] {
+            if let Some(dup) = first_duplicate(names) {
+                return Err(DataError::config(
+                    key,
+                    format!("'{dup}' is named twice; every name must be a different label column"),
+                ));
+            }
         }
         let mut target_cols = Vec::with_capacity(opts.targets.len());
         for t in &opts.targets {

@@ -16,9 +16,16 @@ import starflow
 
 ROOT = Path(__file__).resolve().parents[3]
 
-# The training crate's TrainConfig::tiny: 160 stars of 4 x 64 pixels, batch 32, a second per run.
+# The training crate's TrainConfig::tiny (4 x 64 pixels, batch 32, seconds per run) with 480 stars
+# and a validation split of 120, enough for recalibration maps (MIN_CALIBRATION_STARS = 100).
 TINY = {
-    "data": {"synthetic_n": 160, "synthetic_pixels_per_camera": 64},
+    "data": {
+        "synthetic_n": 480,
+        "synthetic_pixels_per_camera": 64,
+        "train_fraction": 0.6,
+        "val_fraction": 0.25,
+        "test_fraction": 0.15,
+    },
     "optim": {"batch_size": 32, "lr": 1e-3},
     "run": {"seed": 5, "threads": 2},
 }
@@ -44,7 +51,7 @@ def run_cli(cli, *args, check=True):
 def data_dir(tmp_path_factory):
     """The tiny synthetic set, written by starflow.synth like `starflow synth` would."""
     d = tmp_path_factory.mktemp("data")
-    starflow.synth(160, seed=5, pixels_per_camera=64, out=d)
+    starflow.synth(480, seed=5, pixels_per_camera=64, out=d)
     return d
 
 

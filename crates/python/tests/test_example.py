@@ -43,7 +43,7 @@ def test_progress_uses_tqdm_when_installed(monkeypatch, data_dir, tmp_path, caps
     auto.tqdm = FakeBar
     monkeypatch.setitem(sys.modules, "tqdm", types.ModuleType("tqdm"))
     monkeypatch.setitem(sys.modules, "tqdm.auto", auto)
-    cfg = {"data": {"dir": str(data_dir), "synthetic_n": 160, "synthetic_pixels_per_camera": 64}}
+    cfg = {"data": {"dir": str(data_dir), "synthetic_n": 480, "synthetic_pixels_per_camera": 64}}
     starflow.train(cfg, out=tmp_path / "run", epochs=2, optim__batch_size=32, flow="diagonal_gaussian")
     assert [b.desc for b in bars] == ["epoch 1/2", "epoch 2/2"]
     assert all(b.n == b.total and b.closed for b in bars)

@@ -112,7 +112,7 @@ def test_run_metadata(flow_run, tmp_path):
 
 def test_train_reports_progress_and_resumes(data_dir, tmp_path):
     events = []
-    cfg = {"data": {"dir": str(data_dir), "synthetic_n": 160, "synthetic_pixels_per_camera": 64},
+    cfg = {"data": {"dir": str(data_dir), "synthetic_n": 480, "synthetic_pixels_per_camera": 64},
            "run": {"seed": 5, "threads": 2}}
     out = tmp_path / "run"
     run = starflow.train(cfg, out=out, progress=lambda e, i: events.append((e, i)),
@@ -127,7 +127,7 @@ def test_train_reports_progress_and_resumes(data_dir, tmp_path):
 
 
 def test_an_exception_in_the_callback_stops_training(data_dir, tmp_path):
-    cfg = {"data": {"dir": str(data_dir), "synthetic_n": 160, "synthetic_pixels_per_camera": 64}}
+    cfg = {"data": {"dir": str(data_dir), "synthetic_n": 480, "synthetic_pixels_per_camera": 64}}
 
     def stop(event, info):
         if event == "step" and info["step"] == 1:

@@ -502,6 +502,22 @@ impl TrainConfig {
         if !(d.flux_floor.is_finite() && d.flux_floor > 0.0) {
             return invalid("data.flux_floor", d.flux_floor);
         }
+        for (key, names) in [
+            ("data.label_names", &d.label_names),
+            ("data.targets", &d.targets),
+        ] {
+            let dup = names
+                .iter()
+                .enumerate()
+                .find(|(i, n)| names[..*i].contains(n));
+            if let Some((_, n)) = dup {
+                return Some(Invalid {
+                    key,
+                    value: format!("{names:?}"),
+                    note: Some(format!("'{n}' is named twice")),
+                });
+            }
+        }
         let fractions = [
             ("data.train_fraction", d.train_fraction, true),
             ("data.val_fraction", d.val_fraction, true),

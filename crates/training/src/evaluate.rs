@@ -558,6 +558,15 @@ pub fn source_rows(run_dir: &Path, state: &RunState, source: &EvalSource) -> Res
             },
         });
     }
+    if let EvalSource::Split(_) = source {
+        let (spectra, labels) = rows.dataset.paths();
+        state.check_data(
+            &RunDir::new(run_dir),
+            spectra,
+            labels,
+            "restore the data the run was trained on (data.dir in its config.toml), or evaluate these files with --data, which makes no claim about splits",
+        )?;
+    }
     if rows.indices.is_empty() {
         return Err(TrainError::config(
             run_dir,

@@ -16,7 +16,7 @@ pub mod radial;
 pub mod run;
 pub mod train;
 
-pub use calibration::{Calibration, CalibrationMethod, MarginalMap};
+pub use calibration::{Calibration, CalibrationMethod, MarginalMap, MIN_CALIBRATION_STARS};
 pub use config::TrainConfig;
 pub use error::{Result, TrainError};
 pub use evaluate::{

@@ -56,6 +56,9 @@ impl Adam {
     /// One update with learning rate `lr`. A non-finite gradient norm skips the update entirely,
     /// leaving weights and moments untouched.
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<StepOutcome> {
+        // The benchmark gate's self-test: one extra allocation per step.
+        #[cfg(feature = "gate-probe-alloc")]
+        std::hint::black_box(Vec::<u8>::with_capacity(64));
         let mut sq = 0.0f64;
         let mut gs = Vec::with_capacity(self.vars.len());
         for (_, var) in &self.vars {

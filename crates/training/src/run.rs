@@ -62,10 +62,99 @@ pub struct RunState {
     pub model_file: Option<String>,
     pub optimizer_file: Option<String>,
     pub config: TrainConfig,
+    /// What the run was trained on, checked before resuming or evaluating its own splits: data
+    /// regenerated or replaced in `data.dir` otherwise give "test" metrics on stars the split never
+    /// held. `None` in runs written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_fingerprint: Option<DataFingerprint>,
+}
+
+/// A cheap identity of a data set's two files: their sizes, the checksum of the whole label file,
+/// and that of [`FINGERPRINT_SAMPLES`] evenly spaced 4 KiB blocks of the spectra file (reading all
+/// of a survey's spectra would take minutes; any regenerated set changes its labels anyway).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataFingerprint {
+    pub spectra_bytes: u64,
+    pub labels_bytes: u64,
+    pub labels_checksum: String,
+    pub spectra_sample_checksum: String,
+}
+
+/// Blocks of the spectra file read by [`DataFingerprint::of`].
+pub const FINGERPRINT_SAMPLES: u64 = 64;
+
+impl DataFingerprint {
+    /// The fingerprint of the files at `spectra` and `labels`.
+    pub fn of(spectra: &Path, labels: &Path) -> Result<Self> {
+        use std::io::{Read, Seek, SeekFrom};
+        const BLOCK: u64 = 4096;
+        let label_bytes = std::fs::read(labels).map_err(io(labels))?;
+        let mut file = std::fs::File::open(spectra).map_err(io(spectra))?;
+        let spectra_bytes = file.metadata().map_err(io(spectra))?.len();
+        let mut hasher = crc32fast::Hasher::new();
+        let mut buf = vec![0u8; BLOCK as usize];
+        let last = spectra_bytes.saturating_sub(BLOCK);
+        for k in 0..FINGERPRINT_SAMPLES {
+            let at = last * k / (FINGERPRINT_SAMPLES - 1);
+            let n = BLOCK.min(spectra_bytes - at) as usize;
+            file.seek(SeekFrom::Start(at)).map_err(io(spectra))?;
+            file.read_exact(&mut buf[..n]).map_err(io(spectra))?;
+            hasher.update(&buf[..n]);
+        }
+        Ok(DataFingerprint {
+            spectra_bytes,
+            labels_bytes: label_bytes.len() as u64,
+            labels_checksum: format!("crc32:{:08x}", crc32fast::hash(&label_bytes)),
+            spectra_sample_checksum: format!("crc32:{:08x}", hasher.finalize()),
+        })
+    }
+
+    /// What differs from `trained`, in words (empty when nothing does).
+    pub fn differences(&self, trained: &DataFingerprint) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        if self.spectra_bytes != trained.spectra_bytes {
+            out.push("the spectra file's size");
+        } else if self.spectra_sample_checksum != trained.spectra_sample_checksum {
+            out.push("the spectra file's contents");
+        }
+        if self.labels_bytes != trained.labels_bytes {
+            out.push("the labels file's size");
+        } else if self.labels_checksum != trained.labels_checksum {
+            out.push("the labels file's contents");
+        }
+        out
+    }
+}
+
+impl RunState {
+    /// Fails when the data files of `dataset` are not those the run was trained on (runs without
+    /// a recorded fingerprint pass); `fix` says what to do instead.
+    pub fn check_data(&self, run: &RunDir, spectra: &Path, labels: &Path, fix: &str) -> Result<()> {
+        let Some(trained) = &self.data_fingerprint else {
+            return Ok(());
+        };
+        let now = DataFingerprint::of(spectra, labels)?;
+        let changed = now.differences(trained);
+        if changed.is_empty() {
+            return Ok(());
+        }
+        Err(TrainError::Input {
+            path: spectra.parent().unwrap_or(Path::new(".")).to_path_buf(),
+            problem: format!(
+                "these data are not what the run in {} was trained on ({} changed since), so its splits would hold other stars",
+                run.root.display(),
+                changed.join(" and ")
+            ),
+            fix: fix.into(),
+        })
+    }
 }
 
 /// The advisory lock file of a run directory; it holds the owner's process id.
 pub const LOCK_FILE: &str = ".lock";
+
+/// The best weights so far, under the run directory.
+pub const BEST_MODEL: &str = "model.safetensors";
 
 /// An exclusive advisory lock on a run directory, held by the one process that trains into it. The
 /// kernel releases it when the lock is dropped or the process dies, so a crashed run never leaves a
@@ -126,7 +215,7 @@ impl RunDir {
         self.root.join("state.json")
     }
     pub fn best_model(&self) -> PathBuf {
-        self.root.join("model.safetensors")
+        self.root.join(BEST_MODEL)
     }
     pub fn checkpoint_dir(&self) -> PathBuf {
         self.root.join("checkpoint")
@@ -161,6 +250,31 @@ impl RunDir {
                     let _ = std::fs::remove_file(entry.path());
                 }
             }
+        }
+    }
+
+    /// The first entry that shows this directory is not a starflow run that a new run may start in:
+    /// `None` when it does not exist, holds only the lock and temporary files, or holds a
+    /// `config.toml` that starflow reads (a run that never committed its first epoch, whose own
+    /// files a new run replaces). Anything else (a foreign `config.toml`, a user's
+    /// `model.safetensors` beside no config) would be overwritten or deleted by a new run.
+    pub fn foreign_entry(&self) -> Option<String> {
+        let entries = std::fs::read_dir(&self.root).ok()?;
+        let names: Vec<String> = entries
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n != LOCK_FILE && !is_temp_name(n))
+            .collect();
+        if names.is_empty() {
+            return None;
+        }
+        let config = self.root.join("config.toml");
+        if !config.is_file() {
+            return names.into_iter().min().map(|n| format!("`{n}`"));
+        }
+        match TrainConfig::from_file(&config) {
+            Ok(_) => None,
+            Err(_) => Some("config.toml, which is not a starflow config".into()),
         }
     }
 
@@ -223,6 +337,8 @@ pub fn save_tensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()
 
 /// [`save_tensors`] with a callback between writing the temporary file and renaming it over
 /// `path` (the test hook of [`PauseAt::Checkpoint`](crate::pause::PauseAt)).
+/// Writes `tensors` to `path` atomically, with the CRC-32 of the tensor data in the file's own
+/// metadata (`"crc32"`; see [`verify_tensors`]).
 pub(crate) fn save_tensors_with(
     path: &Path,
     tensors: &HashMap<String, Tensor>,
@@ -230,12 +346,65 @@ pub(crate) fn save_tensors_with(
 ) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let bytes = safetensors::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), None)
-        .map_err(|e| TrainError::io(path, std::io::Error::other(e)))?;
+    let serialize = |metadata: Option<HashMap<String, String>>| {
+        safetensors::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), metadata)
+            .map_err(|e| TrainError::io(path, std::io::Error::other(e)))
+    };
+    // The data region does not depend on the header, so its checksum from a first serialisation
+    // is that of the second, which carries it.
+    let plain = serialize(None)?;
+    let crc = data_region(&plain).map(crc32fast::hash).unwrap_or(0);
+    let metadata = HashMap::from([(CRC_KEY.to_string(), format!("{crc:08x}"))]);
+    let bytes = serialize(Some(metadata))?;
     let mut file = AtomicFile::create(path)?;
     file.write_all(&bytes).map_err(io(path))?;
     file.commit_after(before_rename)?;
     Ok(())
+}
+
+/// The metadata key of a weight file's checksum.
+const CRC_KEY: &str = "crc32";
+
+/// The tensor data of a safetensors file's bytes: everything after the 8-byte header length and
+/// the header.
+fn data_region(bytes: &[u8]) -> Option<&[u8]> {
+    let len = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?);
+    bytes.get(8usize.checked_add(usize::try_from(len).ok()?)?..)
+}
+
+/// Fails, naming the file, when a weight file no longer has the bytes training wrote: the CRC-32
+/// of its tensor data must equal the one in its own metadata. Bytes changed on disk otherwise load
+/// as valid tensors and predict nonsense (t_eff ~ -3.6e37 K from a few hundred overwritten bytes)
+/// without a word. Files without a checksum (written before it existed) pass.
+///
+/// The checksum lives in the file rather than in `state.json` because the best weights are
+/// written before the epoch's commit point: a failed commit leaves a newer, intact
+/// `model.safetensors` beside the previous `state.json`.
+pub fn verify_tensors(path: &Path) -> Result<()> {
+    let bytes = std::fs::read(path).map_err(io(path))?;
+    let damaged = |why: String| {
+        TrainError::run(
+            path,
+            format!("the file is damaged: {why}"),
+            "restore the run directory from a copy, or train the run again",
+        )
+    };
+    let Some(data) = data_region(&bytes) else {
+        return Err(damaged("it is shorter than its header says".into()));
+    };
+    let header = &bytes[8..bytes.len() - data.len()];
+    let header: serde_json::Value = serde_json::from_slice(header)
+        .map_err(|e| damaged(format!("its header is not valid JSON ({e})")))?;
+    let Some(recorded) = header["__metadata__"][CRC_KEY].as_str() else {
+        return Ok(());
+    };
+    let now = format!("{:08x}", crc32fast::hash(data));
+    if now == recorded {
+        return Ok(());
+    }
+    Err(damaged(format!(
+        "its bytes changed since training wrote it (CRC-32 of the tensor data {now}, recorded {recorded})"
+    )))
 }
 
 /// Loads a safetensors file onto `device`, with an error that names it.

@@ -15,8 +15,8 @@ use crate::model::{device, StarModel};
 use crate::optim::{learning_rate, Adam};
 use crate::pause::{pause, PauseAt};
 use crate::run::{
-    load_tensors, save_tensors_with, write_text, write_text_with, EpochRecord, RunDir, RunState,
-    RUN_FORMAT,
+    load_tensors, save_tensors_with, verify_tensors, write_text, write_text_with, DataFingerprint,
+    EpochRecord, RunDir, RunState, RUN_FORMAT,
 };
 
 /// Receives progress; the CLI draws progress bars with it, tests ignore it.
@@ -257,7 +257,82 @@ impl TrainRequest {
         let out = self.out.clone().unwrap_or_else(|| {
             PathBuf::from(format!("runs/{}-{}", cfg.model.backbone, cfg.model.flow))
         });
+        if self.resume {
+            self.check_resumable(&cfg, &out)?;
+        }
         Ok((cfg, out))
+    }
+
+    /// A resumed run keeps the config it started with (only the epoch budget may grow), so a
+    /// setting given with `--resume` that differs from it would be ignored without a word: refuse
+    /// it instead, naming each. Settings equal to the run's pass, so repeating the original
+    /// command with `--resume` works. Nothing to check when `out` holds no committed run yet.
+    fn check_resumable(&self, cfg: &TrainConfig, out: &Path) -> Result<()> {
+        let run = RunDir::new(out);
+        if !run.state().exists() {
+            return Ok(());
+        }
+        let stored = run.load_state()?.config;
+        let table = |c: &TrainConfig| toml::Table::try_from(c).unwrap_or_default();
+        let (given, kept) = (table(cfg), table(&stored));
+        let at = |t: &toml::Table, key: &str| {
+            let (section, name) = key.split_once('.')?;
+            t.get(section)?.get(name).cloned()
+        };
+        let differing: Vec<String> = self
+            .given_keys()?
+            .into_iter()
+            .filter(|(key, _)| key != "optim.epochs")
+            .filter(|(key, _)| at(&given, key) != at(&kept, key))
+            .map(|(key, from)| {
+                let show = |v: Option<toml::Value>| v.map_or("-".into(), |v| v.to_string());
+                format!(
+                    "{key} = {} ({from}; the run has {})",
+                    show(at(&given, &key)),
+                    show(at(&kept, &key))
+                )
+            })
+            .collect();
+        if differing.is_empty() {
+            return Ok(());
+        }
+        Err(TrainError::run(
+            out,
+            format!(
+                "--resume continues the run with the config it started with, so these settings cannot apply: {}",
+                differing.join("; ")
+            ),
+            "drop them (only --epochs, or optim.epochs, may change when resuming), or start a new run in another --out",
+        ))
+    }
+
+    /// Every `section.key` this request sets explicitly, with where: the config file's keys, then
+    /// the overrides'.
+    fn given_keys(&self) -> Result<Vec<(String, String)>> {
+        let mut keys = Vec::new();
+        if let Some(path) = &self.config {
+            let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
+            let doc: toml::Table = text
+                .parse()
+                .map_err(|e| TrainError::config(path, format!("invalid TOML: {e}")))?;
+            for (section, table) in &doc {
+                for name in table.as_table().into_iter().flat_map(|t| t.keys()) {
+                    keys.push((
+                        format!("{section}.{name}"),
+                        format!("from {}", path.display()),
+                    ));
+                }
+            }
+        }
+        for ov in &self.overrides {
+            if let Some((key, _)) = ov.split_once('=') {
+                keys.push((
+                    key.trim().to_string(),
+                    format!("from the command line: {ov}"),
+                ));
+            }
+        }
+        Ok(keys)
     }
 }
 
@@ -294,8 +369,17 @@ impl TrainOptions {
 /// the validation NLL and commit the checkpoint, until the epoch budget or early stopping ends it.
 pub fn train(cfg: &TrainConfig, opts: &TrainOptions, observer: &dyn Observer) -> Result<RunState> {
     let run = RunDir::new(&opts.out);
+    check_out_dir(&run, opts.resume)?;
     // Held until training returns: a second process on this directory gets a clear error.
     let _lock = run.lock()?;
+    if opts.resume && !run.state().exists() {
+        // Checked under the lock: a run in its first epoch in another process is reported as such.
+        return Err(TrainError::run(
+            &run.root,
+            "there is no committed epoch to resume: state.json is missing (the run stopped in its first epoch)",
+            "start the run again without --resume",
+        ));
+    }
     let (cfg, previous) = match open_run(&run, cfg, opts, observer)? {
         Opened::Finished(state) => return Ok(state),
         Opened::Train { cfg, previous } => (cfg, previous),
@@ -333,6 +417,41 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions, observer: &dyn Observer) ->
         }
     }
     Ok(t.state)
+}
+
+/// Refuses, before anything is created or written, what would lose data or pretend: `--resume`
+/// where there is no committed run (it used to start a new run with the defaults, exit 0), and a
+/// new run in a directory holding files of something else (it overwrote them).
+fn check_out_dir(run: &RunDir, resume: bool) -> Result<()> {
+    if run.state().exists() {
+        return Ok(());
+    }
+    if resume {
+        if run.root.join("config.toml").is_file() {
+            // A run that has not committed its first epoch (maybe still training): see `train`.
+            return Ok(());
+        }
+        let problem = if run.root.is_dir() {
+            "there is no run to resume: the directory has no state.json"
+        } else {
+            "there is no run to resume: the directory does not exist"
+        };
+        return Err(TrainError::run(
+            &run.root,
+            problem,
+            "check --out; to start a new run there instead, drop --resume",
+        ));
+    }
+    match run.foreign_entry() {
+        None => Ok(()),
+        Some(entry) => Err(TrainError::run(
+            &run.root,
+            format!(
+                "the directory is not a starflow run (it holds {entry}), and a new run would overwrite or delete its files"
+            ),
+            "choose a new or empty --out directory",
+        )),
+    }
 }
 
 /// What [`open_run`] found in the run directory (made once per run, so its size does not matter).
@@ -432,7 +551,11 @@ impl<'o> Trainer<'o> {
         };
         match previous {
             Some(st) => t.resume_from(st, observer)?,
-            None => write_text(&t.run.root.join("config.toml"), &t.cfg.to_toml())?,
+            None => {
+                let (spectra, labels) = t.data.dataset.paths();
+                t.state.data_fingerprint = Some(DataFingerprint::of(spectra, labels)?);
+                write_text(&t.run.root.join("config.toml"), &t.cfg.to_toml())?
+            }
         }
         t.attempts = t.state.adam_steps
             + t.state
@@ -458,6 +581,13 @@ impl<'o> Trainer<'o> {
                 fix: "resume with the data the run was trained on, or start a new run".into(),
             });
         }
+        let (spectra, labels) = self.data.dataset.paths();
+        st.check_data(
+            &self.run,
+            spectra,
+            labels,
+            "resume with the data the run was trained on (restore data.dir), or start a new run",
+        )?;
         if st.scaler != self.data.scaler {
             return Err(TrainError::run(
                 &self.run.root,
@@ -466,6 +596,9 @@ impl<'o> Trainer<'o> {
             ));
         }
         if let (Some(m), Some(o)) = (&st.model_file, &st.optimizer_file) {
+            for f in [m, o] {
+                verify_tensors(&self.run.root.join(f))?;
+            }
             let mut vm = self.model.varmap.clone();
             vm.load(self.run.root.join(m)).map_err(|e| {
                 TrainError::run(
@@ -695,6 +828,7 @@ fn fresh_state(cfg: &TrainConfig, data: &Prepared) -> RunState {
         model_file: None,
         optimizer_file: None,
         config: cfg.clone(),
+        data_fingerprint: None,
     }
 }
 
@@ -717,6 +851,7 @@ pub fn load_run(run_dir: &Path) -> Result<(RunState, StarModel)> {
             "let training finish at least one epoch, or resume it with --resume",
         ));
     }
+    verify_tensors(&run.best_model())?;
     set_threads(state.config.run.threads);
     let dev = device(&state.config.run.device)?;
     let model = StarModel::load(

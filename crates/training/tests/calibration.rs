@@ -13,11 +13,36 @@ use starflow_training::{
     RadialMap, TrainOptions,
 };
 
+/// A tiny CNNModel run of `flow` in `dir/FLOW` with 120 validation stars, enough for maps
+/// ([`starflow_training::MIN_CALIBRATION_STARS`]).
 fn tiny_run(dir: &Path, flow: &str) -> PathBuf {
-    let cfg = TrainConfig::tiny(&dir.join("data"), flow, "cnn", 2);
+    let mut cfg = TrainConfig::tiny(&dir.join("data"), flow, "cnn", 2);
+    cfg.data.synthetic_n = 480;
+    cfg.data.train_fraction = 0.6;
+    cfg.data.val_fraction = 0.25;
+    cfg.data.test_fraction = 0.15;
     let run = dir.join(flow);
     train(&cfg, &TrainOptions::new(&run), &Quiet).unwrap();
     run
+}
+
+/// Too few validation stars for maps: the fit keeps the model's own posteriors and says so.
+#[test]
+fn too_few_stars_keep_the_models_own_posteriors() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = TrainConfig::tiny(&dir.path().join("data"), "diagonal_gaussian", "cnn", 1);
+    let run = dir.path().join("run");
+    train(&cfg, &TrainOptions::new(&run), &Quiet).unwrap();
+    let c = fit_calibration(&run, 100, 1).unwrap();
+    assert!(
+        c.n_stars < starflow_training::MIN_CALIBRATION_STARS,
+        "{c:?}"
+    );
+    assert!(c.too_few_stars);
+    assert_eq!(c, ones(&c));
+    let raw = evaluate(&run, "val", 100, 1).unwrap();
+    let mapped = evaluate_scaled(&run, "val", 100, 1, Some(&c)).unwrap();
+    assert_nll_is(mapped.nll_z, raw.nll_z);
 }
 
 /// A tiny CNNModel run in `dir/run` whose config draws a calibration set of `n` stars with

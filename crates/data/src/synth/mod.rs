@@ -1243,6 +1243,60 @@ struct SynthRecord<'a> {
     label_columns: [&'static str; 8],
 }
 
+/// The files [`SynthData::write`] writes.
+pub const SYNTH_FILES: [&str; 6] = [
+    "spectra.npy",
+    "labels.npy",
+    "wavelength.npy",
+    "crlb.npy",
+    "crlb_marginal.npy",
+    "synth.json",
+];
+
+/// What a directory already holds where [`SynthData::write`] would write.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Occupied {
+    /// None of [`SYNTH_FILES`].
+    Free,
+    /// A set this generator wrote with exactly these settings: writing again gives the same bytes.
+    SameSet,
+    /// Files that writing would replace (names), and whether the generator wrote them (with other
+    /// settings) or not (real data, say).
+    Other { files: Vec<String>, generated: bool },
+}
+
+/// Whether writing `cfg`'s set into `dir` would replace anything that is not the same set.
+pub fn occupied(dir: &Path, cfg: &SynthConfig) -> Occupied {
+    let files: Vec<String> = SYNTH_FILES
+        .iter()
+        .filter(|f| dir.join(f).exists())
+        .map(|f| f.to_string())
+        .collect();
+    if files.is_empty() {
+        return Occupied::Free;
+    }
+    let record = std::fs::read_to_string(dir.join("synth.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .filter(|v| v["generator"] == "starflow-synth");
+    let same = record.as_ref().is_some_and(|v| {
+        v["generator_version"] == GENERATOR_VERSION
+            && serde_json::from_value::<SynthConfig>(v["config"].clone())
+                .ok()
+                .as_ref()
+                == Some(cfg)
+            && files.len() == SYNTH_FILES.len()
+    });
+    if same {
+        Occupied::SameSet
+    } else {
+        Occupied::Other {
+            files,
+            generated: record.is_some(),
+        }
+    }
+}
+
 impl SynthData {
     /// Writes `spectra.npy` (f32), `labels.npy` (f64), `wavelength.npy`, `crlb.npy`,
     /// `crlb_marginal.npy` and `synth.json` into `dir`, each atomically.
