@@ -356,6 +356,50 @@ fn print_evaluation(e: &Evaluation) {
             100.0 * e.joint_coverage_se[1]
         );
     }
+    print_by_kind(e);
+}
+
+/// Calibration per kind of star and the expected-coverage summary (issue 29).
+fn print_by_kind(e: &Evaluation) {
+    let c = &e.coverage_curve;
+    if !c.mace.is_empty() {
+        let labels: Vec<String> = e
+            .labels
+            .iter()
+            .zip(&c.mace)
+            .map(|(l, m)| format!("{} {:.1}", l.name, 100.0 * m))
+            .collect();
+        let joint = c
+            .joint_mace
+            .map_or(String::new(), |m| format!(", joint {:.1}", 100.0 * m));
+        println!(
+            "  mean absolute coverage error over nominal 5 … 95 % (points): {}{joint}",
+            labels.join(", ")
+        );
+    }
+    if e.by_kind.is_empty() {
+        return;
+    }
+    println!("  by kind of star: 68.3 % / 95.4 % coverage (%) and pull std, each ± se");
+    for k in &e.by_kind {
+        let cells: Vec<String> = k
+            .labels
+            .iter()
+            .map(|l| {
+                format!(
+                    "{} {:.1}±{:.1} / {:.1}±{:.1}, {:.2}±{:.2}",
+                    l.name,
+                    100.0 * l.coverage_68,
+                    100.0 * l.coverage_68_se,
+                    100.0 * l.coverage_95,
+                    100.0 * l.coverage_95_se,
+                    l.pull_std,
+                    l.pull_std_se
+                )
+            })
+            .collect();
+        println!("    {:<28} {:>6}  {}", k.kind, k.n_stars, cells.join("; "));
+    }
 }
 
 /// The fault tests' `STARFLOW_INJECT_NAN_STEPS` (comma-separated global step numbers whose loss is

@@ -70,12 +70,31 @@ fn report_writes_figures_and_tables_for_a_trained_run() {
         "{se}"
     );
     assert!(so.contains("eval-test/"), "{so}");
+    // Calibration by kind of star and the expected-coverage summary, printed and in metrics.json.
+    for needle in [
+        "mean absolute coverage error over nominal 5 … 95 %",
+        "by kind of star",
+        "SNR Q1 (< ",
+        "giants (log g < 3.5)",
+    ] {
+        assert!(so.contains(needle), "evaluate lacks {needle:?}:\n{so}");
+    }
     let cal: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("calibration.json")).unwrap())
             .unwrap();
     assert_eq!(cal["scale"].as_array().map(|a| a.len()), Some(3), "{cal}");
     assert_eq!(cal["shift"].as_array().map(|a| a.len()), Some(3), "{cal}");
-    assert!(run.join("eval-test/metrics.json").exists());
+    let metrics: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("eval-test/metrics.json")).unwrap())
+            .unwrap();
+    assert!(
+        metrics["by_kind"].as_array().is_some_and(|k| k.len() >= 5),
+        "{metrics}"
+    );
+    assert_eq!(
+        metrics["coverage_curve"]["levels"].as_array().map(Vec::len),
+        Some(19)
+    );
     let (so, se) = ok(&[
         "evaluate",
         "--run",

@@ -16,6 +16,7 @@
 
 pub mod error;
 mod font;
+pub mod kinds;
 pub mod plots;
 pub mod predictions;
 mod report;

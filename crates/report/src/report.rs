@@ -186,6 +186,10 @@ pub fn report_runs(
             report_seconds: start.elapsed().as_secs_f64(),
             n_samples: eval.n_samples,
             history: state.history.clone(),
+            by_kind: eval.by_kind.clone(),
+            by_kind_calibrated: scaled.by_kind.clone(),
+            coverage_curve: eval.coverage_curve.clone(),
+            coverage_curve_calibrated: scaled.coverage_curve.clone(),
         });
     }
     let markdown = out.join("REPORT.md");
@@ -194,6 +198,10 @@ pub fn report_runs(
     table::write_parquet(&metrics, &mut table::metrics_frame(&rows)?)?;
     let history = out.join("history.parquet");
     table::write_parquet(&history, &mut table::history_frame(&rows)?)?;
+    table::write_parquet(
+        &out.join("calibration_by_kind.parquet"),
+        &mut crate::kinds::frame(&rows)?,
+    )?;
     Ok(RunReport {
         rows,
         markdown,

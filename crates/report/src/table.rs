@@ -6,6 +6,7 @@ use std::path::Path;
 
 use polars::prelude::{Column, DataFrame, ParquetWriter, PlSmallStr};
 use serde::{Deserialize, Serialize};
+use starflow_training::kinds::{CoverageCurve, KindCalibration};
 use starflow_training::{EpochRecord, LabelMetrics};
 
 use crate::error::{ReportError, Result};
@@ -160,6 +161,16 @@ pub struct RunRow {
     /// Posterior samples per star used for the non-Gaussian flows.
     pub n_samples: usize,
     pub history: Vec<EpochRecord>,
+    /// Calibration per kind of star and the expected-coverage curve, of the model's own and of
+    /// the recalibrated posteriors ([`crate::kinds`]).
+    #[serde(default)]
+    pub by_kind: Vec<KindCalibration>,
+    #[serde(default)]
+    pub by_kind_calibrated: Vec<KindCalibration>,
+    #[serde(default)]
+    pub coverage_curve: CoverageCurve,
+    #[serde(default)]
+    pub coverage_curve_calibrated: CoverageCurve,
 }
 
 /// Markdown for the whole comparison. `intro` is free text (how the runs were made) placed under
@@ -568,6 +579,7 @@ pub fn markdown(title: &str, intro: &str, rows: &[RunRow]) -> String {
              smaller than each mean's own ± and tells an ordering from noise.\n",
         );
     }
+    s.push_str(&crate::kinds::markdown_section(rows));
     s.push_str("\n## Figures\n\n");
     for r in rows {
         let _ = writeln!(
@@ -578,8 +590,9 @@ pub fn markdown(title: &str, intro: &str, rows: &[RunRow]) -> String {
     }
     s.push_str("- [an example spectrum](spectrum.png)\n");
     s.push_str(
-        "\nEvery number above is in `metrics.parquet` (one row per run × label) and the per-epoch \
-         losses in `history.parquet`.\n",
+        "\nEvery number above is in `metrics.parquet` (one row per run × label), the calibration by \
+         kind of star in `calibration_by_kind.parquet` (one row per run × kind × label) and the \
+         per-epoch losses in `history.parquet`.\n",
     );
     s
 }
@@ -756,6 +769,16 @@ pub fn metrics_frame(rows: &[RunRow]) -> Result<DataFrame> {
         col_opt(
             "cal_marginal_nll",
             o(&|r, l| cal(r, l).map(|c| c.marginal_nll)),
+        ),
+        col_opt(
+            "mace",
+            o(&|r, l| label_of(r, l).and_then(|j| r.coverage_curve.mace.get(j).copied())),
+        ),
+        col_opt(
+            "cal_mace",
+            o(&|r, l| {
+                label_of(r, l).and_then(|j| r.coverage_curve_calibrated.mace.get(j).copied())
+            }),
         ),
         col_f64("seconds_per_epoch", f(&|r, _| r.seconds_per_epoch)),
         col_f64("train_seconds", f(&|r, _| r.train_seconds)),

@@ -105,12 +105,33 @@ fn report_of_two_runs_has_every_figure_table_and_number() {
     ] {
         assert!(md.contains(needle), "REPORT.md lacks {needle:?}:\n{md}");
     }
-    // Overview, accuracy, both Cramér-Rao tables, three calibration rows, the joint row.
+    // Overview, accuracy, both Cramér-Rao tables, three calibration rows, the joint row; then
+    // the section by kind of star, with the SNR quartiles (the synthetic labels carry SNR), giants
+    // and dwarfs, one row per kind and label, own and recalibrated, and its parquet file.
+    let (main, kinds) = md
+        .split_once("\n## Calibration by kind of star\n")
+        .unwrap_or_else(|| panic!("no section by kind of star:\n{md}"));
     assert_eq!(
-        md.matches("| cnn-full_flow | ").count(),
+        main.matches("| cnn-full_flow | ").count(),
         1 + 1 + 2 + 3 + 1,
         "{md}"
     );
+    for needle in [
+        "| cnn-full_flow | SNR Q1 (< ",
+        "| cnn-full_flow | SNR Q4 (≥ ",
+        "| cnn-full_flow | dwarfs (log g ≥ 3.5) |",
+        " recalibrated.",
+        "Mean absolute coverage error over nominal levels",
+    ] {
+        assert!(
+            kinds.contains(needle),
+            "the section lacks {needle:?}:\n{kinds}"
+        );
+    }
+    let by_kind = report.rows[1].by_kind.len();
+    assert!(by_kind >= 5, "{:?}", report.rows[1].by_kind);
+    assert_eq!(report.rows[1].by_kind_calibrated.len(), by_kind);
+    assert!(out.join("calibration_by_kind.parquet").exists());
     // The joint coverage is the evaluation's own.
     assert_eq!(report.rows[1].joint_coverage.len(), 2);
     // The kept epoch is the run's own (state.json counts from 1, like the logs).

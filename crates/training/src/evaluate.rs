@@ -20,6 +20,7 @@ use starflow_flows::{Flow, LogProbParts, PosteriorSummary, Samples};
 use crate::calibration::{Calibration, CalibrationMethod, Frame, Resolved};
 use crate::config::TrainConfig;
 use crate::error::{Result, TrainError};
+use crate::kinds::{by_kind, coverage_curve, CoverageCurve, KindCalibration};
 use crate::model::StarModel;
 use crate::radial::precision_of;
 use crate::run::{write_text, RunDir, RunState};
@@ -163,6 +164,13 @@ pub struct Evaluation {
     pub joint_coverage: Vec<f64>,
     #[serde(default)]
     pub joint_coverage_se: Vec<f64>,
+    /// Calibration per kind of star: signal-to-noise quartiles (when the data carry an `SNR`
+    /// column), giants and dwarfs, metal-poor, cool and hot stars ([`crate::kinds`]).
+    #[serde(default)]
+    pub by_kind: Vec<KindCalibration>,
+    /// Coverage at nominal levels 5 … 95 %, per label and joint, with its mean absolute error.
+    #[serde(default)]
+    pub coverage_curve: CoverageCurve,
     pub seconds: f64,
     #[serde(skip)]
     pub stars: Vec<StarPrediction>,
@@ -819,6 +827,7 @@ fn evaluate_passes(
         .iter()
         .map(|&c| Pass::new(run_dir, c, d, seed, opened.indices.len()))
         .collect::<Result<Vec<_>>>()?;
+    let snr = star_snr(&opened.dataset, &opened.indices);
     for batch in batcher.batches(&opened.indices, 128)? {
         let b = batch?;
         let params = model.params(&b.x, false)?;
@@ -842,6 +851,7 @@ fn evaluate_passes(
             )?;
             e.standardized_draws = p.draws;
             e.precisions = p.precisions;
+            e.by_kind = by_kind(&e.stars, &state.scaler.names, snr.as_deref());
             Ok(e)
         })
         .collect()
@@ -1293,7 +1303,19 @@ fn ensemble_pass(
         start,
     )?;
     e.standardized_draws = draws;
+    e.by_kind = by_kind(
+        &e.stars,
+        &state.scaler.names,
+        star_snr(&rows.dataset, &rows.indices).as_deref(),
+    );
     Ok(e)
+}
+
+/// Each evaluated star's signal-to-noise, from the data's `SNR` label column (GALAH's layout), in
+/// the order of `indices`; `None` when the data have no such column.
+fn star_snr(dataset: &Dataset, indices: &[usize]) -> Option<Vec<f64>> {
+    let column = dataset.column("SNR")?;
+    Some(indices.iter().map(|&i| column[i]).collect())
 }
 
 /// The members of an ensemble, checked to share labels, normalisation and pixel grid.
@@ -1428,6 +1450,8 @@ fn assemble(
         labels,
         joint_coverage,
         joint_coverage_se,
+        by_kind: Vec::new(),
+        coverage_curve: coverage_curve(&stars, state.scaler.mean.len()),
         seconds: start.elapsed().as_secs_f64(),
         stars,
         star_nll_z: nll.to_vec(),

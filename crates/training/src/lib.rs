@@ -8,6 +8,7 @@ pub mod calibration;
 pub mod config;
 pub mod error;
 pub mod evaluate;
+pub mod kinds;
 pub mod model;
 pub mod optim;
 pub mod pause;
