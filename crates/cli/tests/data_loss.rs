@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use common::*;
 
@@ -46,6 +46,15 @@ fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
     out
 }
 
+/// A temporary directory with 40 synthetic stars in `data` and a one-epoch config for them.
+fn tiny_data() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    synth(&data, 40, 32);
+    let cfg = tiny_config(&dir.path().join("tiny.toml"), &data, 1, "");
+    (dir, data, cfg)
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -86,10 +95,7 @@ fn resume_without_a_run_is_refused_and_creates_nothing() {
 
 #[test]
 fn a_new_run_never_overwrites_a_directory_of_something_else() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    synth(&data, 40, 32);
-    let cfg = tiny_config(&dir.path().join("tiny.toml"), &data, 1, "");
+    let (dir, _, cfg) = tiny_data();
 
     // The names a run writes, but not a run's: a foreign config.toml.
     let foreign = dir.path().join("foreign");
@@ -256,10 +262,7 @@ fn a_target_named_twice_is_refused() {
 
 #[test]
 fn a_damaged_weight_file_is_named_instead_of_predicting_nonsense() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    synth(&data, 40, 32);
-    let cfg = tiny_config(&dir.path().join("tiny.toml"), &data, 1, "");
+    let (dir, data, cfg) = tiny_data();
     let run = dir.path().join("run");
     ok(&["train", "--config", s(&cfg), "--out", s(&run)]);
     let spectra = data.join("spectra.npy");
@@ -312,10 +315,7 @@ fn a_damaged_weight_file_is_named_instead_of_predicting_nonsense() {
 
 #[test]
 fn a_run_refuses_data_that_changed_under_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    synth(&data, 40, 32);
-    let cfg = tiny_config(&dir.path().join("tiny.toml"), &data, 1, "");
+    let (dir, data, cfg) = tiny_data();
     let run = dir.path().join("run");
     ok(&["train", "--config", s(&cfg), "--out", s(&run)]);
     ok(&["evaluate", "--run", s(&run), "--raw"]);

@@ -162,14 +162,7 @@ fn same_seed_same_bytes_and_files_load_back() {
             .write(b.path())
             .unwrap()
     });
-    for f in [
-        "spectra.npy",
-        "labels.npy",
-        "wavelength.npy",
-        "crlb.npy",
-        "crlb_marginal.npy",
-        "synth.json",
-    ] {
+    for f in starflow_data::synth::SYNTH_FILES {
         assert_eq!(
             std::fs::read(a.path().join(f)).unwrap(),
             std::fs::read(b.path().join(f)).unwrap(),

@@ -1239,7 +1239,7 @@ struct SynthRecord<'a> {
     config: &'a SynthConfig,
     cameras: Vec<(&'static str, f64, f64)>,
     n_lines: usize,
-    files: [&'static str; 5],
+    files: &'static [&'static str],
     label_columns: [&'static str; 8],
 }
 
@@ -1318,13 +1318,8 @@ impl SynthData {
             config: &self.config,
             cameras: CAMERAS.to_vec(),
             n_lines: Model::new(&self.config).lines.len(),
-            files: [
-                "spectra.npy",
-                "labels.npy",
-                "wavelength.npy",
-                "crlb.npy",
-                "crlb_marginal.npy",
-            ],
+            // The data files, without synth.json itself.
+            files: &SYNTH_FILES[..5],
             label_columns: crate::dataset::GALAH_COLUMNS,
         };
         let json = serde_json::to_string_pretty(&record).map_err(|e| DataError::Io {
