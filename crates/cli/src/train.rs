@@ -36,8 +36,8 @@ pub struct TrainArgs {
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Continue an interrupted run in --out (its stored config is used; --epochs may extend it).
-    /// Refused where --out holds no committed run, and when another given setting differs from
-    /// the run's own (it could not apply).
+    /// Refused where --out holds no run, and when another given setting differs from the run's
+    /// own (it could not apply); a run stopped in its first epoch starts again from its config.
     #[arg(long)]
     pub resume: bool,
 }

@@ -78,19 +78,18 @@ fn resume_without_a_run_is_refused_and_creates_nothing() {
     assert!(!typo.exists(), "--resume created {}", typo.display());
     assert!(!dir.path().join("data").exists(), "--resume generated data");
 
-    // A run killed in its first epoch: config.toml, no state.json.
+    // A run killed in its first epoch (config.toml, no state.json) starts again from its own
+    // config, not from the defaults.
+    let (_tiny, _, cfg) = tiny_data();
     let killed = dir.path().join("killed");
     std::fs::create_dir(&killed).unwrap();
-    std::fs::write(killed.join("config.toml"), "[optim]\nepochs = 2\n").unwrap();
-    refused(
-        &["train", "--resume", "--out", s(&killed)],
-        &[
-            "killed",
-            "no committed epoch",
-            "first epoch",
-            "without --resume",
-        ],
+    std::fs::copy(&cfg, killed.join("config.toml")).unwrap();
+    let (_, se) = ok(&["train", "--resume", "--out", s(&killed)]);
+    assert!(
+        se.contains("stopped before its first epoch was committed"),
+        "{se}"
     );
+    assert_eq!(state(&killed).epochs_done, 1);
 }
 
 #[test]

@@ -372,14 +372,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions, observer: &dyn Observer) ->
     check_out_dir(&run, opts.resume)?;
     // Held until training returns: a second process on this directory gets a clear error.
     let _lock = run.lock()?;
-    if opts.resume && !run.state().exists() {
-        // Checked under the lock: a run in its first epoch in another process is reported as such.
-        return Err(TrainError::run(
-            &run.root,
-            "there is no committed epoch to resume: state.json is missing (the run stopped in its first epoch)",
-            "start the run again without --resume",
-        ));
-    }
+
     let (cfg, previous) = match open_run(&run, cfg, opts, observer)? {
         Opened::Finished(state) => return Ok(state),
         Opened::Train { cfg, previous } => (cfg, previous),
@@ -475,8 +468,23 @@ fn open_run(
     observer: &dyn Observer,
 ) -> Result<Opened> {
     if !run.state().exists() {
+        if !opts.resume {
+            return Ok(Opened::Train {
+                cfg: cfg.clone(),
+                previous: None,
+            });
+        }
+        // A run that stopped before committing its first epoch (checked under the lock, so one
+        // still training elsewhere was reported as such): start it again from its own config,
+        // never from the defaults.
+        let mut stored = TrainConfig::from_file(&run.root.join("config.toml"))?;
+        stored.optim.epochs = cfg.optim.epochs.max(stored.optim.epochs);
+        observer.message(&format!(
+            "{}: the run stopped before its first epoch was committed; starting it again from its config.toml",
+            run.root.display()
+        ));
         return Ok(Opened::Train {
-            cfg: cfg.clone(),
+            cfg: stored,
             previous: None,
         });
     }
