@@ -372,7 +372,6 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions, observer: &dyn Observer) ->
     check_out_dir(&run, opts.resume)?;
     // Held until training returns: a second process on this directory gets a clear error.
     let _lock = run.lock()?;
-
     let (cfg, previous) = match open_run(&run, cfg, opts, observer)? {
         Opened::Finished(state) => return Ok(state),
         Opened::Train { cfg, previous } => (cfg, previous),
@@ -413,15 +412,16 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions, observer: &dyn Observer) ->
 }
 
 /// Refuses, before anything is created or written, what would lose data or pretend: `--resume`
-/// where there is no committed run (it used to start a new run with the defaults, exit 0), and a
-/// new run in a directory holding files of something else (it overwrote them).
+/// where there is no run (it used to start a new run with the defaults, exit 0), and a new run in
+/// a directory holding files of something else (it overwrote them).
 fn check_out_dir(run: &RunDir, resume: bool) -> Result<()> {
     if run.state().exists() {
         return Ok(());
     }
     if resume {
         if run.root.join("config.toml").is_file() {
-            // A run that has not committed its first epoch (maybe still training): see `train`.
+            // A run that has not committed its first epoch (maybe still training): decided under
+            // the lock in `open_run`.
             return Ok(());
         }
         let problem = if run.root.is_dir() {
