@@ -19,13 +19,14 @@ pub const BACKBONES: [&str; 2] = ["cnn", "tiny_cnn"];
 const PROFILES: [&str; 3] = ["quick", "full", "reference"];
 
 /// Stars and pixels per camera of the held-out synthetic set each profile is reported on: drawn
-/// with a seed that no training set uses (training sets use 42), as large as the calibration
-/// targets need (a calibrated model's 68 % coverage scatters by ±0.9 points on 3,000 stars), on
-/// the profile's pixel grid.
+/// with a seed that no training set uses (training sets use 42), on the profile's pixel grid, and
+/// large enough for calibration by kind of star: a calibrated model's 68 % coverage scatters by
+/// ±0.5 points on 10,000 stars, ±0.9 on 3,000, and by twice that in an SNR quarter or among the
+/// giants, where the per-kind targets are ±3 points.
 fn heldout_shape(profile: &str) -> (usize, usize) {
     match profile {
-        "quick" => (3000, 1024),
-        _ => (3000, 4096),
+        "quick" => (10_000, 1024),
+        _ => (10_000, 4096),
     }
 }
 
@@ -54,8 +55,9 @@ fn run_overrides(profile: &str, backbone: &str, flow: &str) -> &'static [&'stati
     }
 }
 
-/// Default seed of the held-out set.
-const HELDOUT_SEED: u64 = 20_261_201;
+/// Default seed of the held-out set: drawn on 2026-12-05 and used for no choice (the quick
+/// profile's settings were tuned on seeds 777 and 1001; reports before then used 20261201).
+const HELDOUT_SEED: u64 = 20_261_205;
 
 pub const HELP: &str = "\
 cargo xtask train-all [--profile quick|full|reference] [--data DIR] [--runs DIR] [--out DIR]
@@ -69,8 +71,9 @@ cargo xtask train-all [--profile quick|full|reference] [--data DIR] [--runs DIR]
   --data DIR   train on real spectra.npy/labels.npy in DIR instead of the synthetic set (the report
                then uses its test split)
   --heldout-seed N
-               seed of the held-out synthetic set the report evaluates on (default 20261201; the
-               set, 3,000 stars, is generated into data/heldout-<profile>-<seed> on first use)
+               seed of the held-out synthetic set the report evaluates on (default 20261205; the
+               set, 10,000 stars, is generated into data/heldout-<profile>-<seed>-<stars> on
+               first use)
   --runs DIR   where the run directories go (default runs/<profile>[-<data dir name>])
   --out DIR    where the report goes (default results/<profile>[-<data dir name>])
   --flows, --backbones   subsets (default: all flows x all backbones)
@@ -391,7 +394,7 @@ pub fn run(args: &[String]) -> Result<()> {
 /// The profile's held-out synthetic set, generated with `starflow synth` when missing.
 fn heldout_set(bin: &Path, profile: &str, seed: u64) -> Result<PathBuf> {
     let (n, ppc) = heldout_shape(profile);
-    let dir = PathBuf::from(format!("data/heldout-{profile}-{seed}"));
+    let dir = PathBuf::from(format!("data/heldout-{profile}-{seed}-{n}"));
     if !root().join(&dir).join("labels.npy").is_file() {
         run_bin(
             bin,

@@ -9,6 +9,7 @@ pub mod dataset;
 pub mod error;
 #[cfg(feature = "hdf5")]
 pub mod hdf5_input;
+pub mod noise;
 pub mod normalize;
 pub mod npy;
 pub mod split;
@@ -16,6 +17,7 @@ pub mod synth;
 
 pub use dataset::{Dataset, FileSummary, LoadOptions, DEFAULT_TARGETS, GALAH_COLUMNS};
 pub use error::{DataError, Result};
+pub use noise::{log_noise_levels, noise_level};
 pub use normalize::{FluxTransform, LabelScaler};
 pub use split::{epoch_order, Batch, Batcher, Split, SplitFractions};
 pub use synth::{generate, SynthConfig, SynthData};

@@ -133,6 +133,16 @@ pub struct Batcher<'a> {
 impl Batcher<'_> {
     /// Builds the batch of the given stars (any count ≥ 1, so the last partial batch works).
     pub fn batch(&self, indices: &[usize]) -> Result<Batch> {
+        self.batch_with(indices, |_, _| {})
+    }
+
+    /// [`Batcher::batch`], with `raw(i, flux)` applied to star `i`'s flux as read, before the
+    /// preprocessing (e.g. training-time noise augmentation). Runs in parallel over the stars.
+    pub fn batch_with(
+        &self,
+        indices: &[usize],
+        raw: impl Fn(usize, &mut [f32]) + Sync,
+    ) -> Result<Batch> {
         let n_pix = self.dataset.n_pix();
         let b = indices.len();
         let mut x = vec![0f32; b * n_pix];
@@ -140,6 +150,7 @@ impl Batcher<'_> {
             .zip(indices.par_iter())
             .for_each(|(row, &i)| {
                 self.dataset.flux_into(i, row);
+                raw(i, row);
                 self.flux.apply(row);
             });
         let mut y: Vec<f64> = indices

@@ -25,6 +25,7 @@ fn stars(n: usize, with_truth: bool) -> Vec<StarPrediction> {
                 pit: with_truth.then(|| vec![0.5, 0.25, 1.0 / 3.0]),
                 hpd: with_truth.then_some(0.7 + x * 1e-3),
                 nll: with_truth.then_some(-3.25 - x * 1e-7),
+                noise: None,
             }
         })
         .collect()

@@ -37,6 +37,12 @@ pub struct DataConfig {
     pub targets: Vec<String>,
     /// Flux floor of `ln(max(flux, floor))`.
     pub flux_floor: f32,
+    /// Training-time noise augmentation: every epoch, each training spectrum gets fresh white
+    /// noise that multiplies its own noise level (measured from it, DER_SNR) by a factor drawn
+    /// uniformly from `[1, 1 + augment_noise]`, so each star is seen at several signal-to-noise
+    /// ratios and its own noise realisation cannot be memorised. 0: off. Validation, calibration
+    /// and prediction always see the spectra as they are.
+    pub augment_noise: f64,
     /// Drop rows with non-finite values instead of failing.
     pub drop_nonfinite: bool,
     /// Split fractions and seed.
@@ -60,6 +66,7 @@ impl Default for DataConfig {
             label_names: opts.label_names,
             targets: opts.targets,
             flux_floor: 0.2,
+            augment_noise: 0.0,
             drop_nonfinite: false,
             train_fraction: 0.70,
             val_fraction: 0.15,
@@ -205,6 +212,7 @@ const KEYS: &[(&str, &[&str])] = &[
             "label_names",
             "targets",
             "flux_floor",
+            "augment_noise",
             "drop_nonfinite",
             "train_fraction",
             "val_fraction",
@@ -342,6 +350,7 @@ fn rule(key: &str) -> String {
         "data.label_names" => "a list of names, one per column of the labels file",
         "data.targets" => "a list of names from data.label_names",
         "data.flux_floor" => "a positive number",
+        "data.augment_noise" => "a number in [0, 10] (0 = off)",
         "data.train_fraction" => "a number in (0, 1], with train + val + test = 1",
         "data.val_fraction" => "a number in (0, 1], with train + val + test = 1",
         "data.test_fraction" => "a number in [0, 1], with train + val + test = 1",
@@ -501,6 +510,9 @@ impl TrainConfig {
         }
         if !(d.flux_floor.is_finite() && d.flux_floor > 0.0) {
             return invalid("data.flux_floor", d.flux_floor);
+        }
+        if !(0.0..=10.0).contains(&d.augment_noise) {
+            return invalid("data.augment_noise", d.augment_noise);
         }
         for (key, names) in [
             ("data.label_names", &d.label_names),

@@ -52,6 +52,11 @@ pub struct StarPrediction {
     /// each was trained on.
     #[serde(default)]
     pub nll: Option<f64>,
+    /// The noise level of the star's preprocessed spectrum, `ln σ̂` (DER_SNR, measured from the
+    /// spectrum itself; `starflow_data::noise_level`), on which the recalibration's
+    /// [`crate::WidthMap`] widens the posterior. `None` where it cannot be measured.
+    #[serde(default)]
+    pub noise: Option<f64>,
 }
 
 /// The five quantile columns of each label, in order (levels [`starflow_flows::QUANTILE_LEVELS`]).
@@ -102,7 +107,7 @@ impl StarPrediction {
 }
 
 /// Metrics of one label, in physical units unless said otherwise.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct LabelMetrics {
     pub name: String,
     pub rmse: f64,
@@ -143,7 +148,7 @@ pub struct LabelErrors {
 }
 
 /// The result of `evaluate`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Evaluation {
     pub split: String,
     pub n_stars: usize,
@@ -184,10 +189,27 @@ pub struct Evaluation {
     /// [`POOLED_DRAWS`] per star; empty otherwise): the shape a recalibration map starts from.
     #[serde(skip)]
     pub standardized_draws: Vec<Vec<f64>>,
+    /// Per label, the scaling of its z-units, `[mean, std]` of the training labels (empty for an
+    /// evaluation built elsewhere): lets a [`crate::WidthMap`] read posterior means in z-units.
+    #[serde(skip)]
+    pub label_scale: Vec<[f64; 2]>,
     /// Per star (as in `stars`), the inverse of the model's own posterior correlation matrix,
     /// `d x d` (single runs' own posteriors of Gaussian flows only; empty otherwise).
     #[serde(skip)]
     pub precisions: Vec<Vec<f64>>,
+}
+
+impl Evaluation {
+    /// A star's posterior means in z-units ([`Evaluation::label_scale`]; NaN without it).
+    pub fn z_means(&self, s: &StarPrediction) -> Vec<f64> {
+        (0..s.mean.len())
+            .map(|j| {
+                self.label_scale
+                    .get(j)
+                    .map_or(f64::NAN, |[a, b]| (s.mean[j] - a) / b)
+            })
+            .collect()
+    }
 }
 
 /// Samples per star kept in [`Evaluation::standardized_draws`]: with a validation split of a
@@ -246,6 +268,7 @@ pub(crate) fn summarize_batch(
     n_samples: usize,
     draws: &mut Draws,
     cal: Option<&Resolved>,
+    noise: &[Option<f64>],
 ) -> Result<BatchSummaries> {
     let d = model.flow.dim();
     let b = params.dims()[0];
@@ -266,7 +289,11 @@ pub(crate) fn summarize_batch(
     debug_assert_eq!(b, unscaled.len());
     // The unscaled posteriors, about which a calibration acts.
     let frames: Vec<Frame> = match cal {
-        Some(c) => unscaled.iter().map(|s| c.frame(s)).collect(),
+        Some(c) => unscaled
+            .iter()
+            .zip(noise)
+            .map(|(s, n)| c.frame(s, *n))
+            .collect(),
         None => Vec::new(),
     };
     let truth = |i: usize| truth_z.map(|t| &t[i * d..(i + 1) * d]);
@@ -291,13 +318,13 @@ pub(crate) fn summarize_batch(
                 let pit = truth(i).map(|t| {
                     (0..d)
                         .map(|j| {
-                            let seen = cal.map_or(t[j], |c| c.seen(t[j], s.mean[j], s.std[j], j));
+                            let seen = cal.map_or(t[j], |c| c.seen(t[j], &frames[i], j));
                             phi((seen - s.mean[j]) / s.std[j])
                         })
                         .collect()
                 });
                 if let Some(c) = cal {
-                    c.apply(&mut s, None);
+                    c.apply(&mut s, &frames[i], None);
                 }
                 (s, pit)
             })
@@ -913,6 +940,7 @@ impl Pass {
     ) -> Result<()> {
         let (state, model) = (&opened.state, &opened.model);
         let d = model.flow.dim();
+        let noise = starflow_data::log_noise_levels(&b.x)?;
         let batch = summarize_batch(
             model,
             params,
@@ -920,6 +948,7 @@ impl Pass {
             n_samples,
             &mut Draws::Shared(&mut self.rng),
             self.resolved.as_ref(),
+            &noise,
         )?;
         // The recalibrated density at y is the unscaled density at y_seen over the Jacobian.
         let (y_seen, jac) = match (&batch.y_seen, &self.resolved) {
@@ -963,6 +992,7 @@ impl Pass {
                 pit,
                 hpd: hpd[k],
                 nll: None,
+                noise: noise[k],
             });
         }
         Ok(())
@@ -1224,16 +1254,23 @@ fn ensemble_pass(
             .iter()
             .map(|pts| starflow_flows::summarize_points(pts, d))
             .collect();
+        let noise = starflow_data::log_noise_levels(&b.x)?;
+        let frames: Vec<Frame> = match &cal {
+            Some(c) => raw
+                .iter()
+                .zip(&noise)
+                .map(|(s, f)| c.marginal_frame(s, *f))
+                .collect(),
+            None => Vec::new(),
+        };
         // The truths as the unscaled mixture sees them, and the log-Jacobian of the maps there
         // (see `Pass::add`); with no calibration, the truths themselves.
         let seen: Vec<f64> = (0..n * d)
             .map(|q| {
                 let (i, j) = (q / d, q % d);
-                cal.as_ref()
-                    .map_or(yz[q], |c| c.seen(yz[q], raw[i].mean[j], raw[i].std[j], j))
+                cal.as_ref().map_or(yz[q], |c| c.seen(yz[q], &frames[i], j))
             })
             .collect();
-        let frames: Vec<Frame> = raw.iter().map(Frame::marginal).collect();
         let log_jac =
             |x: &[f64], i: usize| cal.as_ref().map_or(0.0, |c| c.log_jacobian(x, &frames[i]));
         let mixture = Mixture {
@@ -1264,7 +1301,7 @@ fn ensemble_pass(
                 .collect();
             let mut s = raw[i].clone();
             match &cal {
-                Some(c) => c.apply(&mut s, Some(pts)),
+                Some(c) => c.apply(&mut s, &frames[i], Some(pts)),
                 // Every member's share alike: the pooled samples are member by member.
                 None => pool_standardized(
                     &mut draws,
@@ -1285,6 +1322,7 @@ fn ensemble_pass(
                 pit: Some(pit),
                 hpd: hpd[i],
                 nll: None,
+                noise: noise[i],
             });
         }
     }
@@ -1452,6 +1490,13 @@ fn assemble(
         joint_coverage_se,
         by_kind: Vec::new(),
         coverage_curve: coverage_curve(&stars, state.scaler.mean.len()),
+        label_scale: state
+            .scaler
+            .mean
+            .iter()
+            .zip(&state.scaler.std)
+            .map(|(a, b)| [*a, *b])
+            .collect(),
         seconds: start.elapsed().as_secs_f64(),
         stars,
         star_nll_z: nll.to_vec(),

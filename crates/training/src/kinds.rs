@@ -258,6 +258,7 @@ mod tests {
             pit: Some(vec![pit; 3]),
             hpd: Some(pit),
             nll: None,
+            noise: None,
         }
     }
 

@@ -17,7 +17,10 @@ pub mod radial;
 pub mod run;
 pub mod train;
 
-pub use calibration::{Calibration, CalibrationMethod, MarginalMap, MIN_CALIBRATION_STARS};
+pub use calibration::{
+    Calibration, CalibrationMethod, MarginalMap, WidthCovariate, WidthMap, MIN_CALIBRATION_STARS,
+    MIN_WIDTH_STARS, NOISE_COVARIATE,
+};
 pub use config::TrainConfig;
 pub use error::{Result, TrainError};
 pub use evaluate::{

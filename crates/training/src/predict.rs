@@ -247,7 +247,7 @@ impl TrainedModel {
         rows: Range<usize>,
         settings: &PosteriorSettings,
     ) -> Result<Vec<StarPrediction>> {
-        let params = self.params(spectra, rows.clone())?;
+        let (params, noise) = self.params(spectra, rows.clone())?;
         let row_ids: Vec<usize> = rows.clone().collect();
         let mut draws = Draws::PerStar {
             seed: settings.seed,
@@ -264,13 +264,15 @@ impl TrainedModel {
                 .as_ref()
                 .map(Calibration::resolved)
                 .as_ref(),
+            &noise,
         )?;
         let scaler = &self.state.scaler;
         Ok(batch
             .items
             .into_iter()
             .zip(rows)
-            .map(|((s, _), row)| {
+            .zip(noise)
+            .map(|(((s, _), row), noise)| {
                 let (mean, std, quantiles) = to_physical(&s, &scaler.mean, &scaler.std);
                 StarPrediction {
                     row,
@@ -281,6 +283,7 @@ impl TrainedModel {
                     pit: None,
                     hpd: None,
                     nll: None,
+                    noise,
                 }
             })
             .collect())
@@ -332,7 +335,7 @@ impl TrainedModel {
         n: usize,
         settings: &PosteriorSettings,
     ) -> Result<Vec<f64>> {
-        let params = self.params(spectra, rows.clone())?;
+        let (params, noise) = self.params(spectra, rows.clone())?;
         let flow = &self.model.flow;
         let d = flow.dim();
         let mut rngs: Vec<ChaCha8Rng> = rows.clone().map(|r| star_rng(settings.seed, r)).collect();
@@ -347,8 +350,13 @@ impl TrainedModel {
                 samples.summarize()
             };
             let (cal, w) = (cal.resolved(), n * d);
-            for (chunk, s) in samples.values.chunks_exact_mut(w).zip(&unscaled) {
-                cal.apply_to_points(chunk, &cal.frame(s));
+            for ((chunk, s), f) in samples
+                .values
+                .chunks_exact_mut(w)
+                .zip(&unscaled)
+                .zip(&noise)
+            {
+                cal.apply_to_points(chunk, &cal.frame(s, *f));
             }
         }
         let scaler = &self.state.scaler;
@@ -358,13 +366,20 @@ impl TrainedModel {
         Ok(samples.values)
     }
 
-    /// The flow parameters of the stars in `rows` (within one aligned batch).
-    fn params(&self, spectra: &dyn SpectraRows, rows: Range<usize>) -> Result<Tensor> {
+    /// The flow parameters of the stars in `rows` (within one aligned batch) and their spectra's
+    /// noise levels ([`StarPrediction::noise`]).
+    fn params(
+        &self,
+        spectra: &dyn SpectraRows,
+        rows: Range<usize>,
+    ) -> Result<(Tensor, Vec<Option<f64>>)> {
         let (x, offset) = self.read(spectra, rows.clone())?;
-        Ok(self
+        let noise = starflow_data::log_noise_levels(&x.narrow(0, offset, rows.len())?)?;
+        let params = self
             .model
             .params(&x, false)?
-            .narrow(0, offset, rows.len())?)
+            .narrow(0, offset, rows.len())?;
+        Ok((params, noise))
     }
 
     /// The preprocessed spectra of `rows` (within one aligned batch) as a full `(PREDICT_BATCH, 1,
