@@ -79,7 +79,7 @@ pub struct EvaluateArgs {
 /// How posteriors are summarised, shared by `evaluate` and `predict`.
 #[derive(Args, Debug)]
 pub struct PosteriorArgs {
-    /// Posterior samples per star (non-Gaussian flows; Gaussian flows are exact).
+    /// Posterior samples per star (non-Gaussian flows; Gaussian flows are exact), 10 to 100,000.
     #[arg(long, default_value_t = 1000)]
     pub samples: usize,
     /// Seed of the posterior sampler.
@@ -101,12 +101,15 @@ pub struct PredictArgs {
     #[arg(long)]
     pub run: PathBuf,
     /// Spectra to predict (.npy, same pixel grid as the training data). Memory-mapped and read in
-    /// batches, so any number of stars fits in memory.
+    /// batches, so any number of stars fits in memory. Every row asked for is checked for NaN and
+    /// inf before any prediction (the first five bad rows are named; predict around them with
+    /// --rows).
     #[arg(long)]
     pub spectra: PathBuf,
     /// Output table: *.csv or *.parquet (default: predictions.csv next to the spectra, or
     /// predictions-START-END.csv with --rows). Written as the stars are predicted, and moved into
-    /// place only when complete.
+    /// place only when complete; its directory must exist and be writable (checked first). Ctrl-C
+    /// or SIGTERM stops between batches, removes the partial file and exits with code 130.
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Predict only rows START..END of the file (0-based, END exclusive; `START:` runs to the end):
@@ -179,10 +182,24 @@ fn calibration(
     }
     eprintln!(
         "recalibration ({}) fitted on {} {} stars: {}",
-        if c.maps.is_empty() {
-            "one shift and scale per label"
-        } else {
-            "quantile maps"
+        match (c.maps.is_empty(), &c.width) {
+            (true, _) => "one shift and scale per label".to_string(),
+            (false, None) if c.width_declined =>
+                "quantile maps; a per-star widening was tried and \
+                declined, as it did not lower the NLL of held-out calibration stars"
+                    .to_string(),
+            (false, None) => "quantile maps".to_string(),
+            (false, Some(w)) => format!(
+                "quantile maps after a per-star widening by {}",
+                w.covariates
+                    .iter()
+                    .map(|v| match v.name.as_str() {
+                        starflow_training::NOISE_COVARIATE => "noise level".to_string(),
+                        label => format!("{label} mean"),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
         },
         c.n_stars,
         c.fitted_on,
@@ -526,6 +543,9 @@ pub fn predict(a: &PredictArgs) -> anyhow::Result<()> {
         };
         a.spectra.parent().unwrap_or(Path::new(".")).join(name)
     });
+    check_output_file(&out)?;
+    predictor.check_finite()?;
+    let stop = interrupt_flag();
     let mut table = PredictionWriter::create(&out, predictor.label_names(), false)?;
     let bar = ProgressBar::new(range.len() as u64).with_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} stars  {per_sec}  eta {eta}")
@@ -533,6 +553,16 @@ pub fn predict(a: &PredictArgs) -> anyhow::Result<()> {
     );
     let started = std::time::Instant::now();
     for batch in predictor.batches() {
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            bar.finish_and_clear();
+            // Dropping the table removes its temporary file; any previous table stays as it was.
+            drop(table);
+            eprintln!(
+                "interrupted: nothing written to {} (its temporary file was removed)",
+                out.display()
+            );
+            std::process::exit(130);
+        }
         let stars = predictor.predict_batch(batch.clone())?;
         table.write(&stars)?;
         bar.inc(batch.len() as u64);
@@ -549,4 +579,53 @@ pub fn predict(a: &PredictArgs) -> anyhow::Result<()> {
         n as f64 / seconds.max(1e-9)
     );
     Ok(())
+}
+
+/// Set by SIGINT or SIGTERM (unix): `predict` stops between batches and cleans up. Where the
+/// handlers cannot be installed, the default (immediate exit) stays.
+fn interrupt_flag() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    #[cfg(unix)]
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        if let Err(e) = signal_hook::flag::register(signal, std::sync::Arc::clone(&flag)) {
+            tracing::warn!("cannot catch signal {signal}: {e}");
+        }
+    }
+    flag
+}
+
+/// Checks that a table can be written at `out` before any work: not a directory, in a directory
+/// that exists and that we may write in. Each failure names the path and the fix (exit 2).
+pub fn check_output_file(out: &Path) -> Result<(), UserError> {
+    if out.is_dir() {
+        return Err(UserError(format!(
+            "{}: is a directory; --out wants a file name, e.g. {}",
+            out.display(),
+            out.join("predictions.csv").display()
+        )));
+    }
+    let dir = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    if !dir.is_dir() {
+        return Err(UserError(format!(
+            "{}: the directory {} does not exist; create it (mkdir -p {}) or choose another --out",
+            out.display(),
+            dir.display(),
+            dir.display()
+        )));
+    }
+    let probe = dir.join(format!(".starflow-write-check.{}", std::process::id()));
+    match std::fs::File::create(&probe) {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        Err(e) => Err(UserError(format!(
+            "{}: cannot write in {} ({e}); choose a directory you can write to with --out",
+            out.display(),
+            dir.display()
+        ))),
+    }
 }

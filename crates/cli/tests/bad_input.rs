@@ -202,6 +202,9 @@ fn bad_input_exits_2_naming_the_file_and_the_problem() {
         constant[r * n_cols + 4] = 5777.0; // t_eff
     }
     write_npy(f("constant.npy"), &[n, n_cols], &constant).unwrap();
+    let mut extreme = lab.clone();
+    extreme[11 * n_cols + 6] = 1e300; // fe_h of row 11: a sentinel, overflows the z-scoring
+    write_npy(f("extreme.npy"), &[n, n_cols], &extreme).unwrap();
     write_npy(f("short.npy"), &[1, 7], &[1f32; 7]).unwrap();
     let nan_dir = d.join("nan_data");
     std::fs::create_dir(&nan_dir).unwrap();
@@ -446,6 +449,16 @@ fn bad_input_exits_2_naming_the_file_and_the_problem() {
             inspect(sp(), f("constant.npy")),
             &["constant.npy", "'t_eff' (column 4) is constant"],
         ),
+        raw(
+            "extreme label",
+            inspect(sp(), f("extreme.npy")),
+            &[
+                "extreme.npy",
+                "'fe_h' (column 6)",
+                "1e300 in row 11",
+                "sentinel",
+            ],
+        ),
         user_error(
             "NaN data through train",
             &[trn, c, &nan_cfg, o, &out("nan")],
@@ -663,7 +676,7 @@ fn bad_input_exits_2_naming_the_file_and_the_problem() {
         user_error(
             "too few samples",
             &[ev, r, &run, &"--samples", &"5"],
-            &["--samples must be at least 10"],
+            &["--samples must be between 10 and 100000"],
         ),
         // Other settings.
         user_error(

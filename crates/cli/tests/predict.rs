@@ -130,7 +130,10 @@ fn a_bad_slice_or_table_name_is_a_clear_error_and_writes_nothing() {
     let keep = fx.out("keep.csv");
     std::fs::write(&keep, "previous table\n").unwrap();
     let txt = fx.out("p.txt");
-    let cases: [(&[&str], &[&str]); 4] = [
+    let a_dir = fx.out("tables");
+    std::fs::create_dir(&a_dir).unwrap();
+    let missing = fx.out("no/such/dir/p.csv");
+    let cases: [(&[&str], &[&str]); 7] = [
         (
             &["--rows", "250:400", "--out", keep.to_str().unwrap()],
             &[
@@ -144,6 +147,22 @@ fn a_bad_slice_or_table_name_is_a_clear_error_and_writes_nothing() {
         (
             &["--out", txt.to_str().unwrap()],
             &["p.txt", "name the output file *.csv or *.parquet"],
+        ),
+        (
+            &["--out", a_dir.to_str().unwrap()],
+            &[
+                "is a directory",
+                "--out wants a file name",
+                "predictions.csv",
+            ],
+        ),
+        (
+            &["--out", missing.to_str().unwrap()],
+            &["does not exist", "mkdir -p"],
+        ),
+        (
+            &["--samples", "18446744073709551615"],
+            &["--samples must be between 10 and 100000"],
         ),
     ];
     for (extra, needles) in cases {
@@ -162,4 +181,96 @@ fn a_bad_slice_or_table_name_is_a_clear_error_and_writes_nothing() {
         "a failed predict touched its output"
     );
     assert!(!txt.exists());
+    assert_eq!(std::fs::read_dir(&a_dir).unwrap().count(), 0);
+    assert!(!fx.out("no").exists());
+}
+
+/// A NaN in the last row is found before any prediction, named with its row and pixel, and
+/// nothing is written; before, predict aborted there after all the work.
+#[test]
+fn a_non_finite_row_is_refused_before_any_work() {
+    let fx = Fixture::new();
+    let mut bytes = std::fs::read(&fx.spectra).unwrap();
+    let at = bytes.len() - 4;
+    bytes[at..].copy_from_slice(&f32::NAN.to_le_bytes());
+    let bad = fx.out("bad.npy");
+    std::fs::write(&bad, bytes).unwrap();
+    let out = fx.out("p.csv");
+    let o = starflow(&[
+        "predict",
+        "--run",
+        fx.run.to_str().unwrap(),
+        "--spectra",
+        bad.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let (so, se) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{se}");
+    for n in [
+        "bad.npy",
+        "1 of rows 0..300",
+        "row 299 (pixel 255)",
+        "nothing was predicted",
+        "--rows",
+    ] {
+        assert!(se.contains(n), "stderr lacks {n:?}:\n{se}");
+    }
+    assert!(!so.contains("wrote"), "{so}");
+    assert!(!out.exists());
+}
+
+/// SIGTERM (or Ctrl-C) in the middle of a prediction: exit 130, no temporary file left behind, no
+/// table, and a table written earlier under the same name untouched.
+#[cfg(unix)]
+#[test]
+fn a_terminated_predict_leaves_no_temporary_file() {
+    let fx = Fixture::new();
+    let out = fx.out("p.csv");
+    std::fs::write(&out, "previous table\n").unwrap();
+    let mut child = common::command()
+        .args([
+            "predict",
+            "--run",
+            fx.run.to_str().unwrap(),
+            "--spectra",
+            fx.spectra.to_str().unwrap(),
+            "--samples",
+            "20000",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let tmp = || {
+        std::fs::read_dir(fx.dir.path())
+            .unwrap()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+    };
+    let started = std::time::Instant::now();
+    while !tmp() {
+        assert!(
+            started.elapsed().as_secs() < 120,
+            "no temporary table appeared"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "predict ended before the signal"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let o = child.wait_with_output().unwrap();
+    let se = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(130), "{se}");
+    assert!(se.contains("interrupted"), "{se}");
+    assert!(!tmp(), "a temporary file was left behind");
+    assert_eq!(read(&out), "previous table\n");
 }

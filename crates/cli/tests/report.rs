@@ -49,6 +49,7 @@ fn report_writes_figures_and_tables_for_a_trained_run() {
         "cnn-diag/pulls.png",
         "cnn-diag/predicted_vs_true.png",
         "cnn-diag/calibration.png",
+        "cnn-diag/coverage_vs_snr.png",
         "cnn-diag/predictions.csv",
     ] {
         let p = out.join(f);

@@ -19,6 +19,11 @@ pub const GALAH_COLUMNS: [&str; 8] = [
 /// The labels the reference model predicts.
 pub const DEFAULT_TARGETS: [&str; 3] = ["t_eff", "log_g", "fe_h"];
 
+/// The largest magnitude a target label may have: far beyond any stellar label in any unit, and far
+/// below where squaring it for the z-scoring overflows (~1e154). Larger values are sentinels or unit
+/// errors, which were reported as a "constant" label.
+pub const MAX_LABEL_MAGNITUDE: f64 = 1e30;
+
 /// How to interpret and validate a pair of files.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LoadOptions {
@@ -358,6 +363,21 @@ impl Dataset {
             );
         }
         for (k, &c) in target_cols.iter().enumerate() {
+            let extreme = rows
+                .iter()
+                .map(|&r| (r, labels[r * n_cols + c]))
+                .find(|(_, v)| v.abs() > MAX_LABEL_MAGNITUDE);
+            if let Some((r, v)) = extreme {
+                return Err(DataError::invalid(
+                    &labels_path,
+                    format!(
+                        "target label column '{}' (column {c}) holds {v:e} in row {r}, beyond any \
+                         physical value (|x| <= {MAX_LABEL_MAGNITUDE:e}); z-scoring it would overflow",
+                        opts.targets[k]
+                    ),
+                    "check the labels file for a sentinel value or a unit error, and repair or remove that row",
+                ));
+            }
             let first = labels[rows[0] * n_cols + c];
             if rows.iter().all(|&r| labels[r * n_cols + c] == first) {
                 return Err(DataError::invalid(

@@ -1,6 +1,8 @@
-//! numpy arrays in and out. Inputs already C-contiguous float32 or float64 are lent to Rust as
-//! read-only slices without a copy; anything else (lists, integer arrays, strided views) is turned
-//! into one contiguous array by numpy first.
+//! numpy arrays in and out. Inputs already C-contiguous, aligned, native-endian float32 or float64
+//! are lent to Rust as read-only slices without a copy; anything else numpy converts once first:
+//! big-endian arrays (what astropy returns for FITS data), misaligned chunks (what dask can
+//! deliver), strided views and lists. Integer spectra are refused: un-normalised counts predicted
+//! as fluxes give confident nonsense (t_eff −228,856 ± 4 K for fluxes ×100 as integers).
 
 use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::exceptions::PyValueError;
@@ -33,8 +35,8 @@ impl Spectra<'_> {
     }
 }
 
-/// `obj` as a C-contiguous numpy array, keeping the element types in `keep` and converting any
-/// other to `other` (numpy copies only when it must).
+/// `obj` as a C-contiguous, aligned, native-endian numpy array, keeping the element types in
+/// `keep` and converting any other to `other` (numpy copies only when it must).
 fn contiguous<'py>(
     obj: &Bound<'py, PyAny>,
     keep: &[&str],
@@ -42,18 +44,43 @@ fn contiguous<'py>(
 ) -> PyResult<Bound<'py, PyAny>> {
     let np = obj.py().import("numpy")?;
     let a = np.call_method1("asarray", (obj,))?;
+    // `name` ignores the byte order: ">f4" is "float32" too.
     let dtype: String = a.getattr("dtype")?.getattr("name")?.extract()?;
-    if keep.contains(&dtype.as_str()) {
-        np.call_method1("ascontiguousarray", (a,))
+    let target = if keep.contains(&dtype.as_str()) {
+        dtype
     } else {
-        np.call_method1("ascontiguousarray", (a, other))
-    }
+        other.to_string()
+    };
+    // `astype` to the native dtype swaps the bytes of a big-endian array and copies nothing for an
+    // array that is already right; `require` then makes it C-contiguous and aligned (a
+    // misaligned chunk, as dask can deliver, is copied once).
+    let copy = pyo3::types::PyDict::new(obj.py());
+    copy.set_item("copy", false)?;
+    let native = a.call_method(
+        "astype",
+        (np.call_method1("dtype", (target,))?,),
+        Some(&copy),
+    )?;
+    let kwargs = pyo3::types::PyDict::new(obj.py());
+    kwargs.set_item("requirements", ["C", "A"])?;
+    np.call_method("require", (native,), Some(&kwargs))
 }
 
 /// The spectra argument of `predict` and `posterior_samples`: a 2-D array `(n_stars, n_pix)`, or
 /// one spectrum as a 1-D array.
 pub fn spectra<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Spectra<'py>> {
-    let mut a = contiguous(obj, &["float32", "float64"], "float32")?;
+    let np = obj.py().import("numpy")?;
+    let given = np.call_method1("asarray", (obj,))?;
+    let kind: String = given.getattr("dtype")?.getattr("kind")?.extract()?;
+    if !matches!(kind.as_str(), "f") {
+        let dtype = given.getattr("dtype")?;
+        return Err(pyo3::exceptions::PyTypeError::new_err(format!(
+            "spectra: an array of {dtype} cannot be fluxes; starflow wants continuum-normalised \
+             fluxes (near 1) as float32 or float64. If these are fluxes, pass \
+             spectra.astype(np.float32), after normalising counts to the continuum"
+        )));
+    }
+    let mut a = contiguous(&given, &["float32", "float64"], "float32")?;
     let ndim: usize = a.getattr("ndim")?.extract()?;
     if ndim == 1 {
         a = a.call_method1("reshape", ((1, -1),))?;

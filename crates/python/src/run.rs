@@ -6,6 +6,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use starflow_training::{
     load_or_fit_calibration, PosteriorSettings, SpectraSlice, StarPrediction, TrainedModel,
+    MAX_SAMPLES,
 };
 
 use crate::arrays::array;
@@ -36,13 +37,33 @@ impl Run {
 
     /// The posterior settings of one call: the run's recalibration when asked, fitted on its
     /// validation split and cached in the run when it has none yet (as on the command line).
-    fn settings(&self, samples: usize, seed: u64, calibrate: bool) -> PyResult<PosteriorSettings> {
+    fn settings(
+        &self,
+        py: Python<'_>,
+        samples: usize,
+        seed: u64,
+        calibrate: bool,
+    ) -> PyResult<PosteriorSettings> {
         let calibration = if calibrate {
             let dir = self.model.dir();
-            Some(
-                load_or_fit_calibration(dir, samples, seed)
-                    .map_err(|e| calibration_error(dir, e))?,
-            )
+            let c = load_or_fit_calibration(dir, samples, seed)
+                .map_err(|e| calibration_error(dir, e))?;
+            if c.too_few_stars {
+                // As the command line says "not recalibrated": a user who asked for calibrated
+                // posteriors must hear that they are the model's own.
+                let message = format!(
+                    "not recalibrated: the {} set of {} has {} stars and the maps need at least \
+                     {}; the model's own posteriors are used (as with calibrate=False)",
+                    c.fitted_on,
+                    dir.display(),
+                    c.n_stars,
+                    starflow_training::MIN_CALIBRATION_STARS
+                );
+                let cstr = std::ffi::CString::new(message).unwrap_or_default();
+                let category = py.get_type::<pyo3::exceptions::PyUserWarning>();
+                PyErr::warn(py, category.as_any(), &cstr, 1)?;
+            }
+            Some(c)
         } else {
             None
         };
@@ -51,6 +72,17 @@ impl Run {
             seed,
             calibration,
         })
+    }
+}
+
+/// A whole-number argument checked in Python's terms: a `ValueError` naming the argument and its
+/// range, instead of pyo3's `OverflowError` for a negative value or the command line's flag name.
+fn count(name: &str, value: i64, min: usize, max: usize) -> PyResult<usize> {
+    match usize::try_from(value) {
+        Ok(v) if (min..=max).contains(&v) => Ok(v),
+        _ => Err(pyo3::exceptions::PyValueError::new_err(format!(
+            "{name} must be between {min} and {max} (got {value})"
+        ))),
     }
 }
 
@@ -121,13 +153,16 @@ impl Run {
         &self,
         py: Python<'py>,
         spectra: &Bound<'py, PyAny>,
-        samples: usize,
+        samples: i64,
         calibrate: bool,
-        seed: u64,
+        seed: i64,
         as_frame: Option<bool>,
-        first_row: usize,
+        first_row: i64,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let settings = self.settings(samples, seed, calibrate)?;
+        let samples = count("samples", samples, 10, MAX_SAMPLES)?;
+        let seed = count("seed", seed, 0, u64::MAX as usize)? as u64;
+        let first_row = count("first_row", first_row, 0, usize::MAX)?;
+        let settings = self.settings(py, samples, seed, calibrate)?;
         let (stars, _) = on_spectra(py, spectra, first_row, |view| {
             self.model.predict(view, &settings, &|_| {})
         })?;
@@ -151,12 +186,15 @@ impl Run {
         &self,
         py: Python<'py>,
         spectra: &Bound<'py, PyAny>,
-        n: usize,
+        n: i64,
         calibrate: bool,
-        seed: u64,
-        first_row: usize,
+        seed: i64,
+        first_row: i64,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let settings = self.settings(n.max(10), seed, calibrate)?;
+        let n = count("n", n, 1, MAX_SAMPLES)?;
+        let seed = count("seed", seed, 0, u64::MAX as usize)? as u64;
+        let first_row = count("first_row", first_row, 0, usize::MAX)?;
+        let settings = self.settings(py, n.max(10), seed, calibrate)?;
         let (values, n_stars) = on_spectra(py, spectra, first_row, |view| {
             self.model.sample(view, n, &settings)
         })?;

@@ -42,9 +42,9 @@ def test_non_finite_flux_names_row_and_pixel(gaussian_run, spectra):
 def test_bad_shapes_and_settings(gaussian_run, spectra):
     with pytest.raises(ValueError, match="2-D array"):
         gaussian_run.predict(np.ones((2, 2, 256)))
-    with pytest.raises(ValueError, match="at least 10"):
+    with pytest.raises(ValueError, match="between 10 and"):
         gaussian_run.predict(spectra[:2], samples=3)
-    with pytest.raises(ValueError):
+    with pytest.raises(TypeError, match="cannot be fluxes"):
         gaussian_run.predict([["a", "b"]])
 
 
@@ -99,3 +99,31 @@ def test_recalibration_without_validation_data_says_how_to_go_on(gaussian_run, s
         moved.predict(spectra[:2])
     raw = moved.predict(spectra[:2], calibrate=False, as_frame=False)
     assert raw["t_eff_mean"].shape == (2,)
+
+
+def test_arrays_astronomers_have_are_read_as_their_values(gaussian_run, spectra):
+    """Big-endian arrays (astropy's FITS data) and misaligned C-contiguous chunks (dask) predict
+    exactly like the native array; integer arrays are refused, not read as fluxes."""
+    x = np.ascontiguousarray(spectra[:4], dtype=np.float32)
+    want = gaussian_run.predict(x, as_frame=False)
+    big = x.astype(">f4")
+    raw = np.empty(x.nbytes + 1, dtype=np.uint8)
+    misaligned = np.frombuffer(raw[1:].data, dtype=np.float32).reshape(x.shape)
+    misaligned[...] = x
+    assert not misaligned.flags.aligned and misaligned.flags.c_contiguous
+    for other in (big, misaligned, x.astype(">f8")):
+        got = gaussian_run.predict(other, as_frame=False)
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k], err_msg=f"{other.dtype} {k}")
+    with pytest.raises(TypeError, match="cannot be fluxes.*astype"):
+        gaussian_run.predict((x * 100).astype(np.int32))
+
+
+def test_whole_number_arguments_speak_python(gaussian_run, spectra):
+    for kwargs, name in [({"samples": -5}, "samples"), ({"seed": -1}, "seed"),
+                         ({"first_row": -3}, "first_row"), ({"samples": 0}, "samples")]:
+        with pytest.raises(ValueError, match=rf"^{name} must be between") as e:
+            gaussian_run.predict(spectra[:2], **kwargs)
+        assert "--" not in str(e.value)
+    with pytest.raises(ValueError, match="^n must be between 1 and"):
+        gaussian_run.posterior_samples(spectra[:2], -1)

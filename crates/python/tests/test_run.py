@@ -1,6 +1,7 @@
 """Runs from Python: training, predictions equal to the CLI's bit for bit, posterior samples."""
 
 import csv
+import warnings
 
 import numpy as np
 import pytest
@@ -146,3 +147,19 @@ def test_tune_allocator_applies_on_glibc():
     import platform
 
     assert starflow.tune_allocator() is (platform.libc_ver()[0] == "glibc")
+
+
+def test_maps_on_too_few_stars_warn_that_the_posteriors_are_the_models_own(data_dir, spectra, tmp_path):
+    # 24 validation stars: below MIN_CALIBRATION_STARS, so the "recalibrated" posteriors are the
+    # model's own, which the command line says on stderr and Python must say as a warning.
+    cfg = {"data": {"dir": str(data_dir), "synthetic_n": 480, "synthetic_pixels_per_camera": 64,
+                    "train_fraction": 0.9, "val_fraction": 0.05, "test_fraction": 0.05},
+           "optim": {"batch_size": 32}, "run": {"seed": 5, "threads": 2}}
+    run = starflow.train(cfg, out=tmp_path / "run", progress=False, epochs=1)
+    with pytest.warns(UserWarning, match="not recalibrated.*24 stars"):
+        calibrated = run.predict(spectra[:8], samples=20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        own = run.predict(spectra[:8], samples=20, calibrate=False)
+    for k in calibrated:
+        np.testing.assert_array_equal(calibrated[k], own[k])

@@ -8,6 +8,7 @@ use std::path::Path;
 use image::ImageEncoder;
 use plotters::coord::Shift;
 use plotters::prelude::*;
+use starflow_training::kinds::SnrBin;
 use starflow_training::{EpochRecord, StarSamples};
 
 use crate::error::{ReportError, Result};
@@ -407,6 +408,85 @@ pub fn calibration(
                 &pits[j],
                 "PIT = posterior CDF at the true value",
             )?;
+        }
+        Ok(())
+    })
+}
+
+/// Coverage against signal-to-noise, one panel per label: the 68.3 % and 95.4 % intervals'
+/// coverage (the lower and the upper pair of lines) in each SNR bin (x: the bin's median SNR, log scale) for the model's own posteriors
+/// (thin) and the recalibrated ones (thick), with ±1 standard error and the per-kind target bands
+/// (±3 and ±2 points) shaded. A population can be calibrated while each end of the SNR range is
+/// not; this shows where.
+pub fn coverage_vs_snr(
+    path: &Path,
+    labels: &[LabelInfo],
+    own: &[SnrBin],
+    recalibrated: &[SnrBin],
+    title: &str,
+) -> Result<()> {
+    let d = labels.len();
+    let x = |b: &SnrBin| b.snr[1].max(1e-3).log10();
+    let all = own.iter().chain(recalibrated);
+    let (lo, hi) = all.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), bin| {
+        (a.min(x(bin)), b.max(x(bin)))
+    });
+    let pad = 0.05 * (hi - lo).max(0.1);
+    let (x0, x1) = (lo - pad, hi + pad);
+    render(path, (480 * d as u32, 480), |root| {
+        let area = title_area(root, title)?;
+        let panels = area.split_evenly((1, d));
+        for j in 0..d {
+            let mut chart = frame(
+                &panels[j],
+                12,
+                Some((labels[j].title.as_str(), 18)),
+                (42, 56),
+                x0..x1,
+                40.0..100.0,
+            )?;
+            axes(&mut chart, "log10 SNR (bin median)", "coverage (%)", 14)?;
+            for (nominal, band) in [(68.27, 3.0), (95.45, 2.0)] {
+                chart.draw_series(std::iter::once(Rectangle::new(
+                    [(x0, nominal - band), (x1, nominal + band)],
+                    GREY.mix(0.18).filled(),
+                )))?;
+            }
+            let mut series =
+                |bins: &[SnrBin], colour: RGBColor, width: u32, name: &str| -> DrawResult {
+                    for k in 0..2 {
+                        let point = |b: &SnrBin| {
+                            let l = &b.labels[j];
+                            let (c, se) = if k == 0 {
+                                (l.coverage_68, l.coverage_68_se)
+                            } else {
+                                (l.coverage_95, l.coverage_95_se)
+                            };
+                            (x(b), 100.0 * c, 100.0 * se)
+                        };
+                        let points: Vec<(f64, f64, f64)> = bins.iter().map(point).collect();
+                        let drawn = chart.draw_series(LineSeries::new(
+                            points.iter().map(|(a, c, _)| (*a, *c)),
+                            colour.stroke_width(width),
+                        ))?;
+                        if k == 0 {
+                            let label = name.to_string();
+                            drawn.label(label).legend(move |(px, py)| {
+                                PathElement::new(
+                                    vec![(px, py), (px + 20, py)],
+                                    colour.stroke_width(width),
+                                )
+                            });
+                        }
+                        chart.draw_series(points.iter().map(|(a, c, e)| {
+                            PathElement::new(vec![(*a, c - e), (*a, c + e)], colour.stroke_width(1))
+                        }))?;
+                    }
+                    Ok(())
+                };
+            series(own, TRAIN, 1, "model's own")?;
+            series(recalibrated, VAL, 3, "recalibrated")?;
+            legend(&mut chart, 13, SeriesLabelPosition::LowerRight)?;
         }
         Ok(())
     })

@@ -301,6 +301,15 @@ fn draw_run(
         Some(&pits_scaled),
         &format!("{name}: calibration on {n} {set} stars"),
     )?;
+    if !scaled.by_snr.is_empty() {
+        plots::coverage_vs_snr(
+            &dir.join("coverage_vs_snr.png"),
+            &labels,
+            &eval.by_snr,
+            &scaled.by_snr,
+            &format!("{name}: coverage against SNR, {n} {set} stars"),
+        )?;
+    }
     let hpd_of = |e: &Evaluation| -> Vec<f64> { e.stars.iter().filter_map(|s| s.hpd).collect() };
     plots::joint_calibration(
         &dir.join("joint_calibration.png"),

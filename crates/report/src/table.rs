@@ -584,7 +584,7 @@ pub fn markdown(title: &str, intro: &str, rows: &[RunRow]) -> String {
     for r in rows {
         let _ = writeln!(
             s,
-            "- **{n}**: [loss]({n}/loss.png), [pulls]({n}/pulls.png), [predicted vs true]({n}/predicted_vs_true.png), [calibration]({n}/calibration.png), [joint calibration]({n}/joint_calibration.png), [posteriors]({n}/) (corner plots `posterior-row*.png`)",
+            "- **{n}**: [loss]({n}/loss.png), [pulls]({n}/pulls.png), [predicted vs true]({n}/predicted_vs_true.png), [calibration]({n}/calibration.png), [joint calibration]({n}/joint_calibration.png), [coverage against SNR]({n}/coverage_vs_snr.png), [posteriors]({n}/) (corner plots `posterior-row*.png`)",
             n = r.name
         );
     }

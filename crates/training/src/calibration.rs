@@ -264,6 +264,11 @@ pub struct Calibration {
     /// or with fewer than 2 [`MIN_WIDTH_STARS`] stars).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub width: Option<WidthMap>,
+    /// A widening was fitted and then declined: it did not lower the NLL of the stars it was not
+    /// fitted on (`fit_calibration_with`), as for posteriors with two modes, which a widening
+    /// about the mean pulls apart.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub width_declined: bool,
     /// The joint map applied before the per-label ones (Gaussian flows; none in files written
     /// before it existed, for the affine method, for sampled flows and for ensembles).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -289,6 +294,11 @@ impl Calibration {
     /// Fits the maps to an (unscaled) evaluation, normally of the validation split. A label with
     /// too few stars for a quantile map gets the affine one.
     pub fn fit(eval: &Evaluation, method: CalibrationMethod) -> Self {
+        Self::fit_with(eval, method, true)
+    }
+
+    /// [`Calibration::fit`], with the per-star widening ([`WidthMap`]) only when `widen`.
+    pub fn fit_with(eval: &Evaluation, method: CalibrationMethod, widen: bool) -> Self {
         let d = eval.labels.len();
         if eval.n_stars < MIN_CALIBRATION_STARS {
             tracing::warn!(
@@ -302,6 +312,7 @@ impl Calibration {
                 shift: vec![0.0; d],
                 maps: Vec::new(),
                 width: None,
+                width_declined: false,
                 radial: None,
                 fitted_on: eval.split.clone(),
                 n_stars: eval.n_stars,
@@ -311,8 +322,8 @@ impl Calibration {
             };
         }
         let width_map = match method {
-            CalibrationMethod::Quantile => WidthMap::fit(eval),
-            CalibrationMethod::Affine => None,
+            CalibrationMethod::Quantile if widen => WidthMap::fit(eval),
+            _ => None,
         };
         let width = |s: &StarPrediction, j: usize| {
             width_map.as_ref().map_or(1.0, |w| {
@@ -359,6 +370,7 @@ impl Calibration {
                 maps
             },
             width: width_map,
+            width_declined: false,
             radial,
             fitted_on: eval.split.clone(),
             n_stars: eval.n_stars,
@@ -658,10 +670,12 @@ impl Resolved {
 /// out across the covariates, and the per-label map then fits the shape. Both covariates are known
 /// for any spectrum (the noise level is measured from it, DER_SNR), so it needs no label column.
 ///
-/// Each knot's width is the half-distance between the 16th and 84th percentiles of the bin's
-/// standardised errors (what the 68 % interval needs) after the other covariates' widening, divided
-/// by its geometric mean over the bins, so that a covariate at a typical value (or a noise level
-/// that cannot be measured) adds nothing.
+/// Each knot's width is what the bin's 68 % intervals need: the 68.27 % quantile of the truths'
+/// distances from their posteriors' medians in units of each posterior's own central 68 %
+/// half-width (after the other covariates' widening), divided by its geometric mean over the bins,
+/// so that a covariate at a typical value (or a noise level that cannot be measured) adds nothing.
+/// Each star's own interval, not its standard deviation, is the unit: the two differ for sampled
+/// posteriors, most where a posterior has two modes (CNNModel + full_flow's giants).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct WidthMap {
     pub covariates: Vec<WidthCovariate>,
@@ -718,7 +732,8 @@ impl WidthCovariate {
     }
 }
 
-/// One star as a [`WidthMap`] fit sees it: covariate values and standardised errors.
+/// One star as a [`WidthMap`] fit sees it: covariate values and, per label, the truth's distance
+/// from the posterior's median in units of the posterior's own central 68 % half-width.
 struct WidthStar {
     x: Vec<f64>,
     e: Vec<f64>,
@@ -757,7 +772,21 @@ impl WidthMap {
                         (s.mean[j] - a) / b
                     }));
                 }
-                let e = (0..d).map(|j| (t[j] - s.mean[j]) / s.std[j]).collect();
+                // The truth's distance from the posterior's median in units of its own central
+                // 68 % half-width: for a Gaussian |t - m| / σ, and for a sampled posterior
+                // (skewed, or with two modes where giant and dwarf are both possible) the scale
+                // its own interval has.
+                let e = (0..d)
+                    .map(|j| {
+                        let q = &s.quantiles[j];
+                        let half = 0.5 * (q[3] - q[1]);
+                        if half > 0.0 {
+                            (t[j] - q[2]).abs() / half
+                        } else {
+                            (t[j] - s.mean[j]).abs() / s.std[j]
+                        }
+                    })
+                    .collect();
                 Some(WidthStar { x, e })
             })
             .collect();
@@ -808,8 +837,7 @@ impl WidthMap {
                     .map(|&(i, _)| stars[i].e[j] / others(i, j))
                     .collect();
                 e.sort_by(f64::total_cmp);
-                let half = 0.5 * (quantile_sorted(&e, 0.8413) - quantile_sorted(&e, 0.1587));
-                lw.push(half.max(1e-3).ln());
+                lw.push(quantile_sorted(&e, 0.6827).max(1e-3).ln());
             }
         }
         for lw in &mut log_width {

@@ -363,7 +363,8 @@ fn rule(key: &str) -> String {
         "model.dropout" => "a number in [0, 0.5)",
         "model.compute_path" => "`fast` or `stock`",
         "optim.batch_size" | "optim.epochs" | "optim.max_bad_steps" => "an integer >= 1",
-        "optim.lr" | "optim.eps" => "a positive number",
+        "optim.lr" => "a positive number, at most 1",
+        "optim.eps" => "a positive number",
         "optim.schedule" => "`constant` or `cosine`",
         "optim.warmup_epochs" | "optim.patience" | "optim.offdiagonal_warmup_epochs" => {
             "an integer >= 0"
@@ -375,7 +376,10 @@ fn rule(key: &str) -> String {
         "run.device" => "cpu, cuda or metal",
         _ => "see configs/reference.toml",
     };
-    s.to_string()
+    match upper_limit(key) {
+        Some(max) => format!("{s}, at most {max}"),
+        None => s.to_string(),
+    }
 }
 
 /// A value that breaks its rule: the key, the value as TOML shows it, and what is wrong beyond the
@@ -449,7 +453,7 @@ impl TrainConfig {
     /// Parses TOML text (`origin` names it in errors).
     pub fn from_toml(text: &str, origin: &Path) -> Result<Self> {
         let doc: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-            TrainError::config(origin, format!("invalid TOML: {}", e.message()))
+            TrainError::config(origin, format!("invalid TOML: {}", located(text, &e)))
         })?;
         Self::from_doc(doc, origin, &Sources::default())
     }
@@ -484,10 +488,45 @@ impl TrainConfig {
 
     /// The first value that breaks its key's rule, in the order of the sections.
     fn first_invalid(&self) -> Option<Invalid> {
-        self.invalid_data()
+        self.invalid_limit()
+            .or_else(|| self.invalid_data())
             .or_else(|| self.invalid_model())
             .or_else(|| self.invalid_optim())
             .or_else(|| self.invalid_run())
+    }
+
+    /// The first count above its [`UPPER_LIMITS`] entry.
+    fn invalid_limit(&self) -> Option<Invalid> {
+        let (d, m, o) = (&self.data, &self.model, &self.optim);
+        let values = [
+            ("data.synthetic_n", d.synthetic_n),
+            (
+                "data.synthetic_pixels_per_camera",
+                d.synthetic_pixels_per_camera,
+            ),
+            ("data.calibration_n", d.calibration_n),
+            ("model.flow_layers", m.flow_layers),
+            ("model.flow_kernels", m.flow_kernels),
+            ("optim.batch_size", o.batch_size),
+            ("optim.epochs", o.epochs),
+            ("optim.warmup_epochs", o.warmup_epochs),
+            ("optim.patience", o.patience),
+            (
+                "optim.offdiagonal_warmup_epochs",
+                o.offdiagonal_warmup_epochs,
+            ),
+            ("optim.max_bad_steps", o.max_bad_steps),
+            ("run.threads", self.run.threads),
+        ];
+        let (key, value) = values
+            .into_iter()
+            .find(|(k, v)| upper_limit(k).is_some_and(|max| *v > max))?;
+        let key = UPPER_LIMITS.iter().find(|(k, _)| *k == key)?.0;
+        Some(Invalid {
+            key,
+            value: value.to_string(),
+            note: Some("too large".into()),
+        })
     }
 
     fn invalid_data(&self) -> Option<Invalid> {
@@ -585,7 +624,7 @@ impl TrainConfig {
         let o = &self.optim;
         let positive = |x: f64| x.is_finite() && x > 0.0;
         let non_negative = |x: f64| x.is_finite() && x >= 0.0;
-        if !positive(o.lr) {
+        if !positive(o.lr) || o.lr > MAX_LR {
             return invalid("optim.lr", o.lr);
         }
         if o.batch_size == 0 {
@@ -650,11 +689,23 @@ impl TrainConfig {
                     format!("override `{ov}` must name a section, e.g. optim.lr=1e-3"),
                 ));
             };
-            let parsed: toml::Value = format!("v = {}", value.trim())
+            let parsed: Option<toml::Value> = format!("v = {}", value.trim())
                 .parse::<toml::Table>()
                 .ok()
-                .and_then(|mut t| t.remove("v"))
-                .unwrap_or_else(|| toml::Value::String(value.trim().to_string()));
+                .and_then(|mut t| t.remove("v"));
+            // A number TOML cannot hold (1e400) is not a string to complain about the type of.
+            if parsed.is_none() && value.trim().parse::<f64>().is_ok_and(|x| !x.is_finite()) {
+                return Err(TrainError::config(
+                    origin,
+                    format!(
+                        "{key} = {} (--set {ov}): the number is out of range of a 64-bit float; \
+                         must be {}",
+                        value.trim(),
+                        rule(key.trim())
+                    ),
+                ));
+            }
+            let parsed = parsed.unwrap_or_else(|| toml::Value::String(value.trim().to_string()));
             let table = doc
                 .entry(section.to_string())
                 .or_insert_with(|| toml::Value::Table(toml::Table::new()));
@@ -673,6 +724,49 @@ impl TrainConfig {
         Ok(())
     }
 }
+
+/// A TOML error with its line and the line's text (the parser's own message names neither for,
+/// e.g., a key given twice).
+fn located(text: &str, e: &toml::de::Error) -> String {
+    let message = e.message().trim_end_matches('\n');
+    let Some(span) = e.span() else {
+        return message.to_string();
+    };
+    let at = span.start.min(text.len());
+    let line = text[..at].matches('\n').count() + 1;
+    let content = text.lines().nth(line - 1).unwrap_or("").trim();
+    format!("line {line} (`{content}`): {message}")
+}
+
+/// The largest value each count setting accepts: far beyond any real use, and small enough that
+/// a typo (a missing decimal point, 2^64 - 1) is refused before it allocates terabytes, spawns
+/// millions of threads or runs for a geological age.
+const UPPER_LIMITS: [(&str, usize); 12] = [
+    ("data.synthetic_n", 2_000_000),
+    ("data.synthetic_pixels_per_camera", 65_536),
+    ("data.calibration_n", 1_000_000),
+    ("model.flow_layers", 64),
+    ("model.flow_kernels", 1_000),
+    ("optim.batch_size", 65_536),
+    ("optim.epochs", 100_000),
+    ("optim.warmup_epochs", 100_000),
+    ("optim.patience", 100_000),
+    ("optim.offdiagonal_warmup_epochs", 100_000),
+    ("optim.max_bad_steps", 1_000_000),
+    ("run.threads", 1_024),
+];
+
+/// The upper limit of `key` ([`UPPER_LIMITS`]).
+fn upper_limit(key: &str) -> Option<usize> {
+    UPPER_LIMITS
+        .iter()
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| *v)
+}
+
+/// The largest learning rate accepted: Adam's steps are about `lr` per weight, so anything near 1
+/// destroys the network in one step.
+const MAX_LR: f64 = 1.0;
 
 /// An unknown backbone or flow name: says so before the rule lists the valid ones.
 fn unknown_name(key: &'static str, name: &str) -> Option<Invalid> {
@@ -768,5 +862,56 @@ mod tests {
                 assert!(keys.contains(&k.as_str()), "{section}.{k}");
             }
         }
+    }
+
+    /// Counts that would allocate terabytes, spawn a million threads or loop for ever are refused
+    /// with the key, the value and the limit.
+    #[test]
+    fn every_count_has_an_upper_limit() {
+        let base = TrainConfig::default();
+        for (key, max) in UPPER_LIMITS {
+            let set = |v: usize| {
+                let mut cfg = base.clone();
+                cfg.apply_overrides(&[format!("{key}={v}")], Path::new("x.toml"))
+                    .map(|_| cfg)
+            };
+            let err = set(max + 1).unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains("too large"), "{err}");
+            assert!(err.contains(&format!("at most {max}")), "{err}");
+            let huge = set(usize::MAX);
+            assert!(huge.is_err(), "{key} = usize::MAX accepted");
+        }
+        let mut cfg = base.clone();
+        cfg.apply_overrides(&["run.threads=1024".into()], Path::new("x.toml"))
+            .unwrap();
+    }
+
+    #[test]
+    fn a_number_out_of_float_range_is_named_as_such() {
+        let mut cfg = TrainConfig::default();
+        let err = cfg
+            .apply_overrides(&["optim.lr=1e400".into()], Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("optim.lr = 1e400") && err.contains("out of range"),
+            "{err}"
+        );
+        assert!(!err.contains("invalid type"), "{err}");
+        let err = cfg
+            .apply_overrides(&["optim.lr=3".into()], Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("at most 1"), "{err}");
+    }
+
+    #[test]
+    fn a_duplicate_key_names_the_key_and_the_line() {
+        let text = "[optim]\nlr = 1e-3\nepochs = 4\nlr = 2e-3\n";
+        let err = TrainConfig::from_toml(text, Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 4") && err.contains("lr = 2e-3"), "{err}");
+        assert!(err.contains("lr"), "{err}");
     }
 }

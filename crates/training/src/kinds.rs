@@ -160,16 +160,60 @@ pub fn by_kind(
     kinds
         .into_iter()
         .filter(|(_, idx)| !idx.is_empty())
-        .map(|(kind, idx)| {
-            let chosen: Vec<&StarPrediction> = idx.iter().map(|&i| &stars[i]).collect();
-            KindCalibration {
-                kind,
-                n_stars: chosen.len(),
-                labels: names
-                    .iter()
-                    .enumerate()
-                    .map(|(j, name)| kind_label(&chosen, j, name))
-                    .collect(),
+        .map(|(kind, idx)| KindCalibration {
+            kind,
+            n_stars: idx.len(),
+            labels: labels_of(stars, &idx, names),
+        })
+        .collect()
+}
+
+/// Every label's calibration over the stars at `idx`.
+fn labels_of(stars: &[StarPrediction], idx: &[usize], names: &[String]) -> Vec<KindLabel> {
+    let chosen: Vec<&StarPrediction> = idx.iter().map(|&i| &stars[i]).collect();
+    names
+        .iter()
+        .enumerate()
+        .map(|(j, name)| kind_label(&chosen, j, name))
+        .collect()
+}
+
+/// The calibration of the stars in one signal-to-noise bin ([`by_snr`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SnrBin {
+    /// The bin's lowest, median and highest SNR.
+    pub snr: [f64; 3],
+    pub n_stars: usize,
+    pub labels: Vec<KindLabel>,
+}
+
+/// Signal-to-noise bins of [`by_snr`]: ten, so that each holds 1,000 of 10,000 held-out stars
+/// (a coverage's standard error of ~1.5 points).
+pub const SNR_BINS: usize = 10;
+
+/// Calibration against signal-to-noise: [`SNR_BINS`] bins of equal counts of the data's `SNR`
+/// column, for the coverage-against-SNR figure. Empty without the column or with fewer than
+/// 5 stars per bin.
+pub fn by_snr(stars: &[StarPrediction], names: &[String], snr: Option<&[f64]>) -> Vec<SnrBin> {
+    let Some(snr) = snr.filter(|v| v.len() == stars.len()) else {
+        return Vec::new();
+    };
+    let mut order: Vec<usize> = (0..stars.len()).filter(|&i| snr[i].is_finite()).collect();
+    if order.len() < 5 * SNR_BINS {
+        return Vec::new();
+    }
+    order.sort_by(|&a, &b| snr[a].total_cmp(&snr[b]));
+    (0..SNR_BINS)
+        .map(|k| {
+            let idx = &order[k * order.len() / SNR_BINS..(k + 1) * order.len() / SNR_BINS];
+            SnrBin {
+                snr: [
+                    snr[idx[0]],
+                    snr[idx[idx.len() / 2]],
+                    snr[idx[idx.len() - 1]],
+                ],
+                n_stars: idx.len(),
+                labels: labels_of(stars, idx, names),
             }
         })
         .collect()
@@ -322,5 +366,27 @@ mod tests {
             .map(|_| star([0.0; 3], 1.0, [0.0; 3], 0.99))
             .collect();
         assert!((coverage_curve(&off, 3).mace[0] - 0.5).abs() < 1e-9);
+    }
+
+    #[test]
+    fn snr_bins_hold_equal_counts_in_order() {
+        let stars: Vec<StarPrediction> = (0..200)
+            .map(|i| {
+                star(
+                    [5000.0, 4.0, 0.0],
+                    1.0,
+                    [5000.0, 4.0, 0.0],
+                    (i as f64 + 0.5) / 200.0,
+                )
+            })
+            .collect();
+        let snr: Vec<f64> = (0..200).map(|i| 200.0 - i as f64).collect();
+        let bins = by_snr(&stars, &names(), Some(&snr));
+        assert_eq!(bins.len(), SNR_BINS);
+        assert!(bins.iter().all(|b| b.n_stars == 20));
+        assert_eq!(bins[0].snr, [1.0, 11.0, 20.0]);
+        assert!(bins.windows(2).all(|w| w[0].snr[2] < w[1].snr[0]));
+        assert!(by_snr(&stars[..49], &names(), Some(&snr[..49])).is_empty());
+        assert!(by_snr(&stars, &names(), None).is_empty());
     }
 }

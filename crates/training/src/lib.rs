@@ -30,6 +30,7 @@ pub use evaluate::{
     load_or_fit_ensemble_calibration, posterior_samples, posterior_samples_on, source_rows,
     EnsembleCalibration, EnsembleFit, EvalSource, Evaluation, LabelErrors, LabelMetrics,
     SourceRows, StarPrediction, StarSamples, CALIBRATION_FIT_SAMPLES, ENSEMBLE_CALIBRATION_FILE,
+    MAX_SAMPLES,
 };
 pub use model::StarModel;
 pub use pause::PauseAt;

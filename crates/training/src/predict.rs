@@ -429,6 +429,9 @@ pub fn batches(rows: Range<usize>) -> impl Iterator<Item = Range<usize>> {
     })
 }
 
+/// How many bad rows [`Predictor::check_finite`] names.
+pub const LISTED_BAD_ROWS: usize = 5;
+
 /// A trained run and a spectra file, ready to predict any of its rows (the command line's
 /// `starflow predict`).
 pub struct Predictor {
@@ -484,6 +487,48 @@ impl Predictor {
     /// The predicted labels, in column order.
     pub fn label_names(&self) -> &[String] {
         self.model.label_names()
+    }
+
+    /// Checks every row of [`Predictor::rows`] for non-finite fluxes before any work is done, so
+    /// that a bad row near the end of a survey file does not abort the prediction after an hour:
+    /// the error names the first [`LISTED_BAD_ROWS`] such rows (with a pixel each) and their count.
+    /// Reading a row costs far less than predicting it (the scan itself was not timed).
+    pub fn check_finite(&self) -> Result<()> {
+        let n_pix = self.spectra.n_pix;
+        let mut buf = vec![0f32; n_pix];
+        let mut bad: Vec<(usize, usize)> = Vec::new();
+        let mut count = 0usize;
+        for rows in batches(self.rows.clone()) {
+            for r in rows.clone() {
+                self.spectra.read_row(r, &mut buf);
+                if let Some(k) = buf.iter().position(|v| !v.is_finite()) {
+                    count += 1;
+                    if bad.len() < LISTED_BAD_ROWS {
+                        bad.push((r, k));
+                    }
+                }
+            }
+            self.spectra.release(rows);
+        }
+        if count == 0 {
+            return Ok(());
+        }
+        let listed: Vec<String> = bad
+            .iter()
+            .map(|(r, k)| format!("row {r} (pixel {k})"))
+            .collect();
+        Err(TrainError::Input {
+            path: self.spectra.path.clone(),
+            problem: format!(
+                "{count} of rows {}..{} hold non-finite values (NaN or inf): {}{}; nothing was \
+                 predicted",
+                self.rows.start,
+                self.rows.end,
+                listed.join(", "),
+                if count > bad.len() { ", ..." } else { "" }
+            ),
+            fix: "repair or remove those rows, or predict the rows around them with --rows".into(),
+        })
     }
 
     /// The batches of [`Predictor::rows`] (see [`batches`]).

@@ -100,12 +100,38 @@ impl Default for SynthConfig {
     }
 }
 
+/// The most stars one synthetic set holds ([`SynthConfig::validate`]).
+pub const MAX_STARS: usize = 2_000_000;
+
+/// The most pixels per camera of a synthetic set (GALAH has 4,096).
+pub const MAX_PIXELS_PER_CAMERA: usize = 65_536;
+
 impl SynthConfig {
     /// Checks every setting.
     pub fn validate(&self) -> Result<()> {
         let bad = |name: &str, p: String| Err(DataError::config(name, p));
         if self.n == 0 {
             return bad("n", "must be at least 1".into());
+        }
+        // Far beyond any real use (GALAH DR4 has ~917,000 spectra), and refused before a typo
+        // allocates terabytes.
+        if self.n > MAX_STARS {
+            return bad(
+                "n",
+                format!(
+                    "must be at most {MAX_STARS} (got {}); generate in parts with other seeds",
+                    self.n
+                ),
+            );
+        }
+        if self.pixels_per_camera > MAX_PIXELS_PER_CAMERA {
+            return bad(
+                "pixels_per_camera",
+                format!(
+                    "must be at most {MAX_PIXELS_PER_CAMERA} (got {})",
+                    self.pixels_per_camera
+                ),
+            );
         }
         if self.pixels_per_camera < 16 {
             return bad(
