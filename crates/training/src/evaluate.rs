@@ -940,9 +940,14 @@ fn evaluate_passes(
     for batch in batcher.batches(&opened.indices, 128)? {
         let b = batch?;
         let params = model.params(&b.x, false)?;
-        let yz: Vec<f64> = b.y.flatten_all()?.to_vec1()?;
+        let batch = Inputs {
+            yz: b.y.flatten_all()?.to_vec1()?,
+            // Once per batch, whatever the number of passes (the widening's check runs two).
+            noise: starflow_data::log_noise_levels(&b.x)?,
+            b,
+        };
         for pass in &mut passes {
-            pass.add(&opened, &params, &b, &yz, n_samples, joint)?;
+            pass.add(&opened, &params, &batch, n_samples, joint)?;
         }
     }
     passes
@@ -965,6 +970,14 @@ fn evaluate_passes(
             Ok(e)
         })
         .collect()
+}
+
+/// One batch as every pass of [`evaluate_passes`] reads it: the batch, its z-scored truths and
+/// its spectra's noise levels ([`StarPrediction::noise`]).
+struct Inputs {
+    b: Batch,
+    yz: Vec<f64>,
+    noise: Vec<Option<f64>>,
 }
 
 /// One calibration's share of [`evaluate_on_each`]: its sampler and what it has summarised so far.
@@ -1011,19 +1024,18 @@ impl Pass {
         })
     }
 
-    /// Summarises one batch: `params` from the network, `yz` the z-scored truths of `b`.
+    /// Summarises one batch: `params` from the network for the stars of `inputs`.
     fn add(
         &mut self,
         opened: &Opened,
         params: &Tensor,
-        b: &Batch,
-        yz: &[f64],
+        inputs: &Inputs,
         n_samples: usize,
         joint: Joint,
     ) -> Result<()> {
         let (state, model) = (&opened.state, &opened.model);
         let d = model.flow.dim();
-        let noise = starflow_data::log_noise_levels(&b.x)?;
+        let (b, yz, noise) = (&inputs.b, &inputs.yz[..], &inputs.noise);
         let batch = summarize_batch(
             model,
             params,
@@ -1031,7 +1043,7 @@ impl Pass {
             n_samples,
             &mut Draws::Shared(&mut self.rng),
             self.resolved.as_ref(),
-            &noise,
+            noise,
         )?;
         // The recalibrated density at y is the unscaled density at y_seen over the Jacobian.
         let (y_seen, jac) = match (&batch.y_seen, &self.resolved) {
