@@ -165,8 +165,9 @@ fn calibration(
         return Ok(None);
     }
     let c = starflow_training::load_or_fit_calibration(run, samples, seed).map_err(|e| {
-        // A run that is not there needs no word about its recalibration.
-        if matches!(e, starflow_training::TrainError::Missing { .. }) {
+        // Only the run's data can be worked around with --raw: a run that is not there or is
+        // damaged needs its own fix and no word about its recalibration.
+        if !e.is_about_data() {
             return anyhow::Error::from(e);
         }
         anyhow::Error::from(e).context(starflow_training::calibration_unavailable(run, "--raw"))
@@ -471,10 +472,16 @@ pub fn evaluate(a: &EvaluateArgs) -> anyhow::Result<()> {
             None
         } else {
             let c = starflow_training::load_or_fit_ensemble_calibration(&runs, samples, seed)
-                .context(
-                    "fitting the ensemble's recalibration on the first run's calibration set (its \
-                     validation split when its config draws none); pass --raw for the mixture as it is",
-                )?;
+                .map_err(|e| {
+                    if !e.is_about_data() {
+                        return anyhow::Error::from(e);
+                    }
+                    anyhow::Error::from(e).context(
+                        "fitting the ensemble's recalibration on the first run's calibration set \
+                         (its validation split when its config draws none); pass --raw for the \
+                         mixture as it is",
+                    )
+                })?;
             eprintln!(
                 "ensemble of {} runs: the equal-weight mixture of their posteriors, recalibrated \
                  as a whole (quantile maps fitted on {} {} stars: {})",

@@ -16,7 +16,7 @@ use starflow_data::npy::{write_npy, NpyArray};
 
 /// What a row expects.
 enum Expect {
-    /// Exit code 2; stderr holds every needle.
+    /// Exit code 2; stderr holds every needle (and none of those written `!needle`).
     UserError(Vec<String>),
     /// Success; stdout holds every needle.
     Success(Vec<String>),
@@ -79,8 +79,14 @@ fn check(case: &Case) -> Option<String> {
                     return fail(format!("stderr contains {bad:?}"));
                 }
             }
-            if let Some(n) = needles.iter().find(|n| !se.contains(n.as_str())) {
-                return fail(format!("stderr lacks {n:?}"));
+            for n in needles {
+                match n.strip_prefix('!') {
+                    Some(absent) if se.contains(absent) => {
+                        return fail(format!("stderr contains {absent:?}"))
+                    }
+                    None if !se.contains(n.as_str()) => return fail(format!("stderr lacks {n:?}")),
+                    _ => {}
+                }
             }
         }
         Expect::Success(needles) => {
@@ -262,6 +268,22 @@ fn bad_input_exits_2_naming_the_file_and_the_problem() {
     let damaged = d.join("run_damaged");
     copy_dir(&run, &damaged);
     std::fs::write(damaged.join("state.json"), "{\"format\": 1, \"epo").unwrap();
+    // The same damage without a saved recalibration, which would be fitted first: `--raw` is no
+    // way out of a damaged run, so the message must not offer it.
+    let damaged_uncalibrated = d.join("run_damaged_uncalibrated");
+    copy_dir(&damaged, &damaged_uncalibrated);
+    std::fs::remove_file(damaged_uncalibrated.join("calibration.json")).unwrap();
+    // Ensemble members trained on other data files, or on the same files split another way.
+    let other_files = d.join("run_other_files");
+    copy_dir(&run, &other_files);
+    edit_state(&other_files, |v| {
+        v["data_fingerprint"]["labels_checksum"] = "crc32:00000000".into();
+    });
+    let other_split = d.join("run_other_split");
+    copy_dir(&run, &other_split);
+    edit_state(&other_split, |v| {
+        v["config"]["data"]["split_seed"] = 777.into();
+    });
     let unfinished = d.join("run_unfinished");
     copy_dir(&run, &unfinished);
     std::fs::remove_file(unfinished.join("model.safetensors")).unwrap();
@@ -303,7 +325,8 @@ fn bad_input_exits_2_naming_the_file_and_the_problem() {
     let (trn, c, o, r) = (&"train", &"--config", &"--out", &"--run");
     let (ev, pr, s) = (&"evaluate", &"predict", &"--spectra");
 
-    let cases = vec![
+    let cases =
+        vec![
         // Missing or unreadable input.
         user_error("no data", &[&"inspect"], &["no data given", "--data"]),
         user_error(
@@ -627,6 +650,21 @@ fn bad_input_exits_2_naming_the_file_and_the_problem() {
             "damaged state.json",
             &[ev, r, &damaged],
             &["run_damaged/state.json", "not valid JSON"],
+        ),
+        user_error(
+            "damaged state.json, recalibration to fit",
+            &[ev, r, &damaged_uncalibrated],
+            &["run_damaged_uncalibrated/state.json", "not valid JSON", "!--raw"],
+        ),
+        user_error(
+            "ensemble member trained on other data files",
+            &[ev, r, &run, &"--member", &other_files],
+            &["run_other_files", "data files", "same data", "!--raw"],
+        ),
+        user_error(
+            "ensemble member split another way",
+            &[ev, r, &run, &"--member", &other_split],
+            &["run_other_split", "data.split_seed", "!--raw"],
         ),
         user_error(
             "run without weights",

@@ -7,7 +7,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::arrays::{array, matrix_f64};
-use crate::errors::{candle_error, flow_error};
+use crate::errors::{candle_error, count, flow_error};
 
 /// A conditional normalizing flow over `dim` labels, by name: `diagonal_gaussian`,
 /// `full_gaussian` or `full_flow` (the reference library's flows, exact to it). Each item brings
@@ -17,6 +17,13 @@ pub struct Flow {
     inner: starflow_flows::Flow,
 }
 
+/// The most labels a flow is built for: the flows' parameter counts grow with the square of the
+/// dimension (a full flow at 3 labels has 306), and stellar label sets stay far below this.
+const MAX_DIM: usize = 64;
+
+/// The most values one `sample` call returns (2 GiB of float64); more is asked in parts.
+const MAX_SAMPLE_VALUES: usize = 1 << 28;
+
 fn tensor(values: &[f64], rows: usize, cols: usize) -> PyResult<Tensor> {
     Tensor::from_slice(values, (rows, cols), &Device::Cpu).map_err(candle_error)
 }
@@ -25,7 +32,8 @@ fn tensor(values: &[f64], rows: usize, cols: usize) -> PyResult<Tensor> {
 impl Flow {
     #[new]
     #[pyo3(signature = (name, dim=3))]
-    fn new(name: &str, dim: usize) -> PyResult<Self> {
+    fn new(name: &str, dim: i64) -> PyResult<Self> {
+        let dim = count("dim", dim, 1, MAX_DIM)?;
         let inner = starflow_flows::flow_by_name(name, dim).map_err(flow_error)?;
         Ok(Flow { inner })
     }
@@ -81,11 +89,20 @@ impl Flow {
         &self,
         py: Python<'py>,
         params: &Bound<'py, PyAny>,
-        n: usize,
-        seed: u64,
+        n: i64,
+        seed: i128,
     ) -> PyResult<Bound<'py, PyAny>> {
+        let n = count("n", n, 1, MAX_SAMPLE_VALUES)?;
+        let seed = crate::errors::seed(seed)?;
         let p = matrix_f64(params, "params", self.inner.n_params())?;
         let b = p.shape()[0];
+        if b.saturating_mul(n).saturating_mul(self.inner.dim()) > MAX_SAMPLE_VALUES {
+            return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                "{b} rows x n={n} samples x {} labels is more than {MAX_SAMPLE_VALUES} values \
+                 (8 bytes each); sample fewer rows per call",
+                self.inner.dim()
+            )));
+        }
         let p = tensor(p.as_slice()?, b, self.inner.n_params())?;
         let values = py
             .detach(|| {

@@ -10,7 +10,7 @@ use starflow_training::{
 };
 
 use crate::arrays::array;
-use crate::errors::{calibration_error, train_error};
+use crate::errors::{calibration_error, count, train_error};
 
 /// Names the spectra in error messages, where the command line names the file.
 const ARRAY_ORIGIN: &str = "spectra array";
@@ -75,17 +75,6 @@ impl Run {
     }
 }
 
-/// A whole-number argument checked in Python's terms: a `ValueError` naming the argument and its
-/// range, instead of pyo3's `OverflowError` for a negative value or the command line's flag name.
-fn count(name: &str, value: i64, min: usize, max: usize) -> PyResult<usize> {
-    match usize::try_from(value) {
-        Ok(v) if (min..=max).contains(&v) => Ok(v),
-        _ => Err(pyo3::exceptions::PyValueError::new_err(format!(
-            "{name} must be between {min} and {max} (got {value})"
-        ))),
-    }
-}
-
 /// Predictions as columns: `row` (int64) and the float columns of [`StarPrediction::columns`].
 fn columns<'py>(
     py: Python<'py>,
@@ -143,7 +132,7 @@ impl Run {
     /// standard deviation and the 2.5/16/50/84/97.5 % quantiles (the columns of `starflow
     /// predict`). A pandas DataFrame when pandas is installed (or `as_frame=True`), else a dict
     /// of numpy arrays. `calibrate` applies the run's recalibration, as the command line does
-    /// unless given `--raw`. Each star's posterior samples come from its own stream (the seed and
+    /// unless `calibrate=False`. Each star's posterior samples come from its own stream (the seed and
     /// its row), so the result equals `starflow predict` on the same spectra bit for bit. The rows
     /// are numbered from `first_row`: predicting a large set in chunks, pass each chunk's first row
     /// and the chunks concatenate to exactly the one-call result (as `starflow predict --rows`).
@@ -155,12 +144,12 @@ impl Run {
         spectra: &Bound<'py, PyAny>,
         samples: i64,
         calibrate: bool,
-        seed: i64,
+        seed: i128,
         as_frame: Option<bool>,
         first_row: i64,
     ) -> PyResult<Bound<'py, PyAny>> {
         let samples = count("samples", samples, 10, MAX_SAMPLES)?;
-        let seed = count("seed", seed, 0, u64::MAX as usize)? as u64;
+        let seed = crate::errors::seed(seed)?;
         let first_row = count("first_row", first_row, 0, usize::MAX)?;
         let settings = self.settings(py, samples, seed, calibrate)?;
         let (stars, _) = on_spectra(py, spectra, first_row, |view| {
@@ -188,11 +177,11 @@ impl Run {
         spectra: &Bound<'py, PyAny>,
         n: i64,
         calibrate: bool,
-        seed: i64,
+        seed: i128,
         first_row: i64,
     ) -> PyResult<Bound<'py, PyAny>> {
         let n = count("n", n, 1, MAX_SAMPLES)?;
-        let seed = count("seed", seed, 0, u64::MAX as usize)? as u64;
+        let seed = crate::errors::seed(seed)?;
         let first_row = count("first_row", first_row, 0, usize::MAX)?;
         let settings = self.settings(py, n.max(10), seed, calibrate)?;
         let (values, n_stars) = on_spectra(py, spectra, first_row, |view| {

@@ -6,7 +6,7 @@ use pyo3::prelude::*;
 use starflow_data::SynthConfig;
 
 use crate::arrays::array;
-use crate::errors::data_error;
+use crate::errors::{count, data_error};
 
 /// Draws `n` synthetic stars; returns `(spectra, labels, wavelength, crlb)`: spectra `(n, n_pix)`
 /// float32, labels `(n, 8)` in GALAH's column order (mass, age, l_bol, dist, t_eff, log_g, fe_h,
@@ -19,15 +19,20 @@ use crate::errors::data_error;
 #[allow(clippy::too_many_arguments)]
 pub fn synth<'py>(
     py: Python<'py>,
-    n: usize,
-    seed: u64,
-    pixels_per_camera: usize,
+    n: i64,
+    seed: i128,
+    pixels_per_camera: i64,
     giant_fraction: f64,
     snr_min: f64,
     snr_max: f64,
     marginal_crlb: bool,
     out: Option<PathBuf>,
 ) -> PyResult<Bound<'py, PyAny>> {
+    // The generator checks the ranges (n >= 1, 16 <= pixels_per_camera, the upper bounds); these
+    // only turn a negative or out-of-range Python int into its ValueError.
+    let n = count("n", n, 0, usize::MAX)?;
+    let pixels_per_camera = count("pixels_per_camera", pixels_per_camera, 0, usize::MAX)?;
+    let seed = crate::errors::seed(seed)?;
     let cfg = SynthConfig {
         n,
         seed,

@@ -24,7 +24,11 @@ def test_missing_run_is_file_not_found_with_the_cli_message(cli, tmp_path):
         starflow.load_run(missing)
     spectra = tmp_path / "s.npy"
     np.save(spectra, np.ones((1, 8), dtype=np.float32))
-    assert str(e.value) == cli_error(cli, "predict", "--run", missing, "--spectra", spectra)
+    want = cli_error(cli, "predict", "--run", missing, "--spectra", spectra)
+    assert "the --out directory of a `starflow train` run" in want
+    assert str(e.value) == want.replace(
+        "the --out directory of a `starflow train` run", "the `out` directory of a `starflow.train` run"
+    )
 
 
 def test_wrong_pixel_count_is_value_error(gaussian_run):
@@ -51,7 +55,13 @@ def test_bad_shapes_and_settings(gaussian_run, spectra):
 def test_bad_config_is_value_error_with_the_cli_message(cli, tmp_path):
     with pytest.raises(ValueError) as e:
         starflow.train(out=tmp_path / "r", progress=False, optim__lr=-1.0)
-    assert str(e.value) == cli_error(cli, "train", "--out", tmp_path / "r", "--set", "optim.lr=-1.0")
+    # The command line's message, with its own words in Python's.
+    want = cli_error(cli, "train", "--out", tmp_path / "r", "--set", "optim.lr=-1.0")
+    assert "from the command line" in want
+    assert str(e.value) == want.replace("from the command line", "from the overrides")
+    with pytest.raises(ValueError) as e:
+        starflow.train(out=tmp_path / "r", progress=False, optim__epochs=-1)
+    assert "usize" not in str(e.value) and "a whole number" in str(e.value)
     with pytest.raises(ValueError, match="unknown key"):
         starflow.train(out=tmp_path / "r", progress=False, optim__learning_rate=1e-3)
     with pytest.raises(FileNotFoundError):
@@ -127,3 +137,55 @@ def test_whole_number_arguments_speak_python(gaussian_run, spectra):
         assert "--" not in str(e.value)
     with pytest.raises(ValueError, match="^n must be between 1 and"):
         gaussian_run.posterior_samples(spectra[:2], -1)
+
+
+CLI_WORDS = ("--resume", "--out", "--raw", "--set", "--samples", "from the command line", "starflow train")
+
+
+def assert_python_words(message):
+    for word in CLI_WORDS:
+        assert word not in message, f"{word!r} in a Python message: {message}"
+
+
+def test_run_directory_messages_speak_python(gaussian_run, tmp_path):
+    # Training into a finished run without resume=True: the fix is resume=True, not --resume.
+    with pytest.raises(ValueError) as e:
+        starflow.train(out=gaussian_run.path, progress=False)
+    assert "resume=True" in str(e.value)
+    assert_python_words(str(e.value))
+    # resume=True where there is no run: the fix is to drop resume=True.
+    with pytest.raises((ValueError, FileNotFoundError)) as e:
+        starflow.train(out=tmp_path / "new", progress=False, resume=True)
+    assert "resume=True" in str(e.value)
+    assert_python_words(str(e.value))
+
+
+def test_damaged_run_does_not_offer_calibrate_false(gaussian_run, spectra, tmp_path):
+    """calibrate=False is a way around missing validation data, not around a damaged run."""
+    run = tmp_path / "run"
+    shutil.copytree(gaussian_run.path, run)
+    (run / "calibration.json").unlink()
+    (run / "state.json").write_text('{"format": 1, "epo')
+    with pytest.raises(ValueError, match="not valid JSON") as e:
+        starflow.load_run(run)
+    assert "calibrate=False" not in str(e.value)
+
+
+def test_synth_and_flow_arguments_speak_python():
+    for kwargs, name in [({"n": -1}, "n"), ({"n": 3, "seed": -1}, "seed"),
+                         ({"n": 3, "pixels_per_camera": -16}, "pixels_per_camera"),
+                         ({"n": 3, "seed": 2**64}, "seed")]:
+        with pytest.raises(ValueError, match=rf"^{name} must be between"):
+            starflow.synth(**kwargs)
+    # The largest seed is a seed.
+    assert starflow.synth(1, seed=2**64 - 1, pixels_per_camera=16)[0].shape == (1, 64)
+    with pytest.raises(ValueError, match="^dim must be between 1 and"):
+        starflow.Flow("full_flow", dim=-3)
+    flow = starflow.Flow("diagonal_gaussian")
+    params = np.zeros((2, flow.n_params))
+    with pytest.raises(ValueError, match="^n must be between 1 and"):
+        flow.sample(params, -1)
+    with pytest.raises(ValueError, match="sample fewer rows per call"):
+        flow.sample(np.zeros((10_000, flow.n_params)), 100_000)
+    with pytest.raises(ValueError, match="^seed must be between"):
+        flow.sample(params, 3, seed=-2)

@@ -52,12 +52,16 @@ def test_progress_uses_tqdm_when_installed(monkeypatch, data_dir, tmp_path, caps
 
 
 def test_the_readme_example_runs_as_pasted(tmp_path):
-    """README's Python block, run from a copy of the repository's configs (it writes runs/py and
-    data/synth-py where it runs), must work on a fresh checkout without runs/quick."""
+    """README's Python blocks, run from a copy of the repository's configs (they write runs/py and
+    data/synth-py where they run), must work on a fresh checkout without runs/quick; the dask
+    block's chunked prediction on a two-process LocalCluster must equal one call."""
     root = Path(__file__).resolve().parents[3]
     text = (root / "README.md").read_text()
     start = text.index("```python\nimport numpy as np, starflow")
     block = text[start + len("```python\n"):text.index("```", start + 10)]
+    # The dask block, run after it (its last line checks that it equals one call).
+    start = text.index("```python\nimport dask")
+    block += text[start + len("```python\n"):text.index("```", start + 10)]
     shutil.copytree(root / "configs", tmp_path / "configs")
     check = block + (
         "\nimport math\n"

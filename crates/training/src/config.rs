@@ -796,7 +796,7 @@ fn first_type_error(doc: &toml::Table, origin: &Path, sources: &Sources) -> Opti
                     origin,
                     format!(
                         "{key} = {value} ({from}): {}; must be {}",
-                        e.message(),
+                        plain_types(e.message()),
                         rule(&key)
                     ),
                 ));
@@ -806,9 +806,46 @@ fn first_type_error(doc: &toml::Table, origin: &Path, sources: &Sources) -> Opti
     None
 }
 
+/// The deserializer's message with Rust's type names in words (`expected usize` says nothing to a
+/// user who wrote a TOML file or a Python keyword).
+fn plain_types(message: &str) -> String {
+    const WORDS: &[(&str, &str)] = &[
+        ("usize", "a whole number >= 0"),
+        ("u64", "a whole number >= 0"),
+        ("u32", "a whole number >= 0"),
+        ("i64", "a whole number"),
+        ("f64", "a number"),
+        ("f32", "a number"),
+    ];
+    let mut out = message.to_string();
+    for (rust, words) in WORDS {
+        out = out.replace(&format!("expected {rust}"), &format!("expected {words}"));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn type_errors_name_no_rust_types() {
+        for (key, value) in [
+            ("optim.epochs", "-1"),
+            ("data.split_seed", "-1"),
+            ("optim.lr", "true"),
+            ("data.flux_floor", "\"x\""),
+        ] {
+            let err = TrainConfig::default()
+                .apply_overrides(&[format!("{key}={value}")], Path::new("x.toml"))
+                .expect_err(key)
+                .to_string();
+            for rust in ["usize", "u64", "u32", "i64", "f64", "f32"] {
+                assert!(!err.contains(rust), "{key}={value}: {err}");
+            }
+            assert!(err.contains("expected a"), "{key}={value}: {err}");
+        }
+    }
 
     #[test]
     fn suggestions() {

@@ -79,6 +79,13 @@ pub enum TrainError {
 }
 
 impl TrainError {
+    /// True when the error is about a run's data (missing, damaged or changed since training)
+    /// rather than the run itself: the one case where a caller's "use the model's own posteriors"
+    /// (`--raw`) is a way out, as fitting a recalibration needs those data and nothing else does.
+    pub fn is_about_data(&self) -> bool {
+        matches!(self, TrainError::Data(_) | TrainError::Input { .. })
+    }
+
     /// True for errors caused by the user's input or settings.
     pub fn is_user_error(&self) -> bool {
         match self {

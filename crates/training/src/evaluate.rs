@@ -1451,7 +1451,9 @@ fn star_snr(dataset: &Dataset, indices: &[usize]) -> Option<Vec<f64>> {
     Some(indices.iter().map(|&i| column[i]).collect())
 }
 
-/// The members of an ensemble, checked to share labels, normalisation and pixel grid.
+/// The members of an ensemble, checked to share labels, normalisation and pixel grid, and to have
+/// been trained on the same data files split the same way: the ensemble is evaluated on the first
+/// run's test split, which must hold no member's training stars.
 fn load_members(runs: &[PathBuf]) -> Result<Vec<(RunState, StarModel)>> {
     let members = runs
         .iter()
@@ -1459,18 +1461,44 @@ fn load_members(runs: &[PathBuf]) -> Result<Vec<(RunState, StarModel)>> {
         .collect::<Result<Vec<_>>>()?;
     let state = &members[0].0;
     for (r, (st, _)) in runs.iter().zip(&members) {
-        if st.scaler != state.scaler || st.n_pix != state.n_pix {
+        if let Some(problem) = member_mismatch(state, st) {
             return Err(TrainError::config(
                 r,
                 format!(
-                    "this run's labels, normalisation or pixel grid differ from {}'s: ensemble \
-                     members must be trained on the same data",
+                    "this run's {problem} differ from {}'s: ensemble members must be trained on \
+                     the same data, split the same way",
                     runs[0].display()
                 ),
             ));
         }
     }
     Ok(members)
+}
+
+/// What of `member` differs from the ensemble's first run in a way that matters, if anything.
+fn member_mismatch(first: &RunState, member: &RunState) -> Option<&'static str> {
+    let split = |s: &RunState| {
+        let d = &s.config.data;
+        (
+            d.train_fraction,
+            d.val_fraction,
+            d.test_fraction,
+            d.split_seed,
+            d.drop_nonfinite,
+        )
+    };
+    if member.scaler != first.scaler || member.n_pix != first.n_pix {
+        Some("labels, normalisation or pixel grid")
+    } else if matches!(
+        (&first.data_fingerprint, &member.data_fingerprint),
+        (Some(a), Some(b)) if !b.differences(a).is_empty()
+    ) {
+        Some("data files (their sizes or contents)")
+    } else if split(member) != split(first) {
+        Some("split settings (data.*_fraction, data.split_seed or data.drop_nonfinite)")
+    } else {
+        None
+    }
 }
 
 /// One batch of an ensemble: its members, their flow parameters for the batch's stars and how
