@@ -449,6 +449,7 @@ pub fn evaluate(a: &EvaluateArgs) -> anyhow::Result<()> {
         },
         _ => EvalSource::Split(a.split.clone()),
     };
+    source.check_quickly(&a.run)?;
     let (e, suffix) = if a.members.is_empty() {
         let cal = a.posterior.calibration(&a.run)?;
         let e = starflow_training::evaluate_on(
@@ -532,15 +533,16 @@ pub fn evaluate(a: &EvaluateArgs) -> anyhow::Result<()> {
 }
 
 pub fn predict(a: &PredictArgs) -> anyhow::Result<()> {
-    let cal = a.posterior.calibration(&a.run)?;
+    // Everything about the input and output is checked before the recalibration, which a run
+    // without a saved one fits first (minutes).
     let rows = a.rows.map(|r| (r.start, r.end));
-    let predictor = starflow_training::Predictor::open(
+    let mut predictor = starflow_training::Predictor::open(
         &a.run,
         &a.spectra,
         rows,
         a.posterior.samples,
         a.posterior.seed,
-        cal.as_ref(),
+        None,
     )?;
     let range = predictor.rows();
     let out = a.out.clone().unwrap_or_else(|| {
@@ -552,6 +554,7 @@ pub fn predict(a: &PredictArgs) -> anyhow::Result<()> {
     });
     check_output_file(&out)?;
     predictor.check_finite()?;
+    predictor.set_calibration(a.posterior.calibration(&a.run)?);
     let stop = interrupt_flag();
     let mut table = PredictionWriter::create(&out, predictor.label_names(), false)?;
     let bar = ProgressBar::new(range.len() as u64).with_style(

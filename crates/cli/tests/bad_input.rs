@@ -651,6 +651,29 @@ fn bad_input_exits_2_naming_the_file_and_the_problem() {
             &[ev, r, &damaged],
             &["run_damaged/state.json", "not valid JSON"],
         ),
+        // Input and output are checked before the recalibration is fitted (minutes on a run
+        // without a saved one): here the fit would fail, so these rows fail unless they come first.
+        user_error(
+            "predict: missing spectra before the recalibration",
+            &[
+                &"predict",
+                r,
+                &moved,
+                &"--spectra",
+                &d.join("no-such-spectra.npy"),
+            ],
+            &["no-such-spectra.npy", "!recalibration"],
+        ),
+        user_error(
+            "evaluate: missing data before the recalibration",
+            &[ev, r, &moved, &"--data", &d.join("no-such-dir")],
+            &["no-such-dir/spectra.npy", "!recalibration"],
+        ),
+        user_error(
+            "evaluate: unknown split before the recalibration",
+            &[ev, r, &moved, &"--split", &"tset"],
+            &["unknown split `tset`", "!recalibration"],
+        ),
         user_error(
             "damaged state.json, recalibration to fit",
             &[ev, r, &damaged_uncalibrated],

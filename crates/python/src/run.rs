@@ -100,22 +100,25 @@ fn columns<'py>(
 }
 
 /// Runs `work` on the spectra argument lent to Rust as it is (see [`crate::arrays::spectra`]) as
-/// rows `first_row..`, without the GIL; returns its result and the number of spectra.
+/// rows `first_row..`, without the GIL; returns its result and the number of spectra. The array
+/// is checked (its type, shape and pixel count against the run) before `settings` is called, as
+/// that may fit the run's recalibration first (minutes).
 fn on_spectra<'py, T: Send>(
     py: Python<'py>,
+    model: &TrainedModel,
     spectra: &Bound<'py, PyAny>,
     first_row: usize,
-    work: impl FnOnce(&SpectraSlice<'_>) -> starflow_training::Result<T> + Send,
+    settings: impl FnOnce() -> PyResult<PosteriorSettings>,
+    work: impl FnOnce(&SpectraSlice<'_>, &PosteriorSettings) -> starflow_training::Result<T> + Send,
 ) -> PyResult<(T, usize)> {
     let arr = crate::arrays::spectra(spectra)?;
     let (n_stars, n_pix) = arr.shape();
     let fluxes = arr.fluxes()?;
-    let out = py
-        .detach(|| {
-            let view = SpectraSlice::new(fluxes, n_pix, Path::new(ARRAY_ORIGIN))?;
-            work(&view.starting_at(first_row))
-        })
-        .map_err(train_error)?;
+    let view = SpectraSlice::new(fluxes, n_pix, Path::new(ARRAY_ORIGIN)).map_err(train_error)?;
+    let view = view.starting_at(first_row);
+    model.check_pixels(&view).map_err(train_error)?;
+    let settings = settings()?;
+    let out = py.detach(|| work(&view, &settings)).map_err(train_error)?;
     Ok((out, n_stars))
 }
 
@@ -151,10 +154,14 @@ impl Run {
         let samples = count("samples", samples, 10, MAX_SAMPLES)?;
         let seed = crate::errors::seed(seed)?;
         let first_row = count("first_row", first_row, 0, usize::MAX)?;
-        let settings = self.settings(py, samples, seed, calibrate)?;
-        let (stars, _) = on_spectra(py, spectra, first_row, |view| {
-            self.model.predict(view, &settings, &|_| {})
-        })?;
+        let (stars, _) = on_spectra(
+            py,
+            &self.model,
+            spectra,
+            first_row,
+            || self.settings(py, samples, seed, calibrate),
+            |view, settings| self.model.predict(view, settings, &|_| {}),
+        )?;
         let cols = columns(py, self.model.label_names(), &stars)?;
         let pandas = match as_frame {
             Some(false) => None,
@@ -183,10 +190,14 @@ impl Run {
         let n = count("n", n, 1, MAX_SAMPLES)?;
         let seed = crate::errors::seed(seed)?;
         let first_row = count("first_row", first_row, 0, usize::MAX)?;
-        let settings = self.settings(py, n.max(10), seed, calibrate)?;
-        let (values, n_stars) = on_spectra(py, spectra, first_row, |view| {
-            self.model.sample(view, n, &settings)
-        })?;
+        let (values, n_stars) = on_spectra(
+            py,
+            &self.model,
+            spectra,
+            first_row,
+            || self.settings(py, n.max(10), seed, calibrate),
+            |view, settings| self.model.sample(view, n, settings),
+        )?;
         array(py, values, &[n_stars, n, self.model.label_names().len()])
     }
 

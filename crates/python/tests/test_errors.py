@@ -107,6 +107,12 @@ def test_recalibration_without_validation_data_says_how_to_go_on(gaussian_run, s
     # The missing data directory makes it a FileNotFoundError, with the way out in the message.
     with pytest.raises(FileNotFoundError, match="pass calibrate=False for the model's own posteriors"):
         moved.predict(spectra[:2])
+    # Spectra on another grid are refused before the recalibration is fitted (minutes on a
+    # real run), so the error is about them, not about the missing data.
+    with pytest.raises(ValueError, match="spectra have 100 pixels"):
+        moved.predict(np.ones((2, 100), dtype=np.float32))
+    with pytest.raises(ValueError, match="spectra have 100 pixels"):
+        moved.posterior_samples(np.ones((2, 100), dtype=np.float32), 10)
     raw = moved.predict(spectra[:2], calibrate=False, as_frame=False)
     assert raw["t_eff_mean"].shape == (2,)
 

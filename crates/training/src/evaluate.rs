@@ -547,6 +547,24 @@ impl EvalSource {
         }
     }
 
+    /// Checks, in milliseconds, what can be checked without loading the stars: that the split is
+    /// one of `train`, `val`, `test`, or that both files open as npy arrays. Callers that fit a
+    /// recalibration first (minutes) call this before, so a typo fails at once.
+    pub fn check_quickly(&self, run_dir: &Path) -> Result<()> {
+        match self {
+            EvalSource::Split(s) if ["train", "val", "test"].contains(&s.as_str()) => Ok(()),
+            EvalSource::Split(other) => Err(TrainError::config(
+                run_dir,
+                format!("unknown split `{other}`; use train, val or test"),
+            )),
+            EvalSource::Files { spectra, labels } => {
+                starflow_data::npy::NpyArray::open(spectra)?;
+                starflow_data::npy::NpyArray::open(labels)?;
+                Ok(())
+            }
+        }
+    }
+
     /// The name evaluations carry: the split, or `data` for other files.
     pub fn name(&self) -> &str {
         match self {

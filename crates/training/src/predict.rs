@@ -225,6 +225,11 @@ impl TrainedModel {
     /// Checks that `spectra` are on the run's pixel grid and that the settings are usable.
     pub fn check(&self, spectra: &dyn SpectraRows, settings: &PosteriorSettings) -> Result<()> {
         check_samples(&self.dir, settings.n_samples)?;
+        self.check_pixels(spectra)
+    }
+
+    /// Fails when `spectra` are not on the run's pixel grid.
+    pub fn check_pixels(&self, spectra: &dyn SpectraRows) -> Result<()> {
         if spectra.n_pix() != self.state.n_pix {
             return Err(TrainError::Input {
                 path: spectra.origin().to_path_buf(),
@@ -477,6 +482,13 @@ impl Predictor {
             rows,
             settings,
         })
+    }
+
+    /// Recalibrates what this predictor gives (or not, with `None`). Callers that fit the
+    /// recalibration on the way (minutes, on a run without a saved one) open the predictor
+    /// without it first, so that a wrong spectra file, row range or output fails before the fit.
+    pub fn set_calibration(&mut self, calibration: Option<Calibration>) {
+        self.settings.calibration = calibration;
     }
 
     /// The rows this predictor covers.
