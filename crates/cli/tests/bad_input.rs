@@ -284,6 +284,12 @@ fn bad_input_exits_2_naming_the_file_and_the_problem() {
     edit_state(&other_split, |v| {
         v["config"]["data"]["split_seed"] = 777.into();
     });
+    // A run trained on a GPU, as its state says, evaluated by a build without one.
+    let gpu_trained = d.join("run_gpu_trained");
+    copy_dir(&run, &gpu_trained);
+    edit_state(&gpu_trained, |v| {
+        v["config"]["run"]["device"] = "cuda".into()
+    });
     let unfinished = d.join("run_unfinished");
     copy_dir(&run, &unfinished);
     std::fs::remove_file(unfinished.join("model.safetensors")).unwrap();
@@ -698,6 +704,16 @@ fn bad_input_exits_2_naming_the_file_and_the_problem() {
             ],
         ),
         user_error(
+            "a GPU this build lacks",
+            &[trn, c, &cfg, o, &out("gpu-run"), &"--set", &"run.device=cuda"],
+            &["run.device", "built without cuda support", "--features cuda", "\"cpu\""],
+        ),
+        success(
+            "a GPU-trained run evaluates on the CPU",
+            &[ev, r, &gpu_trained],
+            &["NLL"],
+        ),
+        user_error(
             "run already there",
             &[trn, c, &cfg, o, &run],
             &["already holds a run", "--resume"],
@@ -775,5 +791,10 @@ fn bad_input_exits_2_naming_the_file_and_the_problem() {
         failures.len(),
         cases.len(),
         failures.join("\n")
+    );
+    // Refused before anything was written.
+    assert!(
+        !out("gpu-run").exists(),
+        "the refused GPU run left a directory"
     );
 }

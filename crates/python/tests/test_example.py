@@ -73,3 +73,13 @@ def test_the_readme_example_runs_as_pasted(tmp_path):
     done = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "readme example ok" in done.stdout
+
+
+def test_the_package_readme_shows_the_tested_example():
+    """crates/python/README.md repeats the main README's first Python block, which the test above
+    runs; a change to one must reach the other."""
+    root = Path(__file__).resolve().parents[3]
+    main = (root / "README.md").read_text()
+    start = main.index("```python\nimport numpy as np, starflow")
+    block = main[start:main.index("```", start + 10)]
+    assert block in (root / "crates" / "python" / "README.md").read_text()

@@ -9,7 +9,7 @@ use starflow_flows::{Flow, FullFlowConfig, OffDiagonal};
 use starflow_models::{Backbone, BackboneConfig, ComputePath};
 
 use crate::config::TrainConfig;
-use crate::error::Result;
+use crate::error::{Result, TrainError};
 
 /// A backbone plus a flow, with the variables that hold the backbone's weights.
 pub struct StarModel {
@@ -45,12 +45,42 @@ pub fn build_flow(cfg: &TrainConfig, dim: usize) -> Result<Flow> {
     })
 }
 
-/// Selects the device named in the config.
+/// Selects the device named in the config (`run.device`). A GPU that this build cannot drive (it
+/// was built without the feature) or that the machine does not have is the user's setting to fix,
+/// not an internal failure: both say how.
 pub fn device(name: &str) -> Result<Device> {
-    Ok(match name {
-        "cuda" => Device::new_cuda(0)?,
-        "metal" => Device::new_metal(0)?,
-        _ => Device::Cpu,
+    let (built, open): (bool, fn() -> candle_core::Result<Device>) = match name {
+        "cuda" => (candle_core::utils::cuda_is_available(), || {
+            Device::new_cuda(0)
+        }),
+        "metal" => (candle_core::utils::metal_is_available(), || {
+            Device::new_metal(0)
+        }),
+        _ => return Ok(Device::Cpu),
+    };
+    let setting = std::path::PathBuf::from("run.device");
+    if !built {
+        let how = match name {
+            "cuda" => "`cargo build --release -p starflow-cli --features cuda` (it needs the CUDA toolkit; README, \"Cargo features\")",
+            _ => "`cargo build --release -p starflow-cli --features metal` on macOS",
+        };
+        return Err(TrainError::Input {
+            path: setting,
+            problem: format!(
+                "run.device = \"{name}\", but this starflow was built without {name} support"
+            ),
+            fix: format!("build it with {how}, or set run.device = \"cpu\" (the default)"),
+        });
+    }
+    open().map_err(|e| TrainError::Input {
+        path: setting,
+        problem: format!(
+            "run.device = \"{name}\", but no {name} device could be opened ({})",
+            e.to_string().lines().next().unwrap_or_default()
+        ),
+        fix: format!(
+            "run where a {name} device and its driver are present, or set run.device = \"cpu\""
+        ),
     })
 }
 
@@ -237,4 +267,31 @@ fn name_stream(name: &str) -> u64 {
     name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A GPU this build cannot drive is the user's setting to fix (exit 2 on the command line),
+    /// with the rebuild or `cpu` as the fix; `cpu` and unknown names (refused by the config's
+    /// own check first) give the CPU.
+    #[test]
+    fn a_gpu_missing_from_the_build_is_a_user_error_with_the_fix() {
+        assert!(matches!(device("cpu"), Ok(Device::Cpu)));
+        for (name, built) in [
+            ("cuda", candle_core::utils::cuda_is_available()),
+            ("metal", candle_core::utils::metal_is_available()),
+        ] {
+            if built {
+                continue;
+            }
+            let err = device(name).expect_err(name);
+            assert!(err.is_user_error(), "{name}: {err}");
+            let msg = err.to_string();
+            assert!(msg.starts_with("run.device: "), "{msg}");
+            assert!(msg.contains(&format!("--features {name}")), "{msg}");
+            assert!(msg.contains("run.device = \"cpu\""), "{msg}");
+        }
+    }
 }

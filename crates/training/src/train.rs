@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 use starflow_data::{
     epoch_order, Batcher, Dataset, FluxTransform, LabelScaler, LoadOptions, Split, SplitFractions,
 };
@@ -368,6 +368,9 @@ impl TrainOptions {
 /// committed epoch); then for each remaining epoch train on the shuffled training split, measure
 /// the validation NLL and commit the checkpoint, until the epoch budget or early stopping ends it.
 pub fn train(cfg: &TrainConfig, opts: &TrainOptions, observer: &dyn Observer) -> Result<RunState> {
+    // A GPU this build or machine lacks is refused before the run directory is made (a resumed
+    // run's own config is checked again when it starts).
+    device(&cfg.run.device)?;
     let run = RunDir::new(&opts.out);
     check_out_dir(&run, opts.resume)?;
     // Held until training returns: a second process on this directory gets a clear error.
@@ -534,11 +537,13 @@ impl<'o> Trainer<'o> {
         previous: Option<RunState>,
         observer: &dyn Observer,
     ) -> Result<Self> {
+        // The device first: a GPU this build or machine lacks is refused before anything is
+        // generated.
+        let dev = device(&cfg.run.device)?;
         std::fs::create_dir_all(run.checkpoint_dir())
             .map_err(|e| TrainError::io(run.checkpoint_dir(), e))?;
         run.remove_stale_files(previous.as_ref());
         set_threads(cfg.run.threads);
-        let dev = device(&cfg.run.device)?;
         let data = prepare_data(&cfg, observer)?;
         let dim = data.scaler.mean.len();
         let model = StarModel::new(&cfg, data.dataset.n_pix(), dim, &dev)?;
@@ -871,7 +876,11 @@ pub fn load_run(run_dir: &Path) -> Result<(RunState, StarModel)> {
     }
     verify_tensors(&run.best_model())?;
     set_threads(state.config.run.threads);
-    let dev = device(&state.config.run.device)?;
+    // A run trained on a GPU still predicts where there is none: its weights load on the CPU.
+    let dev = device(&state.config.run.device).unwrap_or_else(|e| {
+        tracing::warn!("{e}; loading {} on the CPU", run_dir.display());
+        Device::Cpu
+    });
     let model = StarModel::load(
         &state.config,
         state.n_pix,

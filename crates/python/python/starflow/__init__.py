@@ -11,7 +11,8 @@ t_eff (K), log_g (dex) and fe_h (dex). This package is a thin layer over the Rus
 - ``synth(n, seed)`` draws GALAH-like synthetic spectra with their labels and Cramér–Rao bounds;
 - ``train(config, **overrides)`` trains a run, with a progress display.
 
-Long calls release the GIL. Errors are Python exceptions carrying the command line's message:
+Long calls release the GIL. Errors are Python exceptions carrying the command line's message in
+Python's words (``resume=True`` for ``--resume``, ``calibrate=False`` for ``--raw``):
 ``FileNotFoundError`` for a missing file or run, ``ValueError`` for other bad input or settings,
 ``KeyboardInterrupt`` when Ctrl-C stops training (the run resumes with ``resume=True``).
 """
