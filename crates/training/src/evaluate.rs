@@ -552,11 +552,8 @@ impl EvalSource {
     /// recalibration first (minutes) call this before, so a typo fails at once.
     pub fn check_quickly(&self, run_dir: &Path) -> Result<()> {
         match self {
-            EvalSource::Split(s) if ["train", "val", "test"].contains(&s.as_str()) => Ok(()),
-            EvalSource::Split(other) => Err(TrainError::config(
-                run_dir,
-                format!("unknown split `{other}`; use train, val or test"),
-            )),
+            EvalSource::Split(s) if !SPLITS.contains(&s.as_str()) => Err(unknown_split(s, run_dir)),
+            EvalSource::Split(_) => Ok(()),
             EvalSource::Files { spectra, labels } => {
                 starflow_data::npy::NpyArray::open(spectra)?;
                 starflow_data::npy::NpyArray::open(labels)?;
@@ -687,11 +684,19 @@ fn split_indices(data: &Prepared, split: &str, run_dir: &Path) -> Result<Vec<usi
         "train" => Ok(data.split.train.clone()),
         "val" => Ok(data.split.val.clone()),
         "test" => Ok(data.split.test.clone()),
-        other => Err(TrainError::config(
-            run_dir,
-            format!("unknown split `{other}`; use train, val or test"),
-        )),
+        other => Err(unknown_split(other, run_dir)),
     }
+}
+
+/// The splits a run's data are divided into, by name.
+const SPLITS: [&str; 3] = ["train", "val", "test"];
+
+/// The error for a split name that is none of [`SPLITS`].
+fn unknown_split(name: &str, run_dir: &Path) -> TrainError {
+    TrainError::config(
+        run_dir,
+        format!("unknown split `{name}`; use train, val or test"),
+    )
 }
 
 /// Evaluates a run on a split (`train`, `val` or `test`) of the data it was trained on.
