@@ -7,6 +7,7 @@ mod bench;
 mod bench_check;
 mod bench_selftest;
 mod ci;
+mod cuda_build;
 mod train_all;
 
 use std::path::PathBuf;
@@ -71,6 +72,7 @@ fn main() -> ExitCode {
         Some("train-all") => train_all::run(&args[1..]),
         Some("bench") => bench::run(&args[1..]),
         Some("bench-check") => bench_check::run(&args[1..]),
+        Some("cuda-build") => cuda_build::run(&args[1..]),
         Some("synth") => cargo(&[
             "run",
             "--release",

@@ -1,0 +1,3 @@
+fn main() {
+    println!("{:?}", candle_core::utils::cuda_is_available());
+}
