@@ -125,7 +125,7 @@ pub fn run(args: &[String]) -> Result<()> {
     eprintln!(
         "They need the GPU machine's driver (libcuda.so.1) and CUDA 13 cuBLAS, cuRAND, NVRTC and the \
          runtime: take them from the machine's CUDA 13 install, or put {} on LD_LIBRARY_PATH.\n\
-         Next: `cargo xtask gpu-check --pack` (README, \"On a GPU\").",
+         Next: `cargo xtask gpu-check` packs the GPU check for a GPU machine (README, \"On a GPU\").",
         toolkit.join("lib").display()
     );
     Ok(())

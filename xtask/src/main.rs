@@ -8,6 +8,7 @@ mod bench_check;
 mod bench_selftest;
 mod ci;
 mod cuda_build;
+mod gpu_check;
 mod train_all;
 
 use std::path::PathBuf;
@@ -24,6 +25,13 @@ commands:
           (--profile quick|reference, --data DIR for real files; resumable; see --help)
   ci      rustfmt check, clippy with warnings denied, every test (and the hdf5 feature when
           libhdf5 is installed; required when CI=true)
+  cuda-build
+          build the CLI and the GPU check with the `cuda` feature on any Linux x86-64 machine (no GPU
+          needed): pinned CUDA 13.0 wheels into a cache, binaries in target/cuda/release
+          (--compute-cap N, default 90; --cache DIR)
+  gpu-check
+          gather the GPU check built by cuda-build into target/gpu-check for a GPU machine and print
+          how to run it there (--run: run it here, on a machine with an NVIDIA GPU)
   synth   generate the default synthetic data set into data/synth (8,914 stars, seed 42)
   bench   criterion benchmarks of flows and models, each figure with its ratio to stock candle
           measured in the same run (--quick: short measurement; --no-stock: skip the slow stock path;
@@ -73,6 +81,7 @@ fn main() -> ExitCode {
         Some("bench") => bench::run(&args[1..]),
         Some("bench-check") => bench_check::run(&args[1..]),
         Some("cuda-build") => cuda_build::run(&args[1..]),
+        Some("gpu-check") => gpu_check::run(&args[1..]),
         Some("synth") => cargo(&[
             "run",
             "--release",

@@ -706,7 +706,7 @@ fn bad_input_exits_2_naming_the_file_and_the_problem() {
         user_error(
             "a GPU this build lacks",
             &[trn, c, &cfg, o, &out("gpu-run"), &"--set", &"run.device=cuda"],
-            &["run.device", "built without cuda support", "--features cuda", "\"cpu\""],
+            &["run.device", "built without cuda support", "cargo xtask cuda-build", "\"cpu\""],
         ),
         success(
             "a GPU-trained run evaluates on the CPU",

@@ -112,8 +112,9 @@ pub fn epoch_order(indices: &[usize], seed: u64, epoch: u64) -> Vec<usize> {
     order
 }
 
-/// One batch: preprocessed spectra `x` of shape `(b, 1, n_pix)` in f32, z-scored targets `y` of
-/// shape `(b, n_targets)` in f64 (the flows compute in f64), and the dataset indices of its stars.
+/// One batch: preprocessed spectra `x` of shape `(b, 1, n_pix)` in f32 on the batcher's device,
+/// z-scored targets `y` of shape `(b, n_targets)` in f64 on the host (the flows compute in f64 on
+/// the host whatever the backbone's device), and the dataset indices of its stars.
 #[derive(Debug)]
 pub struct Batch {
     pub x: Tensor,
@@ -161,7 +162,7 @@ impl Batcher<'_> {
         let d = self.scaler.mean.len();
         Ok(Batch {
             x: Tensor::from_vec(x, (b, 1, n_pix), &self.device)?,
-            y: Tensor::from_vec(y, (b, d), &self.device)?,
+            y: Tensor::from_vec(y, (b, d), &Device::Cpu)?,
             indices: indices.to_vec(),
         })
     }

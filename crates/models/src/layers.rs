@@ -7,13 +7,14 @@
 
 use std::sync::Arc;
 
-use candle_core::{DType, Result, Tensor, Var};
+use candle_core::{Result, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
 
 use crate::config::BN_MOMENTUM;
 use crate::ops::block::{BatchStats, BlockNorm, DropoutMask};
 use crate::ops::conv_block::{conv_block, conv_block_reference};
 use crate::ops::dropout::dropout_mask;
+use crate::ops::{f64_like, host_f64};
 
 /// Pooling at the end of a block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,16 +83,8 @@ impl BatchNorm {
         } else {
             1.0
         };
-        let rm: Vec<f64> = self
-            .running_mean
-            .as_tensor()
-            .to_dtype(DType::F64)?
-            .to_vec1()?;
-        let rv: Vec<f64> = self
-            .running_var
-            .as_tensor()
-            .to_dtype(DType::F64)?
-            .to_vec1()?;
+        let rm = host_f64(self.running_mean.as_tensor())?;
+        let rv = host_f64(self.running_var.as_tensor())?;
         let new_mean: Vec<f64> = rm
             .iter()
             .zip(&stats.mean)
@@ -102,12 +95,11 @@ impl BatchNorm {
             .zip(&stats.var)
             .map(|(r, b)| (1.0 - m) * r + m * b * unbias)
             .collect();
-        let dev = self.running_mean.device();
-        let dt = self.running_mean.dtype();
+        let like = self.running_mean.as_tensor();
         self.running_mean
-            .set(&Tensor::from_vec(new_mean, rm.len(), dev)?.to_dtype(dt)?)?;
+            .set(&f64_like(new_mean, &[rm.len()], like)?)?;
         self.running_var
-            .set(&Tensor::from_vec(new_var, rv.len(), dev)?.to_dtype(dt)?)?;
+            .set(&f64_like(new_var, &[rv.len()], like)?)?;
         Ok(())
     }
 }

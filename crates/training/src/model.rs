@@ -2,6 +2,14 @@
 //!
 //! The cast is part of the autograd graph, so gradients of the f64 negative log-likelihood flow
 //! back into the f32 network.
+//!
+//! **Devices.** The backbone runs on the run's device (`run.device`: its convolutions are the
+//! work). The flow always runs on the host, with its fused f64 kernels (`starflow_flows::ops`
+//! implement the CPU only, and Metal has no f64): [`StarModel::params`] moves the `(b, P)`
+//! parameter rows there, a few kilobytes per batch, and candle's `ToDevice` node carries their
+//! gradient back to the device in the backward pass. Labels, masks and everything computed from
+//! the parameters (summaries, samples, calibration) are therefore host tensors. On the CPU the
+//! move is a no-op, so CPU runs are unchanged.
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
@@ -11,11 +19,15 @@ use starflow_models::{Backbone, BackboneConfig, ComputePath};
 use crate::config::TrainConfig;
 use crate::error::{Result, TrainError};
 
+/// Where the flow runs, whatever the backbone's device: the host (see the module docs).
+pub const FLOW_DEVICE: Device = Device::Cpu;
+
 /// A backbone plus a flow, with the variables that hold the backbone's weights.
 pub struct StarModel {
     pub backbone: Box<dyn Backbone>,
     pub flow: Flow,
     pub varmap: VarMap,
+    /// The backbone's device (`run.device`); the flow runs on [`FLOW_DEVICE`].
     pub device: Device,
 }
 
@@ -61,7 +73,7 @@ pub fn device(name: &str) -> Result<Device> {
     let setting = std::path::PathBuf::from("run.device");
     if !built {
         let how = match name {
-            "cuda" => "`cargo build --release -p starflow-cli --features cuda` (it needs the CUDA toolkit; README, \"Cargo features\")",
+            "cuda" => "`cargo xtask cuda-build` (it fetches the CUDA compiler itself; README, \"On a GPU\")",
             _ => "`cargo build --release -p starflow-cli --features metal` on macOS",
         };
         return Err(TrainError::Input {
@@ -141,9 +153,14 @@ impl StarModel {
         })
     }
 
-    /// Raw flow parameters `(b, P)` in f64 for spectra `x: (b, 1, n_pix)`.
+    /// Raw flow parameters `(b, P)` in f64 on the host ([`FLOW_DEVICE`]) for spectra
+    /// `x: (b, 1, n_pix)` on the model's device. Moved before the cast, so a GPU sends f32.
     pub fn params(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        Ok(self.backbone.forward_t(x, train)?.to_dtype(DType::F64)?)
+        Ok(self
+            .backbone
+            .forward_t(x, train)?
+            .to_device(&FLOW_DEVICE)?
+            .to_dtype(DType::F64)?)
     }
 
     /// Per-star negative log-likelihood `(b,)` of z-scored labels `y: (b, d)`.
@@ -168,7 +185,7 @@ impl StarModel {
             let mask: Vec<f64> = (0..p)
                 .map(|c| if cols.contains(&c) { 0.0 } else { 1.0 })
                 .collect();
-            let mask = Tensor::from_vec(mask, (1, p), &self.device)?;
+            let mask = Tensor::from_vec(mask, (1, p), &FLOW_DEVICE)?;
             params = params.broadcast_mul(&mask)?;
         }
         Ok(self.flow.log_prob(&params, y)?.neg()?)
@@ -290,7 +307,11 @@ mod tests {
             assert!(err.is_user_error(), "{name}: {err}");
             let msg = err.to_string();
             assert!(msg.starts_with("run.device: "), "{msg}");
-            assert!(msg.contains(&format!("--features {name}")), "{msg}");
+            let rebuild = match name {
+                "cuda" => "cargo xtask cuda-build".to_string(),
+                _ => format!("--features {name}"),
+            };
+            assert!(msg.contains(&rebuild), "{msg}");
             assert!(msg.contains("run.device = \"cpu\""), "{msg}");
         }
     }

@@ -66,9 +66,11 @@ impl Adam {
                 Some(g) => g.clone(),
                 None => var.as_tensor().zeros_like()?,
             };
+            // Summed on the device, read on the host (Metal has no f64).
             sq += g
                 .sqr()?
                 .sum_all()?
+                .to_device(&candle_core::Device::Cpu)?
                 .to_dtype(candle_core::DType::F64)?
                 .to_scalar::<f64>()?;
             gs.push(g);

@@ -19,7 +19,10 @@ use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Ten
 use rayon::prelude::*;
 
 use super::dropout::keep_scale;
-use super::{assume_init, contiguous_slice, lane_sums, par_rows_uninit, with_cpu_slice, Elem};
+use super::{
+    assume_init, contiguous_slice, f64_like, host_f64, lane_sums, par_rows_uninit, with_cpu_slice,
+    Elem,
+};
 use crate::config::BN_EPS;
 
 /// Which BatchNorm the block applies.
@@ -494,8 +497,8 @@ pub(crate) fn block_op(
             gamma.clone(),
             beta.clone(),
             Norm::Running {
-                mean: mean.to_dtype(DType::F64)?.to_vec1()?,
-                var: var.to_dtype(DType::F64)?.to_vec1()?,
+                mean: host_f64(mean)?,
+                var: host_f64(var)?,
             },
         ),
     };
@@ -558,8 +561,8 @@ pub fn fused_block_reference(
                 .broadcast_mul(&per_channel(gamma)?)?
                 .broadcast_add(&per_channel(beta)?)?;
             let stats = BatchStats {
-                mean: mean.flatten_all()?.to_dtype(DType::F64)?.to_vec1()?,
-                var: var.flatten_all()?.to_dtype(DType::F64)?.to_vec1()?,
+                mean: host_f64(&mean)?,
+                var: host_f64(&var)?,
                 n: b * l,
             };
             (y, Some(stats))
@@ -583,7 +586,7 @@ pub fn fused_block_reference(
         Some(d) => {
             let scale = keep_scale(d.p);
             let m: Vec<f64> = d.mask.iter().map(|&k| f64::from(k) * scale).collect();
-            let m = Tensor::from_vec(m, (b, c, l), z.device())?.to_dtype(z.dtype())?;
+            let m = f64_like(m, &[b, c, l], z)?;
             (y * m)?
         }
     };

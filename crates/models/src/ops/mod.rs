@@ -21,7 +21,24 @@ pub mod conv_block;
 pub mod dropout;
 pub(crate) mod pool;
 
-use candle_core::{bail, CpuStorage, Layout, Result, Storage, Tensor};
+use candle_core::{bail, CpuStorage, DType, Device, Layout, Result, Storage, Tensor};
+
+/// A tensor's values as f64 on the host, from any device and float dtype. The stock path's small
+/// per-channel values (BatchNorm statistics) come back this way: Metal has no f64, so the cast
+/// happens after the transfer (on the CPU both steps are no-ops or the same cast as before).
+pub fn host_f64(t: &Tensor) -> Result<Vec<f64>> {
+    t.flatten_all()?
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F64)?
+        .to_vec1()
+}
+
+/// `values` as a tensor of `like`'s dtype and device: cast on the host, then one transfer.
+pub fn f64_like(values: Vec<f64>, shape: &[usize], like: &Tensor) -> Result<Tensor> {
+    Tensor::from_vec(values, shape, &Device::Cpu)?
+        .to_dtype(like.dtype())?
+        .to_device(like.device())
+}
 
 /// Floating-point element types the kernels support (f32 and f64, accumulating statistics in f64).
 pub trait Elem:
