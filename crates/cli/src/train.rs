@@ -112,6 +112,11 @@ pub struct PredictArgs {
     /// or SIGTERM stops between batches, removes the partial file and exits with code 130.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Replace the table at --out if there is one. Without it, an existing table is refused
+    /// (exit 2) before any work: a survey's table can take an hour, and the next command with a
+    /// forgotten --out or another --rows would otherwise replace it without a word.
+    #[arg(long)]
+    pub force: bool,
     /// Predict only rows START..END of the file (0-based, END exclusive; `START:` runs to the end):
     /// one shard of a survey. Every star draws its posterior samples from its own stream (the seed
     /// and its row), so shards concatenate to exactly the single-process table.
@@ -553,6 +558,7 @@ pub fn predict(a: &PredictArgs) -> anyhow::Result<()> {
         a.spectra.parent().unwrap_or(Path::new(".")).join(name)
     });
     check_output_file(&out)?;
+    refuse_to_replace(&out, a.force)?;
     predictor.check_finite()?;
     predictor.set_calibration(a.posterior.calibration(&a.run)?);
     let stop = interrupt_flag();
@@ -602,6 +608,32 @@ fn interrupt_flag() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
         }
     }
     flag
+}
+
+/// An existing table at `out` is kept unless `force`: the error names it, its size and age, and
+/// both ways on (exit 2).
+fn refuse_to_replace(out: &Path, force: bool) -> Result<(), UserError> {
+    let Ok(meta) = std::fs::metadata(out) else {
+        return Ok(());
+    };
+    if force {
+        return Ok(());
+    }
+    let age = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .map(|d| match d.as_secs() {
+            s if s < 120 => format!("{s} s"),
+            s if s < 7200 => format!("{} min", s / 60),
+            s => format!("{} h", s / 3600),
+        })
+        .unwrap_or_else(|| "unknown time".into());
+    Err(UserError(format!(
+        "{}: already exists ({} bytes, written {age} ago), and predict would replace it; choose another --out, or pass --force to replace it",
+        out.display(),
+        meta.len()
+    )))
 }
 
 /// Checks that a table can be written at `out` before any work: not a directory, in a directory

@@ -313,6 +313,40 @@ fn a_damaged_weight_file_is_named_instead_of_predicting_nonsense() {
 }
 
 #[test]
+fn predict_keeps_an_existing_table_unless_forced() {
+    let (dir, data, cfg) = tiny_data();
+    let run = dir.path().join("run");
+    ok(&["train", "--config", s(&cfg), "--out", s(&run)]);
+    let spectra = data.join("spectra.npy");
+    let out = dir.path().join("p.csv");
+    let predict = [
+        "predict",
+        "--run",
+        s(&run),
+        "--spectra",
+        s(&spectra),
+        "--out",
+        s(&out),
+    ];
+    ok(&predict);
+    let first = read(&out);
+    // A second table over the first, e.g. a shard's run with a forgotten --out: refused before
+    // any work, the first table byte for byte as it was.
+    let mut shard = predict.to_vec();
+    shard.extend(["--rows", "0:5"]);
+    refused(
+        &shard,
+        &["p.csv", "already exists", "--force", "choose another --out"],
+    );
+    assert_eq!(read(&out), first);
+    // --force replaces it.
+    shard.push("--force");
+    ok(&shard);
+    let replaced = String::from_utf8(read(&out)).unwrap();
+    assert_eq!(replaced.lines().count(), 1 + 5, "{replaced}");
+}
+
+#[test]
 fn a_run_refuses_data_that_changed_under_it() {
     let (dir, data, cfg) = tiny_data();
     let run = dir.path().join("run");

@@ -221,7 +221,7 @@ fn a_non_finite_row_is_refused_before_any_work() {
 }
 
 /// SIGTERM (or Ctrl-C) in the middle of a prediction: exit 130, no temporary file left behind, no
-/// table, and a table written earlier under the same name untouched.
+/// table, and a table written earlier under the same name (replaced with --force) untouched.
 #[cfg(unix)]
 #[test]
 fn a_terminated_predict_leaves_no_temporary_file() {
@@ -239,6 +239,8 @@ fn a_terminated_predict_leaves_no_temporary_file() {
             "20000",
             "--out",
             out.to_str().unwrap(),
+            // Replacing the earlier table, which the interruption must leave as it was.
+            "--force",
         ])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
