@@ -70,11 +70,7 @@ fn parse(args: &[String]) -> Result<Option<Options>> {
     };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
-        let mut value = |name: &str| {
-            it.next()
-                .cloned()
-                .with_context(|| format!("{name} needs a value\n\n{HELP}"))
-        };
+        let mut value = |name: &str| crate::option_value(&mut it, name, HELP);
         match arg.as_str() {
             "--cache" => opts.cache = PathBuf::from(value("--cache")?),
             "--compute-cap" => opts.compute_cap = value("--compute-cap")?,

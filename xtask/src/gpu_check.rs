@@ -45,11 +45,7 @@ fn parse(args: &[String], root: &Path) -> Result<Option<Options>> {
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
-        let mut value = || {
-            it.next()
-                .cloned()
-                .with_context(|| format!("{a} needs a value\n\n{HELP}"))
-        };
+        let mut value = || crate::option_value(&mut it, a, HELP);
         match a.as_str() {
             "--bin" => o.bin = PathBuf::from(value()?),
             "--out" => o.out = PathBuf::from(value()?),

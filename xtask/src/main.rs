@@ -53,6 +53,18 @@ pub fn root() -> PathBuf {
         .to_path_buf()
 }
 
+/// The value after option `flag` in an argument list (`--flag VALUE`), or an error naming the
+/// flag, followed by the command's `help`.
+pub fn option_value(
+    it: &mut std::slice::Iter<'_, String>,
+    flag: &str,
+    help: &str,
+) -> Result<String> {
+    it.next()
+        .cloned()
+        .with_context(|| format!("{flag} needs a value\n\n{help}"))
+}
+
 /// Runs `cargo` with `args` in the workspace root, echoing the command; fails on non-zero exit.
 pub fn cargo(args: &[&str]) -> Result<()> {
     cargo_env(args, &[])

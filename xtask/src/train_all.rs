@@ -109,11 +109,7 @@ fn parse(args: &[String]) -> Result<Options> {
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
-        let mut value = || {
-            it.next()
-                .cloned()
-                .with_context(|| format!("{a} needs a value\n\n{HELP}"))
-        };
+        let mut value = || crate::option_value(&mut it, a, HELP);
         match a.as_str() {
             "--profile" => o.profile = value()?,
             "--data" => o.data = Some(PathBuf::from(value()?)),

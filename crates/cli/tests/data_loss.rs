@@ -259,23 +259,26 @@ fn a_target_named_twice_is_refused() {
     assert!(!out.exists());
 }
 
-#[test]
-fn a_damaged_weight_file_is_named_instead_of_predicting_nonsense() {
+/// A tiny run trained on a tiny synthetic set: the temporary directory, the run, its spectra.
+fn trained_run() -> (tempfile::TempDir, PathBuf, PathBuf) {
     let (dir, data, cfg) = tiny_data();
     let run = dir.path().join("run");
     ok(&["train", "--config", s(&cfg), "--out", s(&run)]);
-    let spectra = data.join("spectra.npy");
+    (dir, run, data.join("spectra.npy"))
+}
+
+/// `starflow predict` of `spectra` with `run` into `out`.
+fn predict_args<'a>(run: &'a Path, spectra: &'a Path, out: &'a Path) -> Vec<&'a str> {
+    let (run, spectra, out) = (s(run), s(spectra), s(out));
+    vec!["predict", "--run", run, "--spectra", spectra, "--out", out]
+}
+
+#[test]
+fn a_damaged_weight_file_is_named_instead_of_predicting_nonsense() {
+    let (dir, run, spectra) = trained_run();
     let out = dir.path().join("p.csv");
-    let predict = [
-        "predict",
-        "--run",
-        s(&run),
-        "--spectra",
-        s(&spectra),
-        "--out",
-        s(&out),
-        "--raw",
-    ];
+    let mut predict = predict_args(&run, &spectra, &out);
+    predict.push("--raw");
     ok(&predict);
     std::fs::remove_file(&out).unwrap();
 
@@ -314,25 +317,14 @@ fn a_damaged_weight_file_is_named_instead_of_predicting_nonsense() {
 
 #[test]
 fn predict_keeps_an_existing_table_unless_forced() {
-    let (dir, data, cfg) = tiny_data();
-    let run = dir.path().join("run");
-    ok(&["train", "--config", s(&cfg), "--out", s(&run)]);
-    let spectra = data.join("spectra.npy");
+    let (dir, run, spectra) = trained_run();
     let out = dir.path().join("p.csv");
-    let predict = [
-        "predict",
-        "--run",
-        s(&run),
-        "--spectra",
-        s(&spectra),
-        "--out",
-        s(&out),
-    ];
+    let predict = predict_args(&run, &spectra, &out);
     ok(&predict);
     let first = read(&out);
     // A second table over the first, e.g. a shard's run with a forgotten --out: refused before
     // any work, the first table byte for byte as it was.
-    let mut shard = predict.to_vec();
+    let mut shard = predict.clone();
     shard.extend(["--rows", "0:5"]);
     refused(
         &shard,

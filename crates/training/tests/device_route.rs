@@ -24,20 +24,11 @@ fn config(backbone: &str, flow: &str, path: &str) -> TrainConfig {
 
 /// Largest |a - b| over max |b|, over all entries.
 fn rel_diff(a: &Tensor, b: &Tensor) -> f64 {
-    let a: Vec<f64> = a
-        .flatten_all()
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let b: Vec<f64> = b
-        .flatten_all()
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let values = |t: &Tensor| -> Vec<f64> {
+        let t = t.flatten_all().and_then(|t| t.to_dtype(DType::F64));
+        t.and_then(|t| t.to_vec1()).unwrap()
+    };
+    let (a, b) = (values(a), values(b));
     let scale = b.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-30);
     a.iter()
         .zip(&b)
