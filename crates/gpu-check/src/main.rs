@@ -86,20 +86,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let device = match starflow_training::model::device(&opts.device) {
+    let setting = starflow_training::model::DeviceSetting {
+        name: "--device",
+        choose_cpu: "pass --device cpu",
+    };
+    let device = match starflow_training::model::device_for(&opts.device, setting) {
         Ok(d) => d,
-        Err(starflow_training::TrainError::Input { problem, fix, .. }) => {
-            let fix = fix.replace(
-                "set run.device = \"cpu\" (the default)",
-                "pass --device cpu",
-            );
-            let fix = fix.replace("set run.device = \"cpu\"", "pass --device cpu");
-            eprintln!(
-                "starflow-gpu-check: --device {}: {problem}; fix: {fix}",
-                opts.device
-            );
-            return ExitCode::from(2);
-        }
         Err(e) => {
             eprintln!("starflow-gpu-check: {e}");
             return ExitCode::from(2);

@@ -57,10 +57,30 @@ pub fn build_flow(cfg: &TrainConfig, dim: usize) -> Result<Flow> {
     })
 }
 
-/// Selects the device named in the config (`run.device`). A GPU that this build cannot drive (it
-/// was built without the feature) or that the machine does not have is the user's setting to fix,
-/// not an internal failure: both say how.
+/// How a device setting is named to the user: the setting, and how to choose the CPU with it.
+/// The config's is [`RUN_DEVICE`]; a tool with its own flag (the GPU check's `--device`) passes
+/// its own, so the same errors name what that user typed.
+#[derive(Clone, Copy, Debug)]
+pub struct DeviceSetting {
+    pub name: &'static str,
+    pub choose_cpu: &'static str,
+}
+
+/// The config's `run.device`.
+pub const RUN_DEVICE: DeviceSetting = DeviceSetting {
+    name: "run.device",
+    choose_cpu: "set run.device = \"cpu\" (the default)",
+};
+
+/// Selects the device named in the config (`run.device`); see [`device_for`].
 pub fn device(name: &str) -> Result<Device> {
+    device_for(name, RUN_DEVICE)
+}
+
+/// Selects device `name` given through `setting`. A GPU that this build cannot drive (it was built
+/// without the feature) or that the machine does not have is the user's setting to fix, not an
+/// internal failure: both say how.
+pub fn device_for(name: &str, setting: DeviceSetting) -> Result<Device> {
     let (built, open): (bool, fn() -> candle_core::Result<Device>) = match name {
         "cuda" => (candle_core::utils::cuda_is_available(), || {
             Device::new_cuda(0)
@@ -70,29 +90,29 @@ pub fn device(name: &str) -> Result<Device> {
         }),
         _ => return Ok(Device::Cpu),
     };
-    let setting = std::path::PathBuf::from("run.device");
+    let (path, cpu) = (std::path::PathBuf::from(setting.name), setting.choose_cpu);
     if !built {
         let how = match name {
             "cuda" => "`cargo xtask cuda-build` (it fetches the CUDA compiler itself; README, \"On a GPU\")",
             _ => "`cargo build --release -p starflow-cli --features metal` on macOS",
         };
         return Err(TrainError::Input {
-            path: setting,
+            path,
             problem: format!(
-                "run.device = \"{name}\", but this starflow was built without {name} support"
+                "{} = \"{name}\", but this starflow was built without {name} support",
+                setting.name
             ),
-            fix: format!("build it with {how}, or set run.device = \"cpu\" (the default)"),
+            fix: format!("build it with {how}, or {cpu}"),
         });
     }
     open().map_err(|e| TrainError::Input {
-        path: setting,
+        path,
         problem: format!(
-            "run.device = \"{name}\", but no {name} device could be opened ({})",
+            "{} = \"{name}\", but no {name} device could be opened ({})",
+            setting.name,
             e.to_string().lines().next().unwrap_or_default()
         ),
-        fix: format!(
-            "run where a {name} device and its driver are present, or set run.device = \"cpu\""
-        ),
+        fix: format!("run where a {name} device and its driver are present, or {cpu}"),
     })
 }
 
