@@ -193,6 +193,12 @@ impl BlockOp {
                         oj.write((w[0] + w[1]) * out_scale);
                     }
                 }
+                // TinyCNN's window; the same sum, in the same order, as `lane_sums` gives below.
+                3 => {
+                    for (oj, w) in o.iter_mut().zip(buf.chunks_exact(3)) {
+                        oj.write((w[0] + w[1] + w[2]) * out_scale);
+                    }
+                }
                 _ => {
                     for (oj, w) in o.iter_mut().zip(buf.chunks_exact(pool)) {
                         let (sum, _) = lane_sums(pool, |i| (w[i], zero));

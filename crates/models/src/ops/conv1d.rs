@@ -1,11 +1,16 @@
 //! Valid (unpadded, stride-1) conv1d with bias as a candle `CustomOp3`, on the `gemm` crate.
 //!
 //! Why: candle 0.11.1's CPU conv1d is slow (im2col copies, page faults) and its backward is wrong (see the
-//! crate docs). Forward: per batch item, an im2col buffer `(c_in k, l_out)` (skipped for `k = 1`) and one
-//! `gemm` call `y = w (c_out, c_in k) col + bias`, rayon over the batch with one column buffer per task.
-//! Backward, per item: `dw += dy (c_out, l_out) col^T` (im2col rebuilt), `dcol = w^T dy` then col2im
-//! into `dx`, `db = sum_t dy`. The weight gradient is accumulated per rayon task and summed at the end. The input
-//! gradient is skipped when the input tracks no gradient (the spectrum itself).
+//! crate docs). The kernels here build no im2col matrix: a convolution is the sum over its `k` taps of
+//! `W_j x[:, t + j]`, and `x[:, j..]` is a strided view `gemm` reads in place. Per batch item and tile of
+//! 1,024 output positions (so the tile and its input window stay in L2 across the taps):
+//! forward `y = bias + Σ_j W_j x[:, j..]`; weight gradient `dW_j += dy x[:, j..]^T`; input gradient
+//! `dx[:, j..] += W_j^T dy`, accumulated in tap order. Rayon runs over the batch; the weight gradient has
+//! one accumulator per rayon task, summed at the end; `db = Σ_t dy`. The input gradient is skipped when the
+//! input tracks no gradient (the spectrum itself).
+//! Measured against the im2col kernels they replaced (TinyCNN, batch 64, 16,384 px, 2 threads, AMD EPYC
+//! with AVX2): train step 2.40 → 1.98 s, eval forward 0.86 → 0.57 s; the full im2col matrix of the k5
+//! 32 → 32 layer (10.5 MB per star) ran from DRAM three times per step.
 //! `gemm` picks AVX-512/AVX2/FMA/NEON kernels at run time, so no `target-cpu` flag is needed.
 
 use candle_core::backend::BackendStorage;
@@ -56,196 +61,6 @@ fn inner_parallelism(n_tasks: usize) -> Parallelism {
     } else {
         Parallelism::None
     }
-}
-
-pub(crate) fn conv_fwd<T: Elem>(x: &[T], w: &[T], bias: &[T], d: Dims) -> Vec<T> {
-    let (l_out, ck) = (d.l_out(), d.c_in * d.k);
-    let par = inner_parallelism(d.b);
-    par_rows_uninit(d.b, d.c_out * l_out, Vec::<T>::new, |col, i, yi| {
-        let xi = &x[i * d.c_in * d.l..(i + 1) * d.c_in * d.l];
-        for (row, &bv) in yi.chunks_mut(l_out).zip(bias) {
-            for v in row {
-                v.write(bv);
-            }
-        }
-        // SAFETY: every element of `yi` was just written with its channel's bias.
-        let yi = unsafe { assume_init(yi) };
-        let rhs = if d.k == 1 {
-            xi
-        } else {
-            im2col(xi, col, d);
-            &col[..]
-        };
-        // SAFETY: dst `yi` is (c_out, l_out) row-major and exclusively borrowed; lhs `w` is (c_out, c_in k)
-        // row-major and rhs is (c_in k, l_out) row-major, all in bounds by construction of `d`.
-        unsafe {
-            gemm::gemm(
-                d.c_out,
-                l_out,
-                ck,
-                yi.as_mut_ptr(),
-                1,
-                l_out as isize,
-                true,
-                w.as_ptr(),
-                1,
-                ck as isize,
-                rhs.as_ptr(),
-                1,
-                l_out as isize,
-                T::of(1.0),
-                T::of(1.0),
-                false,
-                false,
-                false,
-                par,
-            )
-        }
-    })
-}
-
-/// Writes the im2col matrix `(c_in k, l_out)` of one item `xi (c_in, l)` into `col`.
-fn im2col<T: Elem>(xi: &[T], col: &mut Vec<T>, d: Dims) {
-    let l_out = d.l_out();
-    col.resize(d.c_in * d.k * l_out, T::of(0.0));
-    for ci in 0..d.c_in {
-        let xrow = &xi[ci * d.l..(ci + 1) * d.l];
-        for j in 0..d.k {
-            let r = ci * d.k + j;
-            col[r * l_out..(r + 1) * l_out].copy_from_slice(&xrow[j..j + l_out]);
-        }
-    }
-}
-
-/// Weight and bias gradients, `dw += dy col^T`, accumulated over the batch in one buffer per rayon task.
-pub(crate) fn conv_bwd_weight<T: Elem>(x: &[T], gy: &[T], d: Dims) -> (Vec<T>, Vec<T>) {
-    let (l_out, ck) = (d.l_out(), d.c_in * d.k);
-    let n_tasks = rayon::current_num_threads().clamp(1, d.b.max(1));
-    let per_task = d.b.div_ceil(n_tasks);
-    let par = inner_parallelism(n_tasks);
-    let zero = T::of(0.0);
-    let (dw, db) = (0..n_tasks)
-        .into_par_iter()
-        .map(|task| {
-            let mut dw = vec![zero; d.c_out * ck];
-            let mut db = vec![0f64; d.c_out];
-            let mut col = Vec::new();
-            for i in task * per_task..((task + 1) * per_task).min(d.b) {
-                let xi = &x[i * d.c_in * d.l..(i + 1) * d.c_in * d.l];
-                let gyi = &gy[i * d.c_out * l_out..(i + 1) * d.c_out * l_out];
-                let col = if d.k == 1 {
-                    xi
-                } else {
-                    im2col(xi, &mut col, d);
-                    &col[..]
-                };
-                // SAFETY: dst `dw` (c_out, c_in k) row-major is owned by this task; lhs `gyi` is (c_out, l_out)
-                // row-major; rhs element (t, j) is col[j l_out + t], in bounds for t < l_out, j < c_in k.
-                unsafe {
-                    gemm::gemm(
-                        d.c_out,
-                        ck,
-                        l_out,
-                        dw.as_mut_ptr(),
-                        1,
-                        ck as isize,
-                        true,
-                        gyi.as_ptr(),
-                        1,
-                        l_out as isize,
-                        col.as_ptr(),
-                        l_out as isize,
-                        1,
-                        T::of(1.0),
-                        T::of(1.0),
-                        false,
-                        false,
-                        false,
-                        par,
-                    )
-                }
-                for (acc, row) in db.iter_mut().zip(gyi.chunks(l_out)) {
-                    *acc += lane_sums(row.len(), |t| (row[t], T::of(0.0))).0;
-                }
-            }
-            (dw, db)
-        })
-        .reduce(
-            || (vec![zero; d.c_out * ck], vec![0f64; d.c_out]),
-            |(mut dw_a, mut db_a), (dw_b, db_b)| {
-                for (a, b) in dw_a.iter_mut().zip(dw_b) {
-                    *a += b;
-                }
-                for (a, b) in db_a.iter_mut().zip(db_b) {
-                    *a += b;
-                }
-                (dw_a, db_a)
-            },
-        );
-    (dw, db.into_iter().map(T::of).collect())
-}
-
-/// Input gradient `dcol = w^T dy` followed by col2im, rayon over the batch.
-pub(crate) fn conv_bwd_input<T: Elem>(w: &[T], gy: &[T], d: Dims) -> Vec<T> {
-    let (l_out, ck) = (d.l_out(), d.c_in * d.k);
-    let zero = T::of(0.0);
-    let mut dx = super::pool::take::<T>(d.b * d.c_in * d.l);
-    dx.resize(d.b * d.c_in * d.l, zero);
-    let par = inner_parallelism(d.b);
-    dx.par_chunks_mut(d.c_in * d.l)
-        .enumerate()
-        .for_each_init(Vec::<T>::new, |dcol, (i, dxi)| {
-            let gyi = &gy[i * d.c_out * l_out..(i + 1) * d.c_out * l_out];
-            let direct = d.k == 1;
-            if !direct {
-                dcol.resize(ck * l_out, zero);
-            }
-            let dst = if direct {
-                dxi.as_mut_ptr()
-            } else {
-                dcol.as_mut_ptr()
-            };
-            // SAFETY: dst is `dxi` (c_in, l = l_out) when k = 1 or `dcol` (c_in k, l_out), row-major and
-            // exclusively borrowed; lhs element (j, co) is w[co c_in k + j]; rhs `gyi` is (c_out, l_out).
-            unsafe {
-                gemm::gemm(
-                    ck,
-                    l_out,
-                    d.c_out,
-                    dst,
-                    1,
-                    l_out as isize,
-                    false,
-                    w.as_ptr(),
-                    ck as isize,
-                    1,
-                    gyi.as_ptr(),
-                    1,
-                    l_out as isize,
-                    T::of(0.0),
-                    T::of(1.0),
-                    false,
-                    false,
-                    false,
-                    par,
-                )
-            }
-            if !direct {
-                for ci in 0..d.c_in {
-                    let xrow = &mut dxi[ci * d.l..(ci + 1) * d.l];
-                    for j in 0..d.k {
-                        let r = ci * d.k + j;
-                        for (a, &g) in xrow[j..j + l_out]
-                            .iter_mut()
-                            .zip(&dcol[r * l_out..(r + 1) * l_out])
-                        {
-                            *a += g;
-                        }
-                    }
-                }
-            }
-        });
-    dx
 }
 
 impl CustomOp3 for Conv1dOp {
@@ -351,4 +166,204 @@ pub fn conv1d_reference(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor>
     let c_out = bias.dim(0)?;
     x.conv1d(w, 0, 1, 1, 1)?
         .broadcast_add(&bias.reshape((1, c_out, 1))?)
+}
+
+/// Output positions per tile of the direct kernels: one tile of the output (`c_out × TILE`) and its input
+/// window (`c_in × (TILE + k - 1)`) stay in the L2 cache across the `k` shifted products.
+const TILE: usize = 1024;
+
+/// The weights per tap: `w (c_out, c_in, k)` as `(k, c_out, c_in)`, so that tap `j` is a contiguous
+/// `(c_out, c_in)` matrix.
+fn per_tap<T: Elem>(w: &[T], d: Dims) -> Vec<T> {
+    let mut wt = vec![T::of(0.0); w.len()];
+    for co in 0..d.c_out {
+        for ci in 0..d.c_in {
+            for j in 0..d.k {
+                wt[(j * d.c_out + co) * d.c_in + ci] = w[(co * d.c_in + ci) * d.k + j];
+            }
+        }
+    }
+    wt
+}
+
+/// Forward without im2col: per item and tile of output positions, `y[:, t] = bias + Σ_j W_j x[:, t + j]`,
+/// one `gemm` per tap `j` reading the input through a shifted view (no copy).
+pub(crate) fn conv_fwd<T: Elem>(x: &[T], w: &[T], bias: &[T], d: Dims) -> Vec<T> {
+    let l_out = d.l_out();
+    let wt = per_tap(w, d);
+    let par = inner_parallelism(d.b);
+    par_rows_uninit(
+        d.b,
+        d.c_out * l_out,
+        || (),
+        |_, i, yi| {
+            let xi = &x[i * d.c_in * d.l..(i + 1) * d.c_in * d.l];
+            for t0 in (0..l_out).step_by(TILE) {
+                let n = TILE.min(l_out - t0);
+                for (row, &bv) in yi.chunks_mut(l_out).zip(bias) {
+                    for v in &mut row[t0..t0 + n] {
+                        v.write(bv);
+                    }
+                }
+            }
+            // SAFETY: every element of `yi` was just written with its channel's bias.
+            let yi = unsafe { assume_init(yi) };
+            for t0 in (0..l_out).step_by(TILE) {
+                let n = TILE.min(l_out - t0);
+                for j in 0..d.k {
+                    // SAFETY: dst is columns t0..t0+n of `yi` (c_out, l_out), exclusively borrowed; lhs is tap j of
+                    // `wt`, (c_out, c_in) row-major; rhs element (ci, t) is xi[ci l + j + t0 + t], in bounds since
+                    // j + t0 + t < k - 1 + l_out = l.
+                    unsafe {
+                        gemm::gemm(
+                            d.c_out,
+                            n,
+                            d.c_in,
+                            yi.as_mut_ptr().add(t0),
+                            1,
+                            l_out as isize,
+                            true,
+                            wt.as_ptr().add(j * d.c_out * d.c_in),
+                            1,
+                            d.c_in as isize,
+                            xi.as_ptr().add(j + t0),
+                            1,
+                            d.l as isize,
+                            T::of(1.0),
+                            T::of(1.0),
+                            false,
+                            false,
+                            false,
+                            par,
+                        )
+                    }
+                }
+            }
+        },
+    )
+}
+
+/// Weight and bias gradients without im2col: `dW_j += dy x[:, j..]^T` per tap, over tiles of positions so
+/// that both operands stay in the cache across the taps; one accumulator per rayon task.
+pub(crate) fn conv_bwd_weight<T: Elem>(x: &[T], gy: &[T], d: Dims) -> (Vec<T>, Vec<T>) {
+    let l_out = d.l_out();
+    let n_tasks = rayon::current_num_threads().clamp(1, d.b.max(1));
+    let per_task = d.b.div_ceil(n_tasks);
+    let par = inner_parallelism(n_tasks);
+    let zero = T::of(0.0);
+    let tap = d.c_out * d.c_in;
+    let (dwt, db) = (0..n_tasks)
+        .into_par_iter()
+        .map(|task| {
+            let mut dwt = vec![zero; d.k * tap];
+            let mut db = vec![0f64; d.c_out];
+            for i in task * per_task..((task + 1) * per_task).min(d.b) {
+                let xi = &x[i * d.c_in * d.l..(i + 1) * d.c_in * d.l];
+                let gyi = &gy[i * d.c_out * l_out..(i + 1) * d.c_out * l_out];
+                for t0 in (0..l_out).step_by(TILE) {
+                    let n = TILE.min(l_out - t0);
+                    for j in 0..d.k {
+                        // SAFETY: dst is tap j of `dwt` (c_out, c_in), owned by this task; lhs element
+                        // (co, t) is gyi[co l_out + t0 + t]; rhs element (t, ci) is xi[ci l + j + t0 + t],
+                        // in bounds since j + t0 + t < l.
+                        unsafe {
+                            gemm::gemm(
+                                d.c_out,
+                                d.c_in,
+                                n,
+                                dwt.as_mut_ptr().add(j * tap),
+                                1,
+                                d.c_in as isize,
+                                true,
+                                gyi.as_ptr().add(t0),
+                                1,
+                                l_out as isize,
+                                xi.as_ptr().add(j + t0),
+                                d.l as isize,
+                                1,
+                                T::of(1.0),
+                                T::of(1.0),
+                                false,
+                                false,
+                                false,
+                                par,
+                            )
+                        }
+                    }
+                }
+                for (acc, row) in db.iter_mut().zip(gyi.chunks(l_out)) {
+                    *acc += lane_sums(row.len(), |t| (row[t], T::of(0.0))).0;
+                }
+            }
+            (dwt, db)
+        })
+        .reduce(
+            || (vec![zero; d.k * tap], vec![0f64; d.c_out]),
+            |(mut dw_a, mut db_a), (dw_b, db_b)| {
+                for (a, b) in dw_a.iter_mut().zip(dw_b) {
+                    *a += b;
+                }
+                for (a, b) in db_a.iter_mut().zip(db_b) {
+                    *a += b;
+                }
+                (dw_a, db_a)
+            },
+        );
+    let mut dw = vec![zero; dwt.len()];
+    for j in 0..d.k {
+        for co in 0..d.c_out {
+            for ci in 0..d.c_in {
+                dw[(co * d.c_in + ci) * d.k + j] = dwt[j * tap + co * d.c_in + ci];
+            }
+        }
+    }
+    (dw, db.into_iter().map(T::of).collect())
+}
+
+/// Input gradient without col2im: per item and tile, `dx[:, t + j] += W_j^T dy[:, t]` for each tap `j`,
+/// accumulated in place in the taps' order (the order col2im added them in).
+pub(crate) fn conv_bwd_input<T: Elem>(w: &[T], gy: &[T], d: Dims) -> Vec<T> {
+    let l_out = d.l_out();
+    let zero = T::of(0.0);
+    let wt = per_tap(w, d);
+    let mut dx = super::pool::take::<T>(d.b * d.c_in * d.l);
+    dx.resize(d.b * d.c_in * d.l, zero);
+    let par = inner_parallelism(d.b);
+    dx.par_chunks_mut(d.c_in * d.l)
+        .enumerate()
+        .for_each(|(i, dxi)| {
+            let gyi = &gy[i * d.c_out * l_out..(i + 1) * d.c_out * l_out];
+            for t0 in (0..l_out).step_by(TILE) {
+                let n = TILE.min(l_out - t0);
+                for j in 0..d.k {
+                    // SAFETY: dst element (ci, t) is dxi[ci l + j + t0 + t] (in bounds: j + t0 + t < l),
+                    // exclusively borrowed; lhs element (ci, co) is wt[j c_out c_in + co c_in + ci]; rhs
+                    // element (co, t) is gyi[co l_out + t0 + t].
+                    unsafe {
+                        gemm::gemm(
+                            d.c_in,
+                            n,
+                            d.c_out,
+                            dxi.as_mut_ptr().add(j + t0),
+                            1,
+                            d.l as isize,
+                            true,
+                            wt.as_ptr().add(j * d.c_out * d.c_in),
+                            d.c_in as isize,
+                            1,
+                            gyi.as_ptr().add(t0),
+                            1,
+                            l_out as isize,
+                            T::of(1.0),
+                            T::of(1.0),
+                            false,
+                            false,
+                            false,
+                            par,
+                        )
+                    }
+                }
+            }
+        });
+    dx
 }
