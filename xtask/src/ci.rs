@@ -43,6 +43,8 @@ pub fn run() -> Result<()> {
             "starflow-data",
             "-p",
             "starflow-cli",
+            "-p",
+            "starflow-python",
             "--all-targets",
             "--features",
             "starflow-data/hdf5,starflow-cli/hdf5",
@@ -50,14 +52,18 @@ pub fn run() -> Result<()> {
             "-D",
             "warnings",
         ])?;
-        // The same package set as the clippy step (the cli pulls in every library crate), so that
-        // feature unification matches `cargo test --workspace` and candle is not rebuilt.
+        // The same package set as the clippy step. The Python crate is selected for its numpy
+        // dependency, which switches on num-complex's `std`: without it the shared dependencies'
+        // features differ from `cargo test --workspace`'s, and gemm, candle and polars were built
+        // a second time (10+ minutes and gigabytes of disk on CI's 2 cores).
         cargo(&[
             "test",
             "-p",
             "starflow-data",
             "-p",
             "starflow-cli",
+            "-p",
+            "starflow-python",
             "--features",
             "starflow-data/hdf5,starflow-cli/hdf5",
         ])?;

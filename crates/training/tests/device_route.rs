@@ -22,12 +22,21 @@ fn config(backbone: &str, flow: &str, path: &str) -> TrainConfig {
     cfg
 }
 
+/// `|a - b| / |b|` in the Euclidean norm of the flattened tensors.
+fn rel_norm_diff(a: &Tensor, b: &Tensor) -> f64 {
+    let (a, b) = (values(a), values(b));
+    let diff: f64 = a.iter().zip(&b).map(|(x, y)| (x - y).powi(2)).sum();
+    let norm: f64 = b.iter().map(|y| y * y).sum();
+    (diff / norm.max(1e-300)).sqrt()
+}
+
+fn values(t: &Tensor) -> Vec<f64> {
+    let t = t.flatten_all().and_then(|t| t.to_dtype(DType::F64));
+    t.and_then(|t| t.to_vec1()).unwrap()
+}
+
 /// Largest |a - b| over max |b|, over all entries.
 fn rel_diff(a: &Tensor, b: &Tensor) -> f64 {
-    let values = |t: &Tensor| -> Vec<f64> {
-        let t = t.flatten_all().and_then(|t| t.to_dtype(DType::F64));
-        t.and_then(|t| t.to_vec1()).unwrap()
-    };
     let (a, b) = (values(a), values(b));
     let scale = b.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-30);
     a.iter()
@@ -91,11 +100,14 @@ fn the_gpu_route_gives_the_cpu_paths_loss_and_gradients() {
 
 /// An epoch of one-star Adam steps (12 synthetic stars: 8 steps) through the real training loop.
 /// The two paths round differently and Adam amplifies it where a gradient is near zero (its step
-/// is then about ±lr whatever the gradient's size): measured here, the NLLs agree to 6e-6
-/// (relative) and the weights to 5e-4 after 8 steps, and drift apart to 0.7 % in NLL after 16.
-/// So the run is short and the bounds (1e-4 on the NLL, 1e-2 on any weight, relative) sit well
-/// above rounding and well below what a weight left out of the update (~8 steps x lr = 8e-3
-/// absolute, a few % of its tensor's largest entry) or a wrong BatchNorm statistic would show.
+/// is then about ±lr whatever the gradient's size), so single entries may differ by a fraction
+/// of lr: with the im2col convolutions the largest was 5e-4 of its tensor's largest entry, with
+/// the shifted-view ones (a different summation order) 2.1e-2 in `model.28.weight`, whose
+/// entries are only ~0.016. Weights are therefore compared as whole tensors, by the norm of the
+/// difference over the norm of the tensor: a weight left out of the update (~8 steps x lr =
+/// 8e-3 in every entry) or a wrong BatchNorm statistic moves that by several per cent, a few
+/// flipped Adam steps by far less than the 1e-2 bound. NLLs agree to 6e-6 (relative) after 8
+/// steps and drift apart to 0.7 % after 16, so the run is short and their bound 1e-4.
 #[test]
 fn a_few_training_steps_on_the_gpu_route_track_the_cpu_path() {
     let dir = tempfile::tempdir().unwrap();
@@ -127,10 +139,10 @@ fn a_few_training_steps_on_the_gpu_route_track_the_cpu_path() {
     names.sort();
     assert!(names.len() > 10, "{names:?}");
     for name in names {
-        let d = rel_diff(&w_stock[name], &w_fast[name]);
+        let d = rel_norm_diff(&w_stock[name], &w_fast[name]);
         assert!(
             d < 1e-2,
-            "weight {name} differs by {d:e} (relative) after training"
+            "weight {name} differs by {d:e} (norm of the difference / norm) after training"
         );
     }
 }
