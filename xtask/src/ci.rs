@@ -24,6 +24,21 @@ fn have_libhdf5() -> bool {
         .unwrap_or(false)
 }
 
+/// The packages and features of the hdf5 steps. The Python crate is selected for its numpy
+/// dependency, which switches on num-complex's `std`: without it the shared dependencies' features
+/// differ from `cargo test --workspace`'s, and gemm, candle and polars were built a second time
+/// (10+ minutes and gigabytes of disk on CI's 2 cores). The cli pulls in every library crate.
+const HDF5_SET: [&str; 8] = [
+    "-p",
+    "starflow-data",
+    "-p",
+    "starflow-cli",
+    "-p",
+    "starflow-python",
+    "--features",
+    "starflow-data/hdf5,starflow-cli/hdf5",
+];
+
 pub fn run() -> Result<()> {
     let started = std::time::Instant::now();
     cargo(&["fmt", "--all", "--", "--check"])?;
@@ -36,43 +51,23 @@ pub fn run() -> Result<()> {
         "warnings",
     ])?;
     cargo(&["test", "--workspace"])?;
-    if have_libhdf5() {
-        cargo(&[
-            "clippy",
-            "-p",
-            "starflow-data",
-            "-p",
-            "starflow-cli",
-            "-p",
-            "starflow-python",
-            "--all-targets",
-            "--features",
-            "starflow-data/hdf5,starflow-cli/hdf5",
-            "--",
-            "-D",
-            "warnings",
-        ])?;
-        // The same package set as the clippy step. The Python crate is selected for its numpy
-        // dependency, which switches on num-complex's `std`: without it the shared dependencies'
-        // features differ from `cargo test --workspace`'s, and gemm, candle and polars were built
-        // a second time (10+ minutes and gigabytes of disk on CI's 2 cores).
-        cargo(&[
-            "test",
-            "-p",
-            "starflow-data",
-            "-p",
-            "starflow-cli",
-            "-p",
-            "starflow-python",
-            "--features",
-            "starflow-data/hdf5,starflow-cli/hdf5",
-        ])?;
+    let hdf5 = have_libhdf5();
+    if hdf5 {
+        cargo(
+            &[
+                &["clippy"][..],
+                &HDF5_SET,
+                &["--all-targets", "--", "-D", "warnings"],
+            ]
+            .concat(),
+        )?;
+        cargo(&[&["test"][..], &HDF5_SET].concat())?;
     } else if std::env::var("CI").is_ok_and(|v| v == "true") {
         bail!("libhdf5 is not installed, so the hdf5 feature cannot be tested; install libhdf5-dev and pkg-config");
     } else {
         eprintln!("note: libhdf5 not found (pkg-config hdf5); skipping the hdf5 feature's tests. Install libhdf5-dev to run them.");
     }
-    python_tests()?;
+    python_tests(hdf5)?;
     eprintln!(
         "xtask ci: all checks passed in {:.0} s",
         started.elapsed().as_secs_f64()
@@ -113,8 +108,9 @@ fn exec(program: &Path, args: &[&str], env: &[(&str, &Path)]) -> Result<()> {
 }
 
 /// Builds the Python package into a virtualenv with maturin and runs its pytest suite, which
-/// compares the package's predictions with the `starflow` binary of the same build.
-fn python_tests() -> Result<()> {
+/// compares the package's predictions with the `starflow` binary of the same build. `hdf5` says
+/// whether the test step before built that binary with the hdf5 feature.
+fn python_tests(hdf5: bool) -> Result<()> {
     let Some(python) = python() else {
         if std::env::var("CI").is_ok_and(|v| v == "true") {
             bail!("python3 (>= 3.9, with venv) is not installed, so the Python package cannot be tested; install python3 and python3-venv");
@@ -145,7 +141,13 @@ fn python_tests() -> Result<()> {
         ],
         &[],
     )?;
-    cargo(&["build", "-p", "starflow-cli"])?;
+    // The binary as the last test step built it: `-p starflow-cli` alone would unify dependency
+    // features differently and rebuild candle and polars (58 crates, measured in CI's log).
+    if hdf5 {
+        cargo(&[&["build"][..], &HDF5_SET].concat())?;
+    } else {
+        cargo(&["build", "--workspace"])?;
+    }
     let path = std::env::join_paths(std::iter::once(bin.clone()).chain(std::env::split_paths(
         &std::env::var_os("PATH").unwrap_or_default(),
     )))
