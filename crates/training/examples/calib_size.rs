@@ -90,7 +90,7 @@ fn print_line(what: &str, e: &Evaluation, scored: &[usize], snr: Option<&[f64]>)
         kinds
             .iter()
             .filter(|k| is_named(k) == named)
-            .map(|k| k.cells_within(3.0, 2.0, (0.93, 1.07)))
+            .map(|k| k.cells_within(0.03, 0.02, (0.93, 1.07)))
             .sum()
     };
     let total = |named: bool| -> usize {
@@ -104,7 +104,7 @@ fn print_line(what: &str, e: &Evaluation, scored: &[usize], snr: Option<&[f64]>)
         kinds
             .iter()
             .find(|k| k.kind.starts_with(prefix))
-            .map_or(f64::NAN, |k| k.labels[0].coverage_68)
+            .map_or(f64::NAN, |k| 100.0 * k.labels[0].coverage_68)
     };
     let nll = sub.star_nll_z.iter().sum::<f64>() / sub.star_nll_z.len().max(1) as f64;
     println!(
