@@ -186,10 +186,66 @@ fn per_tap<T: Elem>(w: &[T], d: Dims) -> Vec<T> {
     wt
 }
 
+/// The tiles of `0..l_out` as `(start, length)`.
+fn tiles(l_out: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..l_out)
+        .step_by(TILE)
+        .map(move |t0| (t0, TILE.min(l_out - t0)))
+}
+
+/// A strided matrix operand: element `(r, c)` at `ptr + r rs + c cs`.
+#[derive(Clone, Copy)]
+struct View<T> {
+    ptr: *const T,
+    rs: usize,
+    cs: usize,
+}
+
+/// `dst (m, n) += lhs (m, k) rhs (k, n)`, with `dst` row-major with row stride `dst_rs`: the one
+/// product every kernel here is made of.
+///
+/// # Safety
+/// Every element addressed through `dst`, `lhs` and `rhs` must be in bounds, and `dst`'s exclusively
+/// borrowed.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_acc<T: Elem>(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut T,
+    dst_rs: usize,
+    lhs: View<T>,
+    rhs: View<T>,
+    par: Parallelism,
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            true,
+            lhs.ptr,
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.ptr,
+            rhs.cs as isize,
+            rhs.rs as isize,
+            T::of(1.0),
+            T::of(1.0),
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
 /// Forward without im2col: per item and tile of output positions, `y[:, t] = bias + Σ_j W_j x[:, t + j]`,
 /// one `gemm` per tap `j` reading the input through a shifted view (no copy).
 pub(crate) fn conv_fwd<T: Elem>(x: &[T], w: &[T], bias: &[T], d: Dims) -> Vec<T> {
-    let l_out = d.l_out();
+    let (l_out, tap) = (d.l_out(), d.c_out * d.c_in);
     let wt = per_tap(w, d);
     let par = inner_parallelism(d.b);
     par_rows_uninit(
@@ -198,42 +254,33 @@ pub(crate) fn conv_fwd<T: Elem>(x: &[T], w: &[T], bias: &[T], d: Dims) -> Vec<T>
         || (),
         |_, i, yi| {
             let xi = &x[i * d.c_in * d.l..(i + 1) * d.c_in * d.l];
-            for t0 in (0..l_out).step_by(TILE) {
-                let n = TILE.min(l_out - t0);
-                for (row, &bv) in yi.chunks_mut(l_out).zip(bias) {
-                    for v in &mut row[t0..t0 + n] {
-                        v.write(bv);
-                    }
+            for (row, &bv) in yi.chunks_mut(l_out).zip(bias) {
+                for v in row {
+                    v.write(bv);
                 }
             }
             // SAFETY: every element of `yi` was just written with its channel's bias.
             let yi = unsafe { assume_init(yi) };
-            for t0 in (0..l_out).step_by(TILE) {
-                let n = TILE.min(l_out - t0);
+            for (t0, n) in tiles(l_out) {
                 for j in 0..d.k {
                     // SAFETY: dst is columns t0..t0+n of `yi` (c_out, l_out), exclusively borrowed; lhs is tap j of
                     // `wt`, (c_out, c_in) row-major; rhs element (ci, t) is xi[ci l + j + t0 + t], in bounds since
                     // j + t0 + t < k - 1 + l_out = l.
                     unsafe {
-                        gemm::gemm(
-                            d.c_out,
-                            n,
-                            d.c_in,
+                        gemm_acc(
+                            (d.c_out, n, d.c_in),
                             yi.as_mut_ptr().add(t0),
-                            1,
-                            l_out as isize,
-                            true,
-                            wt.as_ptr().add(j * d.c_out * d.c_in),
-                            1,
-                            d.c_in as isize,
-                            xi.as_ptr().add(j + t0),
-                            1,
-                            d.l as isize,
-                            T::of(1.0),
-                            T::of(1.0),
-                            false,
-                            false,
-                            false,
+                            l_out,
+                            View {
+                                ptr: wt.as_ptr().add(j * tap),
+                                rs: d.c_in,
+                                cs: 1,
+                            },
+                            View {
+                                ptr: xi.as_ptr().add(j + t0),
+                                rs: d.l,
+                                cs: 1,
+                            },
                             par,
                         )
                     }
@@ -260,32 +307,26 @@ pub(crate) fn conv_bwd_weight<T: Elem>(x: &[T], gy: &[T], d: Dims) -> (Vec<T>, V
             for i in task * per_task..((task + 1) * per_task).min(d.b) {
                 let xi = &x[i * d.c_in * d.l..(i + 1) * d.c_in * d.l];
                 let gyi = &gy[i * d.c_out * l_out..(i + 1) * d.c_out * l_out];
-                for t0 in (0..l_out).step_by(TILE) {
-                    let n = TILE.min(l_out - t0);
+                for (t0, n) in tiles(l_out) {
                     for j in 0..d.k {
                         // SAFETY: dst is tap j of `dwt` (c_out, c_in), owned by this task; lhs element
                         // (co, t) is gyi[co l_out + t0 + t]; rhs element (t, ci) is xi[ci l + j + t0 + t],
                         // in bounds since j + t0 + t < l.
                         unsafe {
-                            gemm::gemm(
-                                d.c_out,
-                                d.c_in,
-                                n,
+                            gemm_acc(
+                                (d.c_out, d.c_in, n),
                                 dwt.as_mut_ptr().add(j * tap),
-                                1,
-                                d.c_in as isize,
-                                true,
-                                gyi.as_ptr().add(t0),
-                                1,
-                                l_out as isize,
-                                xi.as_ptr().add(j + t0),
-                                d.l as isize,
-                                1,
-                                T::of(1.0),
-                                T::of(1.0),
-                                false,
-                                false,
-                                false,
+                                d.c_in,
+                                View {
+                                    ptr: gyi.as_ptr().add(t0),
+                                    rs: l_out,
+                                    cs: 1,
+                                },
+                                View {
+                                    ptr: xi.as_ptr().add(j + t0),
+                                    rs: 1,
+                                    cs: d.l,
+                                },
                                 par,
                             )
                         }
@@ -323,7 +364,7 @@ pub(crate) fn conv_bwd_weight<T: Elem>(x: &[T], gy: &[T], d: Dims) -> (Vec<T>, V
 /// Input gradient without col2im: per item and tile, `dx[:, t + j] += W_j^T dy[:, t]` for each tap `j`,
 /// accumulated in place in the taps' order (the order col2im added them in).
 pub(crate) fn conv_bwd_input<T: Elem>(w: &[T], gy: &[T], d: Dims) -> Vec<T> {
-    let l_out = d.l_out();
+    let (l_out, tap) = (d.l_out(), d.c_out * d.c_in);
     let zero = T::of(0.0);
     let wt = per_tap(w, d);
     let mut dx = super::pool::take::<T>(d.b * d.c_in * d.l);
@@ -333,32 +374,26 @@ pub(crate) fn conv_bwd_input<T: Elem>(w: &[T], gy: &[T], d: Dims) -> Vec<T> {
         .enumerate()
         .for_each(|(i, dxi)| {
             let gyi = &gy[i * d.c_out * l_out..(i + 1) * d.c_out * l_out];
-            for t0 in (0..l_out).step_by(TILE) {
-                let n = TILE.min(l_out - t0);
+            for (t0, n) in tiles(l_out) {
                 for j in 0..d.k {
                     // SAFETY: dst element (ci, t) is dxi[ci l + j + t0 + t] (in bounds: j + t0 + t < l),
                     // exclusively borrowed; lhs element (ci, co) is wt[j c_out c_in + co c_in + ci]; rhs
                     // element (co, t) is gyi[co l_out + t0 + t].
                     unsafe {
-                        gemm::gemm(
-                            d.c_in,
-                            n,
-                            d.c_out,
+                        gemm_acc(
+                            (d.c_in, n, d.c_out),
                             dxi.as_mut_ptr().add(j + t0),
-                            1,
-                            d.l as isize,
-                            true,
-                            wt.as_ptr().add(j * d.c_out * d.c_in),
-                            d.c_in as isize,
-                            1,
-                            gyi.as_ptr().add(t0),
-                            1,
-                            l_out as isize,
-                            T::of(1.0),
-                            T::of(1.0),
-                            false,
-                            false,
-                            false,
+                            d.l,
+                            View {
+                                ptr: wt.as_ptr().add(j * tap),
+                                rs: 1,
+                                cs: d.c_in,
+                            },
+                            View {
+                                ptr: gyi.as_ptr().add(t0),
+                                rs: l_out,
+                                cs: 1,
+                            },
                             par,
                         )
                     }
