@@ -9,6 +9,7 @@ mod bench_selftest;
 mod ci;
 mod cuda_build;
 mod gpu_check;
+mod tidy;
 mod train_all;
 
 use std::path::PathBuf;

@@ -9,10 +9,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use starflow_report::predictions::{predictions_csv, PredictionWriter};
 
 use crate::inspect::UserError;
+use starflow_inference::{EvalSource, Evaluation};
 use starflow_training::run::write_text;
-use starflow_training::{
-    EpochRecord, EvalSource, Evaluation, Observer, TrainOptions, TrainRequest,
-};
+use starflow_training::{EpochRecord, Observer, TrainOptions, TrainRequest};
 
 #[derive(Args, Debug)]
 pub struct TrainArgs {
@@ -153,7 +152,7 @@ fn parse_rows(s: &str) -> Result<RowRange, String> {
 
 impl PosteriorArgs {
     /// The run's recalibration unless `--raw` was given.
-    fn calibration(&self, run: &Path) -> anyhow::Result<Option<starflow_training::Calibration>> {
+    fn calibration(&self, run: &Path) -> anyhow::Result<Option<starflow_inference::Calibration>> {
         calibration(run, !self.raw, self.samples, self.seed)
     }
 }
@@ -165,24 +164,24 @@ fn calibration(
     on: bool,
     samples: usize,
     seed: u64,
-) -> anyhow::Result<Option<starflow_training::Calibration>> {
+) -> anyhow::Result<Option<starflow_inference::Calibration>> {
     if !on {
         return Ok(None);
     }
-    let c = starflow_training::load_or_fit_calibration(run, samples, seed).map_err(|e| {
+    let c = starflow_inference::load_or_fit_calibration(run, samples, seed).map_err(|e| {
         // Only the run's data can be worked around with --raw: a run that is not there or is
         // damaged needs its own fix and no word about its recalibration.
         if !e.is_about_data() {
             return anyhow::Error::from(e);
         }
-        anyhow::Error::from(e).context(starflow_training::calibration_unavailable(run, "--raw"))
+        anyhow::Error::from(e).context(starflow_inference::calibration_unavailable(run, "--raw"))
     })?;
     if c.too_few_stars {
         eprintln!(
             "not recalibrated: the {} set has {} stars and maps need at least {}; the model's own posteriors are used (as with --raw)",
             c.fitted_on,
             c.n_stars,
-            starflow_training::MIN_CALIBRATION_STARS
+            starflow_inference::MIN_CALIBRATION_STARS
         );
         return Ok(Some(c));
     }
@@ -200,7 +199,7 @@ fn calibration(
                 w.covariates
                     .iter()
                     .map(|v| match v.name.as_str() {
-                        starflow_training::NOISE_COVARIATE => "noise level".to_string(),
+                        starflow_inference::NOISE_COVARIATE => "noise level".to_string(),
                         label => format!("{label} mean"),
                     })
                     .collect::<Vec<_>>()
@@ -215,7 +214,7 @@ fn calibration(
 }
 
 /// Each label's map as its shift and scale, for stderr.
-fn describe_maps(c: &starflow_training::Calibration) -> String {
+fn describe_maps(c: &starflow_inference::Calibration) -> String {
     c.labels
         .iter()
         .enumerate()
@@ -323,7 +322,7 @@ pub fn train(a: &TrainArgs) -> anyhow::Result<()> {
         // applies it by default wherever the run directory goes. A config that draws a synthetic
         // calibration set has it generated here first, where the user sees it happen.
         starflow_training::calibration_set(&cfg, &observer)?;
-        calibration(&out, true, starflow_training::CALIBRATION_FIT_SAMPLES, 0)?;
+        calibration(&out, true, starflow_inference::CALIBRATION_FIT_SAMPLES, 0)?;
     }
     Ok(())
 }
@@ -457,7 +456,7 @@ pub fn evaluate(a: &EvaluateArgs) -> anyhow::Result<()> {
     source.check_quickly(&a.run)?;
     let (e, suffix) = if a.members.is_empty() {
         let cal = a.posterior.calibration(&a.run)?;
-        let e = starflow_training::evaluate_on(
+        let e = starflow_inference::evaluate_on(
             &a.run,
             &source,
             a.posterior.samples,
@@ -477,7 +476,7 @@ pub fn evaluate(a: &EvaluateArgs) -> anyhow::Result<()> {
             );
             None
         } else {
-            let c = starflow_training::load_or_fit_ensemble_calibration(&runs, samples, seed)
+            let c = starflow_inference::load_or_fit_ensemble_calibration(&runs, samples, seed)
                 .map_err(|e| {
                     if !e.is_about_data() {
                         return anyhow::Error::from(e);
@@ -498,7 +497,7 @@ pub fn evaluate(a: &EvaluateArgs) -> anyhow::Result<()> {
             );
             Some(c)
         };
-        let e = starflow_training::evaluate_ensemble_scaled(
+        let e = starflow_inference::evaluate_ensemble_scaled(
             &runs,
             &source,
             samples,
@@ -541,7 +540,7 @@ pub fn predict(a: &PredictArgs) -> anyhow::Result<()> {
     // Everything about the input and output is checked before the recalibration, which a run
     // without a saved one fits first (minutes).
     let rows = a.rows.map(|r| (r.start, r.end));
-    let mut predictor = starflow_training::Predictor::open(
+    let mut predictor = starflow_inference::Predictor::open(
         &a.run,
         &a.spectra,
         rows,

@@ -7,7 +7,7 @@
 use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use starflow_training::Fluxes;
+use starflow_inference::Fluxes;
 
 /// Spectra as lent by numpy: `(n_stars, n_pix)`, C-contiguous, float32 or float64.
 pub enum Spectra<'py> {

@@ -11,7 +11,8 @@ use pyo3::{PyErr, PyResult};
 use starflow_data::error::error_line;
 use starflow_data::DataError;
 use starflow_flows::FlowError;
-use starflow_training::{calibration_unavailable, TrainError};
+use starflow_inference::calibration_unavailable;
+use starflow_training::TrainError;
 
 pub fn train_error(err: TrainError) -> PyErr {
     let msg = error_line(&err);

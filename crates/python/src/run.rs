@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
-use starflow_training::{
+use starflow_inference::{
     load_or_fit_calibration, PosteriorSettings, SpectraSlice, StarPrediction, TrainedModel,
     MAX_SAMPLES,
 };
@@ -57,7 +57,7 @@ impl Run {
                     c.fitted_on,
                     dir.display(),
                     c.n_stars,
-                    starflow_training::MIN_CALIBRATION_STARS
+                    starflow_inference::MIN_CALIBRATION_STARS
                 );
                 let cstr = std::ffi::CString::new(message).unwrap_or_default();
                 let category = py.get_type::<pyo3::exceptions::PyUserWarning>();

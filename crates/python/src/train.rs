@@ -6,10 +6,8 @@ use std::sync::Mutex;
 
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
-use starflow_training::{
-    load_or_fit_calibration, EpochRecord, Observer, TrainOptions, TrainRequest, TrainedModel,
-    CALIBRATION_FIT_SAMPLES,
-};
+use starflow_inference::{load_or_fit_calibration, TrainedModel, CALIBRATION_FIT_SAMPLES};
+use starflow_training::{EpochRecord, Observer, TrainOptions, TrainRequest};
 
 use crate::errors::train_error;
 use crate::run::Run;

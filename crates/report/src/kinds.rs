@@ -5,7 +5,7 @@
 use std::fmt::Write as _;
 
 use polars::prelude::{Column, DataFrame, PlSmallStr};
-use starflow_training::kinds::{KindCalibration, KindLabel};
+use starflow_inference::kinds::{KindCalibration, KindLabel};
 
 use crate::error::{ReportError, Result};
 use crate::table::RunRow;

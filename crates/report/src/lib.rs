@@ -11,8 +11,8 @@
 //! * [`report_runs`] — the one call the CLI makes: evaluate each run on its test split, draw its
 //!   figures, and write the comparison.
 //!
-//! This crate reads runs through `starflow-training` (it never trains) and is the only crate that
-//! knows polars and plotters.
+//! This crate evaluates runs through `starflow-inference` (it never trains) and is the only crate
+//! that knows polars and plotters.
 
 pub mod error;
 mod font;

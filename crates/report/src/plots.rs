@@ -8,8 +8,9 @@ use std::path::Path;
 use image::ImageEncoder;
 use plotters::coord::Shift;
 use plotters::prelude::*;
-use starflow_training::kinds::SnrBin;
-use starflow_training::{EpochRecord, StarSamples};
+use starflow_inference::kinds::SnrBin;
+use starflow_inference::StarSamples;
+use starflow_training::EpochRecord;
 
 use crate::error::{ReportError, Result};
 use crate::font::{ensure_registered, FAMILY};

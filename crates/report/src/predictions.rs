@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 use polars::prelude::{BatchedWriter, Column, DataFrame, ParquetWriter, PlSmallStr};
 use starflow_data::atomic_file::AtomicFile;
-use starflow_training::StarPrediction;
+use starflow_inference::StarPrediction;
 
 use crate::error::{ReportError, Result};
 

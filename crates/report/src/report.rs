@@ -7,11 +7,12 @@ use std::time::Instant;
 use crate::predictions::predictions_csv;
 use starflow_data::npy::NpyArray;
 use starflow_data::synth::{wavelength_grid, CAMERAS};
-use starflow_training::run::write_text;
-use starflow_training::{
-    cached_calibration, calibration_set_dir, evaluate_on_each, fit_calibration,
-    posterior_samples_on, source_rows, EvalSource, Evaluation, RunDir, RunState,
+use starflow_inference::{
+    cached_calibration, evaluate_on_each, fit_calibration, posterior_samples_on, source_rows,
+    EvalSource, Evaluation,
 };
+use starflow_training::run::write_text;
+use starflow_training::{calibration_set_dir, RunDir, RunState};
 
 use crate::error::{ReportError, Result};
 use crate::plots::{self, fmt_sig, LabelInfo};

@@ -6,8 +6,9 @@ use std::path::Path;
 
 use polars::prelude::{Column, DataFrame, ParquetWriter, PlSmallStr};
 use serde::{Deserialize, Serialize};
-use starflow_training::kinds::{CoverageCurve, KindCalibration};
-use starflow_training::{EpochRecord, LabelMetrics};
+use starflow_inference::kinds::{CoverageCurve, KindCalibration};
+use starflow_inference::LabelMetrics;
+use starflow_training::EpochRecord;
 
 use crate::error::{ReportError, Result};
 use crate::plots::{fmt_sig, LabelInfo};
@@ -140,7 +141,7 @@ pub struct RunRow {
     #[serde(default)]
     pub calibration_stars: usize,
     /// What they were: `val` (the validation split) or
-    /// [`starflow_training::evaluate::CALIBRATION_SET`] (the config's synthetic calibration set).
+    /// [`starflow_inference::evaluate::CALIBRATION_SET`] (the config's synthetic calibration set).
     #[serde(default)]
     pub calibration_set: String,
     pub calibrated: Vec<LabelMetrics>,
@@ -405,7 +406,7 @@ pub fn markdown(title: &str, intro: &str, rows: &[RunRow]) -> String {
              model meets all four targets for a label with probability {:.0} %: about {:.0} of the \
              {total_pairs} pairs would miss by chance.",
             first.calibration_stars,
-            if first.calibration_set == starflow_training::evaluate::CALIBRATION_SET {
+            if first.calibration_set == starflow_inference::evaluate::CALIBRATION_SET {
                 "synthetic calibration"
             } else {
                 "validation"

@@ -2,8 +2,8 @@
 //! streamed CSV equals the one-shot one, and an unfinished table never replaces the previous one.
 
 use polars::prelude::{DataType, ParquetReader, SerReader};
+use starflow_inference::StarPrediction;
 use starflow_report::predictions::{prediction_columns, predictions_csv, PredictionWriter};
-use starflow_training::StarPrediction;
 
 fn names() -> Vec<String> {
     ["t_eff", "log_g", "fe_h"].map(String::from).to_vec()

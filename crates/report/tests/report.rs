@@ -5,9 +5,10 @@
 use std::path::{Path, PathBuf};
 
 use polars::prelude::{DataFrame, ParquetReader, SerReader};
+use starflow_inference::evaluate;
 use starflow_report::{report_runs, ReportOptions, TARGETS};
 use starflow_training::config::TrainConfig;
-use starflow_training::{evaluate, train, Quiet, TrainOptions};
+use starflow_training::{train, Quiet, TrainOptions};
 
 /// The shared tiny config (160 stars of 4 x 64 pixels, CNNModel), 2 epochs: about a second per run.
 fn tiny(data: &Path, flow: &str) -> TrainConfig {
@@ -160,11 +161,11 @@ fn report_of_two_runs_has_every_figure_table_and_number() {
     assert_eq!(runs_col.get(5), Some("cnn-full_flow"));
     // Recalibrated columns: fitted on validation, metrics of the recalibrated test posteriors.
     let scale = df.column("sigma_scale").unwrap().f64().unwrap();
-    let cal = starflow_training::fit_calibration(&runs[1], 200, 3).unwrap();
+    let cal = starflow_inference::fit_calibration(&runs[1], 200, 3).unwrap();
     for j in 0..3 {
         assert_eq!(scale.get(3 + j), Some(cal.scale[j]));
     }
-    let scaled = starflow_training::evaluate_scaled(&runs[1], "test", 200, 3, Some(&cal)).unwrap();
+    let scaled = starflow_inference::evaluate_scaled(&runs[1], "test", 200, 3, Some(&cal)).unwrap();
     let cal_std = df.column("cal_pull_std").unwrap().f64().unwrap();
     assert_eq!(cal_std.get(4), Some(scaled.labels[1].pull_std));
     assert!(
@@ -188,7 +189,7 @@ fn report_of_two_runs_has_every_figure_table_and_number() {
 
 #[test]
 fn targets_flag_miscalibration() {
-    let good = starflow_training::LabelMetrics {
+    let good = starflow_inference::LabelMetrics {
         name: "t_eff".into(),
         rmse: 50.0,
         mae: 40.0,
@@ -210,7 +211,7 @@ fn targets_flag_miscalibration() {
     assert!(TARGETS.joint_misses(&[0.69, 0.95]).is_empty());
     assert_eq!(TARGETS.joint_misses(&[0.80, 0.95]).len(), 1);
     assert_eq!(TARGETS.joint_misses(&[]).len(), 2, "unmeasured is a miss");
-    let wide = starflow_training::LabelMetrics {
+    let wide = starflow_inference::LabelMetrics {
         pull_std: 0.7,
         coverage_68: 0.85,
         ..good.clone()
@@ -218,7 +219,7 @@ fn targets_flag_miscalibration() {
     let m = TARGETS.misses(&wide);
     assert_eq!(m.len(), 2, "{m:?}");
     assert!(m[0].contains("pull std 0.70"));
-    let biased = starflow_training::LabelMetrics {
+    let biased = starflow_inference::LabelMetrics {
         pull_mean: -0.3,
         coverage_95: 0.90,
         ..good

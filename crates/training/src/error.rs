@@ -108,14 +108,16 @@ impl TrainError {
         }
     }
 
-    pub(crate) fn config(path: impl Into<PathBuf>, problem: impl Into<String>) -> Self {
+    /// A bad setting or request: names the file (or run) and the problem.
+    pub fn config(path: impl Into<PathBuf>, problem: impl Into<String>) -> Self {
         TrainError::Config {
             path: path.into(),
             problem: problem.into(),
         }
     }
 
-    pub(crate) fn run(
+    /// A run directory that cannot be used as asked: names it, the problem and the fix.
+    pub fn run(
         path: impl Into<PathBuf>,
         problem: impl Into<String>,
         fix: impl Into<String>,
@@ -127,7 +129,8 @@ impl TrainError {
         }
     }
 
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    /// An I/O failure on `path`.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         TrainError::Io {
             path: path.into(),
             source,

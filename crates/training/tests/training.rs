@@ -1,10 +1,10 @@
 //! Training end to end on a tiny synthetic set: determinism, bit-exact resume, non-finite steps,
-//! configuration errors, evaluation and prediction.
+//! configuration errors (evaluation and prediction: the inference crate's tests).
 
 use std::path::Path;
 
 use starflow_training::config::TrainConfig;
-use starflow_training::{evaluate, predict, train, Quiet, TrainError, TrainOptions};
+use starflow_training::{train, Quiet, TrainError, TrainOptions};
 
 /// The shared tiny config (160 stars of 4 x 64 pixels, about a second) with 3 epochs.
 fn tiny(data: &Path, flow: &str, backbone: &str) -> TrainConfig {
@@ -84,81 +84,6 @@ fn same_seed_same_run_and_resume_is_bit_exact() {
         .map(|e| e.unwrap().file_name())
         .collect();
     assert_eq!(files.len(), 2, "{files:?}");
-}
-
-#[test]
-fn every_flow_and_backbone_trains_evaluates_and_predicts() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    for (flow, backbone) in [("diagonal_gaussian", "cnn"), ("full_flow", "tiny_cnn")] {
-        let mut cfg = tiny(&data, flow, backbone);
-        cfg.optim.epochs = 2;
-        let run = dir.path().join(format!("{backbone}-{flow}"));
-        let st = train(&cfg, &opts(&run), &Quiet).unwrap();
-        assert!(st.best_val_nll.is_finite(), "{flow}/{backbone}");
-        let e = evaluate(&run, "test", 200, 1).unwrap();
-        assert_eq!(e.n_stars, st.n_test);
-        assert_eq!(e.labels.len(), 3);
-        for l in &e.labels {
-            assert!(l.rmse.is_finite() && l.rmse > 0.0, "{l:?}");
-            assert!(
-                (0.0..=1.0).contains(&l.coverage_68) && l.coverage_68 <= l.coverage_95,
-                "{l:?}"
-            );
-            assert!(l.rmse_over_crlb.is_some(), "synthetic data has crlb.npy");
-        }
-        // Posterior summaries are ordered and in physical units.
-        for s in &e.stars {
-            assert!(
-                s.quantiles
-                    .iter()
-                    .all(|q| q.windows(2).all(|w| w[0] <= w[1])),
-                "{s:?}"
-            );
-            assert!(
-                s.mean[0] > 2000.0 && s.mean[0] < 9000.0,
-                "t_eff in K: {s:?}"
-            );
-        }
-        let p = predict(&run, &data.join("spectra.npy"), 100, 2).unwrap();
-        assert_eq!(p.len(), 160);
-    }
-}
-
-#[test]
-fn wrong_spectrum_length_is_a_user_error() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let mut cfg = tiny(&data, "diagonal_gaussian", "tiny_cnn");
-    cfg.optim.epochs = 1;
-    let run = dir.path().join("run");
-    train(&cfg, &opts(&run), &Quiet).unwrap();
-    let bad = dir.path().join("short.npy");
-    starflow_data::npy::write_npy(&bad, &[2, 100], &[1f32; 200]).unwrap();
-    let e = predict(&run, &bad, 100, 0).unwrap_err();
-    assert!(e.is_user_error());
-    assert!(
-        e.to_string().contains("short.npy") && e.to_string().contains("100 pixels"),
-        "{e}"
-    );
-    // A directory that is not a run.
-    let e = evaluate(dir.path(), "test", 100, 0).unwrap_err();
-    assert!(
-        e.is_user_error() && e.to_string().contains("not a starflow run directory"),
-        "{e}"
-    );
-    // A run of another format version.
-    let state = std::fs::read_to_string(run.join("state.json")).unwrap();
-    std::fs::write(
-        run.join("state.json"),
-        state.replacen("\"format\": 1", "\"format\": 99", 1),
-    )
-    .unwrap();
-    let e = evaluate(&run, "test", 100, 0).unwrap_err();
-    assert!(
-        e.is_user_error() && e.to_string().contains("run format 99"),
-        "{e}"
-    );
 }
 
 #[test]

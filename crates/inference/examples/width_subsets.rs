@@ -1,6 +1,6 @@
 //! How well can a validation-sized set fit the per-star widening? (issue 29, the real-data path)
 //!
-//! `cargo run --release -p starflow-training --example width_subsets -- RUN DATA N [noise|giants]`
+//! `cargo run --release -p starflow-inference --example width_subsets -- RUN DATA N [noise|giants]`
 //!
 //! Evaluates RUN's own posteriors on the labelled set DATA (e.g. 10,000 synthetic stars of a tuning
 //! seed) and on RUN's validation split, fits a [`WidthMap`] on all of DATA, on the validation
@@ -19,7 +19,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use starflow_training::{evaluate_on, EvalSource, Evaluation, WidthMap};
+use starflow_inference::{evaluate_on, EvalSource, Evaluation, WidthMap};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -84,7 +84,7 @@ struct Point {
 fn type_points(e: &Evaluation) -> anyhow::Result<Vec<Point>> {
     let noise = quarter_medians(e)?;
     let median = 0.5 * (noise[1] + noise[2]);
-    let truth = |s: &starflow_training::StarPrediction, j: usize| s.truth.as_ref().map(|t| t[j]);
+    let truth = |s: &starflow_inference::StarPrediction, j: usize| s.truth.as_ref().map(|t| t[j]);
     let mut dwarfs: Vec<_> = e
         .stars
         .iter()
@@ -96,7 +96,7 @@ fn type_points(e: &Evaluation) -> anyhow::Result<Vec<Point>> {
         .iter()
         .filter(|s| truth(s, 1).is_some_and(|g| g < 3.5))
         .collect();
-    let mean_z = |group: &[&starflow_training::StarPrediction]| -> Vec<f64> {
+    let mean_z = |group: &[&starflow_inference::StarPrediction]| -> Vec<f64> {
         let d = e.labels.len();
         let mut m = vec![0.0; d];
         for s in group {

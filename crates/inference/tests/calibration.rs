@@ -6,15 +6,15 @@
 
 use std::path::{Path, PathBuf};
 
-use starflow_training::config::TrainConfig;
-use starflow_training::{
+use starflow_inference::{
     evaluate, evaluate_on, evaluate_scaled, fit_calibration, fit_calibration_with,
-    load_or_fit_calibration, train, Calibration, CalibrationMethod, EvalSource, MarginalMap, Quiet,
-    RadialMap, TrainOptions,
+    load_or_fit_calibration, Calibration, CalibrationMethod, EvalSource, MarginalMap, RadialMap,
 };
+use starflow_training::config::TrainConfig;
+use starflow_training::{train, Quiet, TrainOptions};
 
 /// A tiny CNNModel run of `flow` in `dir/FLOW` with 120 validation stars, enough for maps
-/// ([`starflow_training::MIN_CALIBRATION_STARS`]).
+/// ([`starflow_inference::MIN_CALIBRATION_STARS`]).
 fn tiny_run(dir: &Path, flow: &str) -> PathBuf {
     let mut cfg = TrainConfig::tiny(&dir.join("data"), flow, "cnn", 2);
     cfg.data.synthetic_n = 480;
@@ -35,7 +35,7 @@ fn too_few_stars_keep_the_models_own_posteriors() {
     train(&cfg, &TrainOptions::new(&run), &Quiet).unwrap();
     let c = fit_calibration(&run, 100, 1).unwrap();
     assert!(
-        c.n_stars < starflow_training::MIN_CALIBRATION_STARS,
+        c.n_stars < starflow_inference::MIN_CALIBRATION_STARS,
         "{c:?}"
     );
     assert!(c.too_few_stars);
@@ -125,7 +125,7 @@ fn quantile_maps_make_validation_pits_uniform_and_keep_the_nll_a_density() {
 /// The standard normal CDF, from the chi-square CDF with one degree of freedom:
 /// `P(|Z| < |u|) = 2 Φ(|u|) - 1`.
 fn normal_cdf(u: f64) -> f64 {
-    0.5 + 0.5 * u.signum() * starflow_training::chi2_cdf(1, u * u)
+    0.5 + 0.5 * u.signum() * starflow_inference::chi2_cdf(1, u * u)
 }
 
 #[test]
@@ -247,7 +247,7 @@ fn calibration_is_saved_and_reused_until_the_run_changes() {
 /// The chi-square CDF behind the joint HPD levels of Gaussian flows, at known values.
 #[test]
 fn chi2_cdf_matches_known_values() {
-    use starflow_training::chi2_cdf;
+    use starflow_inference::chi2_cdf;
     let close = |a: f64, b: f64, tol: f64| assert!((a - b).abs() < tol, "{a} vs {b}");
     close(chi2_cdf(1, 1.0), 0.682_689_49, 1e-6);
     close(chi2_cdf(1, 4.0), 0.954_499_74, 1e-6);
@@ -289,7 +289,7 @@ fn hpd_level_from_chi_square_equals_the_sample_ranking() {
         let x = Tensor::new(&[truth], &Device::Cpu).unwrap();
         let parts = flow.log_prob_parts(&params, &x).unwrap();
         let z: Vec<f64> = parts.z.flatten_all().unwrap().to_vec1().unwrap();
-        let exact = starflow_training::chi2_cdf(3, z.iter().map(|v| v * v).sum());
+        let exact = starflow_inference::chi2_cdf(3, z.iter().map(|v| v * v).sum());
         let lt: f64 = parts.log_prob.to_vec1::<f64>().unwrap()[0];
         let ranked = lp.iter().filter(|&&v| v > lt).count() as f64 / n as f64;
         // Binomial noise of 20,000 samples: < 0.004 at one standard error.
@@ -304,7 +304,7 @@ fn hpd_level_from_chi_square_equals_the_sample_ranking() {
 /// exactly that member's density; members from other data are refused.
 #[test]
 fn ensemble_of_copies_is_the_member_itself() {
-    use starflow_training::{evaluate_ensemble, EvalSource};
+    use starflow_inference::{evaluate_ensemble, EvalSource};
     let dir = tempfile::tempdir().unwrap();
     let run = tiny_run(dir.path(), "full_gaussian");
     let test = EvalSource::Split("test".into());
@@ -344,7 +344,7 @@ fn ensemble_of_copies_is_the_member_itself() {
 /// within the sampling noise of the mixture's 200 samples per star.
 #[test]
 fn recalibrated_ensemble_of_copies_is_the_recalibrated_member() {
-    use starflow_training::{evaluate_ensemble_scaled, fit_ensemble_calibration, EvalSource};
+    use starflow_inference::{evaluate_ensemble_scaled, fit_ensemble_calibration, EvalSource};
     let dir = tempfile::tempdir().unwrap();
     let run = tiny_run(dir.path(), "full_gaussian");
     let copies = [run.clone(), run.clone()];
@@ -540,7 +540,7 @@ fn saved_maps_follow_the_configs_calibration_set() {
 /// skips the joint HPD levels, the evaluation here computes them: the maps must not differ.
 #[test]
 fn ensemble_calibration_is_fitted_on_the_first_runs_calibration_set() {
-    use starflow_training::{evaluate_ensemble, fit_ensemble_calibration};
+    use starflow_inference::{evaluate_ensemble, fit_ensemble_calibration};
     let dir = tempfile::tempdir().unwrap();
     let run = run_with_calibration_set(dir.path(), "full_gaussian", 120, 9);
     let copies = [run.clone(), run.clone()];
@@ -574,7 +574,7 @@ fn fitting_without_the_joint_levels_gives_the_same_maps() {
 /// again, giving what a fresh fit gives.
 #[test]
 fn ensemble_calibration_is_kept_for_the_same_ensemble() {
-    use starflow_training::{
+    use starflow_inference::{
         fit_ensemble_calibration, load_or_fit_ensemble_calibration, EnsembleCalibration,
         ENSEMBLE_CALIBRATION_FILE,
     };

@@ -18,13 +18,15 @@ use starflow_data::{Batch, Batcher, Dataset, FluxTransform, LoadOptions};
 use starflow_flows::{Flow, LogProbParts, PosteriorSummary, Samples};
 
 use crate::calibration::{Calibration, CalibrationMethod, Frame, Resolved};
-use crate::config::TrainConfig;
-use crate::error::{Result, TrainError};
 use crate::kinds::{by_kind, by_snr, coverage_curve, CoverageCurve, KindCalibration, SnrBin};
-use crate::model::StarModel;
 use crate::radial::precision_of;
-use crate::run::{write_text, RunDir, RunState};
-use crate::train::{calibration_set, calibration_set_dir, load_run, prepare_data, Prepared, Quiet};
+use starflow_training::config::TrainConfig;
+use starflow_training::error::{Result, TrainError};
+use starflow_training::model::StarModel;
+use starflow_training::run::{write_text, RunDir, RunState};
+use starflow_training::train::{
+    calibration_set, calibration_set_dir, load_run, prepare_data, Prepared, Quiet,
+};
 
 /// Nominal masses of the two central intervals whose coverage is reported (1 and 2 sigma).
 pub const COVERAGE_LEVELS: [f64; 2] = [0.6827, 0.9545];

@@ -24,13 +24,13 @@ use starflow_data::FluxTransform;
 use starflow_flows::PosteriorSummary;
 
 use crate::calibration::Calibration;
-use crate::error::{Result, TrainError};
 use crate::evaluate::{
     check_samples, star_rng, summarize_batch, to_physical, Draws, StarPrediction,
 };
-use crate::model::StarModel;
-use crate::run::RunState;
-use crate::train::load_run;
+use starflow_training::error::{Result, TrainError};
+use starflow_training::model::StarModel;
+use starflow_training::run::RunState;
+use starflow_training::train::load_run;
 
 /// Spectra per forward pass: large enough to keep the kernels busy, small enough that a batch of
 /// GALAH spectra (128 × 16,384 px) and its activations stay well under a gigabyte.

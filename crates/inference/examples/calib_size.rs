@@ -1,6 +1,6 @@
 //! How many calibration stars do the maps need? (issue 29, the real-data path)
 //!
-//! `cargo run --release -p starflow-training --example calib_size -- RUN DATA N1,N2,... [SAMPLES]`
+//! `cargo run --release -p starflow-inference --example calib_size -- RUN DATA N1,N2,... [SAMPLES]`
 //!
 //! Evaluates RUN's own posteriors on the labelled set DATA (e.g. 10,000 synthetic stars of a tuning
 //! seed), keeps its second half as the stars to score, and for each N fits the recalibration on the
@@ -14,8 +14,8 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use starflow_training::kinds::{by_kind, KindCalibration};
-use starflow_training::{
+use starflow_inference::kinds::{by_kind, KindCalibration};
+use starflow_inference::{
     evaluate_on, evaluate_on_each, Calibration, CalibrationMethod, EvalSource, Evaluation,
 };
 
