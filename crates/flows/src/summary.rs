@@ -6,7 +6,6 @@
 
 use rayon::prelude::*;
 
-use crate::special::erfinv;
 
 /// Quantile levels of every summary: 2.5 %, 16 %, 50 %, 84 %, 97.5 %.
 pub const QUANTILE_LEVELS: [f64; 5] = [0.025, 0.16, 0.5, 0.84, 0.975];
@@ -155,7 +154,7 @@ impl GaussianMoments {
     pub fn to_summary(&self) -> PosteriorSummary {
         let d = self.mean.len();
         let std: Vec<f64> = (0..d).map(|i| self.cov[i * d + i].sqrt()).collect();
-        let z = QUANTILE_LEVELS.map(|q| std::f64::consts::SQRT_2 * erfinv(2.0 * q - 1.0));
+        let z = QUANTILE_LEVELS.map(crate::special::normal_quantile);
         let quantiles = (0..d)
             .map(|i| z.map(|zq| self.mean[i] + std[i] * zq))
             .collect();

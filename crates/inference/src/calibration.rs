@@ -25,9 +25,10 @@
 //! of both, `det ∂T/∂u · prod_j g_j'(u'_j)`.
 
 use serde::{Deserialize, Serialize};
+use starflow_flows::special::{normal_cdf, normal_quantile};
 use starflow_flows::{quantile_sorted, PosteriorSummary};
 
-use crate::evaluate::{phi, Evaluation, StarPrediction};
+use crate::evaluate::{Evaluation, StarPrediction};
 use crate::radial::{precision_of, RadialMap, RadialReference};
 
 /// A strictly increasing, piecewise-linear map `v = g(u)` through `knots`, extended linearly
@@ -187,7 +188,7 @@ impl MarginalMap {
             };
             let (u0, v0, b) = self.segment(mid, 0);
             let a = v0 - b * u0;
-            let mass = phi(h) - phi(l);
+            let mass = normal_cdf(h) - normal_cdf(l);
             let e1 = density(l) - density(h);
             let e2 = mass + tail_term(l) - tail_term(h);
             m1 += a * mass + b * e1;
@@ -213,11 +214,6 @@ fn density(u: f64) -> f64 {
     } else {
         0.0
     }
-}
-
-/// `Φ^{-1}(p)`.
-fn normal_quantile(p: f64) -> f64 {
-    std::f64::consts::SQRT_2 * starflow_flows::special::erfinv(2.0 * p - 1.0)
 }
 
 /// Median of finite values (0 when there are none).
@@ -996,8 +992,7 @@ mod min_stars {
     fn coverage_errors(n: usize, s: f64, reps: usize) -> ([f64; 2], [f64; 2]) {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(n as u64);
         let levels = [0.6827, 0.9545];
-        let covered =
-            |lo: f64, hi: f64| crate::evaluate::phi(hi / s) - crate::evaluate::phi(lo / s);
+        let covered = |lo: f64, hi: f64| normal_cdf(hi / s) - normal_cdf(lo / s);
         let mut mapped = [0.0; 2];
         for _ in 0..reps {
             let errors: Vec<f64> = (0..n)
@@ -1129,7 +1124,7 @@ mod width {
             .filter(|s| {
                 let f = cal.frame(&summary(s), s.noise);
                 let t = s.truth.as_ref().unwrap()[j];
-                let pit = phi((cal.seen(t, &f, j) - s.mean[j]) / s.std[j]);
+                let pit = normal_cdf((cal.seen(t, &f, j) - s.mean[j]) / s.std[j]);
                 (pit - 0.5).abs() < 0.5 * 0.6827
             })
             .count();

@@ -15,6 +15,8 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use starflow_data::npy::NpyArray;
 use starflow_data::{Batch, Batcher, Dataset, FluxTransform, LoadOptions};
+pub use starflow_flows::special::chi2_cdf;
+use starflow_flows::special::normal_cdf;
 use starflow_flows::{Flow, LogProbParts, PosteriorSummary, Samples};
 
 use crate::calibration::{Calibration, CalibrationMethod, Frame, Resolved};
@@ -245,33 +247,6 @@ impl Evaluation {
 /// errors' own are fixed.
 pub const POOLED_DRAWS: usize = 64;
 
-/// Standard normal CDF.
-pub(crate) fn phi(x: f64) -> f64 {
-    0.5 * (1.0 + erf(x / std::f64::consts::SQRT_2))
-}
-
-/// erf with |error| < 1.2e-7 (Numerical Recipes' erfc Chebyshev fit), ample for a PIT.
-fn erf(x: f64) -> f64 {
-    let z = x.abs();
-    let t = 1.0 / (1.0 + 0.5 * z);
-    let r = t
-        * (-z * z - 1.265_512_23
-            + t * (1.000_023_68
-                + t * (0.374_091_96
-                    + t * (0.096_784_18
-                        + t * (-0.186_288_06
-                            + t * (0.278_868_07
-                                + t * (-1.135_203_98
-                                    + t * (1.488_515_87
-                                        + t * (-0.822_152_23 + t * 0.170_872_77)))))))))
-            .exp();
-    if x >= 0.0 {
-        1.0 - r
-    } else {
-        r - 1.0
-    }
-}
-
 /// Refuses posterior sample counts too small for meaningful quantiles.
 pub(crate) fn check_samples(run_dir: &Path, n_samples: usize) -> Result<()> {
     if !(10..=MAX_SAMPLES).contains(&n_samples) {
@@ -354,7 +329,7 @@ pub(crate) fn summarize_batch(
                     (0..d)
                         .map(|j| {
                             let seen = cal.map_or(t[j], |c| c.seen(t[j], &frames[i], j));
-                            phi((seen - s.mean[j]) / s.std[j])
+                            normal_cdf((seen - s.mean[j]) / s.std[j])
                         })
                         .collect()
                 });
@@ -487,32 +462,6 @@ fn hpd_levels(
             (denser as f64 + 0.5) / (k as f64 + 1.0)
         })
         .collect())
-}
-
-/// CDF of the chi-square distribution with `k` degrees of freedom at `x`: the regularised lower
-/// incomplete gamma `P(k/2, x/2)`, by the upward recursion `P(a+1, y) = P(a, y) - y^a e^-y /
-/// Gamma(a+1)` from `P(1/2, y) = erf(sqrt y)` or `P(1, y) = 1 - e^-y`.
-pub fn chi2_cdf(k: usize, x: f64) -> f64 {
-    if x <= 0.0 {
-        return 0.0;
-    }
-    let y = 0.5 * x;
-    let (mut a, mut p, mut term) = if k % 2 == 1 {
-        // term = y^a e^-y / Gamma(a + 1) at a = 1/2, Gamma(3/2) = sqrt(pi) / 2.
-        (
-            0.5,
-            erf(y.sqrt()),
-            y.sqrt() * (-y).exp() / (0.5 * std::f64::consts::PI.sqrt()),
-        )
-    } else {
-        (1.0, 1.0 - (-y).exp(), y * (-y).exp())
-    };
-    while a + 1.0 <= 0.5 * k as f64 {
-        p -= term;
-        a += 1.0;
-        term *= y / (a + 1.0);
-    }
-    p.clamp(0.0, 1.0)
 }
 
 pub(crate) fn to_physical(

@@ -61,21 +61,8 @@ pub fn normal_pdf(x: f64, mean: f64, std: f64) -> f64 {
     (-0.5 * z * z).exp() / (std * (2.0 * std::f64::consts::PI).sqrt())
 }
 
-/// Standard normal CDF (Abramowitz & Stegun 7.1.26 erf, |error| < 1.5e-7).
-pub fn normal_cdf(x: f64) -> f64 {
-    let z = x.abs() / std::f64::consts::SQRT_2;
-    let t = 1.0 / (1.0 + 0.327_591_1 * z);
-    let poly = t
-        * (0.254_829_592
-            + t * (-0.284_496_736
-                + t * (1.421_413_741 + t * (-1.453_152_027 + t * 1.061_405_429))));
-    let erf = 1.0 - poly * (-z * z).exp();
-    if x >= 0.0 {
-        0.5 * (1.0 + erf)
-    } else {
-        0.5 * (1.0 - erf)
-    }
-}
+/// The standard normal CDF, from `flows::special` (the one implementation every crate uses).
+pub use starflow_flows::special::normal_cdf;
 
 /// Sampling noise of the calibration figures of a perfectly calibrated model on `n` stars
 /// (normal approximations): standard errors of the pull mean, pull std, 68.3 % and 95.4 %
