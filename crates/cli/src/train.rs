@@ -176,6 +176,13 @@ fn calibration(
         }
         anyhow::Error::from(e).context(starflow_inference::calibration_unavailable(run, "--raw"))
     })?;
+    announce(&c);
+    Ok(Some(c))
+}
+
+/// Announces a run's recalibration on stderr: each map's shift and scale and what was fitted, or
+/// why the model's own posteriors are used.
+fn announce(c: &starflow_inference::Calibration) {
     if c.too_few_stars {
         eprintln!(
             "not recalibrated: the {} set has {} stars and maps need at least {}; the model's own posteriors are used (as with --raw)",
@@ -183,7 +190,7 @@ fn calibration(
             c.n_stars,
             starflow_inference::MIN_CALIBRATION_STARS
         );
-        return Ok(Some(c));
+        return;
     }
     eprintln!(
         "recalibration ({}) fitted on {} {} stars: {}",
@@ -208,9 +215,8 @@ fn calibration(
         },
         c.n_stars,
         c.fitted_on,
-        describe_maps(&c)
+        describe_maps(c)
     );
-    Ok(Some(c))
 }
 
 /// Each label's map as its shift and scale, for stderr.
@@ -308,21 +314,18 @@ pub fn train(a: &TrainArgs) -> anyhow::Result<()> {
             Err(_) => None,
         },
     };
-    let state = starflow_training::train(&cfg, &opts, &observer)?;
-    println!(
-        "run {}: {} epochs, best validation NLL {:.4} (epoch {}); {}",
-        out.display(),
-        state.epochs_done,
-        state.best_val_nll,
-        state.best_epoch,
-        state.stop_reason.as_deref().unwrap_or("stopped")
-    );
-    if state.finished {
-        // Fit the recalibration now, while the training data are at hand, so that `predict`
-        // applies it by default wherever the run directory goes. A config that draws a synthetic
-        // calibration set has it generated here first, where the user sees it happen.
-        starflow_training::calibration_set(&cfg, &observer)?;
-        calibration(&out, true, starflow_inference::CALIBRATION_FIT_SAMPLES, 0)?;
+    let trained = starflow_inference::train_and_calibrate(&cfg, &opts, &observer, |state| {
+        println!(
+            "run {}: {} epochs, best validation NLL {:.4} (epoch {}); {}",
+            out.display(),
+            state.epochs_done,
+            state.best_val_nll,
+            state.best_epoch,
+            state.stop_reason.as_deref().unwrap_or("stopped")
+        );
+    })?;
+    if let Some(c) = &trained.calibration {
+        announce(c);
     }
     Ok(())
 }

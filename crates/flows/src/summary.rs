@@ -6,7 +6,6 @@
 
 use rayon::prelude::*;
 
-
 /// Quantile levels of every summary: 2.5 %, 16 %, 50 %, 84 %, 97.5 %.
 pub const QUANTILE_LEVELS: [f64; 5] = [0.025, 0.16, 0.5, 0.84, 0.975];
 

@@ -53,6 +53,12 @@ fn main() -> anyhow::Result<()> {
             };
             fits.push((label, c));
         }
+        // The widening by the noise level alone: without the label scaling the fit has no
+        // posterior means to use as covariates.
+        let mut noise_only = fit_on.clone();
+        noise_only.label_scale.clear();
+        let c = Calibration::fit_with(&noise_only, CalibrationMethod::Quantile, true);
+        fits.push((format!("N={n} noise-only widening + maps"), c));
     }
     let refs: Vec<Option<&Calibration>> = fits.iter().map(|(_, c)| Some(c)).collect();
     let evals = evaluate_on_each(&run, &source, samples, 0, &refs)?;

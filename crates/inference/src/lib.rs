@@ -1,6 +1,7 @@
 //! Inference: everything done with a trained run. Evaluation on a split or a labelled set, the
 //! calibrated posterior of each star (summaries, samples, HPD levels), the recalibration maps and
-//! their fitting, calibration by kind of star, prediction on spectra files, and ensembles.
+//! their fitting (also when training ends: [`train_and_calibrate`]), calibration by kind of star,
+//! prediction on spectra files, and ensembles.
 //!
 //! **Architecture invariant:** this crate sits above `training` (it loads runs through
 //! `training`'s run directory and model) and below `report`, `cli`, `xtask` and the Python layer;
@@ -11,6 +12,7 @@ pub mod evaluate;
 pub mod kinds;
 pub mod predict;
 pub mod radial;
+pub mod train_run;
 
 pub use calibration::{
     Calibration, CalibrationMethod, MarginalMap, WidthCovariate, WidthMap, MIN_CALIBRATION_STARS,
@@ -31,3 +33,4 @@ pub use predict::{
 };
 pub use radial::RadialMap;
 pub use starflow_training::{Result, TrainError};
+pub use train_run::{train_and_calibrate, TrainedRun};

@@ -90,3 +90,31 @@ fn wrong_spectrum_length_is_a_user_error() {
         "{e}"
     );
 }
+
+#[test]
+fn training_ends_with_the_recalibration_fitted_and_saved() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny(&dir.path().join("data"), "diagonal_gaussian", "tiny_cnn");
+    let run = dir.path().join("run");
+    let saved = run.join("calibration.json");
+    let mut told = false;
+    let trained = starflow_inference::train_and_calibrate(&cfg, &opts(&run), &Quiet, |state| {
+        // Called when the loop ends, before any calibration work.
+        assert!(state.finished);
+        assert!(!saved.exists());
+        told = true;
+    })
+    .unwrap();
+    assert!(told);
+    let c = trained.calibration.expect("a finished run is recalibrated");
+    assert_eq!(c.fitted_on, "val");
+    assert!(saved.exists());
+    // What predict and evaluate load is what training fitted.
+    let loaded = starflow_inference::load_or_fit_calibration(
+        &run,
+        starflow_inference::CALIBRATION_FIT_SAMPLES,
+        0,
+    )
+    .unwrap();
+    assert_eq!(loaded, c);
+}

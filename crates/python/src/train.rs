@@ -6,7 +6,7 @@ use std::sync::Mutex;
 
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
-use starflow_inference::{load_or_fit_calibration, TrainedModel, CALIBRATION_FIT_SAMPLES};
+use starflow_inference::{train_and_calibrate, TrainedModel};
 use starflow_training::{EpochRecord, Observer, TrainOptions, TrainRequest};
 
 use crate::errors::train_error;
@@ -111,14 +111,9 @@ pub fn train(
         let (cfg, out) = request.resolve()?;
         let mut opts = TrainOptions::new(&out);
         opts.resume = request.resume;
-        let state = starflow_training::train(&cfg, &opts, &observer)?;
-        if state.finished {
-            // As the command line does: fit the recalibration while the data are at hand, so that
-            // predictions are recalibrated wherever the run goes; a synthetic calibration set
-            // the config draws is generated first, with the callback told.
-            starflow_training::calibration_set(&cfg, &observer)?;
-            load_or_fit_calibration(&out, CALIBRATION_FIT_SAMPLES, 0)?;
-        }
+        // As the command line does: the recalibration is fitted while the data are at hand, so
+        // that predictions are recalibrated wherever the run goes.
+        train_and_calibrate(&cfg, &opts, &observer, |_| {})?;
         TrainedModel::open(&out)
     });
     if let Some(e) = observer.take_error() {
