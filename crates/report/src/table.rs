@@ -175,7 +175,7 @@ pub struct RunRow {
 }
 
 /// Markdown for the whole comparison. `intro` is free text (how the runs were made) placed under
-/// the title.
+/// the title; then one section per function below, in this order.
 pub fn markdown(title: &str, intro: &str, rows: &[RunRow]) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "# {title}\n");
@@ -191,7 +191,27 @@ pub fn markdown(title: &str, intro: &str, rows: &[RunRow]) -> String {
         .iter()
         .map(|l| LabelInfo::of(&l.name))
         .collect();
+    overview(&mut s, rows, first);
+    accuracy(&mut s, rows, first, &infos);
+    calibration(&mut s, rows, first);
+    joint_calibration(&mut s, rows);
+    quality_targets(&mut s, rows);
+    s.push_str(&crate::kinds::markdown_section(rows));
+    figures(&mut s, rows);
+    s
+}
 
+/// "met", or "**missed**: " and what was missed.
+fn verdict(misses: Vec<String>) -> String {
+    if misses.is_empty() {
+        "met".to_string()
+    } else {
+        format!("**missed**: {}", misses.join("; "))
+    }
+}
+
+/// The overview table: epochs, NLLs and times per run, and what the stars were.
+fn overview(s: &mut String, rows: &[RunRow], first: &RunRow) {
     s.push_str("## Overview\n\n");
     s.push_str(
         "| run | backbone | flow | epochs (kept) | test NLL (z) ± se | recalibrated test NLL (z) | test NLL (physical) | s / epoch | train time | report time |\n",
@@ -225,10 +245,13 @@ pub fn markdown(title: &str, intro: &str, rows: &[RunRow]) -> String {
         if first.eval_set.is_empty() { "test" } else { &first.eval_set },
         first.n_train
     );
+}
 
+/// RMSE, bias and R² per label, and the RMSE against the Cramér-Rao bounds when the data have them.
+fn accuracy(s: &mut String, rows: &[RunRow], first: &RunRow, infos: &[LabelInfo]) {
     s.push_str("## Accuracy (posterior mean against the truth, physical units)\n\n");
     s.push_str("| run |");
-    for i in &infos {
+    for i in infos {
         let _ = write!(s, " {t} RMSE | {t} bias | {t} R² |", t = i.axis(""));
     }
     s.push('\n');
@@ -250,9 +273,9 @@ pub fn markdown(title: &str, intro: &str, rows: &[RunRow]) -> String {
     }
     if first.labels.iter().any(|l| l.median_crlb.is_some()) {
         per_label_table(
-            &mut s,
+            s,
             "RMSE / Cramér-Rao bound (median per-star bound of the synthetic generator, nuisances held fixed; 1 is the best any unbiased estimator that knew them could do):",
-            &infos,
+            infos,
             rows,
             |l| l.rmse_over_crlb.map(|v| format!("{v:.1}")),
         );
@@ -263,9 +286,9 @@ pub fn markdown(title: &str, intro: &str, rows: &[RunRow]) -> String {
         .any(|l| l.median_crlb_marginal.is_some())
     {
         per_label_table(
-            &mut s,
+            s,
             "RMSE / marginalised Cramér-Rao bound (the generator's 33 nuisance parameters — per-element abundances, microturbulence, lithium, tellurics, edge, continuum — unknown to the estimator, as they are to the network; median per-star bound in brackets):",
-            &infos,
+            infos,
             rows,
             |l| match (l.rmse_over_crlb_marginal, l.median_crlb_marginal) {
                 (Some(v), Some(c)) => Some(format!("{v:.2} ({})", fmt_sig(c))),
@@ -273,7 +296,11 @@ pub fn markdown(title: &str, intro: &str, rows: &[RunRow]) -> String {
             },
         );
     }
+}
 
+/// Per run and label: pulls and coverages of the model's own and the recalibrated posteriors
+/// against the targets, and the sampling noise a perfectly calibrated model would show.
+fn calibration(s: &mut String, rows: &[RunRow], first: &RunRow) {
     s.push_str("\n## Calibration\n\n");
     let _ = writeln!(
         s,
@@ -301,21 +328,11 @@ pub fn markdown(title: &str, intro: &str, rows: &[RunRow]) -> String {
     );
     s.push_str("| run | label | shift c, scale s | pull mean | pull std | 68 % coverage | 95 % coverage | targets (model) | targets (recalibrated) |\n");
     s.push_str("|---|---|---|---|---|---|---|---|---|\n");
-    let verdict = |misses: Vec<String>| {
-        if misses.is_empty() {
-            "met".to_string()
-        } else {
-            format!("**missed**: {}", misses.join("; "))
-        }
-    };
-    let (mut n_miss, mut n_miss_cal) = (0, 0);
     for r in rows {
         for (j, l) in r.labels.iter().enumerate() {
             let misses = TARGETS.misses(l);
-            n_miss += usize::from(!misses.is_empty());
             let c = r.calibrated.get(j);
             let cal_misses = c.map(|c| TARGETS.misses(c));
-            n_miss_cal += usize::from(cal_misses.as_ref().is_some_and(|m| !m.is_empty()));
             let arrow = |a: f64, b: Option<f64>, pct: bool| {
                 let f = |v: f64| {
                     if pct {
@@ -365,6 +382,12 @@ pub fn markdown(title: &str, intro: &str, rows: &[RunRow]) -> String {
         }
     }
 
+    sampling_noise(s, rows, first);
+}
+
+/// How far a perfectly calibrated model's figures would scatter on these stars (and with the
+/// maps' own fitting noise), so a reader can tell a miss from chance.
+fn sampling_noise(s: &mut String, rows: &[RunRow], first: &RunRow) {
     let noise = calibration_noise(
         first.n_test,
         TARGETS.pull_std,
@@ -419,6 +442,10 @@ pub fn markdown(title: &str, intro: &str, rows: &[RunRow]) -> String {
             (1.0 - fitted.p_all_met) * total_pairs as f64,
         );
     }
+}
+
+/// Coverage of the 3-D highest-density regions per run.
+fn joint_calibration(s: &mut String, rows: &[RunRow]) {
     s.push_str("\n## Joint calibration (3-D highest-density regions)\n\n");
     let _ = writeln!(
         s,
@@ -437,7 +464,6 @@ pub fn markdown(title: &str, intro: &str, rows: &[RunRow]) -> String {
         "| run | 68.3 % region | 95.4 % region | targets (model) | targets (recalibrated) |\n",
     );
     s.push_str("|---|---|---|---|---|\n");
-    let (mut n_joint_miss, mut n_joint_miss_cal) = (0, 0);
     for r in rows {
         let cell = |k: usize| match (r.joint_coverage.get(k), r.joint_coverage_se.get(k)) {
             (Some(v), Some(e)) => {
@@ -451,8 +477,6 @@ pub fn markdown(title: &str, intro: &str, rows: &[RunRow]) -> String {
         };
         let m = TARGETS.joint_misses(&r.joint_coverage);
         let mc = TARGETS.joint_misses(&r.joint_coverage_calibrated);
-        n_joint_miss += usize::from(!m.is_empty());
-        n_joint_miss_cal += usize::from(!mc.is_empty());
         let _ = writeln!(
             s,
             "| {} | {} | {} | {} | {} |",
@@ -463,8 +487,39 @@ pub fn markdown(title: &str, intro: &str, rows: &[RunRow]) -> String {
             verdict(mc)
         );
     }
+}
 
+/// The verdicts: how many run × label pairs and runs miss a target, and the NLL orderings
+/// between flows of one backbone.
+fn quality_targets(s: &mut String, rows: &[RunRow]) {
     s.push_str("\n## Quality targets\n\n");
+    let missed = |l: &LabelMetrics| !TARGETS.misses(l).is_empty();
+    let n_miss: usize = rows
+        .iter()
+        .map(|r| r.labels.iter().filter(|l| missed(l)).count())
+        .sum();
+    let n_miss_cal: usize = rows
+        .iter()
+        .map(|r| {
+            r.calibrated
+                .iter()
+                .take(r.labels.len())
+                .filter(|c| missed(c))
+                .count()
+        })
+        .sum();
+    let n_joint_miss = rows
+        .iter()
+        .filter(|r| !TARGETS.joint_misses(&r.joint_coverage).is_empty())
+        .count();
+    let n_joint_miss_cal = rows
+        .iter()
+        .filter(|r| {
+            !TARGETS
+                .joint_misses(&r.joint_coverage_calibrated)
+                .is_empty()
+        })
+        .count();
     let total = rows.iter().map(|r| r.labels.len()).sum::<usize>();
     for (what, n) in [
         ("the model's own posteriors", n_miss),
@@ -499,6 +554,12 @@ pub fn markdown(title: &str, intro: &str, rows: &[RunRow]) -> String {
             }
         );
     }
+    flow_orderings(s, rows);
+}
+
+/// The NLL orderings between the flows of one backbone (full_gaussian against
+/// diagonal_gaussian + 0.02, full_flow against full_gaussian), with paired differences.
+fn flow_orderings(s: &mut String, rows: &[RunRow]) {
     for backbone in unique(rows.iter().map(|r| r.backbone.as_str())) {
         let find = |flow: &str| {
             rows.iter()
@@ -580,7 +641,10 @@ pub fn markdown(title: &str, intro: &str, rows: &[RunRow]) -> String {
              smaller than each mean's own ± and tells an ordering from noise.\n",
         );
     }
-    s.push_str(&crate::kinds::markdown_section(rows));
+}
+
+/// Links to every run's figures and the Parquet files.
+fn figures(s: &mut String, rows: &[RunRow]) {
     s.push_str("\n## Figures\n\n");
     for r in rows {
         let _ = writeln!(
@@ -595,10 +659,8 @@ pub fn markdown(title: &str, intro: &str, rows: &[RunRow]) -> String {
          kind of star in `calibration_by_kind.parquet` (one row per run × kind × label) and the \
          per-epoch losses in `history.parquet`.\n",
     );
-    s
 }
 
-/// A table of one cell per run × label, `-` where `cell` has nothing, under `title`.
 fn per_label_table(
     s: &mut String,
     title: &str,
