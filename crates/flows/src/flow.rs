@@ -372,13 +372,20 @@ impl Flow {
         Ok(self.sample(params, n_per_item, rng)?.summarize())
     }
 
+    /// Whether every posterior of this flow is a Gaussian, whose moments
+    /// ([`Flow::gaussian_moments`]) are exact: a single affine layer. Otherwise summaries,
+    /// intervals and densities come from samples.
+    pub fn is_gaussian(&self) -> bool {
+        self.layers.len() == 1
+    }
+
     /// Exact mean and covariance per item, for a flow that is a single affine layer.
     pub fn gaussian_moments(&self, params: &Tensor) -> Result<Vec<GaussianMoments>> {
         let not_gaussian = || FlowError::NotGaussian {
             op: "gaussian_moments",
             flow: self.name.clone(),
         };
-        if self.layers.len() != 1 {
+        if !self.is_gaussian() {
             return Err(not_gaussian());
         }
         let dims = params.dims();
@@ -469,5 +476,21 @@ pub fn flow_by_name(name: &str, dim: usize) -> Result<Flow> {
             name: name.to_string(),
             valid: FLOW_NAMES.join(", "),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_single_affine_flows_are_gaussian() {
+        assert!(diagonal_gaussian(3).unwrap().is_gaussian());
+        assert!(full_gaussian(3).unwrap().is_gaussian());
+        let flow = flow_by_name("full_flow", 3).unwrap();
+        assert!(!flow.is_gaussian());
+        let params =
+            Tensor::zeros((2, flow.n_params()), DType::F64, &candle_core::Device::Cpu).unwrap();
+        assert!(flow.gaussian_moments(&params).is_err());
     }
 }

@@ -282,8 +282,7 @@ pub(crate) fn summarize_batch(
 ) -> Result<BatchSummaries> {
     let d = model.flow.dim();
     let b = params.dims()[0];
-    let (unscaled, drawn): (Vec<PosteriorSummary>, Option<Samples>) = if model.flow.n_layers() == 1
-    {
+    let (unscaled, drawn): (Vec<PosteriorSummary>, Option<Samples>) = if model.flow.is_gaussian() {
         let moments = model.flow.gaussian_moments(params)?;
         (moments.iter().map(|m| m.to_summary()).collect(), None)
     } else {

@@ -346,7 +346,7 @@ impl TrainedModel {
         let mut rngs: Vec<ChaCha8Rng> = rows.clone().map(|r| star_rng(settings.seed, r)).collect();
         let mut samples = flow.sample_per_item(&params, n, &mut rngs)?;
         if let Some(cal) = &settings.calibration {
-            let unscaled: Vec<PosteriorSummary> = if flow.n_layers() == 1 {
+            let unscaled: Vec<PosteriorSummary> = if flow.is_gaussian() {
                 flow.gaussian_moments(&params)?
                     .iter()
                     .map(|m| m.to_summary())
