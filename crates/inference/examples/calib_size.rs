@@ -4,8 +4,8 @@
 //!
 //! Evaluates RUN's own posteriors on the labelled set DATA (e.g. 10,000 synthetic stars of a tuning
 //! seed), keeps its second half as the stars to score, and for each N fits the recalibration on the
-//! first N stars of the first half, with and without the per-star widening (no held-out check: both
-//! are shown). All maps are applied in one more pass over DATA; each line then gives, on the scored
+//! first N stars of the first half, with and without the per-star widening, and with a widening by
+//! the noise level alone (no held-out check: all three are shown). All maps are applied in one more pass over DATA; each line then gives, on the scored
 //! half, the NLL (z-units) and the per-kind cells within the targets (68 % coverage within 3 points,
 //! 95 % within 2, pull std 0.93–1.07): the named ones (SNR quarters, giants, dwarfs × labels) and the
 //! others (metal-poor, cool, hot × labels), then the t_eff 68 % coverage of the faintest quarter and
@@ -90,7 +90,7 @@ fn snr_column(data: &std::path::Path, n: usize) -> anyhow::Result<Option<Vec<f64
 fn print_line(what: &str, e: &Evaluation, scored: &[usize], snr: Option<&[f64]>) {
     let sub = e.subset(scored);
     let snr_sub: Option<Vec<f64>> = snr.map(|s| scored.iter().map(|&i| s[i]).collect());
-    let names: Vec<String> = ["t_eff", "log_g", "fe_h"].map(String::from).to_vec();
+    let names: Vec<String> = e.labels.iter().map(|l| l.name.clone()).collect();
     let kinds = by_kind(&sub.stars, &names, snr_sub.as_deref());
     let cells = |named: bool| -> usize {
         kinds
