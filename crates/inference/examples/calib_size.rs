@@ -3,13 +3,14 @@
 //! `cargo run --release -p starflow-inference --example calib_size -- RUN DATA N1,N2,... [SAMPLES]`
 //!
 //! Evaluates RUN's own posteriors on the labelled set DATA (e.g. 10,000 synthetic stars of a tuning
-//! seed), keeps its second half as the stars to score, and for each N fits the recalibration on the
-//! first N stars of the first half, with and without the per-star widening, and with a widening by
-//! the noise level alone (no held-out check: all three are shown). All maps are applied in one
-//! more pass over DATA; each line then gives, on the scored half, the NLL (z-units) and the per-kind cells within the targets (68 % coverage within 3 points,
-//! 95 % within 2, pull std 0.93–1.07): the named ones (SNR quarters, giants, dwarfs × labels) and the
-//! others (metal-poor, cool, hot × labels), then the t_eff 68 % coverage of the faintest quarter and
-//! of the giants.
+//! seed) and keeps its second half as the stars to score. For each N it fits the recalibration on
+//! the first N stars of the first half: without the per-star widening, with it, and with a
+//! widening by the noise level alone (no held-out check: all three are shown). All maps are
+//! applied in one more pass over DATA. Each line then gives, on the scored half, the NLL (z-units)
+//! and the per-kind cells within the targets (68 % coverage within 3 points, 95 % within 2, pull
+//! std 0.93–1.07): the named ones (SNR quarters, giants, dwarfs × labels) and the others
+//! (metal-poor, cool, hot × labels), then the t_eff 68 % coverage of the faintest quarter and of
+//! the giants.
 
 use std::path::PathBuf;
 
