@@ -543,14 +543,12 @@ pub fn predict(a: &PredictArgs) -> anyhow::Result<()> {
     // Everything about the input and output is checked before the recalibration, which a run
     // without a saved one fits first (minutes).
     let rows = a.rows.map(|r| (r.start, r.end));
-    let mut predictor = starflow_inference::Predictor::open(
-        &a.run,
-        &a.spectra,
-        rows,
-        a.posterior.samples,
-        a.posterior.seed,
-        None,
-    )?;
+    let settings = starflow_inference::PosteriorSettings {
+        n_samples: a.posterior.samples,
+        seed: a.posterior.seed,
+        calibration: None,
+    };
+    let mut predictor = starflow_inference::Predictor::open(&a.run, &a.spectra, rows, settings)?;
     let range = predictor.rows();
     let out = a.out.clone().unwrap_or_else(|| {
         let name = match a.rows {

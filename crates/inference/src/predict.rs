@@ -457,21 +457,15 @@ impl std::fmt::Debug for Predictor {
 
 impl Predictor {
     /// Opens the run and the spectra, and checks that `rows` (`(start, end)`, `end` `None` for the
-    /// end of the file; all rows when `None`) lie in the file and the pixel grid matches the run.
+    /// end of the file; all rows when `None`) lie in the file, the pixel grid matches the run and
+    /// `settings` asks for a usable number of samples.
     pub fn open(
         run_dir: &Path,
         spectra: &Path,
         rows: Option<(usize, Option<usize>)>,
-        n_samples: usize,
-        seed: u64,
-        calibration: Option<&Calibration>,
+        settings: PosteriorSettings,
     ) -> Result<Self> {
-        let settings = PosteriorSettings {
-            n_samples,
-            seed,
-            calibration: calibration.cloned(),
-        };
-        check_samples(run_dir, n_samples)?;
+        check_samples(run_dir, settings.n_samples)?;
         let model = TrainedModel::open(run_dir)?;
         let spectra = SpectraFile::open(spectra)?;
         model.check(&spectra, &settings)?;
@@ -586,7 +580,12 @@ pub fn predict_scaled(
     seed: u64,
     calibration: Option<&Calibration>,
 ) -> Result<Vec<StarPrediction>> {
-    let p = Predictor::open(run_dir, spectra, None, n_samples, seed, calibration)?;
+    let settings = PosteriorSettings {
+        n_samples,
+        seed,
+        calibration: calibration.cloned(),
+    };
+    let p = Predictor::open(run_dir, spectra, None, settings)?;
     let mut out = Vec::with_capacity(p.rows().len());
     for batch in p.batches() {
         out.extend(p.predict_batch(batch)?);
