@@ -280,7 +280,7 @@ pub(crate) fn inormal_target_logit(z: f64) -> f64 {
 /// implementation every crate uses. erf is Numerical Recipes' erfc Chebyshev fit (|error| <
 /// 1.2e-7), ample where the result is compared with a uniform draw or counted into a coverage;
 /// the sampler's tails, which need full precision far out, use `libm::erfc` instead
-/// ([`inormal_target_logit`]).
+/// (`inormal_target_logit`).
 pub fn normal_cdf(x: f64) -> f64 {
     0.5 * (1.0 + erf_approx(x / std::f64::consts::SQRT_2))
 }
