@@ -5,6 +5,8 @@
 mod tests {
     use std::path::{Path, PathBuf};
 
+    use crate::root;
+
     /// The layers of ARCHITECTURE.md's code map, bottom first. A crate may depend (normally, for
     /// its tests or its build) only on crates of a lower layer.
     const LAYERS: [&[&str]; 5] = [
@@ -14,13 +16,6 @@ mod tests {
         &["starflow-report"],
         &["starflow-cli", "starflow-python", "starflow-gpu-check"],
     ];
-
-    fn root() -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .unwrap()
-            .to_path_buf()
-    }
 
     fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
         let Ok(entries) = std::fs::read_dir(dir) else {
