@@ -92,6 +92,9 @@ fn main() -> ExitCode {
         Some("ci") => ci::run(),
         Some("train-all") => train_all::run(&args[1..]),
         Some("bench") => bench::run(&args[1..]),
+        Some("bench-check") if bench_check::parse(&args[1..]).is_ok_and(|o| o.self_test) => {
+            bench_selftest::run()
+        }
         Some("bench-check") => bench_check::run(&args[1..]),
         Some("cuda-build") => cuda_build::run(&args[1..]),
         Some("gpu-check") => gpu_check::run(&args[1..]),

@@ -1,5 +1,6 @@
 //! Tidy checks on the workspace's shape, run as ordinary tests by `cargo test` (so by `cargo xtask
-//! ci`): every module opens with a `//!` doc saying what it is for, and no crate depends upward.
+//! ci`): every module opens with a `//!` doc saying what it is for, no crate depends upward, and
+//! no two modules of a crate use each other (directly or round a longer loop).
 
 #[cfg(test)]
 mod tests {
@@ -119,6 +120,143 @@ mod tests {
         assert_eq!(
             deps,
             ["starflow-data", "starflow-report", "starflow-inference"]
+        );
+    }
+
+    /// The modules of a crate's `src` (a file or a directory's first component; not `lib` or
+    /// `main`, the root that declares them) and, per module, the others it names as
+    /// `crate::<module>` outside comments and `#[cfg(test)]` code (tests may reach anywhere).
+    fn module_graph(src: &Path) -> std::collections::BTreeMap<String, Vec<String>> {
+        use std::collections::BTreeMap;
+        let mut files = Vec::new();
+        rust_files(src, &mut files);
+        let module = |f: &Path| -> String {
+            let rel = f.strip_prefix(src).unwrap();
+            let first = rel
+                .components()
+                .next()
+                .unwrap()
+                .as_os_str()
+                .to_string_lossy();
+            first.trim_end_matches(".rs").to_string()
+        };
+        let mut graph: BTreeMap<String, Vec<String>> = files
+            .iter()
+            .map(|f| module(f))
+            .filter(|m| m != "lib" && m != "main")
+            .map(|m| (m, Vec::new()))
+            .collect();
+        for f in &files {
+            let from = module(f);
+            if !graph.contains_key(&from) {
+                continue;
+            }
+            let text = std::fs::read_to_string(f).unwrap();
+            let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+            let mut uses = Vec::new();
+            for line in code.lines().map(str::trim).filter(|l| !l.starts_with("//")) {
+                uses.extend(named_modules(line).filter(|m| graph.contains_key(m) && *m != from));
+            }
+            let entry = graph.get_mut(&from).unwrap();
+            entry.extend(uses);
+            entry.sort();
+            entry.dedup();
+        }
+        graph
+    }
+
+    /// The identifiers right after `crate::` in a line, and those inside a `crate::{...}` group.
+    fn named_modules(line: &str) -> impl Iterator<Item = String> + '_ {
+        line.match_indices("crate::").flat_map(move |(at, _)| {
+            let rest = &line[at + "crate::".len()..];
+            let group = rest
+                .strip_prefix('{')
+                .map(|g| g.split('}').next().unwrap_or(g));
+            let names: Vec<String> = match group {
+                Some(g) => g
+                    .split(',')
+                    .map(|p| p.trim().split("::").next().unwrap_or("").to_string())
+                    .collect(),
+                None => vec![rest
+                    .split(|c: char| !(c.is_alphanumeric() || c == '_'))
+                    .next()
+                    .unwrap_or("")
+                    .to_string()],
+            };
+            names.into_iter()
+        })
+    }
+
+    /// A loop in `graph`, as the modules along it, if there is one (depth-first search).
+    fn find_cycle(graph: &std::collections::BTreeMap<String, Vec<String>>) -> Option<Vec<String>> {
+        fn visit(
+            m: &str,
+            graph: &std::collections::BTreeMap<String, Vec<String>>,
+            path: &mut Vec<String>,
+            done: &mut std::collections::BTreeSet<String>,
+        ) -> Option<Vec<String>> {
+            if let Some(at) = path.iter().position(|p| p == m) {
+                let mut cycle = path[at..].to_vec();
+                cycle.push(m.to_string());
+                return Some(cycle);
+            }
+            if done.contains(m) {
+                return None;
+            }
+            path.push(m.to_string());
+            for next in &graph[m] {
+                if let Some(c) = visit(next, graph, path, done) {
+                    return Some(c);
+                }
+            }
+            path.pop();
+            done.insert(m.to_string());
+            None
+        }
+        let mut done = std::collections::BTreeSet::new();
+        graph
+            .keys()
+            .find_map(|m| visit(m, graph, &mut Vec::new(), &mut done))
+    }
+
+    #[test]
+    fn no_module_cycle_within_a_crate() {
+        let mut dirs: Vec<PathBuf> = std::fs::read_dir(root().join("crates"))
+            .unwrap()
+            .flatten()
+            .map(|d| d.path().join("src"))
+            .collect();
+        dirs.push(root().join("xtask/src"));
+        for src in dirs.iter().filter(|d| d.exists()) {
+            let graph = module_graph(src);
+            if let Some(cycle) = find_cycle(&graph) {
+                panic!(
+                    "{}: modules use each other in a loop: {}; move what both need into a module \
+                     below them",
+                    src.display(),
+                    cycle.join(" -> ")
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_module_graph_reader_sees_paths_and_groups_and_finds_loops() {
+        let names: Vec<String> =
+            named_modules("use crate::{alpha::A, beta}; let x = crate::gamma::f();").collect();
+        assert_eq!(names, ["alpha", "beta", "gamma"]);
+        let graph = |edges: &[(&str, &str)]| {
+            let mut g = std::collections::BTreeMap::<String, Vec<String>>::new();
+            for (a, b) in edges {
+                g.entry(a.to_string()).or_default().push(b.to_string());
+                g.entry(b.to_string()).or_default();
+            }
+            g
+        };
+        assert_eq!(find_cycle(&graph(&[("a", "b"), ("b", "c")])), None);
+        assert_eq!(
+            find_cycle(&graph(&[("a", "b"), ("b", "c"), ("c", "a")])),
+            Some(vec!["a".into(), "b".into(), "c".into(), "a".into()])
         );
     }
 }

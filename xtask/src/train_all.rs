@@ -254,7 +254,6 @@ pub fn run(args: &[String]) -> Result<()> {
         .out
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("results/{}{suffix}", o.profile)));
-    let config = format!("configs/{}.toml", o.profile);
 
     let load_before = loadavg();
     let work = Instant::now();
@@ -263,57 +262,9 @@ pub fn run(args: &[String]) -> Result<()> {
     for backbone in &o.backbones {
         for flow in &o.flows {
             let run = runs_dir.join(format!("{backbone}-{flow}"));
-            let abs = root().join(&run);
             let t = Instant::now();
-            let action = match status(&abs)? {
-                RunStatus::Finished => {
-                    eprintln!("{}: finished earlier, skipped", run.display());
-                    "finished earlier (skipped)".to_string()
-                }
-                RunStatus::Interrupted(done) => {
-                    eprintln!("{}: resuming after epoch {done}", run.display());
-                    run_bin(
-                        &bin,
-                        &[
-                            "train".into(),
-                            "--resume".into(),
-                            "--out".into(),
-                            path(&run),
-                        ],
-                    )?;
-                    format!("resumed after epoch {done}")
-                }
-                RunStatus::New => {
-                    let sets = run_overrides(&o.profile, backbone, flow);
-                    let mut a: Vec<String> = vec![
-                        "train".into(),
-                        "--config".into(),
-                        config.clone(),
-                        "--backbone".into(),
-                        backbone.clone(),
-                        "--flow".into(),
-                        flow.clone(),
-                        "--out".into(),
-                        path(&run),
-                    ];
-                    for set in sets {
-                        a.push("--set".into());
-                        a.push((*set).into());
-                    }
-                    if let Some(d) = &o.data {
-                        a.push("--set".into());
-                        a.push(format!("data.dir={:?}", path(d)));
-                        a.push("--set".into());
-                        a.push("data.synthetic=false".into());
-                    }
-                    run_bin(&bin, &a)?;
-                    match sets {
-                        [] => "trained".to_string(),
-                        _ => format!("trained with `--set {}`", sets.join(" --set ")),
-                    }
-                }
-            };
-            let (epochs, train_s) = trained(&abs);
+            let action = train_one(&bin, &o, &run, backbone, flow)?;
+            let (epochs, train_s) = trained(&root().join(&run));
             log.push(format!(
                 "{backbone}-{flow}: {action} in {:.0} s of this invocation; {epochs} epochs, \
                  {train_s:.0} s of training in all",
@@ -323,8 +274,88 @@ pub fn run(args: &[String]) -> Result<()> {
         }
     }
     let train_s = work.elapsed().as_secs_f64();
-    let load_after = loadavg();
+    let loads = (load_before, loadavg());
+    let intro = intro_text(&o, (build_s, train_s), loads, &log);
+    std::fs::create_dir_all(root().join(&out))
+        .with_context(|| format!("cannot create {}", out.display()))?;
+    let intro_path = root().join(&runs_dir).join("report-intro.md");
+    std::fs::write(&intro_path, &intro)
+        .with_context(|| format!("cannot write {}", intro_path.display()))?;
+    let r = Instant::now();
+    report(&bin, &o, &runs, &out, &intro_path)?;
+    eprintln!(
+        "train-all: {} runs trained in {}, reported in {:.0} s, {} in all (build {:.0} s); see {}",
+        runs.len(),
+        fmt_minutes(train_s),
+        r.elapsed().as_secs_f64(),
+        fmt_minutes(start.elapsed().as_secs_f64()),
+        build_s,
+        out.join("REPORT.md").display()
+    );
+    Ok(())
+}
 
+/// The profile's config file.
+fn config_of(o: &Options) -> String {
+    format!("configs/{}.toml", o.profile)
+}
+
+/// Trains, resumes or skips the run `backbone` x `flow` in `run` (relative to the root); says
+/// which, for the report's list of runs.
+fn train_one(bin: &Path, o: &Options, run: &Path, backbone: &str, flow: &str) -> Result<String> {
+    Ok(match status(&root().join(run))? {
+        RunStatus::Finished => {
+            eprintln!("{}: finished earlier, skipped", run.display());
+            "finished earlier (skipped)".to_string()
+        }
+        RunStatus::Interrupted(done) => {
+            eprintln!("{}: resuming after epoch {done}", run.display());
+            run_bin(
+                bin,
+                &["train".into(), "--resume".into(), "--out".into(), path(run)],
+            )?;
+            format!("resumed after epoch {done}")
+        }
+        RunStatus::New => {
+            let sets = run_overrides(&o.profile, backbone, flow);
+            let mut a: Vec<String> = vec![
+                "train".into(),
+                "--config".into(),
+                config_of(o),
+                "--backbone".into(),
+                backbone.into(),
+                "--flow".into(),
+                flow.into(),
+                "--out".into(),
+                path(run),
+            ];
+            for set in sets {
+                a.push("--set".into());
+                a.push((*set).into());
+            }
+            if let Some(d) = &o.data {
+                a.push("--set".into());
+                a.push(format!("data.dir={:?}", path(d)));
+                a.push("--set".into());
+                a.push("data.synthetic=false".into());
+            }
+            run_bin(bin, &a)?;
+            match sets {
+                [] => "trained".to_string(),
+                _ => format!("trained with `--set {}`", sets.join(" --set ")),
+            }
+        }
+    })
+}
+
+/// The report's introduction: how it was made (command, commit, machine, data), the time spent,
+/// the machine's load before and after, and what happened to each run (`log`).
+fn intro_text(
+    o: &Options,
+    (build_s, train_s): (f64, f64),
+    (load_before, load_after): (Option<String>, Option<String>),
+    log: &[String],
+) -> String {
     let mut intro = String::new();
     let data = match &o.data {
         Some(d) => format!("real data from `{}`", d.display()),
@@ -333,7 +364,7 @@ pub fn run(args: &[String]) -> Result<()> {
     let _ = writeln!(
         intro,
         "Made by `cargo xtask train-all --profile {}{}` at commit {} on a {}-CPU machine: \
-         `{config}` for every backbone x flow on {data}. This invocation spent {} training \
+         `{}` for every backbone x flow on {data}. This invocation spent {} training \
          (and generating data) after {:.0} s of building; each run's own training time is in \
          the overview table.\n",
         o.profile,
@@ -343,6 +374,7 @@ pub fn run(args: &[String]) -> Result<()> {
             .unwrap_or_default(),
         git_commit(),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
+        config_of(o),
         fmt_minutes(train_s),
         build_s
     );
@@ -355,44 +387,34 @@ pub fn run(args: &[String]) -> Result<()> {
         );
     }
     intro.push_str("Runs:\n\n");
-    for l in &log {
+    for l in log {
         let _ = writeln!(intro, "- {l}");
     }
-    std::fs::create_dir_all(root().join(&out))
-        .with_context(|| format!("cannot create {}", out.display()))?;
-    let intro_path = root().join(&runs_dir).join("report-intro.md");
-    std::fs::write(&intro_path, &intro)
-        .with_context(|| format!("cannot write {}", intro_path.display()))?;
+    intro
+}
+
+/// `starflow report` on `runs` into `out`, on the profile's held-out set (generated when missing)
+/// or, for real data, on each run's test split.
+fn report(bin: &Path, o: &Options, runs: &[PathBuf], out: &Path, intro: &Path) -> Result<()> {
     let mut a: Vec<String> = vec!["report".into()];
     if o.data.is_none() {
-        let held = heldout_set(&bin, &o.profile, o.heldout_seed)?;
+        let held = heldout_set(bin, &o.profile, o.heldout_seed)?;
         a.push("--data".into());
         a.push(path(&held));
     }
-    for r in &runs {
+    for r in runs {
         a.push("--run".into());
         a.push(path(r));
     }
     a.extend([
         "--out".into(),
-        path(&out),
+        path(out),
         "--title".into(),
         format!("starflow train-all: {} profile", o.profile),
         "--intro".into(),
-        path(&intro_path),
+        path(intro),
     ]);
-    let r = Instant::now();
-    run_bin(&bin, &a)?;
-    eprintln!(
-        "train-all: {} runs trained in {}, reported in {:.0} s, {} in all (build {:.0} s); see {}",
-        runs.len(),
-        fmt_minutes(train_s),
-        r.elapsed().as_secs_f64(),
-        fmt_minutes(start.elapsed().as_secs_f64()),
-        build_s,
-        out.join("REPORT.md").display()
-    );
-    Ok(())
+    run_bin(bin, &a)
 }
 
 /// The profile's held-out synthetic set, generated with `starflow synth` when missing.

@@ -9,7 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use starflow_report::predictions::{predictions_csv, PredictionWriter};
 
 use crate::inspect::UserError;
-use starflow_inference::{EvalSource, Evaluation};
+use starflow_inference::{Calibration, EvalSource, Evaluation, Sampler};
 use starflow_training::run::write_text;
 use starflow_training::{EpochRecord, Observer, TrainOptions, TrainRequest};
 
@@ -151,38 +151,45 @@ fn parse_rows(s: &str) -> Result<RowRange, String> {
 }
 
 impl PosteriorArgs {
-    /// The run's recalibration unless `--raw` was given.
-    fn calibration(&self, run: &Path) -> anyhow::Result<Option<starflow_inference::Calibration>> {
-        calibration(run, !self.raw, self.samples, self.seed)
+    /// `--samples` and `--seed`.
+    fn sampler(&self) -> Sampler {
+        Sampler::new(self.samples, self.seed)
+    }
+
+    /// The run's recalibration unless `--raw` was given: `saved` (the run's own, current, as
+    /// [`starflow_inference::Run::open`] read it) when there is one, else fitted and saved now.
+    fn calibration(
+        &self,
+        run: &Path,
+        saved: Option<&Calibration>,
+    ) -> anyhow::Result<Option<Calibration>> {
+        if self.raw {
+            return Ok(None);
+        }
+        let c = match saved {
+            Some(c) => c.clone(),
+            None => fit_calibration(run, self.sampler())?,
+        };
+        announce(&c);
+        Ok(Some(c))
     }
 }
 
-/// The run's recalibration (a map per label) unless `--raw` is given, announced on stderr with
-/// each map's shift and scale.
-fn calibration(
-    run: &Path,
-    on: bool,
-    samples: usize,
-    seed: u64,
-) -> anyhow::Result<Option<starflow_inference::Calibration>> {
-    if !on {
-        return Ok(None);
-    }
-    let c = starflow_inference::load_or_fit_calibration(run, samples, seed).map_err(|e| {
+/// The run's recalibration from `RUN/calibration.json`, fitted there first when missing or stale.
+fn fit_calibration(run: &Path, sampler: Sampler) -> anyhow::Result<Calibration> {
+    starflow_inference::load_or_fit_calibration(run, sampler).map_err(|e| {
         // Only the run's data can be worked around with --raw: a run that is not there or is
         // damaged needs its own fix and no word about its recalibration.
         if !e.is_about_data() {
             return anyhow::Error::from(e);
         }
         anyhow::Error::from(e).context(starflow_inference::calibration_unavailable(run, "--raw"))
-    })?;
-    announce(&c);
-    Ok(Some(c))
+    })
 }
 
 /// Announces a run's recalibration on stderr: each map's shift and scale and what was fitted, or
 /// why the model's own posteriors are used.
-fn announce(c: &starflow_inference::Calibration) {
+fn announce(c: &Calibration) {
     if c.too_few_stars {
         eprintln!(
             "not recalibrated: the {} set has {} stars and maps need at least {}; the model's own posteriors are used (as with --raw)",
@@ -220,7 +227,7 @@ fn announce(c: &starflow_inference::Calibration) {
 }
 
 /// Each label's map as its shift and scale, for stderr.
-fn describe_maps(c: &starflow_inference::Calibration) -> String {
+fn describe_maps(c: &Calibration) -> String {
     c.labels
         .iter()
         .enumerate()
@@ -458,20 +465,17 @@ pub fn evaluate(a: &EvaluateArgs) -> anyhow::Result<()> {
     };
     source.check_quickly(&a.run)?;
     let (e, suffix) = if a.members.is_empty() {
-        let cal = a.posterior.calibration(&a.run)?;
+        let cal = a.posterior.calibration(&a.run, None)?;
         let e = starflow_inference::evaluate_on(
             &a.run,
             &source,
-            a.posterior.samples,
-            a.posterior.seed,
-            cal.as_ref(),
+            &a.posterior.sampler().with(cal.clone()),
         )?;
         (e, if cal.is_some() { "" } else { "-raw" })
     } else {
         let runs: Vec<PathBuf> = std::iter::once(a.run.clone())
             .chain(a.members.iter().cloned())
             .collect();
-        let (samples, seed) = (a.posterior.samples, a.posterior.seed);
         let cal = if a.posterior.raw {
             eprintln!(
                 "ensemble of {} runs: the equal-weight mixture of their own posteriors",
@@ -479,17 +483,18 @@ pub fn evaluate(a: &EvaluateArgs) -> anyhow::Result<()> {
             );
             None
         } else {
-            let c = starflow_inference::load_or_fit_ensemble_calibration(&runs, samples, seed)
-                .map_err(|e| {
-                    if !e.is_about_data() {
-                        return anyhow::Error::from(e);
-                    }
-                    anyhow::Error::from(e).context(
+            let c =
+                starflow_inference::load_or_fit_ensemble_calibration(&runs, a.posterior.sampler())
+                    .map_err(|e| {
+                        if !e.is_about_data() {
+                            return anyhow::Error::from(e);
+                        }
+                        anyhow::Error::from(e).context(
                         "fitting the ensemble's recalibration on the first run's calibration set \
                          (its validation split when its config draws none); pass --raw for the \
                          mixture as it is",
                     )
-                })?;
+                    })?;
             eprintln!(
                 "ensemble of {} runs: the equal-weight mixture of their posteriors, recalibrated \
                  as a whole (quantile maps fitted on {} {} stars: {})",
@@ -500,12 +505,10 @@ pub fn evaluate(a: &EvaluateArgs) -> anyhow::Result<()> {
             );
             Some(c)
         };
-        let e = starflow_inference::evaluate_ensemble_scaled(
+        let e = starflow_inference::evaluate_ensemble(
             &runs,
             &source,
-            samples,
-            seed,
-            cal.as_ref(),
+            &a.posterior.sampler().with(cal.clone()),
         )?;
         (
             e,
@@ -543,11 +546,7 @@ pub fn predict(a: &PredictArgs) -> anyhow::Result<()> {
     // Everything about the input and output is checked before the recalibration, which a run
     // without a saved one fits first (minutes).
     let rows = a.rows.map(|r| (r.start, r.end));
-    let settings = starflow_inference::PosteriorSettings {
-        n_samples: a.posterior.samples,
-        seed: a.posterior.seed,
-        calibration: None,
-    };
+    let settings = a.posterior.sampler().with(None);
     let mut predictor = starflow_inference::Predictor::open(&a.run, &a.spectra, rows, settings)?;
     let range = predictor.rows();
     let out = a.out.clone().unwrap_or_else(|| {
@@ -560,7 +559,10 @@ pub fn predict(a: &PredictArgs) -> anyhow::Result<()> {
     check_output_file(&out)?;
     refuse_to_replace(&out, a.force)?;
     predictor.check_finite()?;
-    predictor.set_calibration(a.posterior.calibration(&a.run)?);
+    let calibration = a
+        .posterior
+        .calibration(&a.run, predictor.saved_calibration())?;
+    predictor.set_calibration(calibration);
     let stop = interrupt_flag();
     let mut table = PredictionWriter::create(&out, predictor.label_names(), false)?;
     let bar = ProgressBar::new(range.len() as u64).with_style(

@@ -91,6 +91,208 @@ pub struct FileSummary {
     pub n_nonfinite_rows: usize,
 }
 
+/// Fails unless there are spectra, one label row per spectrum and one name per label column.
+fn check_shapes(
+    (rows_s, n_pix): (usize, usize),
+    (rows_l, n_cols): (usize, usize),
+    (spectra_path, labels_path): (&Path, &Path),
+    opts: &LoadOptions,
+) -> Result<()> {
+    if rows_s == 0 || n_pix == 0 {
+        return Err(DataError::invalid(
+            spectra_path,
+            format!("the spectra array is empty (shape ({rows_s}, {n_pix}))"),
+            "pass a file with one spectrum per row",
+        ));
+    }
+    if rows_s != rows_l {
+        return Err(DataError::invalid(
+            labels_path,
+            format!(
+                "row-count mismatch: {} has {rows_s} spectra but this file has {rows_l} label rows",
+                spectra_path.display()
+            ),
+            "use spectra and labels from the same set: row i of each must describe the same star",
+        ));
+    }
+    if n_cols != opts.label_names.len() {
+        let names = opts.label_names.join(", ");
+        let problem = if n_cols < opts.label_names.len() {
+            format!(
+                "too few label columns: the file has {n_cols}, but {} named columns are expected ({names})",
+                opts.label_names.len()
+            )
+        } else {
+            format!(
+                "the file has {n_cols} label columns, but only {} names were given ({names})",
+                opts.label_names.len()
+            )
+        };
+        return Err(DataError::invalid(
+            labels_path,
+            problem,
+            "pass one name per column with --label-names (the GALAH layout is mass,age,l_bol,dist,t_eff,log_g,fe_h,SNR)",
+        ));
+    }
+    Ok(())
+}
+
+/// The label columns of `opts.targets`, in order; every name must be a different column.
+fn target_columns(opts: &LoadOptions) -> Result<Vec<usize>> {
+    // A name given twice would make two identical columns of every output table (Parquet
+    // refuses them only after the work) and, for label names, pick one column silently.
+    for (key, names) in [
+        ("label_names", &opts.label_names),
+        ("targets", &opts.targets),
+    ] {
+        if let Some(dup) = first_duplicate(names) {
+            return Err(DataError::config(
+                key,
+                format!("'{dup}' is named twice; every name must be a different label column"),
+            ));
+        }
+    }
+    let mut target_cols = Vec::with_capacity(opts.targets.len());
+    for t in &opts.targets {
+        match opts.label_names.iter().position(|n| n == t) {
+            Some(i) => target_cols.push(i),
+            None => {
+                return Err(DataError::config(
+                    "targets",
+                    format!(
+                        "unknown label column '{t}'; the columns are: {}",
+                        opts.label_names.join(", ")
+                    ),
+                ))
+            }
+        }
+    }
+    if target_cols.is_empty() {
+        return Err(DataError::config(
+            "targets",
+            "at least one target column is needed",
+        ));
+    }
+    Ok(target_cols)
+}
+
+/// The labels array, row-major with `n_cols` columns, and which of them are targets.
+struct LabelTable<'a> {
+    values: &'a [f64],
+    n_cols: usize,
+    target_cols: &'a [usize],
+}
+
+impl LabelTable<'_> {
+    fn at(&self, row: usize, col: usize) -> f64 {
+        self.values[row * self.n_cols + col]
+    }
+
+    /// Fails when a target column holds a value beyond any physical one, or the same value in
+    /// every usable row (`rows`): neither can be z-scored.
+    fn check_targets(&self, rows: &[usize], labels_path: &Path, targets: &[String]) -> Result<()> {
+        for (k, &c) in self.target_cols.iter().enumerate() {
+            let extreme = rows
+                .iter()
+                .map(|&r| (r, self.at(r, c)))
+                .find(|(_, v)| v.abs() > MAX_LABEL_MAGNITUDE);
+            if let Some((r, v)) = extreme {
+                return Err(DataError::invalid(
+                    labels_path,
+                    format!(
+                        "target label column '{}' (column {c}) holds {v:e} in row {r}, beyond any \
+                         physical value (|x| <= {MAX_LABEL_MAGNITUDE:e}); z-scoring it would overflow",
+                        targets[k]
+                    ),
+                    "check the labels file for a sentinel value or a unit error, and repair or remove that row",
+                ));
+            }
+            let first = self.at(rows[0], c);
+            if rows.iter().all(|&r| self.at(r, c) == first) {
+                return Err(DataError::invalid(
+                    labels_path,
+                    format!(
+                        "target label column '{}' (column {c}) is constant ({first}), so it cannot be z-scored or learned",
+                        targets[k]
+                    ),
+                    "check the column order with --label-names, or choose other --targets",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The rows to use and the rows dropped: rows with a non-finite value in the spectrum or in a
+/// target column (others are not used) are an error, or with `opts.drop_nonfinite` are dropped.
+fn usable_rows(
+    spectra: &Spectra,
+    (rows_s, n_pix): (usize, usize),
+    labels: &LabelTable,
+    (spectra_path, labels_path): (&Path, &Path),
+    opts: &LoadOptions,
+) -> Result<(Vec<usize>, Vec<usize>)> {
+    let (_, bad_spec) = match spectra {
+        Spectra::Npy(a) => scan_nonfinite(rows_s, n_pix, |i, buf| a.read_f32_into(i * n_pix, buf)),
+        Spectra::Owned(v) => scan_nonfinite(rows_s, n_pix, |i, buf| {
+            buf.copy_from_slice(&v[i * n_pix..(i + 1) * n_pix])
+        }),
+    };
+    let bad_lab: Vec<usize> = (0..rows_s)
+        .filter(|&r| {
+            labels
+                .target_cols
+                .iter()
+                .any(|&c| !labels.at(r, c).is_finite())
+        })
+        .collect();
+    if !opts.drop_nonfinite {
+        if !bad_spec.is_empty() {
+            return Err(DataError::invalid(
+                spectra_path,
+                format!(
+                    "{} spectra contain non-finite values (NaN or inf); first rows: {}",
+                    bad_spec.len(),
+                    first_rows(&bad_spec)
+                ),
+                "clean the file, or pass --drop-nonfinite to skip those rows",
+            ));
+        }
+        if !bad_lab.is_empty() {
+            return Err(DataError::invalid(
+                labels_path,
+                format!(
+                    "{} rows have non-finite target labels (NaN or inf); first rows: {}",
+                    bad_lab.len(),
+                    first_rows(&bad_lab)
+                ),
+                "clean the file, or pass --drop-nonfinite to skip those rows",
+            ));
+        }
+    }
+    let mut dropped: Vec<usize> = bad_spec.into_iter().chain(bad_lab).collect();
+    dropped.sort_unstable();
+    dropped.dedup();
+    let rows: Vec<usize> = (0..rows_s)
+        .filter(|r| dropped.binary_search(r).is_err())
+        .collect();
+    if rows.is_empty() {
+        return Err(DataError::invalid(
+            spectra_path,
+            "every row has non-finite values, nothing is left after dropping them",
+            "check how the files were produced",
+        ));
+    }
+    if !dropped.is_empty() {
+        tracing::warn!(
+            n = dropped.len(),
+            first = %first_rows(&dropped),
+            "dropped rows with non-finite values"
+        );
+    }
+    Ok((rows, dropped))
+}
+
 /// Counts non-finite values of a 2-D array per row, in parallel; returns (count, offending rows).
 fn scan_nonfinite(
     rows: usize,
@@ -223,6 +425,8 @@ impl Dataset {
         )
     }
 
+    /// Checks the arrays against each other and `opts`, drops non-finite rows when asked, and
+    /// builds the dataset.
     fn build(
         spectra: Spectra,
         (rows_s, n_pix): (usize, usize),
@@ -231,165 +435,16 @@ impl Dataset {
         (spectra_path, labels_path): (PathBuf, PathBuf),
         opts: &LoadOptions,
     ) -> Result<Self> {
-        if rows_s == 0 || n_pix == 0 {
-            return Err(DataError::invalid(
-                &spectra_path,
-                format!("the spectra array is empty (shape ({rows_s}, {n_pix}))"),
-                "pass a file with one spectrum per row",
-            ));
-        }
-        if rows_s != rows_l {
-            return Err(DataError::invalid(
-                &labels_path,
-                format!(
-                    "row-count mismatch: {} has {rows_s} spectra but this file has {rows_l} label rows",
-                    spectra_path.display()
-                ),
-                "use spectra and labels from the same set: row i of each must describe the same star",
-            ));
-        }
-        if n_cols != opts.label_names.len() {
-            let names = opts.label_names.join(", ");
-            let problem = if n_cols < opts.label_names.len() {
-                format!(
-                    "too few label columns: the file has {n_cols}, but {} named columns are expected ({names})",
-                    opts.label_names.len()
-                )
-            } else {
-                format!(
-                    "the file has {n_cols} label columns, but only {} names were given ({names})",
-                    opts.label_names.len()
-                )
-            };
-            return Err(DataError::invalid(
-                &labels_path,
-                problem,
-                "pass one name per column with --label-names (the GALAH layout is mass,age,l_bol,dist,t_eff,log_g,fe_h,SNR)",
-            ));
-        }
-        // A name given twice would make two identical columns of every output table (Parquet
-        // refuses them only after the work) and, for label names, pick one column silently.
-        for (key, names) in [
-            ("label_names", &opts.label_names),
-            ("targets", &opts.targets),
-        ] {
-            if let Some(dup) = first_duplicate(names) {
-                return Err(DataError::config(
-                    key,
-                    format!("'{dup}' is named twice; every name must be a different label column"),
-                ));
-            }
-        }
-        let mut target_cols = Vec::with_capacity(opts.targets.len());
-        for t in &opts.targets {
-            match opts.label_names.iter().position(|n| n == t) {
-                Some(i) => target_cols.push(i),
-                None => {
-                    return Err(DataError::config(
-                        "targets",
-                        format!(
-                            "unknown label column '{t}'; the columns are: {}",
-                            opts.label_names.join(", ")
-                        ),
-                    ))
-                }
-            }
-        }
-        if target_cols.is_empty() {
-            return Err(DataError::config(
-                "targets",
-                "at least one target column is needed",
-            ));
-        }
-
-        // Non-finite values: in the spectra, or in the target columns (others are not used).
-        let (_, bad_spec) = match &spectra {
-            Spectra::Npy(a) => {
-                scan_nonfinite(rows_s, n_pix, |i, buf| a.read_f32_into(i * n_pix, buf))
-            }
-            Spectra::Owned(v) => scan_nonfinite(rows_s, n_pix, |i, buf| {
-                buf.copy_from_slice(&v[i * n_pix..(i + 1) * n_pix])
-            }),
+        let paths = (spectra_path.as_path(), labels_path.as_path());
+        check_shapes((rows_s, n_pix), (rows_l, n_cols), paths, opts)?;
+        let target_cols = target_columns(opts)?;
+        let labels_of = LabelTable {
+            values: &labels,
+            n_cols,
+            target_cols: &target_cols,
         };
-        let bad_lab: Vec<usize> = (0..rows_l)
-            .filter(|&r| {
-                target_cols
-                    .iter()
-                    .any(|&c| !labels[r * n_cols + c].is_finite())
-            })
-            .collect();
-        if !opts.drop_nonfinite {
-            if !bad_spec.is_empty() {
-                return Err(DataError::invalid(
-                    &spectra_path,
-                    format!(
-                        "{} spectra contain non-finite values (NaN or inf); first rows: {}",
-                        bad_spec.len(),
-                        first_rows(&bad_spec)
-                    ),
-                    "clean the file, or pass --drop-nonfinite to skip those rows",
-                ));
-            }
-            if !bad_lab.is_empty() {
-                return Err(DataError::invalid(
-                    &labels_path,
-                    format!(
-                        "{} rows have non-finite target labels (NaN or inf); first rows: {}",
-                        bad_lab.len(),
-                        first_rows(&bad_lab)
-                    ),
-                    "clean the file, or pass --drop-nonfinite to skip those rows",
-                ));
-            }
-        }
-        let mut dropped: Vec<usize> = bad_spec.into_iter().chain(bad_lab).collect();
-        dropped.sort_unstable();
-        dropped.dedup();
-        let rows: Vec<usize> = (0..rows_s)
-            .filter(|r| dropped.binary_search(r).is_err())
-            .collect();
-        if rows.is_empty() {
-            return Err(DataError::invalid(
-                &spectra_path,
-                "every row has non-finite values, nothing is left after dropping them",
-                "check how the files were produced",
-            ));
-        }
-        if !dropped.is_empty() {
-            tracing::warn!(
-                n = dropped.len(),
-                first = %first_rows(&dropped),
-                "dropped rows with non-finite values"
-            );
-        }
-        for (k, &c) in target_cols.iter().enumerate() {
-            let extreme = rows
-                .iter()
-                .map(|&r| (r, labels[r * n_cols + c]))
-                .find(|(_, v)| v.abs() > MAX_LABEL_MAGNITUDE);
-            if let Some((r, v)) = extreme {
-                return Err(DataError::invalid(
-                    &labels_path,
-                    format!(
-                        "target label column '{}' (column {c}) holds {v:e} in row {r}, beyond any \
-                         physical value (|x| <= {MAX_LABEL_MAGNITUDE:e}); z-scoring it would overflow",
-                        opts.targets[k]
-                    ),
-                    "check the labels file for a sentinel value or a unit error, and repair or remove that row",
-                ));
-            }
-            let first = labels[rows[0] * n_cols + c];
-            if rows.iter().all(|&r| labels[r * n_cols + c] == first) {
-                return Err(DataError::invalid(
-                    &labels_path,
-                    format!(
-                        "target label column '{}' (column {c}) is constant ({first}), so it cannot be z-scored or learned",
-                        opts.targets[k]
-                    ),
-                    "check the column order with --label-names, or choose other --targets",
-                ));
-            }
-        }
+        let (rows, dropped) = usable_rows(&spectra, (rows_s, n_pix), &labels_of, paths, opts)?;
+        labels_of.check_targets(&rows, labels_path.as_path(), &opts.targets)?;
         Ok(Dataset {
             spectra,
             n_pix,

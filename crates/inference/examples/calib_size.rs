@@ -18,6 +18,7 @@ use anyhow::{bail, Context};
 use starflow_inference::kinds::{by_kind, KindCalibration};
 use starflow_inference::{
     evaluate_on, evaluate_on_each, Calibration, CalibrationMethod, EvalSource, Evaluation,
+    PosteriorSettings, Sampler,
 };
 
 fn main() -> anyhow::Result<()> {
@@ -32,7 +33,7 @@ fn main() -> anyhow::Result<()> {
         .collect::<anyhow::Result<_>>()?;
     let samples: usize = args.get(3).map_or(Ok(250), |v| v.parse())?;
     let source = EvalSource::dir(&data);
-    let own = evaluate_on(&run, &source, samples, 0, None)?;
+    let own = evaluate_on(&run, &source, &PosteriorSettings::own(samples, 0))?;
     let half = own.stars.len() / 2;
     if sizes.iter().any(|&n| n > half) {
         bail!(
@@ -61,8 +62,11 @@ fn main() -> anyhow::Result<()> {
         let c = Calibration::fit_with(&noise_only, CalibrationMethod::Quantile, true);
         fits.push((format!("N={n} noise-only widening + maps"), c));
     }
-    let refs: Vec<Option<&Calibration>> = fits.iter().map(|(_, c)| Some(c)).collect();
-    let evals = evaluate_on_each(&run, &source, samples, 0, &refs)?;
+    let settings: Vec<PosteriorSettings> = fits
+        .iter()
+        .map(|(_, c)| Sampler::new(samples, 0).with(Some(c.clone())))
+        .collect();
+    let evals = evaluate_on_each(&run, &source, &settings)?;
     println!(
         "{} on {} ({} scored stars, {samples} samples)",
         run.display(),

@@ -19,7 +19,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use starflow_inference::{evaluate_on, EvalSource, Evaluation, WidthMap};
+use starflow_inference::{evaluate_on, EvalSource, Evaluation, PosteriorSettings, WidthMap};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -36,13 +36,15 @@ fn main() -> anyhow::Result<()> {
         }
         e
     };
-    let full = prepare(evaluate_on(&run, &EvalSource::dir(&data), 1000, 0, None)?);
+    let full = prepare(evaluate_on(
+        &run,
+        &EvalSource::dir(&data),
+        &PosteriorSettings::own(1000, 0),
+    )?);
     let val = prepare(evaluate_on(
         &run,
         &EvalSource::Split("val".into()),
-        1000,
-        0,
-        None,
+        &PosteriorSettings::own(1000, 0),
     )?);
     let points = if giants {
         type_points(&full)?

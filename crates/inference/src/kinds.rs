@@ -8,7 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::evaluate::{StarPrediction, COVERAGE_LEVELS};
+use crate::star::{StarPrediction, COVERAGE_LEVELS};
 
 /// The giant/dwarf boundary in log g (dex), as the issue and GALAH's own selections use.
 pub const GIANT_LOG_G: f64 = 3.5;

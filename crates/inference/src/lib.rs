@@ -1,36 +1,61 @@
-//! Inference: everything done with a trained run. Evaluation on a split or a labelled set, the
-//! calibrated posterior of each star (summaries, samples, HPD levels), the recalibration maps and
-//! their fitting (also when training ends: [`train_and_calibrate`]), calibration by kind of star,
-//! prediction on spectra files, and ensembles.
+//! Inference: everything done with a trained run. A run is opened once ([`Run::open`]: state,
+//! weights, flux preprocessing and saved recalibration together); the calibrated posterior of a
+//! batch of stars is assembled in one place ([`posterior`]); on top sit evaluation on a split or
+//! a labelled set, the recalibration maps and their fitting (also when training ends:
+//! [`train_and_calibrate`]), calibration by kind of star, prediction on spectra files, and
+//! ensembles.
+//!
+//! Modules, lowest first (each uses only those before it): [`star`] (one star's summary),
+//! [`kinds`], [`metrics`], [`marginal`], [`radial`], [`calibration`] (the maps),
+//! [`posterior`], [`run`], [`source`], [`evaluate`], [`ensemble`], [`fitting`] (fitting and
+//! caching the maps), [`predict`], [`train_run`].
 //!
 //! **Architecture invariant:** this crate sits above `training` (it loads runs through
 //! `training`'s run directory and model) and below `report`, `cli`, `xtask` and the Python layer;
 //! `training` never calls into it. It knows nothing of command lines, tables or plots.
 
+/// The README's example, compiled as a doctest so reusing this crate alone is shown to work.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
+
 pub mod calibration;
+pub mod ensemble;
 pub mod evaluate;
+pub mod fitting;
 pub mod kinds;
+pub mod marginal;
+pub mod metrics;
+pub mod posterior;
 pub mod predict;
 pub mod radial;
+pub mod run;
+pub mod source;
+pub mod star;
 pub mod train_run;
 
 pub use calibration::{
-    Calibration, CalibrationMethod, MarginalMap, WidthCovariate, WidthMap, MIN_CALIBRATION_STARS,
-    MIN_WIDTH_STARS, NOISE_COVARIATE,
+    Calibration, CalibrationMethod, WidthCovariate, WidthMap, CALIBRATION_FILE, CALIBRATION_SET,
+    MIN_CALIBRATION_STARS, MIN_WIDTH_STARS, NOISE_COVARIATE,
 };
+pub use ensemble::evaluate_ensemble;
 pub use evaluate::{
-    cached_calibration, calibration_unavailable, chi2_cdf, evaluate, evaluate_ensemble,
-    evaluate_ensemble_scaled, evaluate_on, evaluate_on_each, evaluate_scaled, fit_calibration,
-    fit_calibration_with, fit_ensemble_calibration, load_or_fit_calibration,
-    load_or_fit_ensemble_calibration, posterior_samples, posterior_samples_on, source_rows,
-    EnsembleCalibration, EnsembleFit, EvalSource, Evaluation, LabelErrors, LabelMetrics,
-    SourceRows, StarPrediction, StarSamples, CALIBRATION_FIT_SAMPLES, ENSEMBLE_CALIBRATION_FILE,
-    MAX_SAMPLES,
+    evaluate, evaluate_on, evaluate_on_each, posterior_samples, posterior_samples_on, StarSamples,
 };
+pub use fitting::{
+    cached_calibration, calibration_unavailable, fit_calibration, fit_calibration_with,
+    fit_ensemble_calibration, load_or_fit_calibration, load_or_fit_ensemble_calibration,
+    EnsembleCalibration, EnsembleFit, CALIBRATION_FIT_SAMPLES, ENSEMBLE_CALIBRATION_FILE,
+};
+pub use marginal::MarginalMap;
+pub use metrics::{Evaluation, LabelErrors, LabelMetrics, POOLED_DRAWS};
+pub use posterior::{chi2_cdf, PosteriorSettings, Sampler, MAX_SAMPLES};
 pub use predict::{
-    batches, predict, predict_scaled, Fluxes, PosteriorSettings, Predictor, SpectraFile,
-    SpectraRows, SpectraSlice, TrainedModel, PREDICT_BATCH,
+    batches, predict, Fluxes, Predictor, SpectraFile, SpectraRows, SpectraSlice, PREDICT_BATCH,
 };
 pub use radial::RadialMap;
+pub use run::Run;
+pub use source::{source_rows, EvalSource, SourceRows};
+pub use star::{StarPrediction, COVERAGE_LEVELS};
 pub use starflow_training::{Result, TrainError};
 pub use train_run::{train_and_calibrate, TrainedRun};

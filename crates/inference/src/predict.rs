@@ -18,19 +18,15 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
-use rand_chacha::ChaCha8Rng;
 use starflow_data::npy::NpyArray;
-use starflow_data::FluxTransform;
-use starflow_flows::PosteriorSummary;
 
 use crate::calibration::Calibration;
-use crate::evaluate::{
-    check_samples, star_rng, summarize_batch, to_physical, Draws, StarPrediction,
+use crate::posterior::{
+    check_samples, to_physical, BatchPosterior, Draws, PosteriorSettings, Sampling,
 };
+use crate::run::Run;
+use crate::star::StarPrediction;
 use starflow_training::error::{Result, TrainError};
-use starflow_training::model::StarModel;
-use starflow_training::run::RunState;
-use starflow_training::train::load_run;
 
 /// Spectra per forward pass: large enough to keep the kernels busy, small enough that a batch of
 /// GALAH spectra (128 × 16,384 px) and its activations stay well under a gigabyte.
@@ -174,57 +170,10 @@ impl SpectraRows for SpectraSlice<'_> {
     }
 }
 
-/// How posteriors are drawn and summarised: samples per star (non-Gaussian flows; Gaussian flows
-/// are exact), the sampler's seed, and the recalibration, if any.
-#[derive(Clone, Debug)]
-pub struct PosteriorSettings {
-    pub n_samples: usize,
-    pub seed: u64,
-    pub calibration: Option<Calibration>,
-}
-
-/// A trained run loaded for prediction: its state, its model at the best epoch and its flux
-/// preprocessing. It predicts on any [`SpectraRows`] on the run's pixel grid.
-pub struct TrainedModel {
-    pub state: RunState,
-    model: StarModel,
-    flux: FluxTransform,
-    dir: PathBuf,
-}
-
-impl std::fmt::Debug for TrainedModel {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TrainedModel")
-            .field("run", &self.dir)
-            .finish()
-    }
-}
-
-impl TrainedModel {
-    /// Loads the run in `run_dir` (its best-epoch weights).
-    pub fn open(run_dir: &Path) -> Result<Self> {
-        let (state, model) = load_run(run_dir)?;
-        Ok(TrainedModel {
-            flux: FluxTransform::new(state.flux_floor)?,
-            state,
-            model,
-            dir: run_dir.to_path_buf(),
-        })
-    }
-
-    /// The run directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    /// The predicted labels, in column order.
-    pub fn label_names(&self) -> &[String] {
-        &self.state.scaler.names
-    }
-
+impl Run {
     /// Checks that `spectra` are on the run's pixel grid and that the settings are usable.
     pub fn check(&self, spectra: &dyn SpectraRows, settings: &PosteriorSettings) -> Result<()> {
-        check_samples(&self.dir, settings.n_samples)?;
+        check_samples(self.dir(), settings.n_samples)?;
         self.check_pixels(spectra)
     }
 
@@ -258,19 +207,15 @@ impl TrainedModel {
             seed: settings.seed,
             rows: &row_ids,
         };
-        let batch = summarize_batch(
-            &self.model,
+        let cal = settings.calibration.as_ref().map(Calibration::resolved);
+        let post = BatchPosterior::new(
+            &self.model.flow,
             &params,
-            None,
-            settings.n_samples,
-            &mut draws,
-            settings
-                .calibration
-                .as_ref()
-                .map(Calibration::resolved)
-                .as_ref(),
+            (settings.n_samples, &mut draws, Sampling::WhereNeeded),
+            cal.as_ref(),
             &noise,
         )?;
+        let batch = post.summaries(None);
         let scaler = &self.state.scaler;
         Ok(batch
             .items
@@ -312,7 +257,7 @@ impl TrainedModel {
     }
 
     /// `n` posterior samples of every row of `spectra`, `(n_rows, n, d)` row-major in physical
-    /// units (see [`TrainedModel::sample_batch`]).
+    /// units (see [`Run::sample_batch`]).
     pub fn sample(
         &self,
         spectra: &dyn SpectraRows,
@@ -329,7 +274,7 @@ impl TrainedModel {
 
     /// `n` posterior samples of each star in `rows` (within one aligned batch), in physical
     /// units, `(rows, n, d)` row-major. Each star's draws come from the same stream as in
-    /// [`TrainedModel::predict_batch`], so for a sampled flow with `n` equal to the summaries'
+    /// [`Run::predict_batch`], so for a sampled flow with `n` equal to the summaries'
     /// sample count these are the very samples the summaries describe. With a recalibration each
     /// sample is mapped like the posterior (see [`Calibration`]) about the unscaled posterior's
     /// mean, standard deviation and correlation (exact for Gaussian flows).
@@ -341,29 +286,21 @@ impl TrainedModel {
         settings: &PosteriorSettings,
     ) -> Result<Vec<f64>> {
         let (params, noise) = self.params(spectra, rows.clone())?;
-        let flow = &self.model.flow;
-        let d = flow.dim();
-        let mut rngs: Vec<ChaCha8Rng> = rows.clone().map(|r| star_rng(settings.seed, r)).collect();
-        let mut samples = flow.sample_per_item(&params, n, &mut rngs)?;
-        if let Some(cal) = &settings.calibration {
-            let unscaled: Vec<PosteriorSummary> = if flow.is_gaussian() {
-                flow.gaussian_moments(&params)?
-                    .iter()
-                    .map(|m| m.to_summary())
-                    .collect()
-            } else {
-                samples.summarize()
-            };
-            let (cal, w) = (cal.resolved(), n * d);
-            for ((chunk, s), f) in samples
-                .values
-                .chunks_exact_mut(w)
-                .zip(&unscaled)
-                .zip(&noise)
-            {
-                cal.apply_to_points(chunk, &cal.frame(s, *f));
-            }
-        }
+        let d = self.model.flow.dim();
+        let row_ids: Vec<usize> = rows.collect();
+        let mut draws = Draws::PerStar {
+            seed: settings.seed,
+            rows: &row_ids,
+        };
+        let cal = settings.calibration.as_ref().map(Calibration::resolved);
+        let post = BatchPosterior::new(
+            &self.model.flow,
+            &params,
+            (n, &mut draws, Sampling::Always),
+            cal.as_ref(),
+            &noise,
+        )?;
+        let mut samples = post.mapped_samples().expect("drawn for every flow");
         let scaler = &self.state.scaler;
         for (k, v) in samples.values.iter_mut().enumerate() {
             *v = scaler.mean[k % d] + scaler.std[k % d] * *v;
@@ -440,7 +377,7 @@ pub const LISTED_BAD_ROWS: usize = 5;
 /// A trained run and a spectra file, ready to predict any of its rows (the command line's
 /// `starflow predict`).
 pub struct Predictor {
-    model: TrainedModel,
+    model: Run,
     spectra: SpectraFile,
     rows: Range<usize>,
     settings: PosteriorSettings,
@@ -466,7 +403,7 @@ impl Predictor {
         settings: PosteriorSettings,
     ) -> Result<Self> {
         check_samples(run_dir, settings.n_samples)?;
-        let model = TrainedModel::open(run_dir)?;
+        let model = Run::open(run_dir)?;
         let spectra = SpectraFile::open(spectra)?;
         model.check(&spectra, &settings)?;
         let rows = row_range(&spectra.path, spectra.n_rows, rows)?;
@@ -483,6 +420,13 @@ impl Predictor {
     /// without it first, so that a wrong spectra file, row range or output fails before the fit.
     pub fn set_calibration(&mut self, calibration: Option<Calibration>) {
         self.settings.calibration = calibration;
+    }
+
+    /// The recalibration saved in the run, when current ([`Run::saved_calibration`]): what
+    /// [`Predictor::set_calibration`] is given unless the caller wants the model's own posteriors
+    /// or a run without one has its maps fitted first.
+    pub fn saved_calibration(&self) -> Option<&Calibration> {
+        self.model.saved_calibration()
     }
 
     /// The rows this predictor covers.
@@ -573,32 +517,15 @@ fn row_range(
 
 /// Posterior summaries for all rows of a spectra file, collected (see [`Predictor`] for the
 /// streaming form).
-pub fn predict_scaled(
+pub fn predict(
     run_dir: &Path,
     spectra: &Path,
-    n_samples: usize,
-    seed: u64,
-    calibration: Option<&Calibration>,
+    settings: &PosteriorSettings,
 ) -> Result<Vec<StarPrediction>> {
-    let settings = PosteriorSettings {
-        n_samples,
-        seed,
-        calibration: calibration.cloned(),
-    };
-    let p = Predictor::open(run_dir, spectra, None, settings)?;
+    let p = Predictor::open(run_dir, spectra, None, settings.clone())?;
     let mut out = Vec::with_capacity(p.rows().len());
     for batch in p.batches() {
         out.extend(p.predict_batch(batch)?);
     }
     Ok(out)
-}
-
-/// [`predict_scaled`] without recalibration.
-pub fn predict(
-    run_dir: &Path,
-    spectra: &Path,
-    n_samples: usize,
-    seed: u64,
-) -> Result<Vec<StarPrediction>> {
-    predict_scaled(run_dir, spectra, n_samples, seed, None)
 }

@@ -25,7 +25,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 
-use crate::calibration::MarginalMap;
+use crate::marginal::MarginalMap;
 
 /// Rounds of the fit: `ρ` is fitted to radii measured after `h⁻¹`, and `h` depends on `ρ`.
 /// The pair need not have an exact fixed point (the truths' law need not be of this form); the

@@ -8,7 +8,8 @@ use starflow_training::{
 };
 
 use crate::calibration::Calibration;
-use crate::evaluate::{load_or_fit_calibration, CALIBRATION_FIT_SAMPLES};
+use crate::fitting::{load_or_fit_calibration, CALIBRATION_FIT_SAMPLES};
+use crate::posterior::Sampler;
 
 /// A run trained by [`train_and_calibrate`].
 #[derive(Debug)]
@@ -36,8 +37,10 @@ pub fn train_and_calibrate(
         calibration_set(cfg, observer)?;
         Some(load_or_fit_calibration(
             &opts.out,
-            CALIBRATION_FIT_SAMPLES,
-            0,
+            Sampler {
+                n_samples: CALIBRATION_FIT_SAMPLES,
+                seed: 0,
+            },
         )?)
     } else {
         None

@@ -7,8 +7,8 @@
 use std::path::{Path, PathBuf};
 
 use starflow_inference::{
-    evaluate, evaluate_on, evaluate_scaled, fit_calibration, fit_calibration_with,
-    load_or_fit_calibration, Calibration, CalibrationMethod, EvalSource, MarginalMap, RadialMap,
+    evaluate, evaluate_on, fit_calibration, fit_calibration_with, load_or_fit_calibration,
+    Calibration, CalibrationMethod, EvalSource, MarginalMap, PosteriorSettings, RadialMap, Sampler,
 };
 use starflow_training::config::TrainConfig;
 use starflow_training::{train, Quiet, TrainOptions};
@@ -33,15 +33,15 @@ fn too_few_stars_keep_the_models_own_posteriors() {
     let cfg = TrainConfig::tiny(&dir.path().join("data"), "diagonal_gaussian", "cnn", 1);
     let run = dir.path().join("run");
     train(&cfg, &TrainOptions::new(&run), &Quiet).unwrap();
-    let c = fit_calibration(&run, 100, 1).unwrap();
+    let c = fit_calibration(&run, Sampler::new(100, 1)).unwrap();
     assert!(
         c.n_stars < starflow_inference::MIN_CALIBRATION_STARS,
         "{c:?}"
     );
     assert!(c.too_few_stars);
     assert_eq!(c, ones(&c));
-    let raw = evaluate(&run, "val", 100, 1).unwrap();
-    let mapped = evaluate_scaled(&run, "val", 100, 1, Some(&c)).unwrap();
+    let raw = evaluate(&run, "val", &PosteriorSettings::own(100, 1)).unwrap();
+    let mapped = evaluate(&run, "val", &Sampler::new(100, 1).with(Some(c.clone()))).unwrap();
     assert_nll_is(mapped.nll_z, raw.nll_z);
 }
 
@@ -78,10 +78,10 @@ fn ones(c: &Calibration) -> Calibration {
 fn quantile_maps_make_validation_pits_uniform_and_keep_the_nll_a_density() {
     let dir = tempfile::tempdir().unwrap();
     let run = tiny_run(dir.path(), "diagonal_gaussian");
-    let c = fit_calibration(&run, 100, 1).unwrap();
+    let c = fit_calibration(&run, Sampler::new(100, 1)).unwrap();
     assert_eq!(c.maps.len(), 3, "{c:?}");
-    let raw = evaluate(&run, "val", 100, 1).unwrap();
-    let mapped = evaluate_scaled(&run, "val", 100, 1, Some(&c)).unwrap();
+    let raw = evaluate(&run, "val", &PosteriorSettings::own(100, 1)).unwrap();
+    let mapped = evaluate(&run, "val", &Sampler::new(100, 1).with(Some(c.clone()))).unwrap();
     let n = raw.stars.len() as f64;
     for (j, g) in c.maps.iter().enumerate() {
         // Each knot sends a normal quantile Φ^{-1}(p) to the errors' p-quantile, so a fraction p
@@ -132,14 +132,14 @@ fn normal_cdf(u: f64) -> f64 {
 fn affine_calibration_normalises_validation_pulls_and_keeps_the_nll_a_density() {
     let dir = tempfile::tempdir().unwrap();
     let run = tiny_run(dir.path(), "diagonal_gaussian");
-    let c = fit_calibration_with(&run, 100, 1, CalibrationMethod::Affine).unwrap();
+    let c = fit_calibration_with(&run, Sampler::new(100, 1), CalibrationMethod::Affine).unwrap();
     assert!(c.maps.is_empty());
     assert_eq!(c.labels, ["t_eff", "log_g", "fe_h"]);
     assert!(c.scale.iter().all(|s| s.is_finite() && *s > 0.0), "{c:?}");
     assert_eq!(c.fitted_on, "val");
 
-    let raw = evaluate(&run, "val", 100, 1).unwrap();
-    let scaled = evaluate_scaled(&run, "val", 100, 1, Some(&c)).unwrap();
+    let raw = evaluate(&run, "val", &PosteriorSettings::own(100, 1)).unwrap();
+    let scaled = evaluate(&run, "val", &Sampler::new(100, 1).with(Some(c.clone()))).unwrap();
     assert_eq!(c.shift.len(), 3);
     let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
@@ -182,9 +182,9 @@ fn affine_calibration_normalises_validation_pulls_and_keeps_the_nll_a_density() 
 fn unit_scale_changes_nothing_and_wider_scale_covers_more() {
     let dir = tempfile::tempdir().unwrap();
     let run = tiny_run(dir.path(), "full_flow");
-    let c = fit_calibration(&run, 200, 2).unwrap();
-    let raw = evaluate(&run, "test", 200, 2).unwrap();
-    let same = evaluate_scaled(&run, "test", 200, 2, Some(&ones(&c))).unwrap();
+    let c = fit_calibration(&run, Sampler::new(200, 2)).unwrap();
+    let raw = evaluate(&run, "test", &PosteriorSettings::own(200, 2)).unwrap();
+    let same = evaluate(&run, "test", &Sampler::new(200, 2).with(Some(ones(&c)))).unwrap();
     // Equal up to rounding: the truth as the unscaled posterior sees it is m + sd ((t - m) / sd).
     assert!((raw.nll_z - same.nll_z).abs() < 1e-12 * raw.nll_z.abs().max(1.0));
     // Same PITs and stds; quantiles equal up to the rounding of m + 1 * (q - m).
@@ -211,8 +211,13 @@ fn unit_scale_changes_nothing_and_wider_scale_covers_more() {
         scale: vec![0.3; 3],
         ..ones(&c)
     };
-    let w = evaluate_scaled(&run, "test", 200, 2, Some(&wide)).unwrap();
-    let n = evaluate_scaled(&run, "test", 200, 2, Some(&narrow)).unwrap();
+    let w = evaluate(&run, "test", &Sampler::new(200, 2).with(Some(wide.clone()))).unwrap();
+    let n = evaluate(
+        &run,
+        "test",
+        &Sampler::new(200, 2).with(Some(narrow.clone())),
+    )
+    .unwrap();
     for j in 0..3 {
         assert!(w.labels[j].coverage_68 >= raw.labels[j].coverage_68);
         assert!(n.labels[j].coverage_68 <= raw.labels[j].coverage_68);
@@ -226,7 +231,7 @@ fn calibration_is_saved_and_reused_until_the_run_changes() {
     let run = tiny_run(dir.path(), "diagonal_gaussian");
     let path = run.join("calibration.json");
     assert!(!path.exists());
-    let a = load_or_fit_calibration(&run, 100, 1).unwrap();
+    let a = load_or_fit_calibration(&run, Sampler::new(100, 1)).unwrap();
     assert!(path.exists());
     // A hand-edited file with the right run and labels is used as is.
     let edited = Calibration {
@@ -234,14 +239,20 @@ fn calibration_is_saved_and_reused_until_the_run_changes() {
         ..a.clone()
     };
     std::fs::write(&path, serde_json::to_string(&edited).unwrap()).unwrap();
-    assert_eq!(load_or_fit_calibration(&run, 100, 1).unwrap(), edited);
+    assert_eq!(
+        load_or_fit_calibration(&run, Sampler::new(100, 1)).unwrap(),
+        edited
+    );
     // One from another state of the run is refitted.
     let stale = Calibration {
         epochs_done: 99,
         ..edited
     };
     std::fs::write(&path, serde_json::to_string(&stale).unwrap()).unwrap();
-    assert_eq!(load_or_fit_calibration(&run, 100, 1).unwrap(), a);
+    assert_eq!(
+        load_or_fit_calibration(&run, Sampler::new(100, 1)).unwrap(),
+        a
+    );
 }
 
 /// The chi-square CDF behind the joint HPD levels of Gaussian flows, at known values.
@@ -308,9 +319,19 @@ fn ensemble_of_copies_is_the_member_itself() {
     let dir = tempfile::tempdir().unwrap();
     let run = tiny_run(dir.path(), "full_gaussian");
     let test = EvalSource::Split("test".into());
-    let alone = evaluate(&run, "test", 200, 4).unwrap();
-    let one = evaluate_ensemble(std::slice::from_ref(&run), &test, 200, 4).unwrap();
-    let two = evaluate_ensemble(&[run.clone(), run.clone()], &test, 200, 4).unwrap();
+    let alone = evaluate(&run, "test", &PosteriorSettings::own(200, 4)).unwrap();
+    let one = evaluate_ensemble(
+        std::slice::from_ref(&run),
+        &test,
+        &PosteriorSettings::own(200, 4),
+    )
+    .unwrap();
+    let two = evaluate_ensemble(
+        &[run.clone(), run.clone()],
+        &test,
+        &PosteriorSettings::own(200, 4),
+    )
+    .unwrap();
     for e in [&one, &two] {
         assert!(
             (e.nll_z - alone.nll_z).abs() < 1e-9,
@@ -335,7 +356,8 @@ fn ensemble_of_copies_is_the_member_itself() {
             .unwrap();
     state["scaler"]["mean"][0] = 1.0.into();
     std::fs::write(other_run.join("state.json"), state.to_string()).unwrap();
-    let err = evaluate_ensemble(&[run, other_run], &test, 200, 4).unwrap_err();
+    let err =
+        evaluate_ensemble(&[run, other_run], &test, &PosteriorSettings::own(200, 4)).unwrap_err();
     assert!(err.to_string().contains("same data"), "{err}");
 }
 
@@ -344,16 +366,17 @@ fn ensemble_of_copies_is_the_member_itself() {
 /// within the sampling noise of the mixture's 200 samples per star.
 #[test]
 fn recalibrated_ensemble_of_copies_is_the_recalibrated_member() {
-    use starflow_inference::{evaluate_ensemble_scaled, fit_ensemble_calibration, EvalSource};
+    use starflow_inference::{evaluate_ensemble, fit_ensemble_calibration, EvalSource};
     let dir = tempfile::tempdir().unwrap();
     let run = tiny_run(dir.path(), "full_gaussian");
     let copies = [run.clone(), run.clone()];
-    let fitted = fit_ensemble_calibration(&copies, 200, 4).unwrap();
+    let fitted = fit_ensemble_calibration(&copies, Sampler::new(200, 4)).unwrap();
     assert_eq!((fitted.fitted_on.as_str(), fitted.maps.len()), ("val", 3));
-    let c = fit_calibration(&run, 200, 4).unwrap();
+    let c = fit_calibration(&run, Sampler::new(200, 4)).unwrap();
     let test = EvalSource::Split("test".into());
-    let alone = evaluate_scaled(&run, "test", 200, 4, Some(&c)).unwrap();
-    let both = evaluate_ensemble_scaled(&copies, &test, 200, 4, Some(&c)).unwrap();
+    let alone = evaluate(&run, "test", &Sampler::new(200, 4).with(Some(c.clone()))).unwrap();
+    let both =
+        evaluate_ensemble(&copies, &test, &Sampler::new(200, 4).with(Some(c.clone()))).unwrap();
     assert!(
         (both.nll_z - alone.nll_z).abs() < 0.15,
         "{} vs {}",
@@ -375,7 +398,7 @@ fn recalibrated_ensemble_of_copies_is_the_recalibrated_member() {
 fn sampled_joint_levels_under_a_map_agree_with_the_exact_ones() {
     let dir = tempfile::tempdir().unwrap();
     let run = tiny_run(dir.path(), "full_gaussian");
-    let c = fit_calibration_with(&run, 100, 3, CalibrationMethod::Affine).unwrap();
+    let c = fit_calibration_with(&run, Sampler::new(100, 3), CalibrationMethod::Affine).unwrap();
     let kinked = Calibration {
         maps: (0..3)
             .map(|j| {
@@ -393,8 +416,13 @@ fn sampled_joint_levels_under_a_map_agree_with_the_exact_ones() {
         ..c.clone()
     };
     assert!(!kinked.map(0).is_affine());
-    let exact = evaluate_scaled(&run, "test", 100, 3, Some(&c)).unwrap();
-    let sampled = evaluate_scaled(&run, "test", 100, 3, Some(&kinked)).unwrap();
+    let exact = evaluate(&run, "test", &Sampler::new(100, 3).with(Some(c.clone()))).unwrap();
+    let sampled = evaluate(
+        &run,
+        "test",
+        &Sampler::new(100, 3).with(Some(kinked.clone())),
+    )
+    .unwrap();
     assert!((exact.nll_z - sampled.nll_z).abs() < 1e-6);
     for (a, b) in exact.stars.iter().zip(&sampled.stars) {
         let (a, b) = (a.hpd.unwrap(), b.hpd.unwrap());
@@ -422,7 +450,7 @@ fn calibration_without_maps_is_affine() {
 fn radial_map_enters_the_nll_through_its_jacobian() {
     let dir = tempfile::tempdir().unwrap();
     let run = tiny_run(dir.path(), "diagonal_gaussian");
-    let c = fit_calibration(&run, 100, 1).unwrap();
+    let c = fit_calibration(&run, Sampler::new(100, 1)).unwrap();
     // Too few validation stars for a fitted radial map: one is made by hand, with a kink in the
     // radius (wider beyond r = 1.5) and a stretched marginal map.
     assert!(c.radial.is_none());
@@ -441,8 +469,8 @@ fn radial_map_enters_the_nll_through_its_jacobian() {
         radial: Some(radial.clone()),
         ..ones(&c)
     };
-    let raw = evaluate(&run, "val", 100, 1).unwrap();
-    let mapped = evaluate_scaled(&run, "val", 100, 1, Some(&with)).unwrap();
+    let raw = evaluate(&run, "val", &PosteriorSettings::own(100, 1)).unwrap();
+    let mapped = evaluate(&run, "val", &Sampler::new(100, 1).with(Some(with.clone()))).unwrap();
     let identity = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0];
     let n = raw.stars.len() as f64;
     let expected: f64 = raw
@@ -477,16 +505,21 @@ fn radial_map_enters_the_nll_through_its_jacobian() {
 fn calibration_set_is_drawn_and_fitted_on() {
     let dir = tempfile::tempdir().unwrap();
     let run = run_with_calibration_set(dir.path(), "diagonal_gaussian", 150, 7);
-    let c = fit_calibration(&run, 100, 1).unwrap();
+    let c = fit_calibration(&run, Sampler::new(100, 1)).unwrap();
     let set = dir.path().join("data-calibration-7");
     assert!(set.join("spectra.npy").exists());
     assert_eq!((c.fitted_on.as_str(), c.n_stars), ("calibration", 150));
-    let on_set = evaluate_on(&run, &EvalSource::dir(&set), 100, 1, None).unwrap();
+    let on_set = evaluate_on(
+        &run,
+        &EvalSource::dir(&set),
+        &PosteriorSettings::own(100, 1),
+    )
+    .unwrap();
     assert_eq!(
         c.maps,
         Calibration::fit(&on_set, CalibrationMethod::Quantile).maps
     );
-    let on_val = evaluate(&run, "val", 100, 1).unwrap();
+    let on_val = evaluate(&run, "val", &PosteriorSettings::own(100, 1)).unwrap();
     assert_ne!(
         c.maps,
         Calibration::fit(&on_val, CalibrationMethod::Quantile).maps
@@ -500,7 +533,7 @@ fn calibration_set_is_drawn_and_fitted_on() {
 fn saved_maps_follow_the_configs_calibration_set() {
     let dir = tempfile::tempdir().unwrap();
     let run = run_with_calibration_set(dir.path(), "diagonal_gaussian", 120, 7);
-    let first = load_or_fit_calibration(&run, 100, 1).unwrap();
+    let first = load_or_fit_calibration(&run, Sampler::new(100, 1)).unwrap();
     assert_eq!(
         (first.n_stars, first.set_seed, first.fitted_on.as_str()),
         (120, Some(7), "calibration")
@@ -514,11 +547,11 @@ fn saved_maps_follow_the_configs_calibration_set() {
         std::fs::write(&path, state.to_string()).unwrap();
     };
     set_config(160, 7);
-    let larger = load_or_fit_calibration(&run, 100, 1).unwrap();
+    let larger = load_or_fit_calibration(&run, Sampler::new(100, 1)).unwrap();
     assert_eq!((larger.n_stars, larger.set_seed), (160, Some(7)));
     assert_ne!(larger.maps, first.maps);
     set_config(160, 8);
-    let other = load_or_fit_calibration(&run, 100, 1).unwrap();
+    let other = load_or_fit_calibration(&run, Sampler::new(100, 1)).unwrap();
     assert_eq!((other.n_stars, other.set_seed), (160, Some(8)));
     assert!(dir
         .path()
@@ -532,7 +565,10 @@ fn saved_maps_follow_the_configs_calibration_set() {
         ..other
     };
     std::fs::write(&path, serde_json::to_string(&edited).unwrap()).unwrap();
-    assert_eq!(load_or_fit_calibration(&run, 100, 1).unwrap(), edited);
+    assert_eq!(
+        load_or_fit_calibration(&run, Sampler::new(100, 1)).unwrap(),
+        edited
+    );
 }
 
 /// An ensemble's maps are fitted where its first run's own maps are: on that run's calibration
@@ -544,10 +580,10 @@ fn ensemble_calibration_is_fitted_on_the_first_runs_calibration_set() {
     let dir = tempfile::tempdir().unwrap();
     let run = run_with_calibration_set(dir.path(), "full_gaussian", 120, 9);
     let copies = [run.clone(), run.clone()];
-    let c = fit_ensemble_calibration(&copies, 100, 2).unwrap();
+    let c = fit_ensemble_calibration(&copies, Sampler::new(100, 2)).unwrap();
     assert_eq!((c.fitted_on.as_str(), c.n_stars), ("calibration", 120));
     let set = EvalSource::dir(&dir.path().join("data-calibration-9"));
-    let on_set = evaluate_ensemble(&copies, &set, 100, 2).unwrap();
+    let on_set = evaluate_ensemble(&copies, &set, &PosteriorSettings::own(100, 2)).unwrap();
     assert_eq!(
         c.maps,
         Calibration::fit(&on_set, CalibrationMethod::Quantile).maps
@@ -561,9 +597,9 @@ fn ensemble_calibration_is_fitted_on_the_first_runs_calibration_set() {
 fn fitting_without_the_joint_levels_gives_the_same_maps() {
     let dir = tempfile::tempdir().unwrap();
     let run = tiny_run(dir.path(), "full_flow");
-    let full = evaluate(&run, "val", 100, 1).unwrap();
+    let full = evaluate(&run, "val", &PosteriorSettings::own(100, 1)).unwrap();
     assert!(full.stars.iter().all(|s| s.hpd.is_some()));
-    let got = fit_calibration(&run, 100, 1).unwrap();
+    let got = fit_calibration(&run, Sampler::new(100, 1)).unwrap();
     let mut expected = Calibration::fit(&full, CalibrationMethod::Quantile);
     expected.epochs_done = got.epochs_done;
     assert_eq!(got, expected);
@@ -581,9 +617,9 @@ fn ensemble_calibration_is_kept_for_the_same_ensemble() {
     let dir = tempfile::tempdir().unwrap();
     let run = tiny_run(dir.path(), "full_gaussian");
     let two = [run.clone(), run.clone()];
-    let fresh = fit_ensemble_calibration(&two, 100, 3).unwrap();
+    let fresh = fit_ensemble_calibration(&two, Sampler::new(100, 3)).unwrap();
     assert_eq!(
-        load_or_fit_ensemble_calibration(&two, 100, 3).unwrap(),
+        load_or_fit_ensemble_calibration(&two, Sampler::new(100, 3)).unwrap(),
         fresh
     );
     // The next call reads the file: a mark put into it comes back.
@@ -592,15 +628,18 @@ fn ensemble_calibration_is_kept_for_the_same_ensemble() {
         serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
     saved.calibration.n_stars += 1;
     std::fs::write(&file, serde_json::to_string(&saved).unwrap()).unwrap();
-    let read = load_or_fit_ensemble_calibration(&two, 100, 3).unwrap();
+    let read = load_or_fit_ensemble_calibration(&two, Sampler::new(100, 3)).unwrap();
     assert_eq!(read.n_stars, fresh.n_stars + 1);
     // Another seed, then another member list: fitted again.
-    let reseeded = load_or_fit_ensemble_calibration(&two, 100, 4).unwrap();
-    assert_eq!(reseeded, fit_ensemble_calibration(&two, 100, 4).unwrap());
+    let reseeded = load_or_fit_ensemble_calibration(&two, Sampler::new(100, 4)).unwrap();
+    assert_eq!(
+        reseeded,
+        fit_ensemble_calibration(&two, Sampler::new(100, 4)).unwrap()
+    );
     assert_ne!(reseeded.maps, fresh.maps);
     let three = [run.clone(), run.clone(), run.clone()];
     assert_eq!(
-        load_or_fit_ensemble_calibration(&three, 100, 4).unwrap(),
-        fit_ensemble_calibration(&three, 100, 4).unwrap()
+        load_or_fit_ensemble_calibration(&three, Sampler::new(100, 4)).unwrap(),
+        fit_ensemble_calibration(&three, Sampler::new(100, 4)).unwrap()
     );
 }

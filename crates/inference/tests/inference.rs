@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use starflow_inference::{evaluate, predict};
+use starflow_inference::{evaluate, predict, PosteriorSettings, Sampler};
 use starflow_training::config::TrainConfig;
 use starflow_training::{train, Quiet, TrainOptions};
 
@@ -26,7 +26,7 @@ fn every_flow_and_backbone_trains_evaluates_and_predicts() {
         let run = dir.path().join(format!("{backbone}-{flow}"));
         let st = train(&cfg, &opts(&run), &Quiet).unwrap();
         assert!(st.best_val_nll.is_finite(), "{flow}/{backbone}");
-        let e = evaluate(&run, "test", 200, 1).unwrap();
+        let e = evaluate(&run, "test", &PosteriorSettings::own(200, 1)).unwrap();
         assert_eq!(e.n_stars, st.n_test);
         assert_eq!(e.labels.len(), 3);
         for l in &e.labels {
@@ -50,7 +50,12 @@ fn every_flow_and_backbone_trains_evaluates_and_predicts() {
                 "t_eff in K: {s:?}"
             );
         }
-        let p = predict(&run, &data.join("spectra.npy"), 100, 2).unwrap();
+        let p = predict(
+            &run,
+            &data.join("spectra.npy"),
+            &PosteriorSettings::own(100, 2),
+        )
+        .unwrap();
         assert_eq!(p.len(), 160);
     }
 }
@@ -65,14 +70,14 @@ fn wrong_spectrum_length_is_a_user_error() {
     train(&cfg, &opts(&run), &Quiet).unwrap();
     let bad = dir.path().join("short.npy");
     starflow_data::npy::write_npy(&bad, &[2, 100], &[1f32; 200]).unwrap();
-    let e = predict(&run, &bad, 100, 0).unwrap_err();
+    let e = predict(&run, &bad, &PosteriorSettings::own(100, 0)).unwrap_err();
     assert!(e.is_user_error());
     assert!(
         e.to_string().contains("short.npy") && e.to_string().contains("100 pixels"),
         "{e}"
     );
     // A directory that is not a run.
-    let e = evaluate(dir.path(), "test", 100, 0).unwrap_err();
+    let e = evaluate(dir.path(), "test", &PosteriorSettings::own(100, 0)).unwrap_err();
     assert!(
         e.is_user_error() && e.to_string().contains("not a starflow run directory"),
         "{e}"
@@ -84,7 +89,7 @@ fn wrong_spectrum_length_is_a_user_error() {
         state.replacen("\"format\": 1", "\"format\": 99", 1),
     )
     .unwrap();
-    let e = evaluate(&run, "test", 100, 0).unwrap_err();
+    let e = evaluate(&run, "test", &PosteriorSettings::own(100, 0)).unwrap_err();
     assert!(
         e.is_user_error() && e.to_string().contains("run format 99"),
         "{e}"
@@ -112,8 +117,7 @@ fn training_ends_with_the_recalibration_fitted_and_saved() {
     // What predict and evaluate load is what training fitted.
     let loaded = starflow_inference::load_or_fit_calibration(
         &run,
-        starflow_inference::CALIBRATION_FIT_SAMPLES,
-        0,
+        Sampler::new(starflow_inference::CALIBRATION_FIT_SAMPLES, 0),
     )
     .unwrap();
     assert_eq!(loaded, c);

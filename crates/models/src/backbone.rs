@@ -1,9 +1,9 @@
-//! The [`Backbone`] trait, construction by name, and the split between trainable parameters and BatchNorm
-//! buffers.
+//! The [`Backbone`] trait, the trunk its networks share, and the split between trainable
+//! parameters and BatchNorm buffers.
 //!
-//! **API boundary**: the training crate builds a backbone with [`backbone`] from a name in its config and a
-//! `VarBuilder`, calls [`Backbone::forward_t`], and hands the optimiser only [`trainable_vars`]. Adding a
-//! backbone is one file plus one line in [`backbone`].
+//! **API boundary**: the training crate builds a backbone with [`crate::backbone`] from a name in
+//! its config and a `VarBuilder`, calls [`Backbone::forward_t`], and hands the optimiser only
+//! [`trainable_vars`].
 
 use std::sync::Mutex;
 
@@ -18,7 +18,7 @@ use crate::{ModelError, Result};
 
 /// A network mapping spectra `(b, 1, input_len)` to flow parameters `(b, n_params)`.
 pub trait Backbone: Send + Sync + std::fmt::Debug {
-    /// The name this backbone is built by (see [`BACKBONE_NAMES`]).
+    /// The name this backbone is built by (see [`crate::BACKBONE_NAMES`]).
     fn name(&self) -> &'static str;
     /// The configuration it was built with.
     fn config(&self) -> &BackboneConfig;
@@ -29,21 +29,6 @@ pub trait Backbone: Send + Sync + std::fmt::Debug {
     /// Variable prefix of the final Linear layer, whose output row `k` is flow parameter `k`
     /// (`<prefix>.weight`, `<prefix>.bias`): lets a trainer initialise parts of the head.
     fn head_prefix(&self) -> &'static str;
-}
-
-/// Names accepted by [`backbone`].
-pub const BACKBONE_NAMES: &[&str] = &["cnn", "tiny_cnn"];
-
-/// Builds the backbone called `name` (one of [`BACKBONE_NAMES`]) with parameters from `vb`.
-pub fn backbone(name: &str, cfg: &BackboneConfig, vb: VarBuilder) -> Result<Box<dyn Backbone>> {
-    match name {
-        "cnn" => Ok(Box::new(crate::cnn::cnn_model(cfg, vb)?)),
-        "tiny_cnn" => Ok(Box::new(crate::tiny_cnn::tiny_cnn(cfg, vb)?)),
-        _ => Err(ModelError::UnknownBackbone {
-            name: name.to_string(),
-            valid: BACKBONE_NAMES,
-        }),
-    }
 }
 
 /// Whether a `VarMap` name is a BatchNorm buffer (running statistics), saved with the weights but never

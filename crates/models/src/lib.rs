@@ -22,15 +22,14 @@ mod config;
 mod error;
 mod layers;
 pub mod ops;
+mod select;
 mod tiny_cnn;
 
 pub use alloc::tune_allocator;
-pub use backbone::{
-    backbone, buffer_vars, is_buffer, named_trainable_vars, trainable_vars, Backbone,
-    BACKBONE_NAMES,
-};
+pub use backbone::{buffer_vars, is_buffer, named_trainable_vars, trainable_vars, Backbone};
 pub use cnn::{cnn_model, CnnModel};
 pub use config::{BackboneConfig, ComputePath, BN_EPS, BN_MOMENTUM};
 pub use error::{ModelError, Result};
 pub use ops::dropout::dropout_mask;
+pub use select::{backbone, BACKBONE_NAMES};
 pub use tiny_cnn::{tiny_cnn, TinyCnn};

@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use starflow_inference::{
-    load_or_fit_calibration, PosteriorSettings, SpectraSlice, StarPrediction, TrainedModel,
-    MAX_SAMPLES,
+    load_or_fit_calibration, PosteriorSettings, Run as InferenceRun, Sampler, SpectraSlice,
+    StarPrediction, MAX_SAMPLES,
 };
 
 use crate::arrays::array;
@@ -18,20 +18,20 @@ const ARRAY_ORIGIN: &str = "spectra array";
 /// A trained run: its model at the best epoch, its configuration and its training history.
 #[pyclass(frozen, module = "starflow")]
 pub struct Run {
-    model: TrainedModel,
+    model: InferenceRun,
 }
 
 /// Opens the run directory written by `starflow train` (or `starflow.train`).
 #[pyfunction]
 pub fn load_run(py: Python<'_>, path: PathBuf) -> PyResult<Run> {
     let model = py
-        .detach(|| TrainedModel::open(&path))
+        .detach(|| InferenceRun::open(&path))
         .map_err(train_error)?;
     Ok(Run { model })
 }
 
 impl Run {
-    pub fn new(model: TrainedModel) -> Self {
+    pub fn new(model: InferenceRun) -> Self {
         Run { model }
     }
 
@@ -46,8 +46,11 @@ impl Run {
     ) -> PyResult<PosteriorSettings> {
         let calibration = if calibrate {
             let dir = self.model.dir();
-            let c = load_or_fit_calibration(dir, samples, seed)
-                .map_err(|e| calibration_error(dir, e))?;
+            let c = match self.model.saved_calibration() {
+                Some(c) => c.clone(),
+                None => load_or_fit_calibration(dir, Sampler::new(samples, seed))
+                    .map_err(|e| calibration_error(dir, e))?,
+            };
             if c.too_few_stars {
                 // As the command line says "not recalibrated": a user who asked for calibrated
                 // posteriors must hear that they are the model's own.
@@ -67,11 +70,7 @@ impl Run {
         } else {
             None
         };
-        Ok(PosteriorSettings {
-            n_samples: samples,
-            seed,
-            calibration,
-        })
+        Ok(Sampler::new(samples, seed).with(calibration))
     }
 }
 
@@ -105,7 +104,7 @@ fn columns<'py>(
 /// that may fit the run's recalibration first (minutes).
 fn on_spectra<'py, T: Send>(
     py: Python<'py>,
-    model: &TrainedModel,
+    model: &InferenceRun,
     spectra: &Bound<'py, PyAny>,
     first_row: usize,
     settings: impl FnOnce() -> PyResult<PosteriorSettings>,

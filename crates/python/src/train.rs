@@ -6,7 +6,7 @@ use std::sync::Mutex;
 
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
-use starflow_inference::{train_and_calibrate, TrainedModel};
+use starflow_inference::{train_and_calibrate, Run as InferenceRun};
 use starflow_training::{EpochRecord, Observer, TrainOptions, TrainRequest};
 
 use crate::errors::train_error;
@@ -114,7 +114,7 @@ pub fn train(
         // As the command line does: the recalibration is fitted while the data are at hand, so
         // that predictions are recalibrated wherever the run goes.
         train_and_calibrate(&cfg, &opts, &observer, |_| {})?;
-        TrainedModel::open(&out)
+        InferenceRun::open(&out)
     });
     if let Some(e) = observer.take_error() {
         return Err(e);

@@ -8,7 +8,7 @@ use polars::prelude::{Column, DataFrame, PlSmallStr};
 use starflow_inference::kinds::{KindCalibration, KindLabel};
 
 use crate::error::{ReportError, Result};
-use crate::table::RunRow;
+use crate::row::RunRow;
 
 /// The per-kind targets of issue 29: 68 % coverage within ±3 points, 95 % within ±2, pull std in
 /// 0.93–1.07 (wider than the population targets: a kind holds a quarter of the stars or fewer).

@@ -20,6 +20,7 @@ pub mod kinds;
 pub mod plots;
 pub mod predictions;
 mod report;
+mod row;
 pub mod stats;
 pub mod table;
 

@@ -616,140 +616,191 @@ pub fn corner(path: &Path, labels: &[LabelInfo], star: &StarSamples, title: &str
             )
         })
         .collect();
+    let c = Corner {
+        labels,
+        truth: &star.truth,
+        cols,
+        mean,
+        cov,
+        ranges,
+    };
     render(path, (330 * d as u32, 330 * d as u32 + 40), |root| {
         let area = title_area(root, title)?;
         let cells = area.split_evenly((d, d));
         for i in 0..d {
-            for j in 0..d {
+            for j in 0..=i {
                 let cell = &cells[i * d + j];
-                let x_desc = if i + 1 == d {
-                    labels[j].axis("")
-                } else {
-                    String::new()
-                };
-                if j > i {
-                    continue;
-                }
-                let (xlo, xhi) = ranges[j];
                 if i == j {
-                    let h = Histogram::new(&cols[j], xlo, xhi, 40);
-                    let s = cov[j * d + j].sqrt();
-                    let peak = normal_pdf(mean[j], mean[j], s);
-                    let top = h.density.iter().copied().fold(peak, f64::max) * 1.15;
-                    let mut chart = frame(cell, 8, None, (40, 20), xlo..xhi, 0.0..top)?;
-                    chart
-                        .configure_mesh()
-                        .disable_y_axis()
-                        .disable_mesh()
-                        .x_label_formatter(&|v| fmt_tick(*v))
-                        .x_desc(x_desc)
-                        .x_labels(4)
-                        .label_style(font(12))
-                        .axis_desc_style(font(14))
-                        .draw()?;
-                    chart.draw_series(h.bars().map(|(a, b, v)| {
-                        Rectangle::new([(a, 0.0), (b, v)], TRAIN.mix(0.55).filled())
-                    }))?;
-                    let grid = (0..=160).map(|k| xlo + (xhi - xlo) * k as f64 / 160.0);
-                    chart.draw_series(LineSeries::new(
-                        grid.map(|x| (x, normal_pdf(x, mean[j], s))),
-                        REFERENCE.stroke_width(2),
-                    ))?;
-                    let t = star.truth[j];
-                    chart.draw_series(LineSeries::new(
-                        vec![(t, 0.0), (t, top)],
-                        TRUTH.stroke_width(2),
-                    ))?;
+                    c.marginal(cell, j)?;
                 } else {
-                    let (ylo, yhi) = ranges[i];
-                    let y_area = if j == 0 { 64 } else { 20 };
-                    let mut chart = frame(cell, 8, None, (40, y_area), xlo..xhi, ylo..yhi)?;
-                    let mut mesh = chart.configure_mesh();
-                    mesh.disable_mesh()
-                        .x_label_formatter(&|v| fmt_tick(*v))
-                        .y_label_formatter(&|v| fmt_tick(*v))
-                        .x_desc(x_desc)
-                        .x_labels(4)
-                        .y_labels(4)
-                        .label_style(font(12))
-                        .axis_desc_style(font(14));
-                    if j == 0 {
-                        mesh.y_desc(labels[i].axis(""));
-                    } else {
-                        mesh.disable_y_axis();
-                    }
-                    mesh.draw()?;
-                    let bins = 30usize;
-                    let mut counts = vec![0usize; bins * bins];
-                    for (&x, &y) in cols[j].iter().zip(&cols[i]) {
-                        if x >= xlo && x < xhi && y >= ylo && y < yhi {
-                            let bx = ((x - xlo) / (xhi - xlo) * bins as f64) as usize;
-                            let by = ((y - ylo) / (yhi - ylo) * bins as f64) as usize;
-                            counts[by.min(bins - 1) * bins + bx.min(bins - 1)] += 1;
-                        }
-                    }
-                    let max = counts.iter().copied().max().unwrap_or(1).max(1) as f64;
-                    let (wx, wy) = ((xhi - xlo) / bins as f64, (yhi - ylo) / bins as f64);
-                    chart.draw_series(counts.iter().enumerate().filter(|(_, &c)| c > 0).map(
-                        |(k, &c)| {
-                            let (bx, by) = ((k % bins) as f64, (k / bins) as f64);
-                            let shade = (c as f64 / max).sqrt();
-                            Rectangle::new(
-                                [
-                                    (xlo + bx * wx, ylo + by * wy),
-                                    (xlo + (bx + 1.0) * wx, ylo + (by + 1.0) * wy),
-                                ],
-                                TRAIN.mix(0.1 + 0.85 * shade).filled(),
-                            )
-                        },
-                    ))?;
-                    let c2 = [
-                        [cov[j * d + j], cov[j * d + i]],
-                        [cov[i * d + j], cov[i * d + i]],
-                    ];
-                    for p in [0.6827, 0.9545] {
-                        chart.draw_series(LineSeries::new(
-                            ellipse([mean[j], mean[i]], c2, radius_2d(p), 96),
-                            REFERENCE.stroke_width(2),
-                        ))?;
-                    }
-                    let (tx, ty) = (star.truth[j], star.truth[i]);
-                    chart.draw_series(std::iter::once(Cross::new(
-                        (tx, ty),
-                        7,
-                        TRUTH.stroke_width(3),
-                    )))?;
+                    c.joint(cell, i, j)?;
                 }
             }
         }
         // Key and numbers in the empty upper-right triangle.
         if d > 1 {
-            let key = &cells[d - 1];
-            let mut lines = vec![
-                (format!("{n} posterior samples"), TRAIN),
-                ("Gaussian with their mean/covariance".to_string(), REFERENCE),
-                ("true value".to_string(), TRUTH),
-                (String::new(), BLACK),
-            ];
-            for j in 0..d {
-                let s = cov[j * d + j].sqrt();
-                lines.push((
-                    format!(
-                        "{}: {} ± {} (true {})",
-                        labels[j].title,
-                        fmt_sig(mean[j]),
-                        fmt_sig(s),
-                        fmt_sig(star.truth[j])
-                    ),
-                    BLACK,
-                ));
-            }
-            for (k, (text, color)) in lines.iter().enumerate() {
-                key.draw_text(text, &font(14).color(color), (4, 20 + 20 * k as i32))?;
-            }
+            c.key(&cells[d - 1], n)?;
         }
         Ok(())
     })
+}
+
+/// What a corner plot draws: per label its samples (`cols`), the samples' mean and covariance
+/// (`d x d`), the axis range and the truth.
+struct Corner<'a> {
+    labels: &'a [LabelInfo],
+    truth: &'a [f64],
+    cols: Vec<Vec<f64>>,
+    mean: Vec<f64>,
+    cov: Vec<f64>,
+    ranges: Vec<(f64, f64)>,
+}
+
+impl Corner<'_> {
+    fn d(&self) -> usize {
+        self.mean.len()
+    }
+
+    /// The x-axis title of a cell in column `j`: only the bottom row has one.
+    fn x_desc(&self, i: usize, j: usize) -> String {
+        if i + 1 == self.d() {
+            self.labels[j].axis("")
+        } else {
+            String::new()
+        }
+    }
+
+    /// Label `j`'s 1-D marginal: a histogram of its samples, the Gaussian and the truth.
+    fn marginal(&self, cell: &Area<'_>, j: usize) -> DrawResult {
+        let (d, (xlo, xhi)) = (self.d(), self.ranges[j]);
+        let (m, s) = (self.mean[j], self.cov[j * d + j].sqrt());
+        let h = Histogram::new(&self.cols[j], xlo, xhi, 40);
+        let peak = normal_pdf(m, m, s);
+        let top = h.density.iter().copied().fold(peak, f64::max) * 1.15;
+        let mut chart = frame(cell, 8, None, (40, 20), xlo..xhi, 0.0..top)?;
+        chart
+            .configure_mesh()
+            .disable_y_axis()
+            .disable_mesh()
+            .x_label_formatter(&|v| fmt_tick(*v))
+            .x_desc(self.x_desc(j, j))
+            .x_labels(4)
+            .label_style(font(12))
+            .axis_desc_style(font(14))
+            .draw()?;
+        chart.draw_series(
+            h.bars()
+                .map(|(a, b, v)| Rectangle::new([(a, 0.0), (b, v)], TRAIN.mix(0.55).filled())),
+        )?;
+        let grid = (0..=160).map(|k| xlo + (xhi - xlo) * k as f64 / 160.0);
+        chart.draw_series(LineSeries::new(
+            grid.map(|x| (x, normal_pdf(x, m, s))),
+            REFERENCE.stroke_width(2),
+        ))?;
+        let t = self.truth[j];
+        chart.draw_series(LineSeries::new(
+            vec![(t, 0.0), (t, top)],
+            TRUTH.stroke_width(2),
+        ))?;
+        Ok(())
+    }
+
+    /// The 2-D marginal of labels `j` (x) and `i` (y): the samples' density as shaded bins, the
+    /// Gaussian's 68 % and 95 % contours and the truth.
+    fn joint(&self, cell: &Area<'_>, i: usize, j: usize) -> DrawResult {
+        let (d, (xlo, xhi), (ylo, yhi)) = (self.d(), self.ranges[j], self.ranges[i]);
+        let y_area = if j == 0 { 64 } else { 20 };
+        let mut chart = frame(cell, 8, None, (40, y_area), xlo..xhi, ylo..yhi)?;
+        let mut mesh = chart.configure_mesh();
+        mesh.disable_mesh()
+            .x_label_formatter(&|v| fmt_tick(*v))
+            .y_label_formatter(&|v| fmt_tick(*v))
+            .x_desc(self.x_desc(i, j))
+            .x_labels(4)
+            .y_labels(4)
+            .label_style(font(12))
+            .axis_desc_style(font(14));
+        if j == 0 {
+            mesh.y_desc(self.labels[i].axis(""));
+        } else {
+            mesh.disable_y_axis();
+        }
+        mesh.draw()?;
+        let bins = 30usize;
+        let mut counts = vec![0usize; bins * bins];
+        for (&x, &y) in self.cols[j].iter().zip(&self.cols[i]) {
+            if x >= xlo && x < xhi && y >= ylo && y < yhi {
+                let bx = ((x - xlo) / (xhi - xlo) * bins as f64) as usize;
+                let by = ((y - ylo) / (yhi - ylo) * bins as f64) as usize;
+                counts[by.min(bins - 1) * bins + bx.min(bins - 1)] += 1;
+            }
+        }
+        let max = counts.iter().copied().max().unwrap_or(1).max(1) as f64;
+        let (wx, wy) = ((xhi - xlo) / bins as f64, (yhi - ylo) / bins as f64);
+        chart.draw_series(
+            counts
+                .iter()
+                .enumerate()
+                .filter(|(_, &c)| c > 0)
+                .map(|(k, &c)| {
+                    let (bx, by) = ((k % bins) as f64, (k / bins) as f64);
+                    let shade = (c as f64 / max).sqrt();
+                    Rectangle::new(
+                        [
+                            (xlo + bx * wx, ylo + by * wy),
+                            (xlo + (bx + 1.0) * wx, ylo + (by + 1.0) * wy),
+                        ],
+                        TRAIN.mix(0.1 + 0.85 * shade).filled(),
+                    )
+                }),
+        )?;
+        let cov = &self.cov;
+        let c2 = [
+            [cov[j * d + j], cov[j * d + i]],
+            [cov[i * d + j], cov[i * d + i]],
+        ];
+        for p in [0.6827, 0.9545] {
+            chart.draw_series(LineSeries::new(
+                ellipse([self.mean[j], self.mean[i]], c2, radius_2d(p), 96),
+                REFERENCE.stroke_width(2),
+            ))?;
+        }
+        let (tx, ty) = (self.truth[j], self.truth[i]);
+        chart.draw_series(std::iter::once(Cross::new(
+            (tx, ty),
+            7,
+            TRUTH.stroke_width(3),
+        )))?;
+        Ok(())
+    }
+
+    /// The key and each label's mean ± std (true value) of `n` samples.
+    fn key(&self, key: &Area<'_>, n: usize) -> DrawResult {
+        let d = self.d();
+        let mut lines = vec![
+            (format!("{n} posterior samples"), TRAIN),
+            ("Gaussian with their mean/covariance".to_string(), REFERENCE),
+            ("true value".to_string(), TRUTH),
+            (String::new(), BLACK),
+        ];
+        for j in 0..d {
+            let s = self.cov[j * d + j].sqrt();
+            lines.push((
+                format!(
+                    "{}: {} ± {} (true {})",
+                    self.labels[j].title,
+                    fmt_sig(self.mean[j]),
+                    fmt_sig(s),
+                    fmt_sig(self.truth[j])
+                ),
+                BLACK,
+            ));
+        }
+        for (k, (text, color)) in lines.iter().enumerate() {
+            key.draw_text(text, &font(14).color(color), (4, 20 + 20 * k as i32))?;
+        }
+        Ok(())
+    }
 }
 
 /// One spectrum, one panel per HERMES camera (or one panel when the grid is not the four-camera

@@ -9,7 +9,7 @@ use starflow_data::npy::NpyArray;
 use starflow_data::synth::{wavelength_grid, CAMERAS};
 use starflow_inference::{
     cached_calibration, evaluate_on_each, fit_calibration, posterior_samples_on, source_rows,
-    EvalSource, Evaluation,
+    Calibration, EvalSource, Evaluation, Sampler,
 };
 use starflow_training::run::write_text;
 use starflow_training::{calibration_set_dir, RunDir, RunState};
@@ -117,29 +117,13 @@ pub fn report_runs(
             "{name}: evaluating on the {} stars",
             opts.set_name()
         ));
-        // The recalibration users get by default: the one fitted when training ended, else
-        // fitted now (and not saved: the report never writes into a run).
-        let calibration = match cached_calibration(run)? {
-            Some(c) => c,
-            None => {
-                let on = match calibration_set_dir(&state.config) {
-                    Some(dir) => format!(
-                        "on the {} stars of its calibration set {}",
-                        state.config.data.calibration_n,
-                        dir.display()
-                    ),
-                    None => "on its validation split".into(),
-                };
-                progress(&format!("{name}: fitting the recalibration {on}"));
-                fit_calibration(run, opts.n_samples, opts.seed)?
-            }
-        };
+        let calibration = default_calibration(run, &state, &name, opts, progress)?;
         // The model's own and the recalibrated posteriors, from one pass over the stars.
-        let calibrations = [None, Some(&calibration)];
-        let [eval, scaled]: [Evaluation; 2] =
-            evaluate_on_each(run, &source, opts.n_samples, opts.seed, &calibrations)?
-                .try_into()
-                .map_err(|_| ReportError::Input("expected two evaluations".into()))?;
+        let sampler = Sampler::new(opts.n_samples, opts.seed);
+        let settings = [sampler.with(None), sampler.with(Some(calibration.clone()))];
+        let [eval, scaled]: [Evaluation; 2] = evaluate_on_each(run, &source, &settings)?
+            .try_into()
+            .map_err(|_| ReportError::Input("expected two evaluations".into()))?;
         let dir = out.join(&name);
         std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
         progress(&format!("{name}: drawing figures"));
@@ -155,44 +139,97 @@ pub fn report_runs(
             &dir.join("predictions.csv"),
             &predictions_csv(&names, &eval.stars),
         )?;
-        let train_seconds: f64 = state.history.iter().map(|r| r.seconds).sum();
-        rows.push(RunRow {
+        rows.push(run_row(
             name,
-            backbone: eval.backbone.clone(),
-            flow: eval.flow.clone(),
-            epochs_done: state.epochs_done,
-            best_epoch: state.best_epoch,
-            stop_reason: state.stop_reason.clone(),
-            n_train: state.n_train,
-            n_test: eval.n_stars,
-            test_nll_z: eval.nll_z,
-            test_nll_se: eval.nll_se,
-            test_nll: eval.nll,
-            eval_set: opts.set_name(),
-            joint_coverage: eval.joint_coverage.clone(),
-            joint_coverage_se: eval.joint_coverage_se.clone(),
-            joint_coverage_calibrated: scaled.joint_coverage.clone(),
-            labels: eval.labels.clone(),
-            sigma_scale: calibration.scale.clone(),
-            sigma_shift: calibration.shift.clone(),
-            calibration_stars: calibration.n_stars,
-            calibration_set: calibration.fitted_on.clone(),
-            calibrated: scaled.labels.clone(),
-            test_nll_z_calibrated: scaled.nll_z,
-            test_rows: eval.stars.iter().map(|s| s.row).collect(),
-            test_star_nll_z: eval.star_nll_z.clone(),
-            test_star_nll_z_calibrated: scaled.star_nll_z.clone(),
-            seconds_per_epoch: train_seconds / state.history.len().max(1) as f64,
-            train_seconds,
-            report_seconds: start.elapsed().as_secs_f64(),
-            n_samples: eval.n_samples,
-            history: state.history.clone(),
-            by_kind: eval.by_kind.clone(),
-            by_kind_calibrated: scaled.by_kind.clone(),
-            coverage_curve: eval.coverage_curve.clone(),
-            coverage_curve_calibrated: scaled.coverage_curve.clone(),
-        });
+            &state,
+            [&eval, &scaled],
+            &calibration,
+            opts,
+            start,
+        ));
     }
+    write_tables(out, opts, rows)
+}
+
+/// The recalibration users get by default: the one fitted when training ended, else fitted now
+/// (and not saved: the report never writes into a run).
+fn default_calibration(
+    run: &Path,
+    state: &RunState,
+    name: &str,
+    opts: &ReportOptions,
+    progress: &dyn Fn(&str),
+) -> Result<Calibration> {
+    if let Some(c) = cached_calibration(run)? {
+        return Ok(c);
+    }
+    let on = match calibration_set_dir(&state.config) {
+        Some(dir) => format!(
+            "on the {} stars of its calibration set {}",
+            state.config.data.calibration_n,
+            dir.display()
+        ),
+        None => "on its validation split".into(),
+    };
+    progress(&format!("{name}: fitting the recalibration {on}"));
+    Ok(fit_calibration(
+        run,
+        Sampler::new(opts.n_samples, opts.seed),
+    )?)
+}
+
+/// What the comparison says about one run: its state, its evaluation with the model's own
+/// (`eval`) and the recalibrated (`scaled`) posteriors, and the recalibration.
+fn run_row(
+    name: String,
+    state: &RunState,
+    [eval, scaled]: [&Evaluation; 2],
+    calibration: &Calibration,
+    opts: &ReportOptions,
+    start: Instant,
+) -> RunRow {
+    let train_seconds: f64 = state.history.iter().map(|r| r.seconds).sum();
+    RunRow {
+        name,
+        backbone: eval.backbone.clone(),
+        flow: eval.flow.clone(),
+        epochs_done: state.epochs_done,
+        best_epoch: state.best_epoch,
+        stop_reason: state.stop_reason.clone(),
+        n_train: state.n_train,
+        n_test: eval.n_stars,
+        test_nll_z: eval.nll_z,
+        test_nll_se: eval.nll_se,
+        test_nll: eval.nll,
+        eval_set: opts.set_name(),
+        joint_coverage: eval.joint_coverage.clone(),
+        joint_coverage_se: eval.joint_coverage_se.clone(),
+        joint_coverage_calibrated: scaled.joint_coverage.clone(),
+        labels: eval.labels.clone(),
+        sigma_scale: calibration.scale.clone(),
+        sigma_shift: calibration.shift.clone(),
+        calibration_stars: calibration.n_stars,
+        calibration_set: calibration.fitted_on.clone(),
+        calibrated: scaled.labels.clone(),
+        test_nll_z_calibrated: scaled.nll_z,
+        test_rows: eval.stars.iter().map(|s| s.row).collect(),
+        test_star_nll_z: eval.star_nll_z.clone(),
+        test_star_nll_z_calibrated: scaled.star_nll_z.clone(),
+        seconds_per_epoch: train_seconds / state.history.len().max(1) as f64,
+        train_seconds,
+        report_seconds: start.elapsed().as_secs_f64(),
+        n_samples: eval.n_samples,
+        history: state.history.clone(),
+        by_kind: eval.by_kind.clone(),
+        by_kind_calibrated: scaled.by_kind.clone(),
+        coverage_curve: eval.coverage_curve.clone(),
+        coverage_curve_calibrated: scaled.coverage_curve.clone(),
+    }
+}
+
+/// Writes the comparison of `rows` into `out`: `REPORT.md`, `metrics.parquet`,
+/// `history.parquet` and `calibration_by_kind.parquet`.
+fn write_tables(out: &Path, opts: &ReportOptions, rows: Vec<RunRow>) -> Result<RunReport> {
     let markdown = out.join("REPORT.md");
     write_text(&markdown, &table::markdown(&opts.title, &opts.intro, &rows))?;
     let metrics = out.join("metrics.parquet");
@@ -318,6 +355,19 @@ fn draw_run(
         Some(&hpd_of(scaled)),
         &format!("{name}: joint calibration, {n} {set} stars"),
     )?;
+    draw_corners(run, dir, name, &labels, eval, opts)
+}
+
+/// Draws the corner plots of a few showcase stars of `eval` (see [`pick_showcase`]); returns
+/// their positions among the evaluated stars.
+fn draw_corners(
+    run: &Path,
+    dir: &Path,
+    name: &str,
+    labels: &[LabelInfo],
+    eval: &Evaluation,
+    opts: &ReportOptions,
+) -> Result<Vec<usize>> {
     let truths: Vec<Vec<f64>> = eval
         .stars
         .iter()
@@ -328,8 +378,7 @@ fn draw_run(
         run,
         &opts.source(),
         &showcase,
-        opts.corner_samples,
-        opts.seed,
+        Sampler::new(opts.corner_samples, opts.seed),
     )?;
     for star in &samples {
         let t: Vec<String> = labels
@@ -339,7 +388,7 @@ fn draw_run(
             .collect();
         plots::corner(
             &dir.join(format!("posterior-row{}.png", star.row)),
-            &labels,
+            labels,
             star,
             &format!("{name}: posterior of star {} ({})", star.row, t.join(", ")),
         )?;

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use polars::prelude::{DataFrame, ParquetReader, SerReader};
-use starflow_inference::evaluate;
+use starflow_inference::{evaluate, PosteriorSettings, Sampler};
 use starflow_report::{report_runs, ReportOptions, TARGETS};
 use starflow_training::config::TrainConfig;
 use starflow_training::{train, Quiet, TrainOptions};
@@ -150,7 +150,7 @@ fn report_of_two_runs_has_every_figure_table_and_number() {
     let df = read_parquet(&report.metrics);
     assert_eq!(df.height(), 6);
     let rmse = df.column("rmse").unwrap().f64().unwrap();
-    let eval = evaluate(&runs[1], "test", 200, 3).unwrap();
+    let eval = evaluate(&runs[1], "test", &PosteriorSettings::own(200, 3)).unwrap();
     for j in 0..3 {
         assert_eq!(rmse.get(3 + j), Some(eval.labels[j].rmse));
     }
@@ -161,11 +161,16 @@ fn report_of_two_runs_has_every_figure_table_and_number() {
     assert_eq!(runs_col.get(5), Some("cnn-full_flow"));
     // Recalibrated columns: fitted on validation, metrics of the recalibrated test posteriors.
     let scale = df.column("sigma_scale").unwrap().f64().unwrap();
-    let cal = starflow_inference::fit_calibration(&runs[1], 200, 3).unwrap();
+    let cal = starflow_inference::fit_calibration(&runs[1], Sampler::new(200, 3)).unwrap();
     for j in 0..3 {
         assert_eq!(scale.get(3 + j), Some(cal.scale[j]));
     }
-    let scaled = starflow_inference::evaluate_scaled(&runs[1], "test", 200, 3, Some(&cal)).unwrap();
+    let scaled = starflow_inference::evaluate(
+        &runs[1],
+        "test",
+        &Sampler::new(200, 3).with(Some(cal.clone())),
+    )
+    .unwrap();
     let cal_std = df.column("cal_pull_std").unwrap().f64().unwrap();
     assert_eq!(cal_std.get(4), Some(scaled.labels[1].pull_std));
     assert!(

@@ -11,7 +11,7 @@
 //! the parameters (summaries, samples, calibration) are therefore host tensors. On the CPU the
 //! move is a no-op, so CPU runs are unchanged.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use starflow_flows::{Flow, FullFlowConfig, OffDiagonal};
 use starflow_models::{Backbone, BackboneConfig, ComputePath};
@@ -131,7 +131,13 @@ impl StarModel {
         Ok(model)
     }
 
-    /// Builds the model and loads its weights from a safetensors file.
+    /// Builds the model with its weights from a safetensors file (a checkpoint of
+    /// [`StarModel::new`]'s variables).
+    ///
+    /// The checkpoint's tensors are put in the variable map before the model is built, and
+    /// building takes a variable the map already holds instead of drawing one, so no initial
+    /// weights are drawn only to be overwritten. Every variable the model asks for must be in the
+    /// file with its shape; tensors the model does not use are ignored.
     pub fn load(
         cfg: &TrainConfig,
         input_len: usize,
@@ -139,8 +145,36 @@ impl StarModel {
         weights: &std::path::Path,
         device: &Device,
     ) -> Result<Self> {
-        let mut model = Self::new(cfg, input_len, dim, device)?;
-        model.varmap.load(weights)?;
+        let tensors = candle_core::safetensors::load(weights, device)?;
+        let varmap = VarMap::new();
+        {
+            let mut data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+            for (name, t) in &tensors {
+                data.insert(name.clone(), Var::from_tensor(&t.to_dtype(DType::F32)?)?);
+            }
+        }
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+        let model = Self::build(cfg, input_len, dim, vb, varmap, device)?;
+        let data = model
+            .varmap
+            .data()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let mut missing: Vec<&String> = data.keys().filter(|k| !tensors.contains_key(*k)).collect();
+        if !missing.is_empty() {
+            missing.sort();
+            return Err(TrainError::run(
+                weights,
+                format!(
+                    "the weights file lacks {} of the model's tensors (first: {}); it was not \
+                     written for this run's config",
+                    missing.len(),
+                    missing[0]
+                ),
+                "restore the run's own model.safetensors, or train the run again",
+            ));
+        }
+        drop(data);
         Ok(model)
     }
 

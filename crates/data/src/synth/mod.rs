@@ -785,9 +785,23 @@ impl Model {
             metal,
             ..
         } = s;
-        let col = |p: usize| (3 + p) * n..(3 + p + 1) * n;
+        let mut cols = NuisanceColumns { n, jac, support };
+        self.d_xi_column(l, nu, pm, &mut cols);
+        self.line_strength_columns(l, nu, flux, metal, &mut cols);
+        self.telluric_column(nu, flux, &mut cols);
+        self.edge_and_tilt_columns(nu, flux, &mut cols);
+    }
 
-        // Microturbulence.
+    /// Microturbulence: central difference (see [`Model::nuisance_jacobian`]).
+    fn d_xi_column(
+        &self,
+        l: &Labels,
+        nu: &Nuisance,
+        pm: &mut [Vec<f64>; 2],
+        cols: &mut NuisanceColumns,
+    ) {
+        let (n, jac, support) = (cols.n, &mut *cols.jac, &mut *cols.support);
+        let col = |p: usize| (3 + p) * n..(3 + p + 1) * n;
         let h = 0.01;
         let mut shifted = nu.clone();
         shifted.d_xi = nu.d_xi + h;
@@ -798,8 +812,19 @@ impl Model {
             *d = (a - b) / (2.0 * h);
         }
         set_support(&mut support[3 + P_D_XI], &[(0, n)]);
+    }
 
-        // Line strengths: abundance offsets and lithium.
+    /// Abundance offsets and lithium: analytic, on their own lines' pixels.
+    fn line_strength_columns(
+        &self,
+        l: &Labels,
+        nu: &Nuisance,
+        flux: &[f64],
+        metal: &mut Vec<(usize, usize, MetalProfile)>,
+        cols: &mut NuisanceColumns,
+    ) {
+        let (n, jac, support) = (cols.n, &mut *cols.jac, &mut *cols.support);
+        let col = |p: usize| (3 + p) * n..(3 + p + 1) * n;
         let b = Broadening::new(l, nu);
         metal.clear();
         for sup in support[3..3 + lines::N_SPECIES].iter_mut() {
@@ -848,8 +873,12 @@ impl Model {
                 }
             }
         }
+    }
 
-        // Telluric amplitude: the flux carries prod_k (1 + telluric a_k g_k).
+    /// Telluric amplitude: the flux carries prod_k (1 + telluric a_k g_k).
+    fn telluric_column(&self, nu: &Nuisance, flux: &[f64], cols: &mut NuisanceColumns) {
+        let (n, jac, support) = (cols.n, &mut *cols.jac, &mut *cols.support);
+        let col = |p: usize| (3 + p) * n..(3 + p + 1) * n;
         let sup = &mut support[3 + P_TELLURIC];
         sup.clear();
         if nu.telluric >= 0.0 {
@@ -882,7 +911,13 @@ impl Model {
                 }
             }
         }
+    }
 
+    /// Edge upturn (the last m pixels carry (1 + edge x^2)) and continuum tilts (camera c carries
+    /// (1 + offset + slope x)).
+    fn edge_and_tilt_columns(&self, nu: &Nuisance, flux: &[f64], cols: &mut NuisanceColumns) {
+        let (n, jac, support) = (cols.n, &mut *cols.jac, &mut *cols.support);
+        let col = |p: usize| (3 + p) * n..(3 + p + 1) * n;
         // Edge upturn: the last m pixels carry (1 + edge x^2).
         let pc = self.pixels_per_camera;
         let sup = &mut support[3 + P_EDGE];
@@ -913,6 +948,14 @@ impl Model {
             }
         }
     }
+}
+
+/// The nuisance columns of a star's Jacobian being filled: `jac` (columns of `n` pixels, labels
+/// first) and, per column, the pixel ranges outside which it is zero.
+struct NuisanceColumns<'a> {
+    n: usize,
+    jac: &'a mut [f64],
+    support: &'a mut [Vec<(usize, usize)>],
 }
 
 /// Number of nuisance parameters that [`Model::crlb_marginal`] marginalises: an abundance offset

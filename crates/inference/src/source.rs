@@ -1,0 +1,157 @@
+//! Where the stars of an evaluation come from: a split of the run's own data, or any labelled set
+//! on its pixel grid, loaded and checked against the run.
+
+use std::path::{Path, PathBuf};
+
+use starflow_data::{Dataset, FluxTransform, LoadOptions};
+use starflow_training::error::{Result, TrainError};
+use starflow_training::run::{RunDir, RunState};
+use starflow_training::train::{prepare_data, Prepared, Quiet};
+
+/// Where the stars of an evaluation come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EvalSource {
+    /// A split (`train`, `val` or `test`) of the data the run was trained on.
+    Split(String),
+    /// Any labelled data set on the run's pixel grid (every row is evaluated), such as a
+    /// synthetic set drawn with a seed never used in training.
+    Files { spectra: PathBuf, labels: PathBuf },
+}
+
+impl EvalSource {
+    /// `spectra.npy` and `labels.npy` in a directory.
+    pub fn dir(dir: &Path) -> Self {
+        EvalSource::Files {
+            spectra: dir.join("spectra.npy"),
+            labels: dir.join("labels.npy"),
+        }
+    }
+
+    /// Checks, in milliseconds, what can be checked without loading the stars: that the split is
+    /// one of `train`, `val`, `test`, or that both files open as npy arrays. Callers that fit a
+    /// recalibration first (minutes) call this before, so a typo fails at once.
+    pub fn check_quickly(&self, run_dir: &Path) -> Result<()> {
+        match self {
+            EvalSource::Split(s) if !SPLITS.contains(&s.as_str()) => Err(unknown_split(s, run_dir)),
+            EvalSource::Split(_) => Ok(()),
+            EvalSource::Files { spectra, labels } => {
+                starflow_data::npy::NpyArray::open(spectra)?;
+                starflow_data::npy::NpyArray::open(labels)?;
+                Ok(())
+            }
+        }
+    }
+
+    /// The name evaluations carry: the split, or `data` for other files.
+    pub fn name(&self) -> &str {
+        match self {
+            EvalSource::Split(s) => s,
+            EvalSource::Files { .. } => "data",
+        }
+    }
+}
+
+/// The stars of `source` for a run: the data set, its flux transform, the rows to evaluate and
+/// the directory where the generator's bound files (`crlb.npy`) would be.
+pub struct SourceRows {
+    pub dataset: Dataset,
+    pub flux: FluxTransform,
+    pub indices: Vec<usize>,
+    pub data_dir: PathBuf,
+}
+
+/// Loads the stars of `source` for the run in `run_dir` (whose state is `state`), refusing data
+/// whose pixel count differs from what the run was trained on.
+pub fn source_rows(run_dir: &Path, state: &RunState, source: &EvalSource) -> Result<SourceRows> {
+    let rows = match source {
+        EvalSource::Split(split) => {
+            let data = prepare_data(&state.config, &Quiet)?;
+            let indices = split_indices(&data, split, run_dir)?;
+            SourceRows {
+                dataset: data.dataset,
+                flux: data.flux,
+                indices,
+                data_dir: state.config.data.dir.clone(),
+            }
+        }
+        EvalSource::Files { spectra, labels } => {
+            let d = &state.config.data;
+            let opts = LoadOptions {
+                label_names: d.label_names.clone(),
+                targets: d.targets.clone(),
+                drop_nonfinite: d.drop_nonfinite,
+            };
+            let dataset = Dataset::load_npy(spectra, labels, &opts)?;
+            SourceRows {
+                indices: (0..dataset.len()).collect(),
+                dataset,
+                flux: FluxTransform::new(state.flux_floor)?,
+                data_dir: spectra.parent().unwrap_or(Path::new(".")).to_path_buf(),
+            }
+        }
+    };
+    if rows.dataset.n_pix() != state.n_pix {
+        return Err(TrainError::Input {
+            path: rows.dataset.paths().0.to_path_buf(),
+            problem: format!(
+                "the spectra have {} pixels, but the run in {} was trained on {} pixels",
+                rows.dataset.n_pix(),
+                run_dir.display(),
+                state.n_pix
+            ),
+            fix: match source {
+                EvalSource::Split(_) => {
+                    "evaluate with the data the run was trained on (data.dir in its config.toml)"
+                        .into()
+                }
+                EvalSource::Files { .. } => {
+                    "pass spectra on the wavelength grid the run was trained on".into()
+                }
+            },
+        });
+    }
+    if let EvalSource::Split(_) = source {
+        let (spectra, labels) = rows.dataset.paths();
+        state.check_data(
+            &RunDir::new(run_dir),
+            spectra,
+            labels,
+            "restore the data the run was trained on (data.dir in its config.toml), or evaluate these files with --data, which makes no claim about splits",
+        )?;
+    }
+    if rows.indices.is_empty() {
+        return Err(TrainError::config(
+            run_dir,
+            format!("no stars to evaluate in {}", source.name()),
+        ));
+    }
+    Ok(rows)
+}
+
+/// The rows of a named split.
+fn split_indices(data: &Prepared, split: &str, run_dir: &Path) -> Result<Vec<usize>> {
+    match split {
+        "train" => Ok(data.split.train.clone()),
+        "val" => Ok(data.split.val.clone()),
+        "test" => Ok(data.split.test.clone()),
+        other => Err(unknown_split(other, run_dir)),
+    }
+}
+
+/// The splits a run's data are divided into, by name.
+const SPLITS: [&str; 3] = ["train", "val", "test"];
+
+/// The error for a split name that is none of [`SPLITS`].
+fn unknown_split(name: &str, run_dir: &Path) -> TrainError {
+    TrainError::config(
+        run_dir,
+        format!("unknown split `{name}`; use train, val or test"),
+    )
+}
+
+/// Each evaluated star's signal-to-noise, from the data's `SNR` label column (GALAH's layout), in
+/// the order of `indices`; `None` when the data have no such column.
+pub(crate) fn star_snr(dataset: &Dataset, indices: &[usize]) -> Option<Vec<f64>> {
+    let column = dataset.column("SNR")?;
+    Some(indices.iter().map(|&i| column[i]).collect())
+}

@@ -1,0 +1,23 @@
+//! Construction by name: the one place that knows every backbone. Adding a backbone is one file
+//! plus one line here.
+
+use candle_nn::VarBuilder;
+
+use crate::backbone::Backbone;
+use crate::config::BackboneConfig;
+use crate::{ModelError, Result};
+
+/// Names accepted by [`backbone`].
+pub const BACKBONE_NAMES: &[&str] = &["cnn", "tiny_cnn"];
+
+/// Builds the backbone called `name` (one of [`BACKBONE_NAMES`]) with parameters from `vb`.
+pub fn backbone(name: &str, cfg: &BackboneConfig, vb: VarBuilder) -> Result<Box<dyn Backbone>> {
+    match name {
+        "cnn" => Ok(Box::new(crate::cnn::cnn_model(cfg, vb)?)),
+        "tiny_cnn" => Ok(Box::new(crate::tiny_cnn::tiny_cnn(cfg, vb)?)),
+        _ => Err(ModelError::UnknownBackbone {
+            name: name.to_string(),
+            valid: BACKBONE_NAMES,
+        }),
+    }
+}
