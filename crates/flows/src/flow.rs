@@ -465,13 +465,23 @@ pub fn full_flow(cfg: &FullFlowConfig) -> Result<Flow> {
 
 /// One of [`FLOW_NAMES`] at dimension `dim`, with the reference settings otherwise.
 pub fn flow_by_name(name: &str, dim: usize) -> Result<Flow> {
-    match name {
-        "diagonal_gaussian" => diagonal_gaussian(dim),
-        "full_gaussian" => full_gaussian(dim),
-        "full_flow" => full_flow(&FullFlowConfig {
+    flow_by_name_with(
+        name,
+        &FullFlowConfig {
             dim,
             ..FullFlowConfig::default()
-        }),
+        },
+    )
+}
+
+/// One of [`FLOW_NAMES`] with the settings of `cfg` that it has: the dimension for all, the
+/// off-diagonal form of the full-covariance layer for `full_gaussian` and `full_flow`, the
+/// Gaussianization layers and kernels for `full_flow`. The one place that maps names to flows.
+pub fn flow_by_name_with(name: &str, cfg: &FullFlowConfig) -> Result<Flow> {
+    match name {
+        "diagonal_gaussian" => diagonal_gaussian(cfg.dim),
+        "full_gaussian" => full_gaussian_with(cfg.dim, cfg.offdiagonal),
+        "full_flow" => full_flow(cfg),
         _ => Err(FlowError::UnknownFlow {
             name: name.to_string(),
             valid: FLOW_NAMES.join(", "),

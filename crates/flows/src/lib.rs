@@ -32,8 +32,8 @@ pub use affine::{AffineLayer, CovType, OffDiagonal};
 pub use bijector::Bijector;
 pub use error::{FlowError, Result};
 pub use flow::{
-    diagonal_gaussian, flow_by_name, full_flow, full_gaussian, full_gaussian_with, Flow,
-    FullFlowConfig, LayerTrace, LogProbParts, FLOW_NAMES,
+    diagonal_gaussian, flow_by_name, flow_by_name_with, full_flow, full_gaussian,
+    full_gaussian_with, Flow, FullFlowConfig, LayerTrace, LogProbParts, FLOW_NAMES,
 };
 pub use gaussianization::{GaussianizationConfig, GaussianizationLayer};
 pub use special::Nonlinearity;

@@ -176,7 +176,8 @@ fn training(opts: &Options) -> Result<Value> {
         );
         cfg.data.synthetic_n = if opts.quick { 96 } else { 1024 };
         cfg.data.synthetic_pixels_per_camera = if opts.quick { 64 } else { 512 };
-        cfg.run.device = device.into();
+        cfg.run.device = starflow_training::Named::from_name(device)
+            .with_context(|| format!("unknown device `{device}`: use cpu, cuda or metal"))?;
         let out = dir.join(device);
         if out.exists() {
             std::fs::remove_dir_all(&out).with_context(|| format!("clearing {}", out.display()))?;

@@ -91,12 +91,14 @@ pub struct ModelConfig {
     /// How the off-diagonal outputs of a full-covariance layer (full_gaussian, full_flow) enter
     /// its factor `L`: `absolute` (jammy_flows, the reference) or `relative` (`L_ij = sigma_i
     /// m_ij`, which trains where the absolute form stalls; see `starflow_flows::OffDiagonal`).
-    pub offdiagonal: String,
+    #[serde(with = "named")]
+    pub offdiagonal: starflow_flows::OffDiagonal,
     /// Base dropout probability.
     pub dropout: f64,
     /// `fast` (fused CPU kernels) or `stock` (candle's ops; CPU speed comparisons only, its conv1d
     /// backward is wrong in candle 0.11.1).
-    pub compute_path: String,
+    #[serde(with = "named")]
+    pub compute_path: starflow_models::ComputePath,
 }
 
 impl Default for ModelConfig {
@@ -106,9 +108,9 @@ impl Default for ModelConfig {
             flow: "diagonal_gaussian".into(),
             flow_layers: 3,
             flow_kernels: 10,
-            offdiagonal: "absolute".into(),
+            offdiagonal: starflow_flows::OffDiagonal::Absolute,
             dropout: 0.1,
-            compute_path: "fast".into(),
+            compute_path: starflow_models::ComputePath::Fast,
         }
     }
 }
@@ -122,7 +124,8 @@ pub struct OptimConfig {
     /// Peak learning rate of Adam.
     pub lr: f64,
     /// `constant` or `cosine` (cosine decay to `lr * min_lr_factor` over the epochs, after warm-up).
-    pub schedule: String,
+    #[serde(with = "named")]
+    pub schedule: Schedule,
     pub warmup_epochs: usize,
     pub min_lr_factor: f64,
     /// Decoupled weight decay (AdamW); never applied to BatchNorm statistics.
@@ -150,7 +153,7 @@ impl Default for OptimConfig {
             batch_size: 64,
             epochs: 10,
             lr: 0.8e-4,
-            schedule: "constant".into(),
+            schedule: Schedule::Constant,
             warmup_epochs: 0,
             min_lr_factor: 0.01,
             weight_decay: 0.0,
@@ -174,7 +177,8 @@ pub struct RunConfig {
     /// CPU threads (0 = all cores). Results are reproducible for a fixed thread count.
     pub threads: usize,
     /// `cpu`, `cuda` or `metal` (the latter two need the matching cargo feature).
-    pub device: String,
+    #[serde(with = "named")]
+    pub device: DeviceKind,
 }
 
 impl Default for RunConfig {
@@ -182,7 +186,7 @@ impl Default for RunConfig {
         RunConfig {
             seed: 42,
             threads: 0,
-            device: "cpu".into(),
+            device: DeviceKind::Cpu,
         }
     }
 }
@@ -197,62 +201,479 @@ pub struct TrainConfig {
     pub run: RunConfig,
 }
 
-/// Every valid key, per section, for "did you mean" suggestions.
-const KEYS: &[(&str, &[&str])] = &[
-    (
-        "data",
-        &[
-            "dir",
-            "synthetic",
-            "synthetic_n",
-            "synthetic_seed",
-            "synthetic_pixels_per_camera",
-            "calibration_n",
-            "calibration_seed",
-            "label_names",
-            "targets",
-            "flux_floor",
-            "augment_noise",
-            "drop_nonfinite",
-            "train_fraction",
-            "val_fraction",
-            "test_fraction",
-            "split_seed",
-        ],
+/// Every setting, declared once: its `section.key`, what it accepts (stated in every error about
+/// it) and how its value is checked beyond its type. Its type and default are the field's in the
+/// section's struct, which `every_field_is_a_setting` keeps in step with this table. The
+/// did-you-mean of unknown keys, the error messages and [`TrainConfig::validate`] all read it.
+const SETTINGS: &[Setting] = &[
+    Setting::new("data.dir", Accepts::Text("a directory path"), Check::Type),
+    Setting::new(
+        "data.synthetic",
+        Accepts::Text("true or false"),
+        Check::Type,
     ),
-    (
-        "model",
-        &[
-            "backbone",
-            "flow",
-            "flow_layers",
-            "flow_kernels",
-            "offdiagonal",
-            "dropout",
-            "compute_path",
-        ],
+    Setting::count("data.synthetic_n", |c| c.data.synthetic_n, 1, 2_000_000),
+    Setting::seed("data.synthetic_seed"),
+    Setting::count(
+        "data.synthetic_pixels_per_camera",
+        |c| c.data.synthetic_pixels_per_camera,
+        16,
+        65_536,
     ),
-    (
-        "optim",
-        &[
-            "batch_size",
-            "epochs",
-            "lr",
-            "schedule",
-            "warmup_epochs",
-            "min_lr_factor",
-            "weight_decay",
-            "beta1",
-            "beta2",
-            "eps",
-            "grad_clip",
-            "patience",
-            "offdiagonal_warmup_epochs",
-            "max_bad_steps",
-        ],
+    Setting::new(
+        "data.calibration_n",
+        Accepts::Text("an integer >= 0 (0: fit the recalibration on the validation split)"),
+        Check::Count {
+            get: |c| c.data.calibration_n,
+            min: 0,
+            max: 1_000_000,
+        },
     ),
-    ("run", &["seed", "threads", "device"]),
+    Setting::new(
+        "data.calibration_seed",
+        Accepts::Text("an integer >= 0, not data.synthetic_seed"),
+        Check::Custom(calibration_seed_repeats_training),
+    ),
+    Setting::new(
+        "data.label_names",
+        Accepts::Text("a list of names, one per column of the labels file"),
+        Check::Custom(|c| named_twice("data.label_names", &c.data.label_names)),
+    ),
+    Setting::new(
+        "data.targets",
+        Accepts::Text("a list of names from data.label_names"),
+        Check::Custom(|c| named_twice("data.targets", &c.data.targets)),
+    ),
+    Setting::new(
+        "data.flux_floor",
+        Accepts::Text("a positive number"),
+        Check::Custom(|c| {
+            let f = c.data.flux_floor;
+            (!(f.is_finite() && f > 0.0)).then(|| Invalid::new("data.flux_floor", f))
+        }),
+    ),
+    Setting::number(
+        "data.augment_noise",
+        "a number in [0, 10] (0 = off)",
+        |c| c.data.augment_noise,
+        |x| (0.0..=10.0).contains(&x),
+    ),
+    Setting::new(
+        "data.drop_nonfinite",
+        Accepts::Text("true or false"),
+        Check::Type,
+    ),
+    Setting::number(
+        "data.train_fraction",
+        "a number in (0, 1], with train + val + test = 1",
+        |c| c.data.train_fraction,
+        |f| f.is_finite() && f > 0.0 && f <= 1.0,
+    ),
+    Setting::number(
+        "data.val_fraction",
+        "a number in (0, 1], with train + val + test = 1",
+        |c| c.data.val_fraction,
+        |f| f.is_finite() && f > 0.0 && f <= 1.0,
+    ),
+    Setting::new(
+        "data.test_fraction",
+        Accepts::Text("a number in [0, 1], with train + val + test = 1"),
+        Check::Custom(test_fraction_or_sum),
+    ),
+    Setting::seed("data.split_seed"),
+    Setting::new(
+        "model.backbone",
+        Accepts::OneOf(|| starflow_models::BACKBONE_NAMES),
+        Check::Custom(|c| {
+            let name = &c.model.backbone;
+            (!starflow_models::BACKBONE_NAMES.contains(&name.as_str()))
+                .then(|| unknown_name("model.backbone", name))
+        }),
+    ),
+    Setting::new(
+        "model.flow",
+        Accepts::OneOf(|| &starflow_flows::FLOW_NAMES),
+        Check::Custom(|c| {
+            let name = &c.model.flow;
+            (!starflow_flows::FLOW_NAMES.contains(&name.as_str()))
+                .then(|| unknown_name("model.flow", name))
+        }),
+    ),
+    Setting::count("model.flow_layers", |c| c.model.flow_layers, 1, 64),
+    Setting::count("model.flow_kernels", |c| c.model.flow_kernels, 1, 1_000),
+    Setting::named::<starflow_flows::OffDiagonal>("model.offdiagonal"),
+    Setting::number(
+        "model.dropout",
+        "a number in [0, 0.5)",
+        |c| c.model.dropout,
+        |x| (0.0..0.5).contains(&x),
+    ),
+    Setting::named::<starflow_models::ComputePath>("model.compute_path"),
+    Setting::count("optim.batch_size", |c| c.optim.batch_size, 1, 65_536),
+    Setting::count("optim.epochs", |c| c.optim.epochs, 1, 100_000),
+    Setting::number(
+        "optim.lr",
+        "a positive number, at most 1",
+        |c| c.optim.lr,
+        |x| x.is_finite() && x > 0.0 && x <= MAX_LR,
+    ),
+    Setting::named::<Schedule>("optim.schedule"),
+    Setting::count("optim.warmup_epochs", |c| c.optim.warmup_epochs, 0, 100_000),
+    Setting::number(
+        "optim.min_lr_factor",
+        "a number in (0, 1]",
+        |c| c.optim.min_lr_factor,
+        |x| x > 0.0 && x <= 1.0,
+    ),
+    Setting::number(
+        "optim.weight_decay",
+        "a number >= 0 (0 = off)",
+        |c| c.optim.weight_decay,
+        |x| x.is_finite() && x >= 0.0,
+    ),
+    Setting::number(
+        "optim.beta1",
+        "a number in [0, 1)",
+        |c| c.optim.beta1,
+        |x| (0.0..1.0).contains(&x),
+    ),
+    Setting::number(
+        "optim.beta2",
+        "a number in [0, 1)",
+        |c| c.optim.beta2,
+        |x| (0.0..1.0).contains(&x),
+    ),
+    Setting::number(
+        "optim.eps",
+        "a positive number",
+        |c| c.optim.eps,
+        |x| x.is_finite() && x > 0.0,
+    ),
+    Setting::number(
+        "optim.grad_clip",
+        "a number >= 0 (0 = off)",
+        |c| c.optim.grad_clip,
+        |x| x.is_finite() && x >= 0.0,
+    ),
+    Setting::count("optim.patience", |c| c.optim.patience, 0, 100_000),
+    Setting::count(
+        "optim.offdiagonal_warmup_epochs",
+        |c| c.optim.offdiagonal_warmup_epochs,
+        0,
+        100_000,
+    ),
+    Setting::count(
+        "optim.max_bad_steps",
+        |c| c.optim.max_bad_steps,
+        1,
+        1_000_000,
+    ),
+    Setting::seed("run.seed"),
+    Setting::new(
+        "run.threads",
+        Accepts::Text("an integer >= 0 (0 = all cores)"),
+        Check::Count {
+            get: |c| c.run.threads,
+            min: 0,
+            max: 1_024,
+        },
+    ),
+    Setting::named::<DeviceKind>("run.device"),
 ];
+
+/// One row of [`SETTINGS`].
+struct Setting {
+    key: &'static str,
+    accepts: Accepts,
+    check: Check,
+}
+
+/// What a setting accepts, in words.
+#[derive(Clone, Copy)]
+enum Accepts {
+    Text(&'static str),
+    /// One of these names (a setting with a fixed set of values).
+    OneOf(fn() -> &'static [&'static str]),
+}
+
+/// How a setting's value is checked beyond its type, which deserialising checks.
+#[derive(Clone, Copy)]
+enum Check {
+    /// The type alone: paths, booleans, seeds, settings with a fixed set of names.
+    Type,
+    /// A count in `min..=max`. `max` is far beyond any real use and refuses a typo (a missing
+    /// decimal point, 2^64 - 1) before it allocates terabytes, spawns millions of threads or runs
+    /// for a geological age.
+    Count {
+        get: fn(&TrainConfig) -> usize,
+        min: usize,
+        max: usize,
+    },
+    /// A number for which `ok` holds.
+    Number {
+        get: fn(&TrainConfig) -> f64,
+        ok: fn(f64) -> bool,
+    },
+    /// Anything else (names, rules across keys): the first problem, if any.
+    Custom(fn(&TrainConfig) -> Option<Invalid>),
+}
+
+impl Setting {
+    const fn new(key: &'static str, accepts: Accepts, check: Check) -> Self {
+        Setting {
+            key,
+            accepts,
+            check,
+        }
+    }
+
+    /// A count: an integer `>= min` (at most `max`).
+    const fn count(
+        key: &'static str,
+        get: fn(&TrainConfig) -> usize,
+        min: usize,
+        max: usize,
+    ) -> Self {
+        let accepts = match min {
+            0 => "an integer >= 0",
+            1 => "an integer >= 1",
+            _ => "an integer >= 16",
+        };
+        Setting::new(key, Accepts::Text(accepts), Check::Count { get, min, max })
+    }
+
+    /// A seed: any integer >= 0.
+    const fn seed(key: &'static str) -> Self {
+        Setting::new(key, Accepts::Text("an integer >= 0"), Check::Type)
+    }
+
+    /// A number described by `accepts` for which `ok` holds.
+    const fn number(
+        key: &'static str,
+        accepts: &'static str,
+        get: fn(&TrainConfig) -> f64,
+        ok: fn(f64) -> bool,
+    ) -> Self {
+        Setting::new(key, Accepts::Text(accepts), Check::Number { get, ok })
+    }
+
+    /// A setting with a fixed set of names, read into `T` ([`Named`]).
+    const fn named<T: Named>(key: &'static str) -> Self {
+        Setting::new(key, Accepts::OneOf(|| T::NAMES), Check::Type)
+    }
+
+    /// The section and the key within it.
+    fn parts(&self) -> (&'static str, &'static str) {
+        self.key.split_once('.').expect("section.key")
+    }
+
+    /// The upper limit of a count.
+    fn max(&self) -> Option<usize> {
+        match self.check {
+            Check::Count { max, .. } => Some(max),
+            _ => None,
+        }
+    }
+
+    /// The first way `cfg`'s value breaks this setting's rule, if any.
+    fn check(&self, cfg: &TrainConfig) -> Option<Invalid> {
+        match self.check {
+            Check::Type => None,
+            Check::Count { get, min, max } => {
+                let v = get(cfg);
+                if v > max {
+                    Some(Invalid {
+                        key: self.key,
+                        value: v.to_string(),
+                        note: Some("too large".into()),
+                    })
+                } else {
+                    (v < min).then(|| Invalid::new(self.key, v))
+                }
+            }
+            Check::Number { get, ok } => {
+                let v = get(cfg);
+                (!ok(v)).then(|| Invalid::new(self.key, v))
+            }
+            Check::Custom(check) => check(cfg),
+        }
+    }
+}
+
+/// The settings of `section`, by key.
+fn section_keys(section: &str) -> impl Iterator<Item = &'static str> + '_ {
+    SETTINGS
+        .iter()
+        .map(Setting::parts)
+        .filter(move |(s, _)| *s == section)
+        .map(|(_, k)| k)
+}
+
+/// The sections, in order.
+fn sections() -> Vec<&'static str> {
+    let mut out: Vec<&'static str> = Vec::new();
+    for (s, _) in SETTINGS.iter().map(Setting::parts) {
+        if !out.contains(&s) {
+            out.push(s);
+        }
+    }
+    out
+}
+
+/// The calibration set must not be drawn with the training set's seed (when one is drawn).
+fn calibration_seed_repeats_training(c: &TrainConfig) -> Option<Invalid> {
+    let d = &c.data;
+    (d.calibration_n > 0 && d.calibration_seed == d.synthetic_seed).then(|| Invalid {
+        key: "data.calibration_seed",
+        value: d.calibration_seed.to_string(),
+        note: Some(
+            "it equals data.synthetic_seed, so the calibration set would repeat the training stars"
+                .into(),
+        ),
+    })
+}
+
+/// A list of label names in which a name appears twice.
+fn named_twice(key: &'static str, names: &[String]) -> Option<Invalid> {
+    let (_, n) = names
+        .iter()
+        .enumerate()
+        .find(|(i, n)| names[..*i].contains(n))?;
+    Some(Invalid {
+        key,
+        value: format!("{names:?}"),
+        note: Some(format!("'{n}' is named twice")),
+    })
+}
+
+/// `data.test_fraction` out of `[0, 1]`, or the three fractions not summing to 1 (said of
+/// `data.train_fraction`).
+fn test_fraction_or_sum(c: &TrainConfig) -> Option<Invalid> {
+    let d = &c.data;
+    let f = d.test_fraction;
+    if !(f.is_finite() && (0.0..=1.0).contains(&f)) {
+        return Some(Invalid::new("data.test_fraction", f));
+    }
+    let sum = d.train_fraction + d.val_fraction + d.test_fraction;
+    ((sum - 1.0).abs() > 1e-6).then(|| Invalid {
+        key: "data.train_fraction",
+        value: d.train_fraction.to_string(),
+        note: Some(format!(
+            "the fractions sum to {sum:.4} (train {} + val {} + test {})",
+            d.train_fraction, d.val_fraction, d.test_fraction
+        )),
+    })
+}
+
+/// A setting with a fixed set of values, read and written by name (`#[serde(with = "named")]`):
+/// the names are declared once, with the type, and every error and rule lists them.
+pub trait Named: Sized + Copy + 'static {
+    /// Every name, in the order the rule lists them.
+    const NAMES: &'static [&'static str];
+    fn from_name(name: &str) -> Option<Self>;
+    fn name(self) -> &'static str;
+}
+
+/// The learning-rate schedule (`optim.schedule`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Schedule {
+    /// `lr` throughout (after any warm-up).
+    #[default]
+    Constant,
+    /// Cosine decay to `lr * min_lr_factor` over the epochs, after warm-up.
+    Cosine,
+}
+
+impl Named for Schedule {
+    const NAMES: &'static [&'static str] = &["constant", "cosine"];
+    fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "constant" => Some(Schedule::Constant),
+            "cosine" => Some(Schedule::Cosine),
+            _ => None,
+        }
+    }
+    fn name(self) -> &'static str {
+        match self {
+            Schedule::Constant => "constant",
+            Schedule::Cosine => "cosine",
+        }
+    }
+}
+
+/// The device a run's backbone runs on (`run.device`; see [`crate::model::device`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DeviceKind {
+    #[default]
+    Cpu,
+    /// Needs the `cuda` feature and an NVIDIA GPU.
+    Cuda,
+    /// Needs the `metal` feature and a Mac.
+    Metal,
+}
+
+impl Named for DeviceKind {
+    const NAMES: &'static [&'static str] = &["cpu", "cuda", "metal"];
+    fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "cpu" => Some(DeviceKind::Cpu),
+            "cuda" => Some(DeviceKind::Cuda),
+            "metal" => Some(DeviceKind::Metal),
+            _ => None,
+        }
+    }
+    fn name(self) -> &'static str {
+        match self {
+            DeviceKind::Cpu => "cpu",
+            DeviceKind::Cuda => "cuda",
+            DeviceKind::Metal => "metal",
+        }
+    }
+}
+
+impl Named for starflow_flows::OffDiagonal {
+    const NAMES: &'static [&'static str] = &["absolute", "relative"];
+    fn from_name(name: &str) -> Option<Self> {
+        starflow_flows::OffDiagonal::from_name(name)
+    }
+    fn name(self) -> &'static str {
+        starflow_flows::OffDiagonal::name(self)
+    }
+}
+
+impl Named for starflow_models::ComputePath {
+    const NAMES: &'static [&'static str] = &["fast", "stock"];
+    fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "fast" => Some(starflow_models::ComputePath::Fast),
+            "stock" => Some(starflow_models::ComputePath::Stock),
+            _ => None,
+        }
+    }
+    fn name(self) -> &'static str {
+        match self {
+            starflow_models::ComputePath::Fast => "fast",
+            starflow_models::ComputePath::Stock => "stock",
+        }
+    }
+}
+
+/// Serde by name for [`Named`] settings. An unknown name is the deserialiser's "unknown variant"
+/// error, which [`first_type_error`] turns into the setting's own rule.
+mod named {
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    use super::Named;
+
+    pub fn serialize<T: Named, S: Serializer>(value: &T, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(value.name())
+    }
+
+    pub fn deserialize<'de, T: Named, D: Deserializer<'de>>(d: D) -> Result<T, D::Error> {
+        let name = String::deserialize(d)?;
+        T::from_name(&name).ok_or_else(|| D::Error::unknown_variant(&name, T::NAMES))
+    }
+}
 
 fn edit_distance(a: &str, b: &str) -> usize {
     let b: Vec<char> = b.chars().collect();
@@ -278,18 +699,22 @@ fn closest<'a>(key: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&
         .map(|(_, c)| c)
 }
 
-/// Checks every key of a parsed TOML document against [`KEYS`].
+/// Checks every key of a parsed TOML document against [`SETTINGS`].
 fn check_keys(doc: &toml::Table, file: &Path) -> Result<()> {
+    let sections = sections();
     for (section, value) in doc {
-        let Some((_, keys)) = KEYS.iter().find(|(s, _)| s == section) else {
-            let hint = closest(section, KEYS.iter().map(|(s, _)| *s))
+        if !sections.contains(&section.as_str()) {
+            let hint = closest(section, sections.iter().copied())
                 .map(|s| format!("did you mean [{s}]?"))
-                .unwrap_or_else(|| "valid sections are [data], [model], [optim], [run]".into());
+                .unwrap_or_else(|| {
+                    let all: Vec<String> = sections.iter().map(|s| format!("[{s}]")).collect();
+                    format!("valid sections are {}", all.join(", "))
+                });
             return Err(TrainError::config(
                 file,
                 format!("unknown section or key `{section}`; {hint}"),
             ));
-        };
+        }
         let Some(table) = value.as_table() else {
             return Err(TrainError::config(
                 file,
@@ -297,22 +722,27 @@ fn check_keys(doc: &toml::Table, file: &Path) -> Result<()> {
             ));
         };
         for key in table.keys() {
-            if !keys.contains(&key.as_str()) {
-                // A key may also sit in the wrong section.
-                let elsewhere = KEYS
-                    .iter()
-                    .find(|(_, ks)| ks.contains(&key.as_str()))
-                    .map(|(s, _)| format!("`{key}` belongs in [{s}]"));
-                let hint = elsewhere
-                    .or_else(|| {
-                        closest(key, keys.iter().copied()).map(|k| format!("did you mean `{k}`?"))
-                    })
-                    .unwrap_or_else(|| format!("valid keys: {}", keys.join(", ")));
-                return Err(TrainError::config(
-                    file,
-                    format!("unknown key `{key}` in [{section}]; {hint}"),
-                ));
+            if section_keys(section).any(|k| k == key) {
+                continue;
             }
+            // A key may also sit in the wrong section.
+            let elsewhere = SETTINGS
+                .iter()
+                .map(Setting::parts)
+                .find(|(_, k)| k == key)
+                .map(|(s, _)| format!("`{key}` belongs in [{s}]"));
+            let hint = elsewhere
+                .or_else(|| {
+                    closest(key, section_keys(section)).map(|k| format!("did you mean `{k}`?"))
+                })
+                .unwrap_or_else(|| {
+                    let keys: Vec<&str> = section_keys(section).collect();
+                    format!("valid keys: {}", keys.join(", "))
+                });
+            return Err(TrainError::config(
+                file,
+                format!("unknown key `{key}` in [{section}]; {hint}"),
+            ));
         }
     }
     Ok(())
@@ -335,51 +765,24 @@ impl Sources {
     }
 }
 
-/// What each key accepts, stated in every error about it.
+/// What `key` accepts, stated in every error about it ([`SETTINGS`]; counts add their limit).
 fn rule(key: &str) -> String {
-    let s = match key {
-        "data.dir" => "a directory path",
-        "data.synthetic" | "data.drop_nonfinite" => "true or false",
-        "data.synthetic_n" => "an integer >= 1",
-        "data.synthetic_seed" | "data.split_seed" | "run.seed" => "an integer >= 0",
-        "data.synthetic_pixels_per_camera" => "an integer >= 16",
-        "data.calibration_n" => {
-            "an integer >= 0 (0: fit the recalibration on the validation split)"
-        }
-        "data.calibration_seed" => "an integer >= 0, not data.synthetic_seed",
-        "data.label_names" => "a list of names, one per column of the labels file",
-        "data.targets" => "a list of names from data.label_names",
-        "data.flux_floor" => "a positive number",
-        "data.augment_noise" => "a number in [0, 10] (0 = off)",
-        "data.train_fraction" => "a number in (0, 1], with train + val + test = 1",
-        "data.val_fraction" => "a number in (0, 1], with train + val + test = 1",
-        "data.test_fraction" => "a number in [0, 1], with train + val + test = 1",
-        "model.backbone" => {
-            return format!("one of {}", starflow_models::BACKBONE_NAMES.join(", "))
-        }
-        "model.flow" => return format!("one of {}", starflow_flows::FLOW_NAMES.join(", ")),
-        "model.flow_layers" | "model.flow_kernels" => "an integer >= 1",
-        "model.offdiagonal" => "`absolute` or `relative`",
-        "model.dropout" => "a number in [0, 0.5)",
-        "model.compute_path" => "`fast` or `stock`",
-        "optim.batch_size" | "optim.epochs" | "optim.max_bad_steps" => "an integer >= 1",
-        "optim.lr" => "a positive number, at most 1",
-        "optim.eps" => "a positive number",
-        "optim.schedule" => "`constant` or `cosine`",
-        "optim.warmup_epochs" | "optim.patience" | "optim.offdiagonal_warmup_epochs" => {
-            "an integer >= 0"
-        }
-        "optim.min_lr_factor" => "a number in (0, 1]",
-        "optim.weight_decay" | "optim.grad_clip" => "a number >= 0 (0 = off)",
-        "optim.beta1" | "optim.beta2" => "a number in [0, 1)",
-        "run.threads" => "an integer >= 0 (0 = all cores)",
-        "run.device" => "cpu, cuda or metal",
-        _ => "see configs/reference.toml",
+    let Some(setting) = SETTINGS.iter().find(|s| s.key == key) else {
+        return "see configs/reference.toml".into();
     };
-    match upper_limit(key) {
+    let s = match setting.accepts {
+        Accepts::Text(s) => s.to_string(),
+        Accepts::OneOf(names) => one_of(names()),
+    };
+    match setting.max() {
         Some(max) => format!("{s}, at most {max}"),
-        None => s.to_string(),
+        None => s,
     }
+}
+
+/// `one of a, b, c` for a setting's names.
+fn one_of(names: &[&str]) -> String {
+    format!("one of {}", names.join(", "))
 }
 
 /// A value that breaks its rule: the key, the value as TOML shows it, and what is wrong beyond the
@@ -390,12 +793,15 @@ struct Invalid {
     note: Option<String>,
 }
 
-fn invalid(key: &'static str, value: impl std::fmt::Display) -> Option<Invalid> {
-    Some(Invalid {
-        key,
-        value: value.to_string(),
-        note: None,
-    })
+impl Invalid {
+    /// `key` = `value`, with nothing to say beyond the key's rule.
+    fn new(key: &'static str, value: impl std::fmt::Display) -> Self {
+        Invalid {
+            key,
+            value: value.to_string(),
+            note: None,
+        }
+    }
 }
 
 /// The error for a value that breaks its rule: the key, the value, where it came from and what the
@@ -486,185 +892,9 @@ impl TrainConfig {
         }
     }
 
-    /// The first value that breaks its key's rule, in the order of the sections.
+    /// The first value that breaks its key's rule, in the order of [`SETTINGS`].
     fn first_invalid(&self) -> Option<Invalid> {
-        self.invalid_limit()
-            .or_else(|| self.invalid_data())
-            .or_else(|| self.invalid_model())
-            .or_else(|| self.invalid_optim())
-            .or_else(|| self.invalid_run())
-    }
-
-    /// The first count above its [`UPPER_LIMITS`] entry.
-    fn invalid_limit(&self) -> Option<Invalid> {
-        let (d, m, o) = (&self.data, &self.model, &self.optim);
-        let values = [
-            ("data.synthetic_n", d.synthetic_n),
-            (
-                "data.synthetic_pixels_per_camera",
-                d.synthetic_pixels_per_camera,
-            ),
-            ("data.calibration_n", d.calibration_n),
-            ("model.flow_layers", m.flow_layers),
-            ("model.flow_kernels", m.flow_kernels),
-            ("optim.batch_size", o.batch_size),
-            ("optim.epochs", o.epochs),
-            ("optim.warmup_epochs", o.warmup_epochs),
-            ("optim.patience", o.patience),
-            (
-                "optim.offdiagonal_warmup_epochs",
-                o.offdiagonal_warmup_epochs,
-            ),
-            ("optim.max_bad_steps", o.max_bad_steps),
-            ("run.threads", self.run.threads),
-        ];
-        let (key, value) = values
-            .into_iter()
-            .find(|(k, v)| upper_limit(k).is_some_and(|max| *v > max))?;
-        let key = UPPER_LIMITS.iter().find(|(k, _)| *k == key)?.0;
-        Some(Invalid {
-            key,
-            value: value.to_string(),
-            note: Some("too large".into()),
-        })
-    }
-
-    fn invalid_data(&self) -> Option<Invalid> {
-        let d = &self.data;
-        if d.synthetic_n == 0 {
-            return invalid("data.synthetic_n", 0);
-        }
-        if d.synthetic_pixels_per_camera < 16 {
-            return invalid(
-                "data.synthetic_pixels_per_camera",
-                d.synthetic_pixels_per_camera,
-            );
-        }
-        if d.calibration_n > 0 && d.calibration_seed == d.synthetic_seed {
-            return Some(Invalid {
-                key: "data.calibration_seed",
-                value: d.calibration_seed.to_string(),
-                note: Some("it equals data.synthetic_seed, so the calibration set would repeat the training stars".into()),
-            });
-        }
-        if !(d.flux_floor.is_finite() && d.flux_floor > 0.0) {
-            return invalid("data.flux_floor", d.flux_floor);
-        }
-        if !(0.0..=10.0).contains(&d.augment_noise) {
-            return invalid("data.augment_noise", d.augment_noise);
-        }
-        for (key, names) in [
-            ("data.label_names", &d.label_names),
-            ("data.targets", &d.targets),
-        ] {
-            let dup = names
-                .iter()
-                .enumerate()
-                .find(|(i, n)| names[..*i].contains(n));
-            if let Some((_, n)) = dup {
-                return Some(Invalid {
-                    key,
-                    value: format!("{names:?}"),
-                    note: Some(format!("'{n}' is named twice")),
-                });
-            }
-        }
-        let fractions = [
-            ("data.train_fraction", d.train_fraction, true),
-            ("data.val_fraction", d.val_fraction, true),
-            ("data.test_fraction", d.test_fraction, false),
-        ];
-        for (key, f, positive) in fractions {
-            if !(f.is_finite() && f <= 1.0 && (f > 0.0 || (!positive && f == 0.0))) {
-                return invalid(key, f);
-            }
-        }
-        let sum = d.train_fraction + d.val_fraction + d.test_fraction;
-        if (sum - 1.0).abs() > 1e-6 {
-            return Some(Invalid {
-                key: "data.train_fraction",
-                value: d.train_fraction.to_string(),
-                note: Some(format!(
-                    "the fractions sum to {sum:.4} (train {} + val {} + test {})",
-                    d.train_fraction, d.val_fraction, d.test_fraction
-                )),
-            });
-        }
-        None
-    }
-
-    fn invalid_model(&self) -> Option<Invalid> {
-        let m = &self.model;
-        let quoted = |s: &str| format!("\"{s}\"");
-        if !starflow_models::BACKBONE_NAMES.contains(&m.backbone.as_str()) {
-            return unknown_name("model.backbone", &m.backbone);
-        }
-        if !starflow_flows::FLOW_NAMES.contains(&m.flow.as_str()) {
-            return unknown_name("model.flow", &m.flow);
-        }
-        if starflow_flows::OffDiagonal::from_name(&m.offdiagonal).is_none() {
-            return invalid("model.offdiagonal", quoted(&m.offdiagonal));
-        }
-        if !(0.0..0.5).contains(&m.dropout) {
-            return invalid("model.dropout", m.dropout);
-        }
-        if !["fast", "stock"].contains(&m.compute_path.as_str()) {
-            return invalid("model.compute_path", quoted(&m.compute_path));
-        }
-        if m.flow_layers == 0 {
-            return invalid("model.flow_layers", 0);
-        }
-        if m.flow_kernels == 0 {
-            return invalid("model.flow_kernels", 0);
-        }
-        None
-    }
-
-    fn invalid_optim(&self) -> Option<Invalid> {
-        let o = &self.optim;
-        let positive = |x: f64| x.is_finite() && x > 0.0;
-        let non_negative = |x: f64| x.is_finite() && x >= 0.0;
-        if !positive(o.lr) || o.lr > MAX_LR {
-            return invalid("optim.lr", o.lr);
-        }
-        if o.batch_size == 0 {
-            return invalid("optim.batch_size", 0);
-        }
-        if o.epochs == 0 {
-            return invalid("optim.epochs", 0);
-        }
-        if !(0.0..1.0).contains(&o.beta1) {
-            return invalid("optim.beta1", o.beta1);
-        }
-        if !(0.0..1.0).contains(&o.beta2) {
-            return invalid("optim.beta2", o.beta2);
-        }
-        if !positive(o.eps) {
-            return invalid("optim.eps", o.eps);
-        }
-        if !non_negative(o.weight_decay) {
-            return invalid("optim.weight_decay", o.weight_decay);
-        }
-        if !non_negative(o.grad_clip) {
-            return invalid("optim.grad_clip", o.grad_clip);
-        }
-        if !(o.min_lr_factor > 0.0 && o.min_lr_factor <= 1.0) {
-            return invalid("optim.min_lr_factor", o.min_lr_factor);
-        }
-        if !["constant", "cosine"].contains(&o.schedule.as_str()) {
-            return invalid("optim.schedule", format!("\"{}\"", o.schedule));
-        }
-        if o.max_bad_steps == 0 {
-            return invalid("optim.max_bad_steps", 0);
-        }
-        None
-    }
-
-    fn invalid_run(&self) -> Option<Invalid> {
-        if !["cpu", "cuda", "metal"].contains(&self.run.device.as_str()) {
-            return invalid("run.device", format!("\"{}\"", self.run.device));
-        }
-        None
+        SETTINGS.iter().find_map(|setting| setting.check(self))
     }
 
     /// Applies `key=value` overrides (`optim.lr=1e-3`), with the same checks as the file; an error
@@ -738,43 +968,17 @@ fn located(text: &str, e: &toml::de::Error) -> String {
     format!("line {line} (`{content}`): {message}")
 }
 
-/// The largest value each count setting accepts: far beyond any real use, and small enough that
-/// a typo (a missing decimal point, 2^64 - 1) is refused before it allocates terabytes, spawns
-/// millions of threads or runs for a geological age.
-const UPPER_LIMITS: [(&str, usize); 12] = [
-    ("data.synthetic_n", 2_000_000),
-    ("data.synthetic_pixels_per_camera", 65_536),
-    ("data.calibration_n", 1_000_000),
-    ("model.flow_layers", 64),
-    ("model.flow_kernels", 1_000),
-    ("optim.batch_size", 65_536),
-    ("optim.epochs", 100_000),
-    ("optim.warmup_epochs", 100_000),
-    ("optim.patience", 100_000),
-    ("optim.offdiagonal_warmup_epochs", 100_000),
-    ("optim.max_bad_steps", 1_000_000),
-    ("run.threads", 1_024),
-];
-
-/// The upper limit of `key` ([`UPPER_LIMITS`]).
-fn upper_limit(key: &str) -> Option<usize> {
-    UPPER_LIMITS
-        .iter()
-        .find(|(k, _)| *k == key)
-        .map(|(_, v)| *v)
-}
-
 /// The largest learning rate accepted: Adam's steps are about `lr` per weight, so anything near 1
 /// destroys the network in one step.
 const MAX_LR: f64 = 1.0;
 
 /// An unknown backbone or flow name: says so before the rule lists the valid ones.
-fn unknown_name(key: &'static str, name: &str) -> Option<Invalid> {
-    Some(Invalid {
+fn unknown_name(key: &'static str, name: &str) -> Invalid {
+    Invalid {
         key,
         value: format!("\"{name}\""),
         note: Some(format!("{key} `{name}` is unknown")),
-    })
+    }
 }
 
 /// The first key whose value has the wrong type or cannot be represented (`-3` for a count), found
@@ -792,6 +996,13 @@ fn first_type_error(doc: &toml::Table, origin: &Path, sources: &Sources) -> Opti
             if let Err(e) = toml::Value::Table(one).try_into::<TrainConfig>() {
                 let key = format!("{section}.{name}");
                 let from = sources.describe(&key, origin);
+                if e.message().starts_with("unknown variant") {
+                    // A name the setting does not have: its rule lists those it has.
+                    return Some(TrainError::config(
+                        origin,
+                        format!("{key} = {value} ({from}): must be {}", rule(&key)),
+                    ));
+                }
                 return Some(TrainError::config(
                     origin,
                     format!(
@@ -859,15 +1070,9 @@ mod tests {
 
     #[test]
     fn every_key_states_what_it_accepts() {
-        for (section, keys) in KEYS {
-            for k in *keys {
-                let key = format!("{section}.{k}");
-                assert_ne!(
-                    rule(&key),
-                    "see configs/reference.toml",
-                    "{key} has no rule"
-                );
-            }
+        for s in SETTINGS {
+            assert_ne!(rule(s.key), "see configs/reference.toml", "{}", s.key);
+            assert!(!rule(s.key).is_empty(), "{}", s.key);
         }
     }
 
@@ -889,14 +1094,55 @@ mod tests {
     }
 
     #[test]
-    fn every_field_is_listed() {
+    fn every_field_is_a_setting() {
         let doc = toml::Table::try_from(TrainConfig::default()).unwrap();
+        let mut fields = Vec::new();
         for (section, v) in &doc {
-            let (_, keys) = KEYS.iter().find(|(s, _)| s == section).unwrap();
-            let t = v.as_table().unwrap();
-            assert_eq!(t.len(), keys.len(), "[{section}] keys out of sync");
-            for k in t.keys() {
-                assert!(keys.contains(&k.as_str()), "{section}.{k}");
+            for k in v.as_table().unwrap().keys() {
+                fields.push(format!("{section}.{k}"));
+            }
+        }
+        let mut keys: Vec<String> = SETTINGS.iter().map(|s| s.key.to_string()).collect();
+        fields.sort();
+        keys.sort();
+        assert_eq!(
+            fields, keys,
+            "the structs' fields and SETTINGS are out of step"
+        );
+    }
+
+    /// A setting with a fixed set of names refuses another with its rule, reads every name it
+    /// lists, and writes it back the same.
+    #[test]
+    fn named_settings_round_trip_and_list_their_names() {
+        let err = TrainConfig::default()
+            .apply_overrides(&["optim.schedule=\"cosin\"".into()], Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("optim.schedule = \"cosin\"") && err.contains("one of constant, cosine"),
+            "{err}"
+        );
+        assert!(!err.contains("variant"), "{err}");
+        for (key, names) in [
+            ("optim.schedule", Schedule::NAMES),
+            ("run.device", DeviceKind::NAMES),
+            (
+                "model.offdiagonal",
+                <starflow_flows::OffDiagonal as Named>::NAMES,
+            ),
+            (
+                "model.compute_path",
+                <starflow_models::ComputePath as Named>::NAMES,
+            ),
+        ] {
+            for name in names {
+                let mut cfg = TrainConfig::default();
+                cfg.apply_overrides(&[format!("{key}=\"{name}\"")], Path::new("x.toml"))
+                    .unwrap();
+                let (section, k) = key.split_once('.').unwrap();
+                let doc = toml::Table::try_from(&cfg).unwrap();
+                assert_eq!(doc[section][k].as_str(), Some(*name), "{key}");
             }
         }
     }
@@ -906,7 +1152,8 @@ mod tests {
     #[test]
     fn every_count_has_an_upper_limit() {
         let base = TrainConfig::default();
-        for (key, max) in UPPER_LIMITS {
+        let limits = SETTINGS.iter().filter_map(|s| Some((s.key, s.max()?)));
+        for (key, max) in limits {
             let set = |v: usize| {
                 let mut cfg = base.clone();
                 cfg.apply_overrides(&[format!("{key}={v}")], Path::new("x.toml"))

@@ -14,7 +14,7 @@ pub mod pause;
 pub mod run;
 pub mod train;
 
-pub use config::TrainConfig;
+pub use config::{DeviceKind, Named, Schedule, TrainConfig};
 pub use error::{Result, TrainError};
 pub use model::StarModel;
 pub use pause::PauseAt;

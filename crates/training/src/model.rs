@@ -13,8 +13,8 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
-use starflow_flows::{Flow, FullFlowConfig, OffDiagonal};
-use starflow_models::{Backbone, BackboneConfig, ComputePath};
+use starflow_flows::{Flow, FullFlowConfig};
+use starflow_models::{Backbone, BackboneConfig};
 
 use crate::config::TrainConfig;
 use crate::error::{Result, TrainError};
@@ -40,21 +40,19 @@ impl std::fmt::Debug for StarModel {
     }
 }
 
-/// Builds the flow named in the config for `dim` labels.
+/// Builds the flow named in the config for `dim` labels (flows' own by-name constructor, with
+/// the config's flow settings).
 pub fn build_flow(cfg: &TrainConfig, dim: usize) -> Result<Flow> {
     let m = &cfg.model;
-    // `validate` has checked the name; an unknown one falls back to the reference.
-    let offdiagonal = OffDiagonal::from_name(&m.offdiagonal).unwrap_or_default();
-    Ok(match m.flow.as_str() {
-        "full_flow" => starflow_flows::full_flow(&FullFlowConfig {
+    Ok(starflow_flows::flow_by_name_with(
+        &m.flow,
+        &FullFlowConfig {
             dim,
             n_gaussianization_layers: m.flow_layers,
             n_kernels: m.flow_kernels,
-            offdiagonal,
-        })?,
-        "full_gaussian" => starflow_flows::full_gaussian_with(dim, offdiagonal)?,
-        name => starflow_flows::flow_by_name(name, dim)?,
-    })
+            offdiagonal: m.offdiagonal,
+        },
+    )?)
 }
 
 /// How a device setting is named to the user: the setting, and how to choose the CPU with it.
@@ -191,11 +189,7 @@ impl StarModel {
             n_params: flow.n_params(),
             input_len,
             dropout: cfg.model.dropout,
-            path: if cfg.model.compute_path == "stock" {
-                ComputePath::Stock
-            } else {
-                ComputePath::Fast
-            },
+            path: cfg.model.compute_path,
             seed: cfg.run.seed,
         };
         let backbone = starflow_models::backbone(&cfg.model.backbone, &bcfg, vb)?;

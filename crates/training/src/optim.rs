@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 
-use crate::config::OptimConfig;
+use crate::config::{OptimConfig, Schedule};
 use crate::error::Result;
 
 /// What one optimiser step did.
@@ -154,14 +154,14 @@ pub fn learning_rate(cfg: &OptimConfig, epoch: usize) -> f64 {
     if epoch < cfg.warmup_epochs {
         return cfg.lr * (epoch + 1) as f64 / (cfg.warmup_epochs + 1) as f64;
     }
-    match cfg.schedule.as_str() {
-        "cosine" => {
+    match cfg.schedule {
+        Schedule::Cosine => {
             let span = cfg.epochs.saturating_sub(cfg.warmup_epochs).max(1) as f64;
             let t = (epoch - cfg.warmup_epochs) as f64 / span;
             let lo = cfg.lr * cfg.min_lr_factor;
             lo + 0.5 * (cfg.lr - lo) * (1.0 + (std::f64::consts::PI * t).cos())
         }
-        _ => cfg.lr,
+        Schedule::Constant => cfg.lr,
     }
 }
 
@@ -206,7 +206,7 @@ mod tests {
     fn cosine_schedule_ends_low() {
         let cfg = OptimConfig {
             lr: 1.0,
-            schedule: "cosine".into(),
+            schedule: crate::config::Schedule::Cosine,
             epochs: 10,
             warmup_epochs: 1,
             ..OptimConfig::default()

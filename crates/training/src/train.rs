@@ -9,7 +9,7 @@ use starflow_data::{
     epoch_order, Batcher, Dataset, FluxTransform, LabelScaler, LoadOptions, Split, SplitFractions,
 };
 
-use crate::config::{DataConfig, TrainConfig};
+use crate::config::{DataConfig, Named, TrainConfig};
 use crate::error::{Result, TrainError};
 use crate::model::{device, StarModel};
 use crate::optim::{learning_rate, Adam};
@@ -370,7 +370,7 @@ impl TrainOptions {
 pub fn train(cfg: &TrainConfig, opts: &TrainOptions, observer: &dyn Observer) -> Result<RunState> {
     // A GPU this build or machine lacks is refused before the run directory is made (a resumed
     // run's own config is checked again when it starts).
-    device(&cfg.run.device)?;
+    device(cfg.run.device.name())?;
     let run = RunDir::new(&opts.out);
     check_out_dir(&run, opts.resume)?;
     // Held until training returns: a second process on this directory gets a clear error.
@@ -539,7 +539,7 @@ impl<'o> Trainer<'o> {
     ) -> Result<Self> {
         // The device first: a GPU this build or machine lacks is refused before anything is
         // generated.
-        let dev = device(&cfg.run.device)?;
+        let dev = device(cfg.run.device.name())?;
         std::fs::create_dir_all(run.checkpoint_dir())
             .map_err(|e| TrainError::io(run.checkpoint_dir(), e))?;
         run.remove_stale_files(previous.as_ref());
@@ -877,7 +877,7 @@ pub fn load_run(run_dir: &Path) -> Result<(RunState, StarModel)> {
     verify_tensors(&run.best_model())?;
     set_threads(state.config.run.threads);
     // A run trained on a GPU still predicts where there is none: its weights load on the CPU.
-    let dev = device(&state.config.run.device).unwrap_or_else(|e| {
+    let dev = device(state.config.run.device.name()).unwrap_or_else(|e| {
         tracing::warn!("{e}; loading {} on the CPU", run_dir.display());
         Device::Cpu
     });

@@ -12,13 +12,14 @@
 
 use candle_core::{DType, Device, Tensor};
 use starflow_training::config::TrainConfig;
+use starflow_training::Named;
 use starflow_training::{train, Quiet, StarModel, TrainOptions};
 
 const N_PIX: usize = 256;
 
 fn config(backbone: &str, flow: &str, path: &str) -> TrainConfig {
     let mut cfg = TrainConfig::tiny(std::path::Path::new("unused"), flow, backbone, 1);
-    cfg.model.compute_path = path.into();
+    cfg.model.compute_path = Named::from_name(path).expect("fast or stock");
     cfg
 }
 
@@ -114,7 +115,7 @@ fn a_few_training_steps_on_the_gpu_route_track_the_cpu_path() {
     let data = dir.path().join("data");
     let run = |path: &str| {
         let mut cfg = TrainConfig::tiny(&data, "full_flow", "tiny_cnn", 1);
-        cfg.model.compute_path = path.into();
+        cfg.model.compute_path = Named::from_name(path).expect("fast or stock");
         cfg.data.synthetic_n = 12;
         cfg.optim.batch_size = 1;
         let out = dir.path().join(path);

@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use starflow_flows::OffDiagonal;
 use starflow_training::config::TrainConfig;
 use starflow_training::{train, Quiet, TrainError, TrainOptions};
 
@@ -238,11 +239,11 @@ fn shipped_configs_parse() {
     let r = TrainConfig::from_file(&root.join("configs/reference.toml")).unwrap();
     assert_eq!((r.optim.lr, r.optim.epochs), (0.8e-4, 10));
     // The reference keeps jammy_flows' parameterisation and no warm-up, for fidelity.
-    assert_eq!(r.model.offdiagonal, "absolute");
+    assert_eq!(r.model.offdiagonal, OffDiagonal::Absolute);
     assert_eq!(r.optim.offdiagonal_warmup_epochs, 0);
     for name in ["recommended", "quick", "full"] {
         let c = TrainConfig::from_file(&root.join(format!("configs/{name}.toml"))).unwrap();
-        assert_eq!(c.model.offdiagonal, "relative", "{name}");
+        assert_eq!(c.model.offdiagonal, OffDiagonal::Relative, "{name}");
         assert!(c.optim.offdiagonal_warmup_epochs > 0, "{name}");
     }
 }
@@ -256,7 +257,7 @@ fn offdiagonal_warmup_holds_the_correlations_at_zero() {
     for backbone in ["cnn", "tiny_cnn"] {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = tiny(dir.path(), "full_gaussian", backbone);
-        cfg.model.offdiagonal = "relative".into();
+        cfg.model.offdiagonal = OffDiagonal::Relative;
         cfg.optim.offdiagonal_warmup_epochs = 2;
         let model = starflow_training::StarModel::new(&cfg, 256, 3, &Device::Cpu).unwrap();
         let cols = model.offdiagonal_columns();
@@ -308,7 +309,7 @@ fn full_gaussian_starts_and_warms_up_as_the_diagonal_gaussian() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = |flow: &str| {
         let mut c = TrainConfig::tiny(&dir.path().join("data"), flow, "cnn", 1);
-        c.model.offdiagonal = "relative".into();
+        c.model.offdiagonal = OffDiagonal::Relative;
         c.optim.offdiagonal_warmup_epochs = 1;
         c
     };
