@@ -16,7 +16,7 @@ use crate::calibration::{Calibration, Frame, Resolved};
 use crate::evaluate::{pool_standardized, Joint};
 use crate::kinds::{by_kind, by_snr};
 use crate::metrics::{assemble, Evaluation, POOLED_DRAWS};
-use crate::posterior::{check_samples, to_physical, PosteriorSettings, HPD_SAMPLES};
+use crate::posterior::{check_samples, PosteriorSettings, HPD_SAMPLES};
 use crate::run::Run;
 use crate::source::{source_rows, star_snr, EvalSource, SourceRows};
 use crate::star::StarPrediction;
@@ -238,18 +238,13 @@ impl EnsemblePass<'_> {
             ),
         }
         let scaler = &self.members[0].state.scaler;
-        let (mean, std, quantiles) = to_physical(&s, &scaler.mean, &scaler.std);
-        let row = b.indices[i];
+        let (row, scale) = (b.indices[i], (&scaler.mean[..], &scaler.std[..]));
+        let file_row = self.rows.dataset.file_row(row);
         self.stars.push(StarPrediction {
-            row: self.rows.dataset.file_row(row),
-            mean,
-            std,
-            quantiles,
             truth: Some(self.rows.dataset.targets(row)),
             pit: Some(pit),
             hpd,
-            nll: None,
-            noise: pooled.noise[i],
+            ..StarPrediction::from_summary(file_row, &s, scale, pooled.noise[i])
         });
     }
 }

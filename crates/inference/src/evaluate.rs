@@ -21,8 +21,8 @@ use crate::calibration::{Calibration, Resolved};
 use crate::kinds::{by_kind, by_snr};
 use crate::metrics::{assemble, Evaluation, POOLED_DRAWS};
 use crate::posterior::{
-    check_samples, hpd_levels, to_physical, BatchPosterior, Draws, Jacobians, PosteriorSettings,
-    Sampler, Sampling, HPD_SAMPLES,
+    check_samples, hpd_levels, BatchPosterior, Draws, Jacobians, PosteriorSettings, Sampler,
+    Sampling, HPD_SAMPLES,
 };
 use crate::radial::precision_of;
 use crate::run::Run;
@@ -244,18 +244,14 @@ impl Pass {
             self.record_shapes(post.samples.as_ref(), &batch.items);
         }
         for (k, (s, pit)) in batch.items.into_iter().enumerate() {
-            let (mean, std, quantiles) = to_physical(&s, &state.scaler.mean, &state.scaler.std);
             let i = b.indices[k];
+            let row = opened.stars.dataset.file_row(i);
+            let scale = (&state.scaler.mean[..], &state.scaler.std[..]);
             self.stars.push(StarPrediction {
-                row: opened.stars.dataset.file_row(i),
-                mean,
-                std,
-                quantiles,
                 truth: Some(opened.stars.dataset.targets(i)),
                 pit,
                 hpd: hpd[k],
-                nll: None,
-                noise: noise[k],
+                ..StarPrediction::from_summary(row, &s, scale, noise[k])
             });
         }
         Ok(())

@@ -106,6 +106,8 @@ pub(crate) struct BatchPosterior<'a> {
     pub(crate) samples: Option<Samples>,
     /// Per star, the unscaled posterior as the calibration sees it (empty without one).
     pub(crate) frames: Vec<Frame>,
+    /// Per star, its spectrum's noise level ([`crate::StarPrediction::noise`]).
+    pub(crate) noise: Vec<Option<f64>>,
 }
 
 /// Whether a [`BatchPosterior`] of a Gaussian flow draws samples (its summaries never need them).
@@ -164,6 +166,7 @@ impl<'a> BatchPosterior<'a> {
             unscaled,
             samples,
             frames,
+            noise: noise.to_vec(),
         })
     }
 
@@ -339,19 +342,4 @@ pub(crate) fn hpd_levels(
             (denser as f64 + 0.5) / (k as f64 + 1.0)
         })
         .collect())
-}
-
-pub(crate) fn to_physical(
-    s: &PosteriorSummary,
-    mean: &[f64],
-    std: &[f64],
-) -> (Vec<f64>, Vec<f64>, Vec<[f64; 5]>) {
-    let d = mean.len();
-    (
-        (0..d).map(|j| mean[j] + std[j] * s.mean[j]).collect(),
-        (0..d).map(|j| std[j] * s.std[j]).collect(),
-        (0..d)
-            .map(|j| s.quantiles[j].map(|q| mean[j] + std[j] * q))
-            .collect(),
-    )
 }

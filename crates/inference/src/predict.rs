@@ -21,9 +21,7 @@ use candle_core::Tensor;
 use starflow_data::npy::NpyArray;
 
 use crate::calibration::Calibration;
-use crate::posterior::{
-    check_samples, to_physical, BatchPosterior, Draws, PosteriorSettings, Sampling,
-};
+use crate::posterior::{check_samples, BatchPosterior, Draws, PosteriorSettings, Sampling};
 use crate::run::Run;
 use crate::star::StarPrediction;
 use starflow_training::error::{Result, TrainError};
@@ -201,21 +199,11 @@ impl Run {
         rows: Range<usize>,
         settings: &PosteriorSettings,
     ) -> Result<Vec<StarPrediction>> {
-        let (params, noise) = self.params(spectra, rows.clone())?;
-        let row_ids: Vec<usize> = rows.clone().collect();
-        let mut draws = Draws::PerStar {
-            seed: settings.seed,
-            rows: &row_ids,
-        };
-        let cal = settings.calibration.as_ref().map(Calibration::resolved);
-        let post = BatchPosterior::new(
-            &self.model.flow,
-            &params,
-            (settings.n_samples, &mut draws, Sampling::WhereNeeded),
-            cal.as_ref(),
-            &noise,
-        )?;
-        let batch = post.summaries(None);
+        let sampling = (settings.n_samples, Sampling::WhereNeeded);
+        let (batch, noise) =
+            self.with_posterior(spectra, rows.clone(), settings, sampling, |post| {
+                Ok((post.summaries(None), post.noise.clone()))
+            })?;
         let scaler = &self.state.scaler;
         Ok(batch
             .items
@@ -223,18 +211,7 @@ impl Run {
             .zip(rows)
             .zip(noise)
             .map(|(((s, _), row), noise)| {
-                let (mean, std, quantiles) = to_physical(&s, &scaler.mean, &scaler.std);
-                StarPrediction {
-                    row,
-                    mean,
-                    std,
-                    quantiles,
-                    truth: None,
-                    pit: None,
-                    hpd: None,
-                    nll: None,
-                    noise,
-                }
+                StarPrediction::from_summary(row, &s, (&scaler.mean, &scaler.std), noise)
             })
             .collect())
     }
@@ -285,8 +262,29 @@ impl Run {
         n: usize,
         settings: &PosteriorSettings,
     ) -> Result<Vec<f64>> {
-        let (params, noise) = self.params(spectra, rows.clone())?;
         let d = self.model.flow.dim();
+        let mut samples =
+            self.with_posterior(spectra, rows, settings, (n, Sampling::Always), |post| {
+                Ok(post.mapped_samples().expect("drawn for every flow"))
+            })?;
+        let scaler = &self.state.scaler;
+        for (k, v) in samples.values.iter_mut().enumerate() {
+            *v = scaler.mean[k % d] + scaler.std[k % d] * *v;
+        }
+        Ok(samples.values)
+    }
+
+    /// `f` of the posterior of the stars in `rows` (within one aligned batch) under `settings`,
+    /// with `n` samples per star drawn as `sampling` says, each star from its own stream.
+    fn with_posterior<T>(
+        &self,
+        spectra: &dyn SpectraRows,
+        rows: Range<usize>,
+        settings: &PosteriorSettings,
+        (n, sampling): (usize, Sampling),
+        f: impl FnOnce(&BatchPosterior) -> Result<T>,
+    ) -> Result<T> {
+        let (params, noise) = self.params(spectra, rows.clone())?;
         let row_ids: Vec<usize> = rows.collect();
         let mut draws = Draws::PerStar {
             seed: settings.seed,
@@ -296,16 +294,11 @@ impl Run {
         let post = BatchPosterior::new(
             &self.model.flow,
             &params,
-            (n, &mut draws, Sampling::Always),
+            (n, &mut draws, sampling),
             cal.as_ref(),
             &noise,
         )?;
-        let mut samples = post.mapped_samples().expect("drawn for every flow");
-        let scaler = &self.state.scaler;
-        for (k, v) in samples.values.iter_mut().enumerate() {
-            *v = scaler.mean[k % d] + scaler.std[k % d] * *v;
-        }
-        Ok(samples.values)
+        f(&post)
     }
 
     /// The flow parameters of the stars in `rows` (within one aligned batch) and their spectra's

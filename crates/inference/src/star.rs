@@ -2,6 +2,7 @@
 //! is built from, and the nominal interval masses its coverage is judged at.
 
 use serde::{Deserialize, Serialize};
+use starflow_flows::PosteriorSummary;
 
 /// Nominal masses of the two central intervals whose coverage is reported (1 and 2 sigma).
 pub const COVERAGE_LEVELS: [f64; 2] = [0.6827, 0.9545];
@@ -40,6 +41,31 @@ pub struct StarPrediction {
 const QUANTILE_SUFFIXES: [&str; 5] = ["q025", "q16", "q50", "q84", "q975"];
 
 impl StarPrediction {
+    /// The prediction of the star in file row `row` from its posterior summary in z-units `s`,
+    /// in physical units through the labels' scaling `(mean, std)`, with its spectrum's noise
+    /// level; nothing about its truth yet.
+    pub(crate) fn from_summary(
+        row: usize,
+        s: &PosteriorSummary,
+        (mean, std): (&[f64], &[f64]),
+        noise: Option<f64>,
+    ) -> Self {
+        let d = mean.len();
+        StarPrediction {
+            row,
+            mean: (0..d).map(|j| mean[j] + std[j] * s.mean[j]).collect(),
+            std: (0..d).map(|j| std[j] * s.std[j]).collect(),
+            quantiles: (0..d)
+                .map(|j| s.quantiles[j].map(|q| mean[j] + std[j] * q))
+                .collect(),
+            truth: None,
+            pit: None,
+            hpd: None,
+            nll: None,
+            noise,
+        }
+    }
+
     /// The columns of a prediction table over the labels `names`: `row`, then per label
     /// `<label>_mean, _std, _q025, _q16, _q50, _q84, _q975`, and with the truth `<label>_true,
     /// _pit` per label, the joint `hpd` level and the star's `nll`. The CSV and Parquet tables and the Python
