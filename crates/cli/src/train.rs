@@ -121,6 +121,13 @@ pub struct PredictArgs {
     /// and its row), so shards concatenate to exactly the single-process table.
     #[arg(long, value_name = "START:END", value_parser = parse_rows)]
     pub rows: Option<RowRange>,
+    /// Predict with the deep ensemble of --run and these runs (repeatable): each star's posterior
+    /// is the equal-weight mixture of theirs (e.g. the same recipe trained with other
+    /// `run.seed`s; they must share labels, pixel grid and training data), recalibrated as a
+    /// whole as `evaluate --member` does (--raw for the mixture as it is). Each member draws
+    /// --samples / K samples per star from the star's own stream, so shards still concatenate.
+    #[arg(long = "member", value_name = "RUN")]
+    pub members: Vec<PathBuf>,
     #[command(flatten)]
     pub posterior: PosteriorArgs,
 }
@@ -171,6 +178,38 @@ impl PosteriorArgs {
             None => fit_calibration(run, self.sampler())?,
         };
         announce(&c);
+        Ok(Some(c))
+    }
+
+    /// The recalibration of the ensemble of `runs` (fitted on the mixture, kept in the first run)
+    /// unless `--raw` was given; says on stderr what the ensemble's posteriors are.
+    fn ensemble_calibration(&self, runs: &[PathBuf]) -> anyhow::Result<Option<Calibration>> {
+        if self.raw {
+            eprintln!(
+                "ensemble of {} runs: the equal-weight mixture of their own posteriors",
+                runs.len()
+            );
+            return Ok(None);
+        }
+        let c = starflow_inference::load_or_fit_ensemble_calibration(runs, self.sampler())
+            .map_err(|e| {
+                if !e.is_about_data() {
+                    return anyhow::Error::from(e);
+                }
+                anyhow::Error::from(e).context(
+                    "fitting the ensemble's recalibration on the first run's calibration set \
+                     (its validation split when its config draws none); pass --raw for the \
+                     mixture as it is",
+                )
+            })?;
+        eprintln!(
+            "ensemble of {} runs: the equal-weight mixture of their posteriors, recalibrated as a \
+             whole (quantile maps fitted on {} {} stars: {})",
+            runs.len(),
+            c.n_stars,
+            c.fitted_on,
+            describe_maps(&c)
+        );
         Ok(Some(c))
     }
 }
@@ -476,35 +515,7 @@ pub fn evaluate(a: &EvaluateArgs) -> anyhow::Result<()> {
         let runs: Vec<PathBuf> = std::iter::once(a.run.clone())
             .chain(a.members.iter().cloned())
             .collect();
-        let cal = if a.posterior.raw {
-            eprintln!(
-                "ensemble of {} runs: the equal-weight mixture of their own posteriors",
-                runs.len()
-            );
-            None
-        } else {
-            let c =
-                starflow_inference::load_or_fit_ensemble_calibration(&runs, a.posterior.sampler())
-                    .map_err(|e| {
-                        if !e.is_about_data() {
-                            return anyhow::Error::from(e);
-                        }
-                        anyhow::Error::from(e).context(
-                        "fitting the ensemble's recalibration on the first run's calibration set \
-                         (its validation split when its config draws none); pass --raw for the \
-                         mixture as it is",
-                    )
-                    })?;
-            eprintln!(
-                "ensemble of {} runs: the equal-weight mixture of their posteriors, recalibrated \
-                 as a whole (quantile maps fitted on {} {} stars: {})",
-                runs.len(),
-                c.n_stars,
-                c.fitted_on,
-                describe_maps(&c)
-            );
-            Some(c)
-        };
+        let cal = a.posterior.ensemble_calibration(&runs)?;
         let e = starflow_inference::evaluate_ensemble(
             &runs,
             &source,
@@ -547,7 +558,14 @@ pub fn predict(a: &PredictArgs) -> anyhow::Result<()> {
     // without a saved one fits first (minutes).
     let rows = a.rows.map(|r| (r.start, r.end));
     let settings = a.posterior.sampler().with(None);
-    let mut predictor = starflow_inference::Predictor::open(&a.run, &a.spectra, rows, settings)?;
+    let runs: Vec<PathBuf> = std::iter::once(a.run.clone())
+        .chain(a.members.iter().cloned())
+        .collect();
+    let mut predictor = if a.members.is_empty() {
+        starflow_inference::Predictor::open(&a.run, &a.spectra, rows, settings)?
+    } else {
+        starflow_inference::Predictor::open_ensemble(&runs, &a.spectra, rows, settings)?
+    };
     let range = predictor.rows();
     let out = a.out.clone().unwrap_or_else(|| {
         let name = match a.rows {
@@ -559,9 +577,12 @@ pub fn predict(a: &PredictArgs) -> anyhow::Result<()> {
     check_output_file(&out)?;
     refuse_to_replace(&out, a.force)?;
     predictor.check_finite()?;
-    let calibration = a
-        .posterior
-        .calibration(&a.run, predictor.saved_calibration())?;
+    let calibration = if a.members.is_empty() {
+        a.posterior
+            .calibration(&a.run, predictor.saved_calibration())?
+    } else {
+        a.posterior.ensemble_calibration(&runs)?
+    };
     predictor.set_calibration(calibration);
     let stop = interrupt_flag();
     let mut table = PredictionWriter::create(&out, predictor.label_names(), false)?;

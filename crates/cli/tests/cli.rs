@@ -98,6 +98,46 @@ fn train_evaluate_predict_from_the_command_line() {
         csv.starts_with("row,t_eff_mean,t_eff_std,t_eff_q025"),
         "{csv}"
     );
+
+    // A deep ensemble: the same recipe from another seed, predicted as one mixture and
+    // recalibrated as a whole (the maps are kept in the first run).
+    let run2 = d.join("run2");
+    let o = starflow(&[
+        "train",
+        "--config",
+        cfg_s,
+        "--flow",
+        "full_gaussian",
+        "--set",
+        "run.seed=7",
+        "--out",
+        run2.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    let ens = d.join("ensemble.csv");
+    let o = starflow(&[
+        "predict",
+        "--run",
+        run_s,
+        "--member",
+        run2.to_str().unwrap(),
+        "--spectra",
+        spectra.to_str().unwrap(),
+        "--samples",
+        "200",
+        "--out",
+        ens.to_str().unwrap(),
+    ]);
+    let (so, se) = text(&o);
+    assert!(o.status.success(), "{so}\n{se}");
+    assert!(se.contains("ensemble of 2 runs"), "{se}");
+    assert!(run.join("ensemble-calibration.json").exists());
+    let csv_e = std::fs::read_to_string(&ens).unwrap();
+    assert_eq!(csv_e.lines().count(), 121);
+    assert_ne!(
+        csv_e, csv,
+        "the ensemble predicted what the first run alone does"
+    );
 }
 
 /// `evaluate --data DIR` scores a run on another labelled set (here one drawn with another seed):

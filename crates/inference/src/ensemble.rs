@@ -252,7 +252,7 @@ impl EnsemblePass<'_> {
 /// The members of an ensemble, checked to share labels, normalisation and pixel grid, and to have
 /// been trained on the same data files split the same way: the ensemble is evaluated on the first
 /// run's test split, which must hold no member's training stars.
-fn load_members(runs: &[PathBuf]) -> Result<Vec<Run>> {
+pub(crate) fn load_members(runs: &[PathBuf]) -> Result<Vec<Run>> {
     let members = runs
         .iter()
         .map(|r| Run::open(r))

@@ -18,10 +18,14 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
+use rand_chacha::ChaCha8Rng;
 use starflow_data::npy::NpyArray;
 
 use crate::calibration::Calibration;
-use crate::posterior::{check_samples, BatchPosterior, Draws, PosteriorSettings, Sampling};
+use crate::ensemble::load_members;
+use crate::posterior::{
+    check_samples, star_rng, BatchPosterior, Draws, PosteriorSettings, Sampling,
+};
 use crate::run::Run;
 use crate::star::StarPrediction;
 use starflow_training::error::{Result, TrainError};
@@ -303,7 +307,7 @@ impl Run {
 
     /// The flow parameters of the stars in `rows` (within one aligned batch) and their spectra's
     /// noise levels ([`StarPrediction::noise`]).
-    fn params(
+    pub(crate) fn params(
         &self,
         spectra: &dyn SpectraRows,
         rows: Range<usize>,
@@ -367,10 +371,12 @@ pub fn batches(rows: Range<usize>) -> impl Iterator<Item = Range<usize>> {
 /// How many bad rows [`Predictor::check_finite`] names.
 pub const LISTED_BAD_ROWS: usize = 5;
 
-/// A trained run and a spectra file, ready to predict any of its rows (the command line's
-/// `starflow predict`).
+/// A trained run (or a deep ensemble of runs) and a spectra file, ready to predict any of its
+/// rows (the command line's `starflow predict`).
 pub struct Predictor {
     model: Run,
+    /// The ensemble's other members (empty for a single run): see [`Predictor::open_ensemble`].
+    members: Vec<Run>,
     spectra: SpectraFile,
     rows: Range<usize>,
     settings: PosteriorSettings,
@@ -402,6 +408,39 @@ impl Predictor {
         let rows = row_range(&spectra.path, spectra.n_rows, rows)?;
         Ok(Predictor {
             model,
+            members: Vec::new(),
+            spectra,
+            rows,
+            settings,
+        })
+    }
+
+    /// [`Predictor::open`] for the deep ensemble of `runs` (the first run first): each star's
+    /// posterior is the equal-weight mixture of the members' (see [`crate::evaluate_ensemble`];
+    /// members must share labels, normalisation, pixel grid and training data), and a
+    /// calibration given is an ensemble's, fitted on the mixture
+    /// ([`crate::load_or_fit_ensemble_calibration`]).
+    pub fn open_ensemble(
+        runs: &[PathBuf],
+        spectra: &Path,
+        rows: Option<(usize, Option<usize>)>,
+        settings: PosteriorSettings,
+    ) -> Result<Self> {
+        let Some(first) = runs.first() else {
+            return Err(TrainError::config(
+                Path::new("."),
+                "an ensemble needs at least one run".to_string(),
+            ));
+        };
+        check_samples(first, settings.n_samples)?;
+        let mut members = load_members(runs)?.into_iter();
+        let model = members.next().expect("at least one run");
+        let spectra = SpectraFile::open(spectra)?;
+        model.check(&spectra, &settings)?;
+        let rows = row_range(&spectra.path, spectra.n_rows, rows)?;
+        Ok(Predictor {
+            model,
+            members: members.collect(),
             spectra,
             rows,
             settings,
@@ -481,9 +520,75 @@ impl Predictor {
 
     /// Posterior summaries, in physical units, of the stars in `rows` (within [`Predictor::rows`]).
     pub fn predict_batch(&self, rows: Range<usize>) -> Result<Vec<StarPrediction>> {
-        self.model
-            .predict_batch(&self.spectra, rows, &self.settings)
+        if self.members.is_empty() {
+            return self
+                .model
+                .predict_batch(&self.spectra, rows, &self.settings);
+        }
+        let members: Vec<&Run> = std::iter::once(&self.model).chain(&self.members).collect();
+        predict_mixture_batch(&members, &self.spectra, rows, &self.settings)
     }
+}
+
+/// Posterior summaries of the stars in `rows` (within one aligned batch) under the equal-weight
+/// mixture of the `members`' posteriors. Each member draws `n_samples / K` (at least 10) samples
+/// per star from the star's own stream for that member ([`member_rng`]), so a star's prediction
+/// depends only on the runs, its spectrum, the seed and its row, as for a single run. The pooled
+/// samples are summarised and, with a calibration, mapped as [`crate::evaluate_ensemble`] maps a
+/// mixture (about the pooled summary, with the first member's noise level of the spectrum).
+fn predict_mixture_batch(
+    members: &[&Run],
+    spectra: &dyn SpectraRows,
+    rows: Range<usize>,
+    settings: &PosteriorSettings,
+) -> Result<Vec<StarPrediction>> {
+    let (k, d) = (members.len(), members[0].model.flow.dim());
+    let per_member = (settings.n_samples / k).max(10);
+    let row_ids: Vec<usize> = rows.clone().collect();
+    let mut pooled = vec![Vec::with_capacity(k * per_member * d); row_ids.len()];
+    let mut noise = Vec::new();
+    for (m, run) in members.iter().enumerate() {
+        let (params, levels) = run.params(spectra, rows.clone())?;
+        if m == 0 {
+            noise = levels;
+        }
+        let mut rngs: Vec<ChaCha8Rng> = row_ids
+            .iter()
+            .map(|&r| member_rng(settings.seed, m, r))
+            .collect();
+        let smp = run
+            .model
+            .flow
+            .sample_per_item(&params, per_member, &mut rngs)?;
+        for (i, pts) in pooled.iter_mut().enumerate() {
+            pts.extend_from_slice(smp.item(i));
+        }
+    }
+    let cal = settings.calibration.as_ref().map(Calibration::resolved);
+    let scaler = &members[0].state.scaler;
+    Ok(pooled
+        .iter()
+        .zip(&row_ids)
+        .zip(&noise)
+        .map(|((pts, &row), &level)| {
+            let mut s = starflow_flows::summarize_points(pts, d);
+            if let Some(c) = &cal {
+                let frame = c.marginal_frame(&s, level);
+                c.apply(&mut s, &frame, Some(pts));
+            }
+            StarPrediction::from_summary(row, &s, (&scaler.mean, &scaler.std), level)
+        })
+        .collect())
+}
+
+/// The sampling stream of ensemble member `member` for the star in file row `row`: the first
+/// member's is the single run's ([`star_rng`]), the others' are keyed by the seed and the
+/// member's place (a golden-ratio step apart, so no two members share a key for any seed).
+fn member_rng(seed: u64, member: usize, row: usize) -> ChaCha8Rng {
+    star_rng(
+        seed.wrapping_add((member as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+        row,
+    )
 }
 
 /// The rows `--rows` asks for, checked against the file's `n_rows`.

@@ -122,3 +122,60 @@ fn training_ends_with_the_recalibration_fitted_and_saved() {
     .unwrap();
     assert_eq!(loaded, c);
 }
+
+/// A deep ensemble predicts on a spectra file as a single run does: shards concatenate to the
+/// whole file's rows exactly, the mixture of a run with itself gives that run's posteriors up to
+/// the sampling noise of the pooled samples, and its recalibration (fitted on the mixture) maps
+/// them.
+#[test]
+fn ensemble_predictions_are_shard_invariant_and_match_their_members() {
+    use starflow_inference::{fit_ensemble_calibration, Predictor, StarPrediction};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let run = dir.path().join("run");
+    let mut cfg = tiny(&data, "diagonal_gaussian", "tiny_cnn");
+    // Enough calibration stars for maps (the validation split of 160 stars has too few).
+    cfg.data.calibration_n = 200;
+    cfg.data.calibration_seed = 99;
+    train(&cfg, &opts(&run), &Quiet).unwrap();
+    let spectra = data.join("spectra.npy");
+    let runs = [run.clone(), run.clone()];
+    let settings = PosteriorSettings::own(400, 3);
+    let all_of = |p: &Predictor| -> Vec<StarPrediction> {
+        p.batches()
+            .flat_map(|b| p.predict_batch(b).unwrap())
+            .collect()
+    };
+    let open = |rows| Predictor::open_ensemble(&runs, &spectra, rows, settings.clone()).unwrap();
+    let all = all_of(&open(None));
+    assert_eq!(all.len(), 160);
+    let mut shards = all_of(&open(Some((0, Some(37)))));
+    shards.extend(all_of(&open(Some((37, None)))));
+    assert_eq!(
+        shards, all,
+        "shards of an ensemble's predictions differ from the whole"
+    );
+
+    let single = predict(&run, &spectra, &settings).unwrap();
+    for (e, s) in all.iter().zip(&single) {
+        assert_eq!(e.row, s.row);
+        for j in 0..3 {
+            // 400 pooled samples: the mean is off by ~0.05 sd and the std by ~4 %.
+            assert!(
+                (e.mean[j] - s.mean[j]).abs() < 0.3 * s.std[j],
+                "{e:?} vs {s:?}"
+            );
+            assert!((e.std[j] / s.std[j] - 1.0).abs() < 0.3, "{e:?} vs {s:?}");
+        }
+    }
+
+    let c = fit_ensemble_calibration(&runs, Sampler::new(200, 3)).unwrap();
+    assert!(!c.too_few_stars, "{c:?}");
+    let mut p = open(None);
+    p.set_calibration(Some(c));
+    let mapped = all_of(&p);
+    assert!(mapped.iter().zip(&all).any(|(m, a)| m.std != a.std));
+    assert!(mapped
+        .iter()
+        .all(|m| m.std.iter().all(|s| s.is_finite() && *s > 0.0)));
+}
