@@ -163,18 +163,18 @@ impl PosteriorArgs {
         Sampler::new(self.samples, self.seed)
     }
 
-    /// The run's recalibration unless `--raw` was given: `saved` (the run's own, current, as
-    /// [`starflow_inference::Run::open`] read it) when there is one, else fitted and saved now.
+    /// The run's recalibration unless `--raw` was given: `saved()` (the run's own, when current;
+    /// read only when wanted) when there is one, else fitted and saved now.
     fn calibration(
         &self,
         run: &Path,
-        saved: Option<&Calibration>,
+        saved: impl FnOnce() -> Option<Calibration>,
     ) -> anyhow::Result<Option<Calibration>> {
         if self.raw {
             return Ok(None);
         }
-        let c = match saved {
-            Some(c) => c.clone(),
+        let c = match saved() {
+            Some(c) => c,
             None => fit_calibration(run, self.sampler())?,
         };
         announce(&c);
@@ -504,7 +504,7 @@ pub fn evaluate(a: &EvaluateArgs) -> anyhow::Result<()> {
     };
     source.check_quickly(&a.run)?;
     let (e, suffix) = if a.members.is_empty() {
-        let cal = a.posterior.calibration(&a.run, None)?;
+        let cal = a.posterior.calibration(&a.run, || None)?;
         let e = starflow_inference::evaluate_on(
             &a.run,
             &source,
@@ -579,7 +579,7 @@ pub fn predict(a: &PredictArgs) -> anyhow::Result<()> {
     predictor.check_finite()?;
     let calibration = if a.members.is_empty() {
         a.posterior
-            .calibration(&a.run, predictor.saved_calibration())?
+            .calibration(&a.run, || predictor.saved_calibration())?
     } else {
         a.posterior.ensemble_calibration(&runs)?
     };

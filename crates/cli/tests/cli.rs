@@ -48,15 +48,13 @@ fn train_evaluate_predict_from_the_command_line() {
     .unwrap();
     let run = d.join("run");
     let (cfg_s, run_s) = (cfg.to_str().unwrap(), run.to_str().unwrap());
-    let o = starflow(&[
-        "train",
-        "--config",
-        cfg_s,
-        "--flow",
-        "full_gaussian",
-        "--out",
-        run_s,
-    ]);
+    let train = |out: &str, extra: &[&str]| {
+        let mut args = vec!["train", "--config", cfg_s, "--flow", "full_gaussian"];
+        args.extend_from_slice(extra);
+        args.extend(["--out", out]);
+        starflow(&args)
+    };
+    let o = train(run_s, &[]);
     let (so, se) = text(&o);
     assert!(o.status.success(), "{so}\n{se}");
     assert!(so.contains("2 epochs, best validation NLL"), "{so}");
@@ -102,17 +100,7 @@ fn train_evaluate_predict_from_the_command_line() {
     // A deep ensemble: the same recipe from another seed, predicted as one mixture and
     // recalibrated as a whole (the maps are kept in the first run).
     let run2 = d.join("run2");
-    let o = starflow(&[
-        "train",
-        "--config",
-        cfg_s,
-        "--flow",
-        "full_gaussian",
-        "--set",
-        "run.seed=7",
-        "--out",
-        run2.to_str().unwrap(),
-    ]);
+    let o = train(run2.to_str().unwrap(), &["--set", "run.seed=7"]);
     assert!(o.status.success(), "{}", text(&o).1);
     let ens = d.join("ensemble.csv");
     let o = starflow(&[

@@ -106,8 +106,6 @@ pub(crate) struct BatchPosterior<'a> {
     pub(crate) samples: Option<Samples>,
     /// Per star, the unscaled posterior as the calibration sees it (empty without one).
     pub(crate) frames: Vec<Frame>,
-    /// Per star, its spectrum's noise level ([`crate::StarPrediction::noise`]).
-    pub(crate) noise: Vec<Option<f64>>,
 }
 
 /// Whether a [`BatchPosterior`] of a Gaussian flow draws samples (its summaries never need them).
@@ -166,7 +164,6 @@ impl<'a> BatchPosterior<'a> {
             unscaled,
             samples,
             frames,
-            noise: noise.to_vec(),
         })
     }
 

@@ -206,7 +206,7 @@ impl Run {
         let sampling = (settings.n_samples, Sampling::WhereNeeded);
         let (batch, noise) =
             self.with_posterior(spectra, rows.clone(), settings, sampling, |post| {
-                Ok((post.summaries(None), post.noise.clone()))
+                Ok(post.summaries(None))
             })?;
         let scaler = &self.state.scaler;
         Ok(batch
@@ -267,7 +267,7 @@ impl Run {
         settings: &PosteriorSettings,
     ) -> Result<Vec<f64>> {
         let d = self.model.flow.dim();
-        let mut samples =
+        let (mut samples, _) =
             self.with_posterior(spectra, rows, settings, (n, Sampling::Always), |post| {
                 Ok(post.mapped_samples().expect("drawn for every flow"))
             })?;
@@ -279,7 +279,8 @@ impl Run {
     }
 
     /// `f` of the posterior of the stars in `rows` (within one aligned batch) under `settings`,
-    /// with `n` samples per star drawn as `sampling` says, each star from its own stream.
+    /// with `n` samples per star drawn as `sampling` says, each star from its own stream; and the
+    /// stars' noise levels ([`StarPrediction::noise`]).
     fn with_posterior<T>(
         &self,
         spectra: &dyn SpectraRows,
@@ -287,7 +288,7 @@ impl Run {
         settings: &PosteriorSettings,
         (n, sampling): (usize, Sampling),
         f: impl FnOnce(&BatchPosterior) -> Result<T>,
-    ) -> Result<T> {
+    ) -> Result<(T, Vec<Option<f64>>)> {
         let (params, noise) = self.params(spectra, rows.clone())?;
         let row_ids: Vec<usize> = rows.collect();
         let mut draws = Draws::PerStar {
@@ -302,7 +303,7 @@ impl Run {
             cal.as_ref(),
             &noise,
         )?;
-        f(&post)
+        Ok((f(&post)?, noise))
     }
 
     /// The flow parameters of the stars in `rows` (within one aligned batch) and their spectra's
@@ -457,7 +458,7 @@ impl Predictor {
     /// The recalibration saved in the run, when current ([`Run::saved_calibration`]): what
     /// [`Predictor::set_calibration`] is given unless the caller wants the model's own posteriors
     /// or a run without one has its maps fitted first.
-    pub fn saved_calibration(&self) -> Option<&Calibration> {
+    pub fn saved_calibration(&self) -> Option<Calibration> {
         self.model.saved_calibration()
     }
 

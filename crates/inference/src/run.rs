@@ -1,6 +1,8 @@
 //! A trained run opened for inference: its state (config, label scaling, pixel grid), its model
-//! at the best epoch, its flux preprocessing and its saved recalibration, loaded together by one
-//! call, [`Run::open`]. Evaluation, prediction and sampling all start from a `Run`.
+//! at the best epoch and its flux preprocessing, loaded together by one call, [`Run::open`]; its
+//! saved recalibration is read when a caller asks for it ([`Run::saved_calibration`]), since
+//! evaluation passes, ensembles and `--raw` never do. Evaluation, prediction and sampling all
+//! start from a `Run`.
 
 use std::path::{Path, PathBuf};
 
@@ -12,15 +14,13 @@ use starflow_training::train::load_run;
 
 use crate::calibration::Calibration;
 
-/// A trained run: its state, its model at the best epoch, its flux preprocessing and the
-/// recalibration saved with it when that is current ([`Calibration::saved`]). It predicts on any
-/// [`crate::SpectraRows`] on the run's pixel grid.
+/// A trained run: its state, its model at the best epoch and its flux preprocessing. It predicts
+/// on any [`crate::SpectraRows`] on the run's pixel grid.
 pub struct Run {
     pub state: RunState,
     pub(crate) model: StarModel,
     pub(crate) flux: FluxTransform,
     dir: PathBuf,
-    saved_calibration: Option<Calibration>,
 }
 
 impl std::fmt::Debug for Run {
@@ -30,17 +30,15 @@ impl std::fmt::Debug for Run {
 }
 
 impl Run {
-    /// Loads the run in `run_dir`: its state, its best-epoch weights (read straight into the
-    /// model, see [`StarModel::load`]) and its saved recalibration, if current.
+    /// Loads the run in `run_dir`: its state and its best-epoch weights (read straight into the
+    /// model, see [`StarModel::load`]).
     pub fn open(run_dir: &Path) -> Result<Self> {
         let (state, model) = load_run(run_dir)?;
-        let saved_calibration = Calibration::saved(run_dir, &state);
         Ok(Run {
             flux: FluxTransform::new(state.flux_floor)?,
             state,
             model,
             dir: run_dir.to_path_buf(),
-            saved_calibration,
         })
     }
 
@@ -57,8 +55,8 @@ impl Run {
     /// The recalibration saved in the run (`calibration.json`) when it was fitted for the run's
     /// current weights and calibration stars; `None` when there is none or it is stale (see
     /// [`crate::load_or_fit_calibration`] to fit one).
-    pub fn saved_calibration(&self) -> Option<&Calibration> {
-        self.saved_calibration.as_ref()
+    pub fn saved_calibration(&self) -> Option<Calibration> {
+        Calibration::saved(&self.dir, &self.state)
     }
 
     /// The model at the best epoch.

@@ -47,7 +47,7 @@ impl Run {
         let calibration = if calibrate {
             let dir = self.model.dir();
             let c = match self.model.saved_calibration() {
-                Some(c) => c.clone(),
+                Some(c) => c,
                 None => load_or_fit_calibration(dir, Sampler::new(samples, seed))
                     .map_err(|e| calibration_error(dir, e))?,
             };

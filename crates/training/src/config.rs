@@ -392,6 +392,8 @@ struct Setting {
 #[derive(Clone, Copy)]
 enum Accepts {
     Text(&'static str),
+    /// An integer at least the count's minimum (said from its [`Check::Count`]).
+    Integer,
     /// One of these names (a setting with a fixed set of values).
     OneOf(fn() -> &'static [&'static str]),
 }
@@ -434,12 +436,7 @@ impl Setting {
         min: usize,
         max: usize,
     ) -> Self {
-        let accepts = match min {
-            0 => "an integer >= 0",
-            1 => "an integer >= 1",
-            _ => "an integer >= 16",
-        };
-        Setting::new(key, Accepts::Text(accepts), Check::Count { get, min, max })
+        Setting::new(key, Accepts::Integer, Check::Count { get, min, max })
     }
 
     /// A seed: any integer >= 0.
@@ -467,10 +464,10 @@ impl Setting {
         self.key.split_once('.').expect("section.key")
     }
 
-    /// The upper limit of a count.
-    fn max(&self) -> Option<usize> {
+    /// The limits of a count.
+    fn limits(&self) -> Option<(usize, usize)> {
         match self.check {
-            Check::Count { max, .. } => Some(max),
+            Check::Count { min, max, .. } => Some((min, max)),
             _ => None,
         }
     }
@@ -770,12 +767,14 @@ fn rule(key: &str) -> String {
     let Some(setting) = SETTINGS.iter().find(|s| s.key == key) else {
         return "see configs/reference.toml".into();
     };
+    let limits = setting.limits();
     let s = match setting.accepts {
         Accepts::Text(s) => s.to_string(),
+        Accepts::Integer => format!("an integer >= {}", limits.map_or(0, |(min, _)| min)),
         Accepts::OneOf(names) => one_of(names()),
     };
-    match setting.max() {
-        Some(max) => format!("{s}, at most {max}"),
+    match limits {
+        Some((_, max)) => format!("{s}, at most {max}"),
         None => s,
     }
 }
@@ -1152,7 +1151,7 @@ mod tests {
     #[test]
     fn every_count_has_an_upper_limit() {
         let base = TrainConfig::default();
-        let limits = SETTINGS.iter().filter_map(|s| Some((s.key, s.max()?)));
+        let limits = SETTINGS.iter().filter_map(|s| Some((s.key, s.limits()?.1)));
         for (key, max) in limits {
             let set = |v: usize| {
                 let mut cfg = base.clone();
