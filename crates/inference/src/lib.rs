@@ -1,7 +1,7 @@
 //! Inference: everything done with a trained run. A run is opened once ([`Run::open`]: state,
 //! weights and flux preprocessing together; its saved recalibration on demand); the calibrated
-//! posterior of a batch of stars is assembled in one place ([`posterior`]); on top sit
-//! evaluation on a split or a labelled set, the recalibration maps and their fitting (also when training ends:
+//! posterior of a batch of stars is assembled in one place ([`posterior`]); on top sit evaluation
+//! on a split or a labelled set, the recalibration maps and their fitting (also when training ends:
 //! [`train_and_calibrate`]), calibration by kind of star, prediction on spectra files, and
 //! ensembles.
 //!
