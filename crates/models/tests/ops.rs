@@ -98,54 +98,84 @@ fn conv1d_gradient_matches_finite_differences() {
     }
 }
 
-/// Forward and all three gradients of `sum(conv1d(x) * r)` against plain f64 loops, at lengths that span
-/// several of the kernels' 1,024-position tiles (the last one partial) and so cover the tile seams.
-#[test]
-fn conv1d_across_tiles_matches_plain_sums() {
-    for (b, c_in, l, c_out, k) in [(2, 3, 2100, 4, 5), (2, 2, 1030, 3, 3), (1, 3, 2049, 2, 1)] {
-        let l_out = l + 1 - k;
-        let (xs, ws, bs) = (
-            randn(b * c_in * l, 21),
-            randn(c_out * c_in * k, 22),
-            randn(c_out, 23),
-        );
-        let r = randn(b * c_out * l_out, 24);
-        let x = Var::from_tensor(&tensor(&xs, &[b, c_in, l], DType::F64)).unwrap();
-        let w = Var::from_tensor(&tensor(&ws, &[c_out, c_in, k], DType::F64)).unwrap();
-        let bias = Var::from_tensor(&tensor(&bs, &[c_out], DType::F64)).unwrap();
-        let y = conv1d(x.as_tensor(), w.as_tensor(), bias.as_tensor()).unwrap();
-        let rt = tensor(&r, &[b, c_out, l_out], DType::F64);
-        let grads = (&y * &rt).unwrap().sum_all().unwrap().backward().unwrap();
-        let (mut y_want, mut dx, mut dw) = (
-            vec![0.0; b * c_out * l_out],
-            vec![0.0; xs.len()],
-            vec![0.0; ws.len()],
-        );
-        let mut db = vec![0.0; c_out];
-        for i in 0..b {
-            for co in 0..c_out {
-                for t in 0..l_out {
-                    let o = (i * c_out + co) * l_out + t;
-                    let mut acc = bs[co];
-                    for ci in 0..c_in {
-                        for j in 0..k {
-                            let (xi, wi) = ((i * c_in + ci) * l + t + j, (co * c_in + ci) * k + j);
-                            acc += ws[wi] * xs[xi];
-                            dx[xi] += ws[wi] * r[o];
-                            dw[wi] += xs[xi] * r[o];
-                        }
+/// Forward and all three gradients of `sum(conv1d(x) * r)` in `dtype` against plain f64 loops: the
+/// largest error relative to the largest reference value, per output (y, dx, dw, db).
+fn conv1d_errors(
+    dtype: DType,
+    (b, c_in, l, c_out, k): (usize, usize, usize, usize, usize),
+) -> [f64; 4] {
+    let l_out = l + 1 - k;
+    let (xs, ws, bs) = (
+        randn(b * c_in * l, 21),
+        randn(c_out * c_in * k, 22),
+        randn(c_out, 23),
+    );
+    let r = randn(b * c_out * l_out, 24);
+    let x = Var::from_tensor(&tensor(&xs, &[b, c_in, l], dtype)).unwrap();
+    let w = Var::from_tensor(&tensor(&ws, &[c_out, c_in, k], dtype)).unwrap();
+    let bias = Var::from_tensor(&tensor(&bs, &[c_out], dtype)).unwrap();
+    let y = conv1d(x.as_tensor(), w.as_tensor(), bias.as_tensor()).unwrap();
+    let rt = tensor(&r, &[b, c_out, l_out], dtype);
+    let grads = (&y * &rt).unwrap().sum_all().unwrap().backward().unwrap();
+    let (mut y_want, mut dx, mut dw) = (
+        vec![0.0; b * c_out * l_out],
+        vec![0.0; xs.len()],
+        vec![0.0; ws.len()],
+    );
+    let mut db = vec![0.0; c_out];
+    for i in 0..b {
+        for co in 0..c_out {
+            for t in 0..l_out {
+                let o = (i * c_out + co) * l_out + t;
+                let mut acc = bs[co];
+                for ci in 0..c_in {
+                    for j in 0..k {
+                        let (xi, wi) = ((i * c_in + ci) * l + t + j, (co * c_in + ci) * k + j);
+                        acc += ws[wi] * xs[xi];
+                        dx[xi] += ws[wi] * r[o];
+                        dw[wi] += xs[xi] * r[o];
                     }
-                    y_want[o] = acc;
-                    db[co] += r[o];
                 }
+                y_want[o] = acc;
+                db[co] += r[o];
             }
         }
-        let what = format!("b={b} c_in={c_in} l={l} c_out={c_out} k={k}");
-        let grad = |v: &Var| to_vec(grads.get(v.as_tensor()).expect("gradient"));
-        assert!(rel_err(&to_vec(&y), &y_want) < 1e-12, "forward {what}");
-        assert!(rel_err(&grad(&x), &dx) < 1e-12, "input gradient {what}");
-        assert!(rel_err(&grad(&w), &dw) < 1e-12, "weight gradient {what}");
-        assert!(rel_err(&grad(&bias), &db) < 1e-12, "bias gradient {what}");
+    }
+    let grad = |v: &Var| to_vec(grads.get(v.as_tensor()).expect("gradient"));
+    [
+        rel_err(&to_vec(&y), &y_want),
+        rel_err(&grad(&x), &dx),
+        rel_err(&grad(&w), &dw),
+        rel_err(&grad(&bias), &db),
+    ]
+}
+
+/// The direct kernels at lengths that span several of their 1,024-position tiles (the last one partial),
+/// so the tile seams are covered; the last shape takes the one-input-channel kernels (256-position
+/// blocks).
+#[test]
+fn conv1d_across_tiles_matches_plain_sums() {
+    for shape in [
+        (2, 3, 2100, 4, 5),
+        (2, 2, 1030, 3, 3),
+        (1, 3, 2049, 2, 1),
+        (3, 1, 1100, 5, 5),
+    ] {
+        let errs = conv1d_errors(DType::F64, shape);
+        assert!(errs.iter().all(|e| *e < 1e-12), "{shape:?}: {errs:?}");
+    }
+}
+
+/// The Winograd kernels (k3 and k5 with at least 8 channels each side): more than one chunk of 256
+/// tiles, a partial last tile, in f64 (exact up to rounding) and f32 (the training dtype, where the
+/// transforms cost a few units of 1e-6).
+#[test]
+fn conv1d_winograd_matches_plain_sums() {
+    for shape in [(2, 8, 1103, 9, 5), (1, 9, 1600, 8, 3), (2, 16, 70, 8, 5)] {
+        let errs = conv1d_errors(DType::F64, shape);
+        assert!(errs.iter().all(|e| *e < 1e-12), "f64 {shape:?}: {errs:?}");
+        let errs = conv1d_errors(DType::F32, shape);
+        assert!(errs.iter().all(|e| *e < 2e-5), "f32 {shape:?}: {errs:?}");
     }
 }
 

@@ -20,8 +20,8 @@ use rayon::prelude::*;
 
 use super::dropout::keep_scale;
 use super::{
-    assume_init, contiguous_slice, f64_like, host_f64, lane_sums, par_rows_uninit, with_cpu_slice,
-    Elem,
+    assume_init, contiguous_slice, f64_like, host_f64, lane_sums, par_rows_uninit, simd_fn,
+    with_cpu_slice, Elem,
 };
 use crate::config::BN_EPS;
 
@@ -86,31 +86,6 @@ impl BlockOp {
         l / self.pool
     }
 
-    fn batch_stats<T: Elem>(&self, z: &[T], c: usize, l: usize) -> BatchStats {
-        let relu = self.relu;
-        let rows: Vec<(f64, f64)> = z
-            .par_chunks(l)
-            .map(|row| {
-                lane_sums(row.len(), |i| {
-                    let r = if relu { row[i].relu() } else { row[i] };
-                    (r, r * r)
-                })
-            })
-            .collect();
-        let n = rows.len() / c * l;
-        let mut mean = vec![0f64; c];
-        let mut var = vec![0f64; c];
-        for (r, (s, ss)) in rows.iter().enumerate() {
-            mean[r % c] += s;
-            var[r % c] += ss;
-        }
-        for (m, v) in mean.iter_mut().zip(var.iter_mut()) {
-            *m /= n as f64;
-            *v = (*v / n as f64 - *m * *m).max(0.0);
-        }
-        BatchStats { mean, var, n }
-    }
-
     /// The per-channel normalisation used by forward and backward (`None` without BatchNorm).
     fn affine<T: Elem>(&self, z: &[T], c: usize, l: usize) -> Affine {
         let (mean, var) = match &self.norm {
@@ -121,7 +96,7 @@ impl BlockOp {
                 let stats = match &*saved {
                     Some(s) => s.clone(),
                     None => {
-                        let s = self.batch_stats(z, c, l);
+                        let s = batch_stats(self, z, c, l);
                         *saved = Some(s.clone());
                         s
                     }
@@ -132,7 +107,10 @@ impl BlockOp {
         let inv_std = var.iter().map(|v| 1.0 / (v + BN_EPS).sqrt()).collect();
         Some((mean, inv_std))
     }
+}
 
+impl BlockOp {
+    /// The forward (see the module doc), 8 lanes wide where the CPU allows.
     pub(crate) fn fwd<T: Elem>(
         &self,
         z: &[T],
@@ -141,72 +119,7 @@ impl BlockOp {
         c: usize,
         l: usize,
     ) -> Vec<T> {
-        let (pool, relu) = (self.pool, self.relu);
-        let l_out = l / pool;
-        let used = l_out * pool;
-        let zero = T::of(0.0);
-        let affine = self.affine(z, c, l);
-        // y = a r + s per channel.
-        let (a, s): (Vec<T>, Vec<T>) = match &affine {
-            None => (vec![T::of(1.0); c], vec![zero; c]),
-            Some((mean, inv_std)) => (0..c)
-                .map(|ch| {
-                    let a = gamma[ch].to64() * inv_std[ch];
-                    (T::of(a), T::of(beta[ch].to64() - mean[ch] * a))
-                })
-                .unzip(),
-        };
-        let mask = self.mask.as_ref().map(|m| m.mask.as_slice());
-        let scale = self.mask.as_ref().map_or(1.0, |m| keep_scale(m.p));
-        let out_scale = T::of(scale / pool as f64);
-        par_rows_uninit(z.len() / l, l_out, Vec::<T>::new, |buf, row, o| {
-            let zr = &z[row * l..row * l + used];
-            let (ar, sr) = (a[row % c], s[row % c]);
-            buf.resize(used, zero);
-            if relu {
-                for (y, &v) in buf.iter_mut().zip(zr) {
-                    *y = ar * v.relu() + sr;
-                }
-            } else {
-                for (y, &v) in buf.iter_mut().zip(zr) {
-                    *y = ar * v + sr;
-                }
-            }
-            // The benchmark gate's self-test: redo 5 % of the row's affine work (same values).
-            #[cfg(feature = "gate-probe-kernel")]
-            for y in buf.iter_mut().take(used / 20) {
-                *y = std::hint::black_box(*y * T::of(1.0));
-            }
-            if let Some(mask) = mask {
-                for (y, &m) in buf.iter_mut().zip(&mask[row * l..row * l + used]) {
-                    *y *= T::of_u8(m);
-                }
-            }
-            match pool {
-                1 => {
-                    for (oj, &y) in o.iter_mut().zip(buf.iter()) {
-                        oj.write(y * out_scale);
-                    }
-                }
-                2 => {
-                    for (oj, w) in o.iter_mut().zip(buf.chunks_exact(2)) {
-                        oj.write((w[0] + w[1]) * out_scale);
-                    }
-                }
-                // TinyCNN's window; the same sum, in the same order, as `lane_sums` gives below.
-                3 => {
-                    for (oj, w) in o.iter_mut().zip(buf.chunks_exact(3)) {
-                        oj.write((w[0] + w[1] + w[2]) * out_scale);
-                    }
-                }
-                _ => {
-                    for (oj, w) in o.iter_mut().zip(buf.chunks_exact(pool)) {
-                        let (sum, _) = lane_sums(pool, |i| (w[i], zero));
-                        oj.write(T::of(sum) * out_scale);
-                    }
-                }
-            }
-        })
+        block_fwd(self, z, gamma, beta, c, l)
     }
 
     /// Returns `(dz, dγ, dβ)`; the last two are empty without BatchNorm.
@@ -218,126 +131,245 @@ impl BlockOp {
         c: usize,
         l: usize,
     ) -> (Vec<T>, Vec<T>, Vec<T>) {
-        let (pool, relu) = (self.pool, self.relu);
-        let l_out = l / pool;
-        let used = l_out * pool;
-        let zero = T::of(0.0);
-        let affine = self.affine(z, c, l);
-        let scale = self.mask.as_ref().map_or(1.0, |m| keep_scale(m.p));
-        let g_scale = T::of(scale / pool as f64);
-        let mask = self.mask.as_ref().map(|m| m.mask.as_slice());
-        let (neg_mean, inv_std): (Vec<T>, Vec<T>) = match &affine {
-            None => (vec![zero; c], vec![T::of(1.0); c]),
-            Some((mean, inv_std)) => (
-                mean.iter().map(|m| T::of(-m)).collect(),
-                inv_std.iter().map(|v| T::of(*v)).collect(),
-            ),
-        };
-        // Pass 1: the gradient g at the BatchNorm output, written into dz, and its per-row sums.
-        let mut row_sums = vec![(0f64, 0f64); z.len() / l];
-        let sums = super::SendPtr(row_sums.as_mut_ptr());
-        let mut dz = par_rows_uninit(
-            z.len() / l,
-            l,
-            || (),
-            |_, row, g| {
-                let go = &gout[row * l_out..(row + 1) * l_out];
-                let zr = &z[row * l..(row + 1) * l];
-                match pool {
-                    1 => {
-                        for (gj, &o) in g.iter_mut().zip(go) {
+        block_bwd(self, z, gamma, gout, c, l)
+    }
+}
+
+simd_fn! {
+fn batch_stats<T: Elem>(op: &BlockOp, z: &[T], c: usize, l: usize) -> BatchStats {
+    let relu = op.relu;
+    let rows: Vec<(f64, f64)> = z
+        .par_chunks(l)
+        .map(|row| {
+            lane_sums(row.len(), |i| {
+                let r = if relu { row[i].relu() } else { row[i] };
+                (r, r * r)
+            })
+        })
+        .collect();
+    let n = rows.len() / c * l;
+    let mut mean = vec![0f64; c];
+    let mut var = vec![0f64; c];
+    for (r, (s, ss)) in rows.iter().enumerate() {
+        mean[r % c] += s;
+        var[r % c] += ss;
+    }
+    for (m, v) in mean.iter_mut().zip(var.iter_mut()) {
+        *m /= n as f64;
+        *v = (*v / n as f64 - *m * *m).max(0.0);
+    }
+    BatchStats { mean, var, n }
+}
+}
+
+simd_fn! {
+fn block_fwd<T: Elem>(
+    op: &BlockOp,
+    z: &[T],
+    gamma: &[T],
+    beta: &[T],
+    c: usize,
+    l: usize,
+) -> Vec<T> {
+    let (pool, relu) = (op.pool, op.relu);
+    let l_out = l / pool;
+    let used = l_out * pool;
+    let zero = T::of(0.0);
+    let affine = op.affine(z, c, l);
+    // y = a r + s per channel.
+    let (a, s): (Vec<T>, Vec<T>) = match &affine {
+        None => (vec![T::of(1.0); c], vec![zero; c]),
+        Some((mean, inv_std)) => (0..c)
+            .map(|ch| {
+                let a = gamma[ch].to64() * inv_std[ch];
+                (T::of(a), T::of(beta[ch].to64() - mean[ch] * a))
+            })
+            .unzip(),
+    };
+    let mask = op.mask.as_ref().map(|m| m.mask.as_slice());
+    let scale = op.mask.as_ref().map_or(1.0, |m| keep_scale(m.p));
+    let out_scale = T::of(scale / pool as f64);
+    par_rows_uninit(z.len() / l, l_out, Vec::<T>::new, |buf, row, o| {
+        let zr = &z[row * l..row * l + used];
+        let (ar, sr) = (a[row % c], s[row % c]);
+        buf.resize(used, zero);
+        if relu {
+            for (y, &v) in buf.iter_mut().zip(zr) {
+                *y = ar * v.relu() + sr;
+            }
+        } else {
+            for (y, &v) in buf.iter_mut().zip(zr) {
+                *y = ar * v + sr;
+            }
+        }
+        // The benchmark gate's self-test: redo 5 % of the row's affine work (same values).
+        #[cfg(feature = "gate-probe-kernel")]
+        for y in buf.iter_mut().take(used / 20) {
+            *y = std::hint::black_box(*y * T::of(1.0));
+        }
+        if let Some(mask) = mask {
+            for (y, &m) in buf.iter_mut().zip(&mask[row * l..row * l + used]) {
+                *y *= T::of_u8(m);
+            }
+        }
+        match pool {
+            1 => {
+                for (oj, &y) in o.iter_mut().zip(buf.iter()) {
+                    oj.write(y * out_scale);
+                }
+            }
+            2 => {
+                for (oj, w) in o.iter_mut().zip(buf.chunks_exact(2)) {
+                    oj.write((w[0] + w[1]) * out_scale);
+                }
+            }
+            // TinyCNN's window; the same sum, in the same order, as `lane_sums` gives below.
+            3 => {
+                for (oj, w) in o.iter_mut().zip(buf.chunks_exact(3)) {
+                    oj.write((w[0] + w[1] + w[2]) * out_scale);
+                }
+            }
+            _ => {
+                for (oj, w) in o.iter_mut().zip(buf.chunks_exact(pool)) {
+                    let (sum, _) = lane_sums(pool, |i| (w[i], zero));
+                    oj.write(T::of(sum) * out_scale);
+                }
+            }
+        }
+    })
+}
+}
+
+simd_fn! {
+/// Returns `(dz, dγ, dβ)`; the last two are empty without BatchNorm.
+fn block_bwd<T: Elem>(
+    op: &BlockOp,
+    z: &[T],
+    gamma: &[T],
+    gout: &[T],
+    c: usize,
+    l: usize,
+) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let (pool, relu) = (op.pool, op.relu);
+    let l_out = l / pool;
+    let used = l_out * pool;
+    let zero = T::of(0.0);
+    let affine = op.affine(z, c, l);
+    let scale = op.mask.as_ref().map_or(1.0, |m| keep_scale(m.p));
+    let g_scale = T::of(scale / pool as f64);
+    let mask = op.mask.as_ref().map(|m| m.mask.as_slice());
+    let (neg_mean, inv_std): (Vec<T>, Vec<T>) = match &affine {
+        None => (vec![zero; c], vec![T::of(1.0); c]),
+        Some((mean, inv_std)) => (
+            mean.iter().map(|m| T::of(-m)).collect(),
+            inv_std.iter().map(|v| T::of(*v)).collect(),
+        ),
+    };
+    // Pass 1: the gradient g at the BatchNorm output, written into dz, and its per-row sums.
+    let mut row_sums = vec![(0f64, 0f64); z.len() / l];
+    let sums = super::SendPtr(row_sums.as_mut_ptr());
+    let mut dz = par_rows_uninit(
+        z.len() / l,
+        l,
+        || (),
+        |_, row, g| {
+            let go = &gout[row * l_out..(row + 1) * l_out];
+            let zr = &z[row * l..(row + 1) * l];
+            match pool {
+                1 => {
+                    for (gj, &o) in g.iter_mut().zip(go) {
+                        gj.write(o * g_scale);
+                    }
+                }
+                2 => {
+                    for (w, &o) in g.chunks_exact_mut(2).zip(go) {
+                        let v = o * g_scale;
+                        w[0].write(v);
+                        w[1].write(v);
+                    }
+                }
+                _ => {
+                    for (w, &o) in g.chunks_exact_mut(pool).zip(go) {
+                        for gj in w {
                             gj.write(o * g_scale);
                         }
                     }
-                    2 => {
-                        for (w, &o) in g.chunks_exact_mut(2).zip(go) {
-                            let v = o * g_scale;
-                            w[0].write(v);
-                            w[1].write(v);
-                        }
-                    }
-                    _ => {
-                        for (w, &o) in g.chunks_exact_mut(pool).zip(go) {
-                            for gj in w {
-                                gj.write(o * g_scale);
-                            }
-                        }
-                    }
                 }
-                for gj in &mut g[used..] {
-                    gj.write(zero);
+            }
+            for gj in &mut g[used..] {
+                gj.write(zero);
+            }
+            // SAFETY: the pooled windows cover 0..used and the tail was zeroed just above.
+            let g = unsafe { assume_init(g) };
+            if let Some(mask) = mask {
+                for (gj, &m) in g[..used].iter_mut().zip(&mask[row * l..row * l + used]) {
+                    *gj *= T::of_u8(m);
                 }
-                // SAFETY: the pooled windows cover 0..used and the tail was zeroed just above.
-                let g = unsafe { assume_init(g) };
-                if let Some(mask) = mask {
-                    for (gj, &m) in g[..used].iter_mut().zip(&mask[row * l..row * l + used]) {
-                        *gj *= T::of_u8(m);
-                    }
-                }
-                if affine.is_none() {
-                    return;
-                }
-                let (nm, is) = (neg_mean[row % c], inv_std[row % c]);
-                let g = &*g;
-                let rs = lane_sums(used, |i| {
-                    let r = if relu { zr[i].relu() } else { zr[i] };
-                    (g[i], g[i] * ((r + nm) * is))
-                });
-                // SAFETY: `row < row_sums.len()` and each row's task writes only its own entry; `row_sums`
-                // outlives this parallel section.
-                unsafe { *sums.ptr().add(row) = rs };
-            },
-        );
-        let mut sum_g = vec![0f64; c];
-        let mut sum_gx = vec![0f64; c];
-        for (row, (sg, sgx)) in row_sums.iter().enumerate() {
-            sum_g[row % c] += sg;
-            sum_gx[row % c] += sgx;
-        }
-        // Pass 2: through BatchNorm and ReLU, in place.
-        let batch = matches!(self.norm, Norm::Batch);
-        let n = (z.len() / c) as f64;
-        dz.par_chunks_mut(l)
-            .zip(z.par_chunks(l))
-            .enumerate()
-            .for_each(|(row, (d, zr))| {
-                let ch = row % c;
-                let (coef, nm, is, mg, mgx) = match &affine {
-                    None => (T::of(1.0), zero, zero, zero, zero),
-                    Some(_) if batch => (
-                        T::of(gamma[ch].to64() * inv_std[ch].to64()),
-                        neg_mean[ch],
-                        inv_std[ch],
-                        T::of(-sum_g[ch] / n),
-                        T::of(-sum_gx[ch] / n),
-                    ),
-                    Some(_) => (
-                        T::of(gamma[ch].to64() * inv_std[ch].to64()),
-                        zero,
-                        zero,
-                        zero,
-                        zero,
-                    ),
-                };
-                if relu {
-                    for (dj, &v) in d.iter_mut().zip(zr) {
-                        // For v > 0, relu(v) = v, so x̂ = (v - mean) / σ.
-                        let val = coef * (*dj + mg + (v + nm) * is * mgx);
-                        *dj = if v > zero { val } else { zero };
-                    }
-                } else {
-                    for (dj, &v) in d.iter_mut().zip(zr) {
-                        *dj = coef * (*dj + mg + (v + nm) * is * mgx);
-                    }
-                }
+            }
+            if affine.is_none() {
+                return;
+            }
+            let (nm, is) = (neg_mean[row % c], inv_std[row % c]);
+            let g = &*g;
+            let rs = lane_sums(used, |i| {
+                let r = if relu { zr[i].relu() } else { zr[i] };
+                (g[i], g[i] * ((r + nm) * is))
             });
-        if affine.is_none() {
-            return (dz, vec![], vec![]);
-        }
-        let dgamma = sum_gx.into_iter().map(T::of).collect();
-        let dbeta = sum_g.into_iter().map(T::of).collect();
-        (dz, dgamma, dbeta)
+            // SAFETY: `row < row_sums.len()` and each row's task writes only its own entry; `row_sums`
+            // outlives this parallel section.
+            unsafe { *sums.ptr().add(row) = rs };
+        },
+    );
+    let mut sum_g = vec![0f64; c];
+    let mut sum_gx = vec![0f64; c];
+    for (row, (sg, sgx)) in row_sums.iter().enumerate() {
+        sum_g[row % c] += sg;
+        sum_gx[row % c] += sgx;
     }
+    // Pass 2: through BatchNorm and ReLU, in place.
+    let batch = matches!(op.norm, Norm::Batch);
+    let n = (z.len() / c) as f64;
+    dz.par_chunks_mut(l)
+        .zip(z.par_chunks(l))
+        .enumerate()
+        .for_each(|(row, (d, zr))| {
+            let ch = row % c;
+            let (coef, nm, is, mg, mgx) = match &affine {
+                None => (T::of(1.0), zero, zero, zero, zero),
+                Some(_) if batch => (
+                    T::of(gamma[ch].to64() * inv_std[ch].to64()),
+                    neg_mean[ch],
+                    inv_std[ch],
+                    T::of(-sum_g[ch] / n),
+                    T::of(-sum_gx[ch] / n),
+                ),
+                Some(_) => (
+                    T::of(gamma[ch].to64() * inv_std[ch].to64()),
+                    zero,
+                    zero,
+                    zero,
+                    zero,
+                ),
+            };
+            if relu {
+                for (dj, &v) in d.iter_mut().zip(zr) {
+                    // For v > 0, relu(v) = v, so x̂ = (v - mean) / σ.
+                    let val = coef * (*dj + mg + (v + nm) * is * mgx);
+                    *dj = if v > zero { val } else { zero };
+                }
+            } else {
+                for (dj, &v) in d.iter_mut().zip(zr) {
+                    *dj = coef * (*dj + mg + (v + nm) * is * mgx);
+                }
+            }
+        });
+    if affine.is_none() {
+        return (dz, vec![], vec![]);
+    }
+    let dgamma = sum_gx.into_iter().map(T::of).collect();
+    let dbeta = sum_g.into_iter().map(T::of).collect();
+    (dz, dgamma, dbeta)
+}
 }
 
 impl CustomOp3 for BlockOp {

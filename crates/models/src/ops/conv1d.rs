@@ -12,13 +12,21 @@
 //! with AVX2): train step 2.40 → 1.98 s, eval forward 0.86 → 0.57 s; the full im2col matrix of the k5
 //! 32 → 32 layer (10.5 MB per star) ran from DRAM three times per step.
 //! `gemm` picks AVX-512/AVX2/FMA/NEON kernels at run time, so no `target-cpu` flag is needed.
+//!
+//! Dispatch ([`conv_fwd`], [`conv_bwd_weight`], [`conv_bwd_input`]): k3 and k5 with at least 8 channels
+//! each side go to [`super::winograd`] (2.25–2.5× fewer multiplications); a one-channel input (the
+//! backbones' first layer) to its own loops, where a `gemm` of depth 1 would be a matrix-vector product;
+//! the rest to the direct kernels, which are also the twins the others are tested against.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::{assume_init, contiguous_slice, lane_sums, par_rows_uninit, with_cpu_slice, Elem};
+use super::{
+    assume_init, contiguous_slice, lane_sums, par_rows_uninit, simd_fn, winograd, with_cpu_slice,
+    Elem,
+};
 
 struct Conv1dOp;
 
@@ -55,7 +63,7 @@ pub(crate) fn dims(x: &Shape, w: &Shape, bias: &Shape) -> Result<Dims> {
 }
 
 /// Use gemm's own threads only when rayon over the batch cannot keep every thread busy.
-fn inner_parallelism(n_tasks: usize) -> Parallelism {
+pub(crate) fn inner_parallelism(n_tasks: usize) -> Parallelism {
     if n_tasks < rayon::current_num_threads() {
         Parallelism::Rayon(0)
     } else {
@@ -195,25 +203,33 @@ fn tiles(l_out: usize) -> impl Iterator<Item = (usize, usize)> {
 
 /// A strided matrix operand: element `(r, c)` at `ptr + r rs + c cs`.
 #[derive(Clone, Copy)]
-struct View<T> {
-    ptr: *const T,
-    rs: usize,
-    cs: usize,
+pub(crate) struct View<T> {
+    pub(crate) ptr: *const T,
+    pub(crate) rs: usize,
+    pub(crate) cs: usize,
 }
 
-/// `dst (m, n) += lhs (m, k) rhs (k, n)`, with `dst` row-major with row stride `dst_rs`: the one
-/// product every kernel here is made of.
+impl<T> View<T> {
+    /// A row-major operand with row stride `rs`.
+    pub(crate) fn row_major(ptr: *const T, rs: usize) -> Self {
+        Self { ptr, rs, cs: 1 }
+    }
+}
+
+/// `dst (m, n) += lhs (m, k) rhs (k, n)` (or `=` without `accumulate`), with `dst` row-major with row
+/// stride `dst_rs`: the one product every kernel here and in [`super::winograd`] is made of.
 ///
 /// # Safety
 /// Every element addressed through `dst`, `lhs` and `rhs` must be in bounds, and `dst`'s exclusively
 /// borrowed.
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm_acc<T: Elem>(
+pub(crate) unsafe fn gemm_into<T: Elem>(
     (m, n, k): (usize, usize, usize),
     dst: *mut T,
     dst_rs: usize,
     lhs: View<T>,
     rhs: View<T>,
+    accumulate: bool,
     par: Parallelism,
 ) {
     // SAFETY: the caller's contract.
@@ -225,7 +241,7 @@ unsafe fn gemm_acc<T: Elem>(
             dst,
             1,
             dst_rs as isize,
-            true,
+            accumulate,
             lhs.ptr,
             lhs.cs as isize,
             lhs.rs as isize,
@@ -242,9 +258,116 @@ unsafe fn gemm_acc<T: Elem>(
     }
 }
 
+/// The forward, by [`winograd`] where [`winograd::for_dims`] takes the shape, else directly.
+pub(crate) fn conv_fwd<T: Elem>(x: &[T], w: &[T], bias: &[T], d: Dims) -> Vec<T> {
+    match winograd::for_dims(d) {
+        Some(tf) => winograd::conv_fwd(&tf, x, w, bias, d),
+        None if d.c_in == 1 => conv_fwd_single(x, w, bias, d),
+        None => conv_fwd_direct(x, w, bias, d),
+    }
+}
+
+/// The weight and bias gradients, by [`winograd`] where it takes the shape, else directly.
+pub(crate) fn conv_bwd_weight<T: Elem>(x: &[T], gy: &[T], d: Dims) -> (Vec<T>, Vec<T>) {
+    match winograd::for_dims(d) {
+        Some(tf) => winograd::conv_bwd_weight(&tf, x, gy, d),
+        None if d.c_in == 1 => conv_bwd_weight_single(x, gy, d),
+        None => conv_bwd_weight_direct(x, gy, d),
+    }
+}
+
+/// The input gradient, by [`winograd`] where it takes the shape, else directly.
+pub(crate) fn conv_bwd_input<T: Elem>(w: &[T], gy: &[T], d: Dims) -> Vec<T> {
+    match winograd::for_dims(d) {
+        Some(tf) => winograd::conv_bwd_input(&tf, w, gy, d),
+        None => conv_bwd_input_direct(w, gy, d),
+    }
+}
+
+/// Positions per block of the single-channel forward (its accumulators stay in L1).
+const SINGLE_BLOCK: usize = 256;
+
+simd_fn! {
+/// Forward of a one-channel input (TinyCNN's and CNNModel's first layer, where a `gemm` of depth 1
+/// would be a matrix-vector product): per output channel and block of positions,
+/// `y[t] = bias + Σ_j w_j x[t + j]`, each tap one pass over the block.
+fn conv_fwd_single<T: Elem>(x: &[T], w: &[T], bias: &[T], d: Dims) -> Vec<T> {
+    let l_out = d.l_out();
+    par_rows_uninit(d.b * d.c_out, l_out, || (), |_, row, y| {
+        let (i, co) = (row / d.c_out, row % d.c_out);
+        let xi = &x[i * d.l..(i + 1) * d.l];
+        let taps = &w[co * d.k..(co + 1) * d.k];
+        for (t0, yb) in (0..l_out).step_by(SINGLE_BLOCK).zip(y.chunks_mut(SINGLE_BLOCK)) {
+            let mut acc = [bias[co]; SINGLE_BLOCK];
+            let acc = &mut acc[..yb.len()];
+            for (j, &wj) in taps.iter().enumerate() {
+                for (a, &xv) in acc.iter_mut().zip(&xi[t0 + j..]) {
+                    *a += wj * xv;
+                }
+            }
+            for (yv, &a) in yb.iter_mut().zip(acc.iter()) {
+                yv.write(a);
+            }
+        }
+    })
+}
+}
+
+simd_fn! {
+/// Weight and bias gradients of a one-channel input: `dW[co][j] = Σ_t dy[co][t] x[t + j]` as
+/// eight-lane dot products ([`lane_sums`]), per item in parallel, then summed over the items in their
+/// order (the same bytes for any number of threads).
+fn conv_bwd_weight_single<T: Elem>(x: &[T], gy: &[T], d: Dims) -> (Vec<T>, Vec<T>) {
+    let l_out = d.l_out();
+    // Per item: the `c_out k` weight sums, then the `c_out` bias sums.
+    let per = d.c_out * (d.k + 1);
+    let mut sums = vec![0f64; d.b * per];
+    sums.par_chunks_mut(per).enumerate().for_each(|(i, out)| {
+        let xi = &x[i * d.l..(i + 1) * d.l];
+        let (dw, db) = out.split_at_mut(d.c_out * d.k);
+        for co in 0..d.c_out {
+            let g = &gy[(i * d.c_out + co) * l_out..(i * d.c_out + co + 1) * l_out];
+            for j in 0..d.k {
+                dw[co * d.k + j] = dot(g, &xi[j..j + l_out]);
+            }
+            db[co] = lane_sums(l_out, |t| (g[t], T::of(0.0))).0;
+        }
+    });
+    let mut total = vec![0f64; per];
+    for item in sums.chunks(per) {
+        total.iter_mut().zip(item).for_each(|(a, b)| *a += b);
+    }
+    let (dw, db) = total.split_at(d.c_out * d.k);
+    (dw.iter().map(|v| T::of(*v)).collect(), db.iter().map(|v| T::of(*v)).collect())
+}
+}
+
+/// `Σ a_t b_t` over equal-length slices, in eight lanes of `T` per 512 elements and in f64 across them
+/// (the order [`lane_sums`] uses), written on whole chunks so that it vectorises without bounds checks.
+#[inline(always)]
+fn dot<T: Elem>(a: &[T], b: &[T]) -> f64 {
+    const LANES: usize = 8;
+    let mut total = 0f64;
+    for (ab, bb) in a.chunks(512).zip(b.chunks(512)) {
+        let mut acc = [T::of(0.0); LANES];
+        let (a8, b8) = (ab.chunks_exact(LANES), bb.chunks_exact(LANES));
+        let (ra, rb) = (a8.remainder(), b8.remainder());
+        for (ca, cb) in a8.zip(b8) {
+            for q in 0..LANES {
+                acc[q] += ca[q] * cb[q];
+            }
+        }
+        for (q, (&x, &y)) in ra.iter().zip(rb).enumerate() {
+            acc[q] += x * y;
+        }
+        total += acc.iter().map(|v| v.to64()).sum::<f64>();
+    }
+    total
+}
+
 /// Forward without im2col: per item and tile of output positions, `y[:, t] = bias + Σ_j W_j x[:, t + j]`,
 /// one `gemm` per tap `j` reading the input through a shifted view (no copy).
-pub(crate) fn conv_fwd<T: Elem>(x: &[T], w: &[T], bias: &[T], d: Dims) -> Vec<T> {
+pub(crate) fn conv_fwd_direct<T: Elem>(x: &[T], w: &[T], bias: &[T], d: Dims) -> Vec<T> {
     let (l_out, tap) = (d.l_out(), d.c_out * d.c_in);
     let wt = per_tap(w, d);
     let par = inner_parallelism(d.b);
@@ -267,7 +390,7 @@ pub(crate) fn conv_fwd<T: Elem>(x: &[T], w: &[T], bias: &[T], d: Dims) -> Vec<T>
                     // `wt`, (c_out, c_in) row-major; rhs element (ci, t) is xi[ci l + j + t0 + t], in bounds since
                     // j + t0 + t < k - 1 + l_out = l.
                     unsafe {
-                        gemm_acc(
+                        gemm_into(
                             (d.c_out, n, d.c_in),
                             yi.as_mut_ptr().add(t0),
                             l_out,
@@ -281,6 +404,7 @@ pub(crate) fn conv_fwd<T: Elem>(x: &[T], w: &[T], bias: &[T], d: Dims) -> Vec<T>
                                 rs: d.l,
                                 cs: 1,
                             },
+                            true,
                             par,
                         )
                     }
@@ -292,7 +416,7 @@ pub(crate) fn conv_fwd<T: Elem>(x: &[T], w: &[T], bias: &[T], d: Dims) -> Vec<T>
 
 /// Weight and bias gradients without im2col: `dW_j += dy x[:, j..]^T` per tap, over tiles of positions so
 /// that both operands stay in the cache across the taps; one accumulator per rayon task.
-pub(crate) fn conv_bwd_weight<T: Elem>(x: &[T], gy: &[T], d: Dims) -> (Vec<T>, Vec<T>) {
+pub(crate) fn conv_bwd_weight_direct<T: Elem>(x: &[T], gy: &[T], d: Dims) -> (Vec<T>, Vec<T>) {
     let l_out = d.l_out();
     let n_tasks = rayon::current_num_threads().clamp(1, d.b.max(1));
     let per_task = d.b.div_ceil(n_tasks);
@@ -313,7 +437,7 @@ pub(crate) fn conv_bwd_weight<T: Elem>(x: &[T], gy: &[T], d: Dims) -> (Vec<T>, V
                         // (co, t) is gyi[co l_out + t0 + t]; rhs element (t, ci) is xi[ci l + j + t0 + t],
                         // in bounds since j + t0 + t < l.
                         unsafe {
-                            gemm_acc(
+                            gemm_into(
                                 (d.c_out, d.c_in, n),
                                 dwt.as_mut_ptr().add(j * tap),
                                 d.c_in,
@@ -327,6 +451,7 @@ pub(crate) fn conv_bwd_weight<T: Elem>(x: &[T], gy: &[T], d: Dims) -> (Vec<T>, V
                                     rs: 1,
                                     cs: d.l,
                                 },
+                                true,
                                 par,
                             )
                         }
@@ -363,7 +488,7 @@ pub(crate) fn conv_bwd_weight<T: Elem>(x: &[T], gy: &[T], d: Dims) -> (Vec<T>, V
 
 /// Input gradient without col2im: per item and tile, `dx[:, t + j] += W_j^T dy[:, t]` for each tap `j`,
 /// accumulated in place in the taps' order (the order col2im added them in).
-pub(crate) fn conv_bwd_input<T: Elem>(w: &[T], gy: &[T], d: Dims) -> Vec<T> {
+pub(crate) fn conv_bwd_input_direct<T: Elem>(w: &[T], gy: &[T], d: Dims) -> Vec<T> {
     let (l_out, tap) = (d.l_out(), d.c_out * d.c_in);
     let zero = T::of(0.0);
     let wt = per_tap(w, d);
@@ -380,7 +505,7 @@ pub(crate) fn conv_bwd_input<T: Elem>(w: &[T], gy: &[T], d: Dims) -> Vec<T> {
                     // exclusively borrowed; lhs element (ci, co) is wt[j c_out c_in + co c_in + ci]; rhs
                     // element (co, t) is gyi[co l_out + t0 + t].
                     unsafe {
-                        gemm_acc(
+                        gemm_into(
                             (d.c_in, n, d.c_out),
                             dxi.as_mut_ptr().add(j + t0),
                             d.l,
@@ -394,6 +519,7 @@ pub(crate) fn conv_bwd_input<T: Elem>(w: &[T], gy: &[T], d: Dims) -> Vec<T> {
                                 rs: l_out,
                                 cs: 1,
                             },
+                            true,
                             par,
                         )
                     }

@@ -3,8 +3,11 @@
 //! Dispatch rules: every op here runs on CPU storage in f32 or f64 (other dtypes are an error); the backbones
 //! call them only on the CPU with [`crate::ComputePath::Fast`] and use candle's stock ops everywhere else.
 //! Each op sits in its own file with a `*_reference` twin built from stock tensor ops:
-//! - [`conv1d`]: valid (unpadded, stride 1) conv1d + bias as per-item im2col + one `gemm` call, rayon over
-//!   the batch; its backward rebuilds the columns for the weight gradient and uses col2im for the input's.
+//! - [`conv1d`]: valid (unpadded, stride 1) conv1d + bias as one `gemm` per tap on shifted views of the
+//!   input, rayon over the batch; one-input-channel layers by their own kernels; k3 and k5 layers with
+//!   at least 8 channels each side through [`winograd`].
+//! - [`winograd`]: `F(6, 3)` and `F(4, 5)` minimal filtering for the forward and both gradients, tested
+//!   against the direct kernels' plain sums.
 //! - [`block`]: ReLU + BatchNorm (batch or running statistics) + Dropout + AvgPool in one pass over memory,
 //!   with a fused backward that includes the gradient through the batch statistics.
 //! - [`conv_block`]: a convolution and its block in one op, so that the pre-activation never enters
@@ -20,6 +23,7 @@ pub mod conv1d;
 pub mod conv_block;
 pub mod dropout;
 pub(crate) mod pool;
+pub mod winograd;
 
 use candle_core::{bail, CpuStorage, DType, Device, Layout, Result, Storage, Tensor};
 
@@ -213,3 +217,44 @@ pub(crate) fn lane_sums<T: Elem>(n: usize, f: impl Fn(usize) -> (T, T)) -> (f64,
     }
     (s1, s2)
 }
+
+/// Whether the CPU has AVX2 and FMA (checked once).
+///
+/// Why: the crate is built for baseline x86-64 (SSE2) so that one binary runs anywhere, and `gemm` picks
+/// its own kernels at run time; [`simd_fn`] gives the element-wise loops of the kernels the same
+/// treatment, so they run 8 lanes wide where the CPU allows.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_avx2_fma() -> bool {
+    static AVX2_FMA: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVX2_FMA.get_or_init(|| {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    })
+}
+
+/// `simd_fn! { fn name<T: Elem>(args) -> Ret { body } }` defines `name` with `body` compiled twice: in a
+/// `#[target_feature(enable = "avx2,fma")]` copy, run where [`has_avx2_fma`] says so, and as built.
+/// Closures written in `body` (rayon's per-row work) belong to each copy, so they inherit its features,
+/// and `#[inline(always)]` helpers they call are compiled with them. Element-wise results do not change:
+/// Rust never fuses a multiply and an add on its own, and the kernels' sums fix their lane order.
+macro_rules! simd_fn {
+    ($(#[$attr:meta])* $vis:vis fn $name:ident<$t:ident: Elem>($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$attr])*
+        #[allow(clippy::too_many_arguments)]
+        $vis fn $name<$t: Elem>($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                fn avx2<$t: Elem>($($arg: $ty),*) $(-> $ret)? $body
+                if $crate::ops::has_avx2_fma() {
+                    // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            #[allow(clippy::too_many_arguments)]
+            fn plain<$t: Elem>($($arg: $ty),*) $(-> $ret)? $body
+            plain($($arg),*)
+        }
+    };
+}
+pub(crate) use simd_fn;

@@ -1,0 +1,534 @@
+//! Winograd minimal-filtering convolutions `F(m, r)` for the wide k3 and k5 layers.
+//!
+//! Why: TinyCNN's k5 32 → 32 and 32 → 64 layers are two thirds of its arithmetic, and the direct kernels
+//! already run `gemm`'s microkernel near the core's peak, so only fewer multiplications make them faster.
+//! `F(m, r)` computes `m` outputs of an `r`-tap correlation from `α = m + r − 1` inputs with `α` products
+//! instead of `m r`: with `α = 8`, `F(4, 5)` needs 2.5× fewer and `F(6, 3)` 2.25× fewer. Per tile of
+//! `m` outputs: `y = Aᵀ [(G w) ⊙ (Bᵀ d)]`; over channels the `⊙` becomes one `gemm` per point `ξ`,
+//! `M_ξ (c_out × tiles) = U_ξ (c_out × c_in) V_ξ (c_in × tiles)`.
+//!
+//! The transforms come from Toom–Cook at the points `0, ±1, ±2, ±1/2` and `∞`: `G` evaluates the
+//! filter at the points, `Aᵀ` is the transpose of the evaluation of the output polynomial, and `Bᵀ` the
+//! transpose of the interpolation matrix (the inverse of the `α × α` evaluation). The correlation is the
+//! transpose of a polynomial product, which is why these three reproduce it exactly in exact
+//! arithmetic; in f32 the error is a few units of 1e-6 relative (measured against f64 sums in
+//! `tests/ops.rs`).
+//!
+//! The three passes of a layer are one kernel each:
+//! - forward: [`conv_fwd`], a valid correlation;
+//! - input gradient: the same kernel on `dy` with the filter flipped and transposed and `r − 1` zeros of
+//!   virtual padding on both sides ([`conv_bwd_input`]);
+//! - weight gradient: the transpose of the forward's bilinear form, `dW = Gᵀ Σ_tiles (A dy) ⊙ (Bᵀ x)`,
+//!   again one `gemm` per point, with the tiles as the inner dimension ([`conv_bwd_weight`]).
+//!
+//! The direct kernels in [`super::conv1d`] stay as the twins these are tested against, and run every shape
+//! [`for_dims`] declines (1 input channel, short rows, other kernel widths).
+
+use rayon::prelude::*;
+
+use super::conv1d::{gemm_into, inner_parallelism, Dims, View};
+use super::{lane_sums, par_rows_uninit, simd_fn, Elem};
+
+/// Points per tile transform: 7 finite interpolation points and `∞`.
+const ALPHA: usize = 8;
+/// The finite points, in the order Toom–Cook takes them (small magnitudes first keep `Bᵀ` tame).
+const POINTS: [f64; ALPHA - 1] = [0.0, 1.0, -1.0, 2.0, -2.0, 0.5, -0.5];
+/// Most tiles per chunk (fewer for rows shorter than that): a chunk's transformed input and products
+/// (`8 × c × 256` floats each) stay in L2.
+const CHUNK: usize = 256;
+
+/// The transforms of `F(m, r)` with `m + r − 1 = 8`, row-major in f64.
+#[derive(Debug, Clone)]
+pub struct Transforms {
+    /// Outputs per tile.
+    pub m: usize,
+    /// Filter taps.
+    pub r: usize,
+    /// `Aᵀ`, `m × α`.
+    pub at: Vec<f64>,
+    /// `G`, `α × r`.
+    pub g: Vec<f64>,
+    /// `Bᵀ`, `α × α`.
+    pub bt: Vec<f64>,
+}
+
+/// The evaluation matrix of polynomials with `n` coefficients at [`POINTS`] and `∞` (`α × n`): row `ξ`
+/// holds `p_ξ^i`; the row of `∞` picks the leading coefficient.
+fn evaluation(n: usize) -> Vec<f64> {
+    let mut e = vec![0.0; ALPHA * n];
+    for (xi, p) in POINTS.iter().enumerate() {
+        for i in 0..n {
+            e[xi * n + i] = p.powi(i as i32);
+        }
+    }
+    e[(ALPHA - 1) * n + n - 1] = 1.0;
+    e
+}
+
+/// The inverse of a square row-major matrix by Gauss–Jordan with partial pivoting.
+fn inverse(a: &[f64], n: usize) -> Vec<f64> {
+    let mut aug: Vec<Vec<f64>> = (0..n)
+        .map(|i| {
+            let mut row = a[i * n..(i + 1) * n].to_vec();
+            row.extend((0..n).map(|j| f64::from(u8::from(i == j))));
+            row
+        })
+        .collect();
+    for col in 0..n {
+        let pivot = (col..n)
+            .max_by(|&i, &j| aug[i][col].abs().total_cmp(&aug[j][col].abs()))
+            .unwrap_or(col);
+        aug.swap(col, pivot);
+        let p = aug[col][col];
+        aug[col].iter_mut().for_each(|v| *v /= p);
+        let pivot_row = aug[col].clone();
+        for (i, row) in aug.iter_mut().enumerate() {
+            let f = row[col];
+            if i != col && f != 0.0 {
+                row.iter_mut()
+                    .zip(&pivot_row)
+                    .for_each(|(v, q)| *v -= f * q);
+            }
+        }
+    }
+    aug.into_iter().flat_map(|row| row[n..].to_vec()).collect()
+}
+
+impl Transforms {
+    /// The transforms for an `r`-tap filter (`2 ≤ r ≤ 6`, so that a tile has at least 3 outputs).
+    pub fn new(r: usize) -> Option<Self> {
+        if !(2..=6).contains(&r) {
+            return None;
+        }
+        let m = ALPHA + 1 - r;
+        let e_m = evaluation(m);
+        let c = inverse(&evaluation(ALPHA), ALPHA);
+        let at = (0..m * ALPHA)
+            .map(|k| e_m[(k % ALPHA) * m + k / ALPHA])
+            .collect();
+        let bt = (0..ALPHA * ALPHA)
+            .map(|k| c[(k % ALPHA) * ALPHA + k / ALPHA])
+            .collect();
+        Some(Self {
+            m,
+            r,
+            at,
+            g: evaluation(r),
+            bt,
+        })
+    }
+}
+
+/// The transforms for a convolution of shape `d`, or `None` where the direct kernels are the better
+/// choice: kernel widths other than 3 and 5, fewer than 8 channels on either side (the per-point
+/// products would be too thin for `gemm`), or rows shorter than a few tiles.
+pub(crate) fn for_dims(d: Dims) -> Option<Transforms> {
+    let wide = d.c_in >= 8 && d.c_out >= 8;
+    if !(d.k == 3 || d.k == 5) || !wide || d.l_out() < 64 {
+        return None;
+    }
+    Transforms::new(d.k)
+}
+
+/// A correlation of `x (b, c_in, l_in)` with `w (c_out, c_in, r)` and `pad` virtual zeros on both sides,
+/// `l_out` outputs per row.
+#[derive(Debug, Clone, Copy)]
+struct Geometry {
+    b: usize,
+    c_in: usize,
+    c_out: usize,
+    l_in: usize,
+    pad: usize,
+    l_out: usize,
+}
+
+/// The filter in the transformed domain, `U_ξ = (G w)_ξ` as `(α, c_out, c_in)`.
+fn filter_transform<T: Elem>(tf: &Transforms, w: &[T], c_out: usize, c_in: usize) -> Vec<T> {
+    let r = tf.r;
+    let mut u = vec![T::of(0.0); ALPHA * c_out * c_in];
+    for xi in 0..ALPHA {
+        for co in 0..c_out {
+            for ci in 0..c_in {
+                let taps = &w[(co * c_in + ci) * r..(co * c_in + ci + 1) * r];
+                let v: f64 = (0..r).map(|j| tf.g[xi * r + j] * taps[j].to64()).sum();
+                u[(xi * c_out + co) * c_in + ci] = T::of(v);
+            }
+        }
+    }
+    u
+}
+
+/// Tiles transformed per register block (one AVX2 vector of f32).
+const LANES: usize = 8;
+/// The most outputs a tile has (`r = 3`).
+const MAX_M: usize = 6;
+
+/// The transforms in the kernel's element type, laid out for the register-blocked loops.
+struct Coeffs<T> {
+    m: usize,
+    /// `Bᵀ`, `α × α`.
+    bt: [T; ALPHA * ALPHA],
+    /// `Aᵀ`, `m × α`, padded to [`MAX_M`] rows.
+    at: [T; MAX_M * ALPHA],
+}
+
+impl<T: Elem> Coeffs<T> {
+    fn new(tf: &Transforms) -> Self {
+        Self {
+            m: tf.m,
+            bt: std::array::from_fn(|k| T::of(tf.bt[k])),
+            at: std::array::from_fn(|k| T::of(tf.at.get(k).copied().unwrap_or(0.0))),
+        }
+    }
+}
+
+/// `row[start..][..len]`, read in place where it lies inside the row, else copied into `seg` with zeros
+/// outside the row: the tiles then read it without bounds checks.
+#[inline(always)]
+fn padded_segment<'a, T: Elem>(
+    row: &'a [T],
+    start: isize,
+    len: usize,
+    seg: &'a mut Vec<T>,
+) -> &'a [T] {
+    if start >= 0 && start as usize + len <= row.len() {
+        return &row[start as usize..start as usize + len];
+    }
+    seg.clear();
+    seg.resize(len, T::of(0.0));
+    let lo = start.max(0);
+    let hi = (start + len as isize).min(row.len() as isize);
+    if lo < hi {
+        let at = (lo - start) as usize;
+        seg[at..at + (hi - lo) as usize].copy_from_slice(&row[lo as usize..hi as usize]);
+    }
+    seg
+}
+
+/// Tiles rounded up to whole register blocks.
+fn padded_tiles(nt: usize) -> usize {
+    nt.div_ceil(LANES) * LANES
+}
+
+/// `Bᵀ d` for the tiles of one channel row: tile `τ` reads `row[base + τ m ..][..α]` (zero outside the
+/// row); writes `v[ξ * stride + τ]` for `τ < nt` rounded up to [`LANES`].
+#[inline(always)]
+fn input_transform<T: Elem>(
+    c: &Coeffs<T>,
+    row: &[T],
+    base: isize,
+    nt: usize,
+    seg: &mut Vec<T>,
+    v: &mut [T],
+    stride: usize,
+) {
+    let (m, ntp) = (c.m, padded_tiles(nt));
+    let seg = padded_segment(row, base, ntp * m + ALPHA, seg);
+    for tb in (0..ntp).step_by(LANES) {
+        let mut d = [[T::of(0.0); LANES]; ALPHA];
+        for l in 0..LANES {
+            let window = &seg[(tb + l) * m..][..ALPHA];
+            for (dq, &v) in d.iter_mut().zip(window) {
+                dq[l] = v;
+            }
+        }
+        for xi in 0..ALPHA {
+            let mut acc = [T::of(0.0); LANES];
+            for (q, dq) in d.iter().enumerate() {
+                let coef = c.bt[xi * ALPHA + q];
+                for (a, &dv) in acc.iter_mut().zip(dq) {
+                    *a += coef * dv;
+                }
+            }
+            v[xi * stride + tb..][..LANES].copy_from_slice(&acc);
+        }
+    }
+}
+
+/// `A dy` for the tiles of one output-gradient row from position `start` (zero past the row's end):
+/// `p[ξ * stride + τ] = Σ_i Aᵀ[i][ξ] row[start + τ m + i]`.
+#[inline(always)]
+fn gradient_transform<T: Elem>(
+    c: &Coeffs<T>,
+    row: &[T],
+    start: usize,
+    nt: usize,
+    seg: &mut Vec<T>,
+    p: &mut [T],
+    stride: usize,
+) {
+    let (m, ntp) = (c.m, padded_tiles(nt));
+    let seg = padded_segment(row, start as isize, ntp * m, seg);
+    for tb in (0..ntp).step_by(LANES) {
+        let mut g = [[T::of(0.0); LANES]; MAX_M];
+        for (l, tile) in seg[tb * m..(tb + LANES) * m].chunks_exact(m).enumerate() {
+            for (gi, &v) in g.iter_mut().zip(tile) {
+                gi[l] = v;
+            }
+        }
+        for xi in 0..ALPHA {
+            let mut acc = [T::of(0.0); LANES];
+            for (i, gi) in g.iter().enumerate().take(m) {
+                let coef = c.at[i * ALPHA + xi];
+                for (a, &gv) in acc.iter_mut().zip(gi) {
+                    *a += coef * gv;
+                }
+            }
+            p[xi * stride + tb..][..LANES].copy_from_slice(&acc);
+        }
+    }
+}
+
+/// `Aᵀ M + bias` for one output channel, written to its row `y` at tiles `τ0 ..`: `prod[ξ * stride + τ]`
+/// holds `M_ξ` for the channel. The tile outputs go to `ph` by phase (`ph[i * ntp + τ]`, whole vectors),
+/// then into `y` in position order by one interleaving pass.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn output_transform<T: Elem>(
+    c: &Coeffs<T>,
+    prod: &[T],
+    stride: usize,
+    nt: usize,
+    bias: T,
+    y: &mut [std::mem::MaybeUninit<T>],
+    t0: usize,
+    ph: &mut [T],
+) {
+    let (m, ntp) = (c.m, padded_tiles(nt));
+    for tb in (0..nt).step_by(LANES) {
+        let mut mm = [[T::of(0.0); LANES]; ALPHA];
+        for (xi, mx) in mm.iter_mut().enumerate() {
+            mx.copy_from_slice(&prod[xi * stride + tb..][..LANES]);
+        }
+        for i in 0..m {
+            let mut o = [bias; LANES];
+            for (xi, mx) in mm.iter().enumerate() {
+                let coef = c.at[i * ALPHA + xi];
+                for (a, &v) in o.iter_mut().zip(mx) {
+                    *a += coef * v;
+                }
+            }
+            ph[i * ntp + tb..][..LANES].copy_from_slice(&o);
+        }
+    }
+    let n_pos = (nt * m).min(y.len() - t0);
+    let whole = n_pos / m * m;
+    let y = &mut y[t0..t0 + n_pos];
+    match m {
+        4 => interleave::<T, 4>(ph, ntp, &mut y[..whole]),
+        6 => interleave::<T, 6>(ph, ntp, &mut y[..whole]),
+        _ => {
+            for (k, yv) in y[..whole].iter_mut().enumerate() {
+                yv.write(ph[(k % m) * ntp + k / m]);
+            }
+        }
+    }
+    for (k, yv) in y.iter_mut().enumerate().skip(whole) {
+        yv.write(ph[(k % m) * ntp + k / m]);
+    }
+}
+
+/// `y[τ M + i] = ph[i * ntp + τ]` for the whole tiles of `y` (the tile size is a constant here, so that
+/// the compiler turns the `M` streams into vector shuffles).
+#[inline(always)]
+fn interleave<T: Elem, const M: usize>(ph: &[T], ntp: usize, y: &mut [std::mem::MaybeUninit<T>]) {
+    let n = y.len() / M;
+    let mut rows: [&[T]; M] = [&[]; M];
+    for (i, r) in rows.iter_mut().enumerate() {
+        *r = &ph[i * ntp..i * ntp + n];
+    }
+    for (tau, tile) in y.chunks_exact_mut(M).enumerate() {
+        for (yv, r) in tile.iter_mut().zip(rows.iter()) {
+            yv.write(r[tau]);
+        }
+    }
+}
+
+/// Scratch of one rayon worker: a padded input segment, the transformed input `V (α, c_in, CHUNK)`,
+/// the products `M (α, c_out, CHUNK)` and one output row's phases (`m × CHUNK`).
+type Scratch<T> = (Vec<T>, Vec<T>, Vec<T>, Vec<T>);
+
+simd_fn! {
+/// The correlation of `geo` by transformed filter `u`, plus `bias` per output channel.
+fn correlate<T: Elem>(tf: &Transforms, x: &[T], u: &[T], bias: Option<&[T]>, geo: Geometry) -> Vec<T> {
+    let c = Coeffs::<T>::new(tf);
+    let (m, zero) = (tf.m, T::of(0.0));
+    let n_tiles = geo.l_out.div_ceil(m);
+    let chunk = padded_tiles(n_tiles).min(CHUNK);
+    let par = inner_parallelism(geo.b);
+    par_rows_uninit(
+        geo.b,
+        geo.c_out * geo.l_out,
+        Scratch::<T>::default,
+        |(seg, v, prod, ph), i, yi| {
+            {
+                let item = &x[i * geo.c_in * geo.l_in..(i + 1) * geo.c_in * geo.l_in];
+                v.resize(ALPHA * geo.c_in * chunk, zero);
+                prod.resize(ALPHA * geo.c_out * chunk, zero);
+                ph.resize(m * chunk, zero);
+                for tau0 in (0..n_tiles).step_by(chunk) {
+                    let nt = chunk.min(n_tiles - tau0);
+                    let base = (tau0 * m) as isize - geo.pad as isize;
+                    for ci in 0..geo.c_in {
+                        let row = &item[ci * geo.l_in..(ci + 1) * geo.l_in];
+                        let vs = &mut v[ci * chunk..];
+                        input_transform(&c, row, base, nt, seg, vs, geo.c_in * chunk);
+                    }
+                    for pt in 0..ALPHA {
+                        // SAFETY: dst is M_ξ (c_out × nt, row stride chunk) inside `prod`; lhs is U_ξ,
+                        // (c_out, c_in) row-major inside `u`; rhs is V_ξ (c_in × nt, row stride chunk)
+                        // inside `v`.
+                        unsafe {
+                            gemm_into(
+                                (geo.c_out, nt, geo.c_in),
+                                prod.as_mut_ptr().add(pt * geo.c_out * chunk),
+                                chunk,
+                                View::row_major(u.as_ptr().add(pt * geo.c_out * geo.c_in), geo.c_in),
+                                View::row_major(v.as_ptr().add(pt * geo.c_in * chunk), chunk),
+                                false,
+                                par,
+                            )
+                        }
+                    }
+                    for co in 0..geo.c_out {
+                        let b = bias.map_or(zero, |bs| bs[co]);
+                        let yrow = &mut yi[co * geo.l_out..(co + 1) * geo.l_out];
+                        let ps = &prod[co * chunk..];
+                        output_transform(&c, ps, geo.c_out * chunk, nt, b, yrow, tau0 * m, ph);
+                    }
+                }
+            }
+        },
+    )
+}
+}
+
+/// Forward: `y = bias + Σ_j W_j x[:, j..]`, `(b, c_out, l − k + 1)`.
+pub(crate) fn conv_fwd<T: Elem>(tf: &Transforms, x: &[T], w: &[T], bias: &[T], d: Dims) -> Vec<T> {
+    let u = filter_transform(tf, w, d.c_out, d.c_in);
+    let geo = Geometry {
+        b: d.b,
+        c_in: d.c_in,
+        c_out: d.c_out,
+        l_in: d.l,
+        pad: 0,
+        l_out: d.l_out(),
+    };
+    correlate(tf, x, &u, Some(bias), geo)
+}
+
+/// Input gradient: `dx[:, s] = Σ_j W_jᵀ dy[:, s − j]`, the valid correlation of `dy` padded with `k − 1`
+/// zeros on both sides and the filter flipped and transposed, `(b, c_in, l)`.
+pub(crate) fn conv_bwd_input<T: Elem>(tf: &Transforms, w: &[T], gy: &[T], d: Dims) -> Vec<T> {
+    let r = d.k;
+    let mut flipped = vec![T::of(0.0); w.len()];
+    for co in 0..d.c_out {
+        for ci in 0..d.c_in {
+            for j in 0..r {
+                flipped[(ci * d.c_out + co) * r + r - 1 - j] = w[(co * d.c_in + ci) * r + j];
+            }
+        }
+    }
+    let u = filter_transform(tf, &flipped, d.c_in, d.c_out);
+    let geo = Geometry {
+        b: d.b,
+        c_in: d.c_out,
+        c_out: d.c_in,
+        l_in: d.l_out(),
+        pad: r - 1,
+        l_out: d.l,
+    };
+    correlate(tf, gy, &u, None, geo)
+}
+
+simd_fn! {
+/// Weight and bias gradients: `S_ξ = Σ_tiles (A dy)_ξ (Bᵀ x)_ξᵀ` per point, then `dW = Gᵀ S`; one
+/// accumulator per rayon task, as the direct kernel has.
+pub(crate) fn conv_bwd_weight<T: Elem>(
+    tf: &Transforms,
+    x: &[T],
+    gy: &[T],
+    d: Dims,
+) -> (Vec<T>, Vec<T>) {
+    let (m, l_out, zero) = (tf.m, d.l_out(), T::of(0.0));
+    let n_tiles = l_out.div_ceil(m);
+    let chunk = padded_tiles(n_tiles).min(CHUNK);
+    let n_tasks = rayon::current_num_threads().clamp(1, d.b.max(1));
+    let per_task = d.b.div_ceil(n_tasks);
+    let par = inner_parallelism(n_tasks);
+    let s_len = ALPHA * d.c_out * d.c_in;
+    let c = Coeffs::<T>::new(tf);
+    let (s, db) = (0..n_tasks)
+        .into_par_iter()
+        .map(|task| {
+            let mut s = vec![zero; s_len];
+            let mut db = vec![0f64; d.c_out];
+            let mut seg = Vec::new();
+            let mut v = vec![zero; ALPHA * d.c_in * chunk];
+            let mut p = vec![zero; ALPHA * d.c_out * chunk];
+            for i in task * per_task..((task + 1) * per_task).min(d.b) {
+                let item = &x[i * d.c_in * d.l..(i + 1) * d.c_in * d.l];
+                let gyi = &gy[i * d.c_out * l_out..(i + 1) * d.c_out * l_out];
+                for tau0 in (0..n_tiles).step_by(chunk) {
+                    let nt = chunk.min(n_tiles - tau0);
+                    let base = (tau0 * m) as isize;
+                    for ci in 0..d.c_in {
+                        let row = &item[ci * d.l..(ci + 1) * d.l];
+                        let vs = &mut v[ci * chunk..];
+                        input_transform(&c, row, base, nt, &mut seg, vs, d.c_in * chunk);
+                    }
+                    for co in 0..d.c_out {
+                        let row = &gyi[co * l_out..(co + 1) * l_out];
+                        let ps = &mut p[co * chunk..];
+                        gradient_transform(&c, row, tau0 * m, nt, &mut seg, ps, d.c_out * chunk);
+                    }
+                    for pt in 0..ALPHA {
+                        // SAFETY: dst is S_ξ (c_out, c_in) row-major inside `s`, owned by this task; lhs is
+                        // P_ξ (c_out × nt, row stride chunk) inside `p`; rhs element (τ, ci) is
+                        // V_ξ[ci][τ] = v[(ξ c_in + ci) chunk + τ], in bounds for τ < nt.
+                        unsafe {
+                            gemm_into(
+                                (d.c_out, d.c_in, nt),
+                                s.as_mut_ptr().add(pt * d.c_out * d.c_in),
+                                d.c_in,
+                                View::row_major(p.as_ptr().add(pt * d.c_out * chunk), chunk),
+                                View {
+                                    ptr: v.as_ptr().add(pt * d.c_in * chunk),
+                                    rs: 1,
+                                    cs: chunk,
+                                },
+                                true,
+                                par,
+                            )
+                        }
+                    }
+                }
+                for (acc, row) in db.iter_mut().zip(gyi.chunks(l_out)) {
+                    *acc += lane_sums(row.len(), |t| (row[t], zero)).0;
+                }
+            }
+            (s.iter().map(|v| v.to64()).collect::<Vec<f64>>(), db)
+        })
+        .reduce(
+            || (vec![0f64; s_len], vec![0f64; d.c_out]),
+            |(mut s_a, mut db_a), (s_b, db_b)| {
+                s_a.iter_mut().zip(s_b).for_each(|(a, b)| *a += b);
+                db_a.iter_mut().zip(db_b).for_each(|(a, b)| *a += b);
+                (s_a, db_a)
+            },
+        );
+    let r = d.k;
+    let mut dw = vec![zero; d.c_out * d.c_in * r];
+    for co in 0..d.c_out {
+        for ci in 0..d.c_in {
+            for j in 0..r {
+                let v: f64 = (0..ALPHA)
+                    .map(|xi| tf.g[xi * r + j] * s[(xi * d.c_out + co) * d.c_in + ci])
+                    .sum();
+                dw[(co * d.c_in + ci) * r + j] = T::of(v);
+            }
+        }
+    }
+    (dw, db.into_iter().map(T::of).collect())
+}
+}
