@@ -261,7 +261,7 @@ pub(crate) unsafe fn gemm_into<T: Elem>(
 /// The forward, by [`winograd`] where [`winograd::for_dims`] takes the shape, else directly.
 pub(crate) fn conv_fwd<T: Elem>(x: &[T], w: &[T], bias: &[T], d: Dims) -> Vec<T> {
     match winograd::for_dims(d) {
-        Some(tf) => winograd::conv_fwd(&tf, x, w, bias, d),
+        Some(tf) => winograd::conv_fwd(tf, x, w, bias, d),
         None if d.c_in == 1 => conv_fwd_single(x, w, bias, d),
         None => conv_fwd_direct(x, w, bias, d),
     }
@@ -270,7 +270,7 @@ pub(crate) fn conv_fwd<T: Elem>(x: &[T], w: &[T], bias: &[T], d: Dims) -> Vec<T>
 /// The weight and bias gradients, by [`winograd`] where it takes the shape, else directly.
 pub(crate) fn conv_bwd_weight<T: Elem>(x: &[T], gy: &[T], d: Dims) -> (Vec<T>, Vec<T>) {
     match winograd::for_dims(d) {
-        Some(tf) => winograd::conv_bwd_weight(&tf, x, gy, d),
+        Some(tf) => winograd::conv_bwd_weight(tf, x, gy, d),
         None if d.c_in == 1 => conv_bwd_weight_single(x, gy, d),
         None => conv_bwd_weight_direct(x, gy, d),
     }
@@ -279,7 +279,7 @@ pub(crate) fn conv_bwd_weight<T: Elem>(x: &[T], gy: &[T], d: Dims) -> (Vec<T>, V
 /// The input gradient, by [`winograd`] where it takes the shape, else directly.
 pub(crate) fn conv_bwd_input<T: Elem>(w: &[T], gy: &[T], d: Dims) -> Vec<T> {
     match winograd::for_dims(d) {
-        Some(tf) => winograd::conv_bwd_input(&tf, w, gy, d),
+        Some(tf) => winograd::conv_bwd_input(tf, w, gy, d),
         None => conv_bwd_input_direct(w, gy, d),
     }
 }

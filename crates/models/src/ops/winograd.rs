@@ -24,6 +24,8 @@
 //! The direct kernels in [`super::conv1d`] stay as the twins these are tested against, and run every shape
 //! [`for_dims`] declines (1 input channel, short rows, other kernel widths).
 
+use std::sync::OnceLock;
+
 use rayon::prelude::*;
 
 use super::conv1d::{gemm_into, inner_parallelism, Dims, View};
@@ -121,13 +123,18 @@ impl Transforms {
 
 /// The transforms for a convolution of shape `d`, or `None` where the direct kernels are the better
 /// choice: kernel widths other than 3 and 5, fewer than 8 channels on either side (the per-point
-/// products would be too thin for `gemm`), or rows shorter than a few tiles.
-pub(crate) fn for_dims(d: Dims) -> Option<Transforms> {
+/// products would be too thin for `gemm`), or rows shorter than a few tiles. Built once per process
+/// and width, not per call.
+pub(crate) fn for_dims(d: Dims) -> Option<&'static Transforms> {
     let wide = d.c_in >= 8 && d.c_out >= 8;
     if !(d.k == 3 || d.k == 5) || !wide || d.l_out() < 64 {
         return None;
     }
-    Transforms::new(d.k)
+    static CACHE: [OnceLock<Option<Transforms>>; 7] = [const { OnceLock::new() }; 7];
+    CACHE
+        .get(d.k)?
+        .get_or_init(|| Transforms::new(d.k))
+        .as_ref()
 }
 
 /// A correlation of `x (b, c_in, l_in)` with `w (c_out, c_in, r)` and `pad` virtual zeros on both sides,
