@@ -212,6 +212,26 @@ fn padded_segment<'a, T: Elem>(
     seg
 }
 
+/// One register block of a transform: `init + Σ_{q < n} coefs[q * step] src[q]`, lane by lane (the
+/// rows of `Bᵀ` or `Aᵀ` with `step` 1, their columns with `step` α).
+#[inline(always)]
+fn combine<T: Elem, const N: usize>(
+    src: &[[T; LANES]; N],
+    n: usize,
+    coefs: &[T],
+    step: usize,
+    init: T,
+) -> [T; LANES] {
+    let mut acc = [init; LANES];
+    for (q, sq) in src.iter().enumerate().take(n) {
+        let coef = coefs[q * step];
+        for (a, &v) in acc.iter_mut().zip(sq) {
+            *a += coef * v;
+        }
+    }
+    acc
+}
+
 /// Tiles rounded up to whole register blocks.
 fn padded_tiles(nt: usize) -> usize {
     nt.div_ceil(LANES) * LANES
@@ -240,13 +260,7 @@ fn input_transform<T: Elem>(
             }
         }
         for xi in 0..ALPHA {
-            let mut acc = [T::of(0.0); LANES];
-            for (q, dq) in d.iter().enumerate() {
-                let coef = c.bt[xi * ALPHA + q];
-                for (a, &dv) in acc.iter_mut().zip(dq) {
-                    *a += coef * dv;
-                }
-            }
+            let acc = combine(&d, ALPHA, &c.bt[xi * ALPHA..], 1, T::of(0.0));
             v[xi * stride + tb..][..LANES].copy_from_slice(&acc);
         }
     }
@@ -274,13 +288,7 @@ fn gradient_transform<T: Elem>(
             }
         }
         for xi in 0..ALPHA {
-            let mut acc = [T::of(0.0); LANES];
-            for (i, gi) in g.iter().enumerate().take(m) {
-                let coef = c.at[i * ALPHA + xi];
-                for (a, &gv) in acc.iter_mut().zip(gi) {
-                    *a += coef * gv;
-                }
-            }
+            let acc = combine(&g, m, &c.at[xi..], ALPHA, T::of(0.0));
             p[xi * stride + tb..][..LANES].copy_from_slice(&acc);
         }
     }
@@ -308,13 +316,7 @@ fn output_transform<T: Elem>(
             mx.copy_from_slice(&prod[xi * stride + tb..][..LANES]);
         }
         for i in 0..m {
-            let mut o = [bias; LANES];
-            for (xi, mx) in mm.iter().enumerate() {
-                let coef = c.at[i * ALPHA + xi];
-                for (a, &v) in o.iter_mut().zip(mx) {
-                    *a += coef * v;
-                }
-            }
+            let o = combine(&mm, ALPHA, &c.at[i * ALPHA..], 1, bias);
             ph[i * ntp + tb..][..LANES].copy_from_slice(&o);
         }
     }
