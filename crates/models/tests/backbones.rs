@@ -141,6 +141,8 @@ fn cnn_matches_reference_eval() {
 fn tiny_cnn_matches_reference_train() {
     check_against_reference("tiny_cnn", 1, 127, true, ComputePath::Fast);
     check_against_reference("tiny_cnn", 3, 201, true, ComputePath::Fast);
+    // Long enough that both k5 layers (32 -> 32, 32 -> 64) take the Winograd kernels.
+    check_against_reference("tiny_cnn", 2, 700, true, ComputePath::Fast);
 }
 
 #[test]
