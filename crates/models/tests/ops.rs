@@ -432,4 +432,25 @@ fn conv_block_without_gradients_matches() {
         .unwrap()
         .get(wv.as_tensor())
         .is_some());
+    // Inside `inference` the same tracked weights take the no-graph path: the same output, and the
+    // block is not part of any backward pass (its weights get no gradient at all).
+    let inferred = starflow_models::ops::inference(|| {
+        conv_block(&x, wv.as_tensor(), &bias, norm, None, true, 2)
+            .unwrap()
+            .0
+    });
+    assert_eq!(to_vec(&plain), to_vec(&inferred));
+    let scaled = (&inferred * 2.0).unwrap().sum_all().unwrap();
+    assert!(scaled.backward().unwrap().get(wv.as_tensor()).is_none());
+    // And the flag is the caller's only for the closure.
+    let after = conv_block(&x, wv.as_tensor(), &bias, norm, None, true, 2)
+        .unwrap()
+        .0;
+    assert!(after
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap()
+        .get(wv.as_tensor())
+        .is_some());
 }

@@ -203,12 +203,18 @@ impl StarModel {
 
     /// Raw flow parameters `(b, P)` in f64 on the host ([`FLOW_DEVICE`]) for spectra
     /// `x: (b, 1, n_pix)` on the model's device. Moved before the cast, so a GPU sends f32.
+    ///
+    /// Without `train` this is inference ([`starflow_models::ops::inference`]): the backbone keeps
+    /// nothing for a backward pass and the result is detached, so these parameters carry no
+    /// gradient.
     pub fn params(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        Ok(self
-            .backbone
-            .forward_t(x, train)?
-            .to_device(&FLOW_DEVICE)?
-            .to_dtype(DType::F64)?)
+        let forward = || self.backbone.forward_t(x, train);
+        let theta = if train {
+            forward()?
+        } else {
+            starflow_models::ops::inference(forward)?.detach()
+        };
+        Ok(theta.to_device(&FLOW_DEVICE)?.to_dtype(DType::F64)?)
     }
 
     /// Per-star negative log-likelihood `(b,)` of z-scored labels `y: (b, d)`.

@@ -193,7 +193,7 @@ pub fn conv_block(
         bias.clone()
     };
     let saved = block.saved.clone();
-    let save_z = x.track_op() || w.track_op() || params.track_op();
+    let save_z = !super::in_inference() && (x.track_op() || w.track_op() || params.track_op());
     let op = ConvBlockOp {
         block,
         c_out: d.c_out,
