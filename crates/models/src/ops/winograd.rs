@@ -21,8 +21,9 @@
 //! - weight gradient: the transpose of the forward's bilinear form, `dW = Gᵀ Σ_tiles (A dy) ⊙ (Bᵀ x)`,
 //!   again one `gemm` per point, with the tiles as the inner dimension ([`conv_bwd_weight`]).
 //!
-//! The direct kernels in [`super::conv1d`] stay as the twins these are tested against, and run every shape
-//! [`for_dims`] declines (1 input channel, short rows, other kernel widths).
+//! The direct kernels in [`super::conv1d`] stay as the twins these are tested against, and run the
+//! shapes [`for_dims`] declines (fewer than 8 channels a side, short rows, other kernel widths; a single
+//! input channel has kernels of its own there).
 
 use std::sync::OnceLock;
 
