@@ -248,17 +248,14 @@ pub(crate) fn lane_sums<T: Elem>(n: usize, f: impl Fn(usize) -> (T, T)) -> (f64,
     (s1, s2)
 }
 
-/// Whether the CPU has AVX2 and FMA (checked once).
+/// Whether the CPU has AVX2 and FMA (std caches the detection, so this is two atomic loads).
 ///
 /// Why: the crate is built for baseline x86-64 (SSE2) so that one binary runs anywhere, and `gemm` picks
 /// its own kernels at run time; [`simd_fn`] gives the element-wise loops of the kernels the same
 /// treatment, so they run 8 lanes wide where the CPU allows.
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn has_avx2_fma() -> bool {
-    static AVX2_FMA: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *AVX2_FMA.get_or_init(|| {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    })
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
 }
 
 /// `simd_fn! { fn name<T: Elem>(args) -> Ret { body } }` defines `name` with `body` compiled twice: in a
