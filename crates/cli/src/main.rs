@@ -41,6 +41,22 @@ enum Command {
     /// Figures (loss, pulls, calibration, corner plots, a spectrum) and a comparison table
     /// (REPORT.md, metrics.parquet) for one or more trained runs.
     Report(report::ReportArgs),
+    /// The data files' row numbers (0-based) of a run's train, val or test split, one per line: for
+    /// tools outside starflow that must use the same stars (a classical baseline, say).
+    Rows(RowsArgs),
+}
+
+#[derive(Args, Debug)]
+struct RowsArgs {
+    /// Run directory written by `starflow train`.
+    #[arg(long)]
+    run: PathBuf,
+    /// Which split: train, val or test.
+    #[arg(long, default_value = "train")]
+    split: String,
+    /// Write the rows to this file (replacing it whole) instead of standard output.
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -193,6 +209,26 @@ fn refuse_to_replace(out: &Path, cfg: &SynthConfig, force: bool) -> Result<(), i
     }
 }
 
+/// `starflow rows`: the split's file rows, checked against the run's data fingerprint.
+fn rows(a: &RowsArgs) -> anyhow::Result<()> {
+    let rows = starflow_inference::source::split_file_rows(&a.run, &a.split)?;
+    let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
+    match &a.out {
+        Some(path) => {
+            starflow_data::atomic_file::write(path, text.as_bytes())?;
+            eprintln!(
+                "wrote the {} rows of {}'s {} split to {}",
+                rows.len(),
+                a.run.display(),
+                a.split,
+                path.display()
+            );
+        }
+        None => print!("{text}"),
+    }
+    Ok(())
+}
+
 /// True when the error comes from the user's input rather than from a bug.
 fn is_user_error(err: &anyhow::Error) -> bool {
     err.chain().any(|e| {
@@ -224,6 +260,7 @@ fn main() -> ExitCode {
         Command::Evaluate(a) => train::evaluate(a),
         Command::Predict(a) => train::predict(a),
         Command::Report(a) => report::run(a),
+        Command::Rows(a) => rows(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

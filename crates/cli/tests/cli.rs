@@ -78,6 +78,30 @@ fn train_evaluate_predict_from_the_command_line() {
         run.join("eval-test/predictions.csv").exists()
             && run.join("eval-test/metrics.json").exists()
     );
+    // `rows`: the file rows of each split, for tools outside starflow; together a permutation of
+    // every row, and written to a file the same as to standard output.
+    let mut all: Vec<usize> = Vec::new();
+    for split in ["train", "val", "test"] {
+        let o = starflow(&["rows", "--run", run_s, "--split", split]);
+        let (so, se) = text(&o);
+        assert!(o.status.success(), "{se}");
+        all.extend(so.lines().map(|l| l.parse::<usize>().unwrap()));
+    }
+    all.sort_unstable();
+    assert_eq!(all, (0..120).collect::<Vec<_>>());
+    let rows_file = d.join("train_rows.txt");
+    let o = starflow(&["rows", "--run", run_s, "--out", rows_file.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    let o2 = starflow(&["rows", "--run", run_s, "--split", "train"]);
+    assert_eq!(std::fs::read_to_string(&rows_file).unwrap(), text(&o2).0);
+    let o = starflow(&["rows", "--run", run_s, "--split", "training"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        text(&o).1.contains("unknown split `training`"),
+        "{}",
+        text(&o).1
+    );
+
     let out = d.join("p.csv");
     let spectra = d.join("data/spectra.npy");
     let o = starflow(&[

@@ -363,6 +363,10 @@ fn a_run_refuses_data_that_changed_under_it() {
         &["data", "not what the run", "trained on", "changed since"],
     );
     refused(
+        &["rows", "--run", s(&run), "--split", "train"],
+        &["data", "not what the run", "changed since"],
+    );
+    refused(
         &["train", "--resume", "--out", s(&run), "--epochs", "2"],
         &[
             "not what the run",

@@ -128,6 +128,22 @@ pub fn source_rows(run_dir: &Path, state: &RunState, source: &EvalSource) -> Res
     Ok(rows)
 }
 
+/// The rows of the data files (0-based, as in `spectra.npy`) that make up `split` (`train`, `val` or
+/// `test`) of the run in `run_dir`, in the split's order. For tools outside starflow that must see
+/// the same stars: a classical baseline fitted on the run's training stars, say. The data files are
+/// checked against the run's fingerprint, as for an evaluation of the split.
+pub fn split_file_rows(run_dir: &Path, split: &str) -> Result<Vec<usize>> {
+    let source = EvalSource::Split(split.to_string());
+    source.check_quickly(run_dir)?;
+    let state = RunDir::new(run_dir).load_state()?;
+    let rows = source_rows(run_dir, &state, &source)?;
+    Ok(rows
+        .indices
+        .iter()
+        .map(|&i| rows.dataset.file_row(i))
+        .collect())
+}
+
 /// The rows of a named split.
 fn split_indices(data: &Prepared, split: &str, run_dir: &Path) -> Result<Vec<usize>> {
     match split {
