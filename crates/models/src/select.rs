@@ -8,13 +8,14 @@ use crate::config::BackboneConfig;
 use crate::{ModelError, Result};
 
 /// Names accepted by [`backbone`].
-pub const BACKBONE_NAMES: &[&str] = &["cnn", "tiny_cnn"];
+pub const BACKBONE_NAMES: &[&str] = &["cnn", "tiny_cnn", "tiny_cnn_deep"];
 
 /// Builds the backbone called `name` (one of [`BACKBONE_NAMES`]) with parameters from `vb`.
 pub fn backbone(name: &str, cfg: &BackboneConfig, vb: VarBuilder) -> Result<Box<dyn Backbone>> {
     match name {
         "cnn" => Ok(Box::new(crate::cnn::cnn_model(cfg, vb)?)),
         "tiny_cnn" => Ok(Box::new(crate::tiny_cnn::tiny_cnn(cfg, vb)?)),
+        "tiny_cnn_deep" => Ok(Box::new(crate::tiny_cnn::tiny_cnn_deep(cfg, vb)?)),
         _ => Err(ModelError::UnknownBackbone {
             name: name.to_string(),
             valid: BACKBONE_NAMES,

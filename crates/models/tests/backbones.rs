@@ -37,11 +37,7 @@ fn build(
 }
 
 fn blocks(kind: &str) -> Vec<RefBlock> {
-    if kind == "cnn" {
-        cnn_blocks(0.1)
-    } else {
-        tiny_blocks(0.1)
-    }
+    blocks_of(kind, 0.1)
 }
 
 fn check_against_reference(kind: &str, b: usize, len: usize, train: bool, path: ComputePath) {
@@ -143,6 +139,13 @@ fn tiny_cnn_matches_reference_train() {
     check_against_reference("tiny_cnn", 3, 201, true, ComputePath::Fast);
     // Long enough that both k5 layers (32 -> 32, 32 -> 64) take the Winograd kernels.
     check_against_reference("tiny_cnn", 2, 700, true, ComputePath::Fast);
+}
+
+#[test]
+fn tiny_cnn_deep_matches_reference() {
+    check_against_reference("tiny_cnn_deep", 2, 201, true, ComputePath::Fast);
+    check_against_reference("tiny_cnn_deep", 2, 700, true, ComputePath::Fast);
+    check_against_reference("tiny_cnn_deep", 3, 201, false, ComputePath::Fast);
 }
 
 #[test]

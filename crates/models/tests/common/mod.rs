@@ -205,6 +205,32 @@ pub fn tiny_blocks(p: f64) -> Vec<RefBlock> {
     ]
 }
 
+/// TinyCNN with two more k3 128 -> 128 blocks before its last (`tiny_cnn_deep`).
+pub fn tiny_deep_blocks(p: f64) -> Vec<RefBlock> {
+    let mut blocks = tiny_blocks(p);
+    let last = blocks.pop().unwrap();
+    for (conv, bn) in [("deep.0.conv", "deep.0.bn"), ("deep.1.conv", "deep.1.bn")] {
+        let prev = blocks[blocks.len() - 1].clone();
+        blocks.push(RefBlock {
+            conv,
+            bn: Some(bn),
+            ..prev
+        });
+    }
+    blocks.push(last);
+    blocks
+}
+
+/// The blocks of backbone `kind` with base dropout `p`.
+pub fn blocks_of(kind: &str, p: f64) -> Vec<RefBlock> {
+    match kind {
+        "cnn" => cnn_blocks(p),
+        "tiny_cnn" => tiny_blocks(p),
+        "tiny_cnn_deep" => tiny_deep_blocks(p),
+        other => panic!("no reference for {other}"),
+    }
+}
+
 /// The dropout masks a backbone built with `seed` uses in its first training forward.
 pub fn masks_for(blocks: &[RefBlock], seed: u64, b: usize, len: usize) -> Vec<Option<Vec<u8>>> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -308,19 +334,8 @@ pub fn reference(
     masks: &[Option<Vec<u8>>],
     dy: Option<&[f64]>,
 ) -> RefOut {
-    let blocks = if kind == "cnn" {
-        cnn_blocks(0.0)
-    } else {
-        tiny_blocks(0.0)
-    };
-    let p_of: Vec<f64> = if kind == "cnn" {
-        cnn_blocks(0.1)
-    } else {
-        tiny_blocks(0.1)
-    }
-    .iter()
-    .map(|blk| blk.p)
-    .collect();
+    let blocks = blocks_of(kind, 0.0);
+    let p_of: Vec<f64> = blocks_of(kind, 0.1).iter().map(|blk| blk.p).collect();
     let get = |n: &str| -> &Vec<f64> { params.get(n).unwrap_or_else(|| panic!("missing {n}")) };
     let mut h = Act {
         c: 1,
