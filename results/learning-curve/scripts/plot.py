@@ -26,12 +26,13 @@ for p in sorted(lc.glob("cannon-tiny_cnn-n*/metrics.json")) + sorted(lc.glob("ca
     cannon[n] = json.loads(p.read_text())
 fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
 pts = sorted(nets)
-curve = [k for k in pts if not any(o[0] == k[0] and o[1] > k[1] for o in pts)]
+# The line joins, per number of stars, the run with the best held-out NLL.
+curve = [k for k in pts if not any(o[0] == k[0] and nets[o]["nll"] < nets[k]["nll"] for o in pts)]
 for j, (lab, title) in enumerate(zip(labels, titles)):
     ax = axes[j]
     xs = [k[0] for k in pts]; ys = [nets[k][lab][2] for k in pts]
     ax.plot(xs, ys, "o", color="C0")
-    ax.plot([k[0] for k in curve], [nets[k][lab][2] for k in curve], "-", color="C0", label="TinyCNN (diagonal Gaussian)")
+    ax.plot([k[0] for k in curve], [nets[k][lab][2] for k in curve], "-", color="C0", label="TinyCNN (diagonal Gaussian), best epochs per size")
     for k in pts:
         ax.annotate(f"{k[1]} ep", (k[0], nets[k][lab][2]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     if cannon:
