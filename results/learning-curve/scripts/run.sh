@@ -2,7 +2,7 @@
 # Learning curve (issue 32), quick size: TinyCNN + diagonal_gaussian, N training stars from one
 # 25,000-star pool (seed 7), validation 1,200 stars, scored on 3,000 stars of seed 1001.
 set -e
-cd /work/main
+cd "$(git rev-parse --show-toplevel)"
 S=./target/release/starflow
 POOL=data/lc-pool-7-25000
 TEST=data/lc-test-1001-3000

@@ -1,7 +1,7 @@
 #!/bin/bash
 # Variants at N training stars from the learning-curve pool: run2.sh TAG N EPOCHS BACKBONE [--set k=v ...]
 set -e
-cd /work/main
+cd "$(git rev-parse --show-toplevel)"
 S=./target/release/starflow
 POOL=data/lc-pool-7-25000
 TEST=data/lc-test-1001-3000
