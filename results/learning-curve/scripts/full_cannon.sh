@@ -1,7 +1,6 @@
 #!/bin/bash
 # The Cannon at full size on the full profile's own training split, scored on results/full's held-out stars.
 cd "$(git rev-parse --show-toplevel)"
-while pgrep -f "runs/lc/queue.sh" > /dev/null; do sleep 10; done
 S=./target/release/starflow
 [ -f runs/full-split/model.safetensors ] || $S train --config configs/full.toml --epochs 1 --set data.calibration_n=0 --out runs/full-split > runs/lc/full-split.log 2>&1
 $S rows --run runs/full-split --split train --out runs/lc/full-train-rows.txt
