@@ -57,19 +57,13 @@ fn specs(p: f64) -> Vec<BlockSpec> {
     ]
 }
 
-/// TinyCNN's blocks with `extra` more k3 128 -> 128 blocks (ReLU, BatchNorm, dropout twice the base
-/// rate, no pooling) after its k3 block: more depth and a wider receptive field at the lowest
-/// resolution, where a block costs ~1/18 of one at full resolution.
-fn deep_specs(p: f64, extra: usize) -> Vec<BlockSpec> {
-    const NAMES: [(&str, &str); 4] = [
-        ("deep.0.conv", "deep.0.bn"),
-        ("deep.1.conv", "deep.1.bn"),
-        ("deep.2.conv", "deep.2.bn"),
-        ("deep.3.conv", "deep.3.bn"),
-    ];
+/// TinyCNN's blocks with two more k3 128 -> 128 blocks (ReLU, BatchNorm, dropout twice the base rate,
+/// no pooling) after its k3 block: more depth and a wider receptive field at the lowest resolution,
+/// where a block costs ~1/18 of one at full resolution.
+fn deep_specs(p: f64) -> Vec<BlockSpec> {
     let mut s = specs(p);
     let last = s.pop().expect("TinyCNN has blocks");
-    for &(conv_name, bn_name) in NAMES.iter().take(extra) {
+    for (conv_name, bn_name) in [("deep.0.conv", "deep.0.bn"), ("deep.1.conv", "deep.1.bn")] {
         s.push(BlockSpec {
             conv_name,
             bn_name,
@@ -88,7 +82,7 @@ pub fn tiny_cnn(cfg: &BackboneConfig, vb: VarBuilder) -> Result<TinyCnn> {
 /// Builds the deeper TinyCNN (`"tiny_cnn_deep"`): two more k3 128 -> 128 blocks at the lowest
 /// resolution, the same head.
 pub fn tiny_cnn_deep(cfg: &BackboneConfig, vb: VarBuilder) -> Result<TinyCnn> {
-    build("tiny_cnn_deep", &deep_specs(cfg.dropout, 2), cfg, vb)
+    build("tiny_cnn_deep", &deep_specs(cfg.dropout), cfg, vb)
 }
 
 fn build(

@@ -421,36 +421,23 @@ fn conv_block_without_gradients_matches() {
     };
     let plain = conv_block(&x, &w, &bias, norm, None, true, 2).unwrap().0;
     let wv = Var::from_tensor(&w).unwrap();
-    let tracked = conv_block(&x, wv.as_tensor(), &bias, norm, None, true, 2)
-        .unwrap()
-        .0;
-    assert_eq!(to_vec(&plain), to_vec(&tracked));
-    assert!(tracked
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap()
-        .get(wv.as_tensor())
-        .is_some());
-    // Inside `inference` the same tracked weights take the no-graph path: the same output, and the
-    // block is not part of any backward pass (its weights get no gradient at all).
-    let inferred = starflow_models::ops::inference(|| {
+    let tracked_block = || {
         conv_block(&x, wv.as_tensor(), &bias, norm, None, true, 2)
             .unwrap()
             .0
-    });
+    };
+    let weights_get_gradient = |y: &Tensor| {
+        let grads = (y * 2.0).unwrap().sum_all().unwrap().backward().unwrap();
+        grads.get(wv.as_tensor()).is_some()
+    };
+    let tracked = tracked_block();
+    assert_eq!(to_vec(&plain), to_vec(&tracked));
+    assert!(weights_get_gradient(&tracked));
+    // Inside `inference` the same tracked weights take the no-graph path: the same output, and the
+    // block is not part of any backward pass (its weights get no gradient at all).
+    let inferred = starflow_models::ops::inference(tracked_block);
     assert_eq!(to_vec(&plain), to_vec(&inferred));
-    let scaled = (&inferred * 2.0).unwrap().sum_all().unwrap();
-    assert!(scaled.backward().unwrap().get(wv.as_tensor()).is_none());
+    assert!(!weights_get_gradient(&inferred));
     // And the flag is the caller's only for the closure.
-    let after = conv_block(&x, wv.as_tensor(), &bias, norm, None, true, 2)
-        .unwrap()
-        .0;
-    assert!(after
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap()
-        .get(wv.as_tensor())
-        .is_some());
+    assert!(weights_get_gradient(&tracked_block()));
 }
