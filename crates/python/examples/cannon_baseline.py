@@ -117,8 +117,9 @@ def fit(args):
     if rows.size == 0 or rows.min() < 0 or rows.max() >= spectra.shape[0]:
         fail(args.train_rows, f"rows outside 0..{spectra.shape[0]} (or none)",
              "write it with `starflow rows --run RUN --split train` for the run trained on --data")
-    train_flux = np.asarray(spectra[np.sort(rows)], dtype=np.float64)
-    train_labels = labels[np.sort(rows)]
+    rows = np.sort(rows)
+    train_flux = np.asarray(spectra[rows], dtype=np.float64)
+    train_labels = labels[rows]
     train_ivar = np.repeat(inverse_variance(train_labels, names, args.snr_column, args.data)[:, None],
                            train_flux.shape[1], axis=1)
     table = {t: train_labels[:, c].astype(np.float64) for t, c in zip(targets, cols)}
