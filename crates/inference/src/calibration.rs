@@ -35,7 +35,7 @@ use crate::marginal::MarginalMap;
 #[cfg(test)]
 use crate::marginal::{density, QUANTILE_KNOT_LEVELS};
 use crate::metrics::Evaluation;
-use crate::radial::{precision_of, RadialMap, RadialReference};
+use crate::radial::{cholesky_lower, precision_of, RadialMap, RadialReference};
 use crate::star::StarPrediction;
 use starflow_training::config::TrainConfig;
 use starflow_training::run::RunState;
@@ -591,11 +591,16 @@ impl WidthCovariate {
             Some([lo, hi]) => v.clamp(lo, hi),
             None => v.clamp(x[0], x[x.len() - 1]),
         };
-        // The segment v lies on, the outer ones extended.
-        let k = x.partition_point(|u| *u <= v).clamp(1, x.len() - 1);
-        let t = (v - x[k - 1]) / (x[k] - x[k - 1]);
+        let (k, t) = segment(x, v);
         y[k - 1] + t * (y[k] - y[k - 1])
     }
+}
+
+/// The segment of `knots` (at least two, increasing) that `v` lies on, the outer ones extended:
+/// the index `k` of its upper knot and `v`'s fraction `t` of the way from `knots[k - 1]`.
+fn segment(knots: &[f64], v: f64) -> (usize, f64) {
+    let k = knots.partition_point(|u| *u <= v).clamp(1, knots.len() - 1);
+    (k, (v - knots[k - 1]) / (knots[k] - knots[k - 1]))
 }
 
 /// The noise covariate of a [`WidthMap`] for few calibration stars: per label, `ln w` piecewise
@@ -643,9 +648,7 @@ fn hat_basis(knots: &[f64], v: f64) -> Vec<f64> {
         b[0] = 1.0;
         return b;
     }
-    let v = v.clamp(knots[0], knots[knots.len() - 1]);
-    let k = knots.partition_point(|u| *u <= v).clamp(1, knots.len() - 1);
-    let t = (v - knots[k - 1]) / (knots[k] - knots[k - 1]);
+    let (k, t) = segment(knots, v.clamp(knots[0], knots[knots.len() - 1]));
     b[k - 1] = 1.0 - t;
     b[k] = t;
     b
@@ -710,20 +713,7 @@ fn newton_scale_fit(basis: &[Vec<f64>], e2: &[f64], p: usize) -> Vec<f64> {
 
 /// Solves `H x = g` for a small symmetric positive definite `H` (Cholesky); `None` if it is not.
 fn solve_spd(h: &[f64], g: &[f64], p: usize) -> Option<Vec<f64>> {
-    let mut l = vec![0.0; p * p];
-    for i in 0..p {
-        for j in 0..=i {
-            let s = h[i * p + j] - (0..j).map(|k| l[i * p + k] * l[j * p + k]).sum::<f64>();
-            if i == j {
-                if s <= 0.0 {
-                    return None;
-                }
-                l[i * p + i] = s.sqrt();
-            } else {
-                l[i * p + j] = s / l[j * p + j];
-            }
-        }
-    }
+    let l = cholesky_lower(|i, j| h[i * p + j], p, 0.0)?;
     let mut y = vec![0.0; p];
     for i in 0..p {
         y[i] = (g[i] - (0..i).map(|k| l[i * p + k] * y[k]).sum::<f64>()) / l[i * p + i];

@@ -182,27 +182,38 @@ pub fn mahalanobis(u: &[f64], p: &[f64]) -> f64 {
     q.max(0.0).sqrt()
 }
 
-/// The inverse of the correlation matrix of a covariance `cov` (`d x d`) with standard
-/// deviations `sd`, by Cholesky; `None` when it is not positive definite.
-pub fn precision_of(cov: &[f64], sd: &[f64]) -> Option<Vec<f64>> {
-    let d = sd.len();
-    let r = |j: usize, k: usize| cov[j * d + k] / (sd[j] * sd[k]);
-    // R = L Lᵀ.
+/// The lower Cholesky factor `L` (`d x d`, row-major) of the symmetric matrix with entries
+/// `a(j, k)`, `A = L Lᵀ`; `None` when a pivot is NaN or at most `min_pivot` (not positive definite,
+/// or too close to singular for the caller).
+pub(crate) fn cholesky_lower(
+    a: impl Fn(usize, usize) -> f64,
+    d: usize,
+    min_pivot: f64,
+) -> Option<Vec<f64>> {
     let mut l = vec![0.0; d * d];
     for j in 0..d {
         for k in 0..=j {
             let s: f64 = (0..k).map(|m| l[j * d + m] * l[k * d + m]).sum();
             if j == k {
-                let v = r(j, j) - s;
-                if v.is_nan() || v <= 1e-12 {
+                let v = a(j, j) - s;
+                if v.is_nan() || v <= min_pivot {
                     return None;
                 }
                 l[j * d + j] = v.sqrt();
             } else {
-                l[j * d + k] = (r(j, k) - s) / l[k * d + k];
+                l[j * d + k] = (a(j, k) - s) / l[k * d + k];
             }
         }
     }
+    Some(l)
+}
+
+/// The inverse of the correlation matrix of a covariance `cov` (`d x d`) with standard
+/// deviations `sd`, by Cholesky; `None` when it is not positive definite.
+pub fn precision_of(cov: &[f64], sd: &[f64]) -> Option<Vec<f64>> {
+    let d = sd.len();
+    // R = L Lᵀ.
+    let l = cholesky_lower(|j, k| cov[j * d + k] / (sd[j] * sd[k]), d, 1e-12)?;
     // L⁻¹, lower triangular, then R⁻¹ = L⁻ᵀ L⁻¹.
     let mut li = vec![0.0; d * d];
     for j in 0..d {
