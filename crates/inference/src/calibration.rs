@@ -555,7 +555,7 @@ const MAX_WIDTH_BINS: usize = 8;
 
 /// Below this many calibration stars [`WidthMap::fit`] fits the noise level alone, as a hinge
 /// (two slopes of `ln w` in `ln σ̂`, meeting at the median star) by maximum likelihood on every star
-/// ([`fit_noise_hinge`]), instead of per-bin quantiles of four covariates. A real-data user's maps
+/// (`fit_noise_hinge`), instead of per-bin quantiles of four covariates. A real-data user's maps
 /// come from the validation split (1,200 stars in the quick profile's split of 6,000): there the
 /// binned map, 4 bins of 300 stars per covariate, was too noisy to lower the NLL of held-out
 /// calibration stars and the check declined it for every run. Measured with the maps of six TinyCNN
