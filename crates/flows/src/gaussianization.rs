@@ -257,8 +257,7 @@ impl DimMixture {
             m_min,
             m_max,
             #[cfg(target_arch = "x86_64")]
-            avx2: std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma"),
+            avx2: simd::available(),
         }
     }
 
@@ -441,6 +440,11 @@ mod simd {
 
     use super::{DimMixture, KL, NEG_THRESHOLD};
 
+    /// Whether the CPU has AVX2 and FMA (std caches the detection).
+    pub(super) fn available() -> bool {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+
     /// `1 / k!` for `k ≤ 13`: the Taylor coefficients of [`exp_nonpositive`].
     const INV_FACT: [f64; 14] = [
         1.0,
@@ -547,9 +551,7 @@ mod tests {
     #[test]
     fn vector_exp_matches_libm() {
         use std::arch::x86_64::{_mm256_loadu_pd, _mm256_storeu_pd};
-        if !(std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma"))
-        {
+        if !simd::available() {
             return;
         }
         let half_ln2 = std::f64::consts::LN_2 / 2.0;
@@ -595,9 +597,7 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn vector_kernel_sums_match_the_scalar_loop() {
-        if !(std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma"))
-        {
+        if !simd::available() {
             return;
         }
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
