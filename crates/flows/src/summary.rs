@@ -99,7 +99,7 @@ pub fn summarize_points(points: &[f64], dim: usize) -> PosteriorSummary {
             for (c, p) in col.iter_mut().zip(points.chunks_exact(dim)) {
                 *c = p[j];
             }
-            col.sort_unstable_by(f64::total_cmp);
+            select_order_statistics(&mut col);
             QUANTILE_LEVELS.map(|q| quantile_sorted(&col, q))
         })
         .collect();
@@ -108,6 +108,31 @@ pub fn summarize_points(points: &[f64], dim: usize) -> PosteriorSummary {
         std,
         cov,
         quantiles,
+    }
+}
+
+/// The positions of `values` that [`quantile_sorted`] reads at [`QUANTILE_LEVELS`], ascending.
+fn quantile_positions(n: usize) -> impl Iterator<Item = usize> {
+    QUANTILE_LEVELS.into_iter().flat_map(move |q| {
+        let lo = (q * (n - 1) as f64).floor() as usize;
+        [lo, (lo + 1).min(n - 1)]
+    })
+}
+
+/// Puts the order statistics that [`quantile_sorted`] reads at [`QUANTILE_LEVELS`] in their sorted
+/// places (in the total order of f64), leaving the rest unsorted: successive selections on the
+/// shrinking right part, several times cheaper than sorting a posterior's 1,000 samples, and the
+/// same quantiles to the bit.
+fn select_order_statistics(values: &mut [f64]) {
+    if values.len() < 2 {
+        return;
+    }
+    let mut start = 0;
+    for k in quantile_positions(values.len()) {
+        if k >= start {
+            values[start..].select_nth_unstable_by(k - start, f64::total_cmp);
+            start = k + 1;
+        }
     }
 }
 
@@ -168,6 +193,40 @@ impl GaussianMoments {
 
 #[cfg(test)]
 mod tests {
+
+    /// The selected order statistics give the quantiles of a full sort, bit for bit, on samples
+    /// with ties, NaN-free heavy tails and sizes down to 2.
+    #[test]
+    fn selected_quantiles_equal_sorted_ones() {
+        let mut state = 7u64;
+        let mut next = || {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1);
+            (state >> 11) as f64 / (1u64 << 53) as f64
+        };
+        for n in [2, 3, 5, 11, 40, 1000, 1001] {
+            let v: Vec<f64> = (0..n)
+                .map(|i| {
+                    let u = next();
+                    if i % 7 == 0 {
+                        0.5
+                    } else {
+                        (u - 0.5) / (1.0 - u).max(1e-3)
+                    }
+                })
+                .collect();
+            let mut sorted = v.clone();
+            sorted.sort_unstable_by(f64::total_cmp);
+            let mut selected = v.clone();
+            select_order_statistics(&mut selected);
+            for q in QUANTILE_LEVELS {
+                let (a, b) = (quantile_sorted(&sorted, q), quantile_sorted(&selected, q));
+                assert_eq!(a.to_bits(), b.to_bits(), "n {n}, q {q}");
+            }
+        }
+    }
+
     use super::*;
 
     #[test]
