@@ -34,8 +34,8 @@ fn heldout_shape(profile: &str) -> (usize, usize) {
 /// profile's CNNModel epochs cost ~5 s against TinyCNN's ~12-15 s, and after the file's 8 epochs
 /// its validation NLL is still falling steeply, so it gets 28 epochs (its validation NLL jumps
 /// by more than 1 between epochs, so patience 4 stopped a 30-epoch run at epoch 15, and patience 8
-/// once stopped full_flow at epoch 20 of 32: patience now equals the epochs), except CNNModel + full_gaussian: its validation NLL peaks early and
-/// then wanders, and the longer schedule only keeps the learning rate high for longer (28 epochs
+/// once stopped full_flow at epoch 20 of 32: patience now equals the epochs), except CNNModel +
+/// full_gaussian: its validation NLL peaks early and then wanders, and the longer schedule only keeps the learning rate high for longer (28 epochs
 /// stopped at 18 with a best of -1.37; 20 epochs ran to the end, best -1.77). Measured on 3,000
 /// held-out stars of seed 1001 in `configs/quick.toml`'s comments. TinyCNN + full_flow gets 12
 /// epochs instead of 8: after 8 its recalibrated posteriors were no better than the full

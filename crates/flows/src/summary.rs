@@ -114,9 +114,18 @@ pub fn summarize_points(points: &[f64], dim: usize) -> PosteriorSummary {
 /// The positions of `values` that [`quantile_sorted`] reads at [`QUANTILE_LEVELS`], ascending.
 fn quantile_positions(n: usize) -> impl Iterator<Item = usize> {
     QUANTILE_LEVELS.into_iter().flat_map(move |q| {
-        let lo = (q * (n - 1) as f64).floor() as usize;
-        [lo, (lo + 1).min(n - 1)]
+        let (lo, hi, _) = quantile_bracket(n, q);
+        [lo, hi]
     })
+}
+
+/// The two order statistics `(lo, hi)` of `n ≥ 2` sorted values that the linear-interpolation
+/// quantile `q` reads, and the weight `frac` of the upper one: one definition for
+/// [`quantile_sorted`] and for the selection that must put exactly those in place.
+fn quantile_bracket(n: usize, q: f64) -> (usize, usize, f64) {
+    let pos = q * (n - 1) as f64;
+    let lo = pos.floor() as usize;
+    (lo, (lo + 1).min(n - 1), pos - lo as f64)
 }
 
 /// Puts the order statistics that [`quantile_sorted`] reads at [`QUANTILE_LEVELS`] in their sorted
@@ -143,10 +152,7 @@ pub fn quantile_sorted(sorted: &[f64], q: f64) -> f64 {
         0 => f64::NAN,
         1 => sorted[0],
         n => {
-            let pos = q * (n - 1) as f64;
-            let lo = pos.floor() as usize;
-            let hi = (lo + 1).min(n - 1);
-            let frac = pos - lo as f64;
+            let (lo, hi, frac) = quantile_bracket(n, q);
             sorted[lo] + frac * (sorted[hi] - sorted[lo])
         }
     }
@@ -193,6 +199,7 @@ impl GaussianMoments {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     /// The selected order statistics give the quantiles of a full sort, bit for bit, on samples
     /// with ties, NaN-free heavy tails and sizes down to 2.
@@ -226,8 +233,6 @@ mod tests {
             }
         }
     }
-
-    use super::*;
 
     #[test]
     fn summary_of_known_points() {
