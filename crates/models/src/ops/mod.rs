@@ -258,6 +258,17 @@ pub(crate) fn has_avx2_fma() -> bool {
     std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
 }
 
+/// Whether the CPU has AVX-512 F, VL, BW and DQ besides AVX2 and FMA (the dropout mask's hashes use
+/// its 64-bit lane multiply).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_avx512() -> bool {
+    has_avx2_fma()
+        && std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512dq")
+}
+
 /// `simd_fn! { fn name<T: Elem>(args) -> Ret { body } }` defines `name` with `body` compiled twice: in a
 /// `#[target_feature(enable = "avx2,fma")]` copy, run where [`has_avx2_fma`] says so, and as built.
 /// Closures written in `body` (rayon's per-row work) belong to each copy, so they inherit its features,
