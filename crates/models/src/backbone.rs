@@ -125,6 +125,9 @@ impl Trunk {
         } else {
             vec![None; self.blocks.len()]
         };
+        if fast && train && !crate::ops::in_inference() {
+            return crate::layers::train_trunk(&self.blocks, &seeds, x);
+        }
         let mut h = x.clone();
         for (block, seed) in self.blocks.iter().zip(seeds) {
             h = block.forward(&h, train, fast, seed)?;

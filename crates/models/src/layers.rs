@@ -14,6 +14,7 @@ use crate::config::BN_MOMENTUM;
 use crate::ops::block::{BatchStats, BlockNorm, DropoutMask};
 use crate::ops::conv_block::{conv_block, conv_block_reference};
 use crate::ops::dropout::dropout_mask;
+use crate::ops::trunk::{conv_trunk, TrunkStage};
 use crate::ops::{f64_like, host_f64};
 
 /// Pooling at the end of a block.
@@ -141,6 +142,39 @@ impl Block {
         &self.spec
     }
 
+    /// The dropout mask of the block's output `(b, c_out, l)` in training mode (`None` without
+    /// dropout or outside training).
+    fn dropout(&self, b: usize, l: usize, train: bool, seed: Option<u64>) -> Option<DropoutMask> {
+        match seed {
+            Some(seed) if train && self.spec.dropout > 0.0 => Some(DropoutMask {
+                mask: Arc::new(dropout_mask(
+                    seed,
+                    b * self.spec.c_out,
+                    l,
+                    self.spec.dropout,
+                )),
+                p: self.spec.dropout,
+            }),
+            _ => None,
+        }
+    }
+
+    /// The pool window for a convolution output of length `l`.
+    fn pool(&self, l: usize) -> usize {
+        match self.spec.pool {
+            Pool::Window(w) => w,
+            Pool::Global => l,
+        }
+    }
+
+    /// Takes this batch's statistics into the running ones (BatchNorm in training only).
+    fn update_running(&self, stats: Option<BatchStats>) -> Result<()> {
+        match (&self.bn, stats) {
+            (Some(bn), Some(stats)) => bn.update(&stats),
+            _ => Ok(()),
+        }
+    }
+
     /// Runs the block on `x (b, c_in, l)`; `dropout_seed` is `Some` in training mode.
     pub fn forward(
         &self,
@@ -150,14 +184,8 @@ impl Block {
         dropout_seed: Option<u64>,
     ) -> Result<Tensor> {
         let (b, _, l_in) = x.dims3()?;
-        let (c, l) = (self.spec.c_out, l_in + 1 - self.spec.k);
-        let dropout = match dropout_seed {
-            Some(seed) if train && self.spec.dropout > 0.0 => Some(DropoutMask {
-                mask: Arc::new(dropout_mask(seed, b * c, l, self.spec.dropout)),
-                p: self.spec.dropout,
-            }),
-            _ => None,
-        };
+        let l = l_in + 1 - self.spec.k;
+        let dropout = self.dropout(b, l, train, dropout_seed);
         let running_mean;
         let running_var;
         let norm = match &self.bn {
@@ -177,34 +205,57 @@ impl Block {
                 }
             }
         };
-        let pool = match self.spec.pool {
-            Pool::Window(w) => w,
-            Pool::Global => l,
-        };
-        let (y, stats) = if fast {
-            conv_block(
-                x,
-                &self.weight,
-                &self.bias,
-                norm,
-                dropout.as_ref(),
-                self.spec.relu,
-                pool,
-            )?
+        let block = if fast {
+            conv_block
         } else {
-            conv_block_reference(
-                x,
-                &self.weight,
-                &self.bias,
-                norm,
-                dropout.as_ref(),
-                self.spec.relu,
-                pool,
-            )?
+            conv_block_reference
         };
-        if let (Some(bn), Some(stats)) = (&self.bn, stats) {
-            bn.update(&stats)?;
-        }
+        let (y, stats) = block(
+            x,
+            &self.weight,
+            &self.bias,
+            norm,
+            dropout.as_ref(),
+            self.spec.relu,
+            self.pool(l),
+        )?;
+        self.update_running(stats)?;
         Ok(y)
     }
+}
+
+/// Runs `blocks` in training mode as one fused trunk op ([`conv_trunk`]): the same numbers as
+/// chaining [`Block::forward`] on the fast path, without candle's per-block gradient accumulation.
+/// `seeds` are the blocks' dropout seeds.
+pub(crate) fn train_trunk(blocks: &[Block], seeds: &[Option<u64>], x: &Tensor) -> Result<Tensor> {
+    let (b, _, mut l_in) = x.dims3()?;
+    let mut parts = Vec::with_capacity(blocks.len());
+    for (block, seed) in blocks.iter().zip(seeds) {
+        let l = (l_in + 1).saturating_sub(block.spec.k);
+        parts.push((block.dropout(b, l, true, *seed), block.pool(l)));
+        l_in = block.spec.out_len(l_in).unwrap_or(0);
+    }
+    let stages: Vec<TrunkStage> = blocks
+        .iter()
+        .zip(&parts)
+        .map(|(block, (dropout, pool))| TrunkStage {
+            w: &block.weight,
+            bias: &block.bias,
+            norm: match &block.bn {
+                None => BlockNorm::None,
+                Some(bn) => BlockNorm::Batch {
+                    gamma: &bn.gamma,
+                    beta: &bn.beta,
+                },
+            },
+            dropout: dropout.as_ref(),
+            relu: block.spec.relu,
+            pool: *pool,
+        })
+        .collect();
+    let (y, stats) = conv_trunk(x, &stages)?;
+    for (block, stats) in blocks.iter().zip(stats) {
+        block.update_running(stats)?;
+    }
+    Ok(y)
 }

@@ -11,6 +11,7 @@ use starflow_models::dropout_mask;
 use starflow_models::ops::block::{fused_block, fused_block_reference, BlockNorm, DropoutMask};
 use starflow_models::ops::conv1d::{conv1d, conv1d_reference};
 use starflow_models::ops::conv_block::conv_block;
+use starflow_models::ops::trunk::{conv_trunk, TrunkStage};
 
 const EPS: f64 = 1e-6;
 
@@ -440,4 +441,133 @@ fn conv_block_without_gradients_matches() {
     assert!(!weights_get_gradient(&inferred));
     // And the flag is the caller's only for the closure.
     assert!(weights_get_gradient(&tracked_block()));
+}
+
+/// The three blocks the trunk tests chain: 1 -> 8 k5 (ReLU, BatchNorm, dropout), 8 -> 8 k5 pool 3
+/// (ReLU, BatchNorm; Winograd's shape), 8 -> 4 k3 without ReLU or BatchNorm, global pool. Inputs are
+/// `[x, w0, b0, γ0, β0, w1, b1, γ1, β1, w2, b2]`.
+fn trunk_shapes(b: usize, l: usize) -> Vec<Vec<usize>> {
+    vec![
+        vec![b, 1, l],
+        vec![8, 1, 5],
+        vec![8],
+        vec![8],
+        vec![8],
+        vec![8, 8, 5],
+        vec![8],
+        vec![8],
+        vec![8],
+        vec![4, 8, 3],
+        vec![4],
+    ]
+}
+
+/// Runs [`trunk_shapes`]' blocks on `t`, as one trunk op or chained fused blocks; returns the output
+/// and each block's batch statistics.
+fn run_trunk(
+    t: &[Tensor],
+    mask: &DropoutMask,
+    fused: bool,
+) -> (Tensor, Vec<Option<starflow_models::ops::block::BatchStats>>) {
+    let l = t[0].dims()[2];
+    let l2 = (l - 8) / 3 - 2;
+    let norm = |g: usize| BlockNorm::Batch {
+        gamma: &t[g],
+        beta: &t[g + 1],
+    };
+    let stages = [
+        TrunkStage {
+            w: &t[1],
+            bias: &t[2],
+            norm: norm(3),
+            dropout: Some(mask),
+            relu: true,
+            pool: 1,
+        },
+        TrunkStage {
+            w: &t[5],
+            bias: &t[6],
+            norm: norm(7),
+            dropout: None,
+            relu: true,
+            pool: 3,
+        },
+        TrunkStage {
+            w: &t[9],
+            bias: &t[10],
+            norm: BlockNorm::None,
+            dropout: None,
+            relu: false,
+            pool: l2,
+        },
+    ];
+    if fused {
+        return conv_trunk(&t[0], &stages).unwrap();
+    }
+    let mut h = t[0].clone();
+    let mut stats = vec![];
+    for s in &stages {
+        let (y, st) = conv_block(&h, s.w, s.bias, s.norm, s.dropout, s.relu, s.pool).unwrap();
+        h = y;
+        stats.push(st);
+    }
+    (h, stats)
+}
+
+#[test]
+fn trunk_equals_the_chained_blocks() {
+    // The same kernels in the same order: the output, every gradient and the batch statistics are the
+    // same numbers, in f32 (the training dtype) and f64.
+    let (b, l) = (3, 40);
+    let mask = DropoutMask {
+        mask: Arc::new(dropout_mask(11, b * 8, l - 4, 0.2)),
+        p: 0.2,
+    };
+    for dtype in [DType::F32, DType::F64] {
+        let vars: Vec<Var> = trunk_shapes(b, l)
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let v = randn(s.iter().product(), 300 + i as u64);
+                Var::from_tensor(&tensor(&v, s, dtype)).unwrap()
+            })
+            .collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let r = tensor(&randn(b * 4, 399), &[b, 4, 1], dtype);
+        let run = |fused: bool| {
+            let (y, stats) = run_trunk(&ts, &mask, fused);
+            let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let g: Vec<Vec<f64>> = vars
+                .iter()
+                .map(|v| to_vec(grads.get(v.as_tensor()).expect("gradient")))
+                .collect();
+            (to_vec(&y), g, stats)
+        };
+        let (y_f, g_f, s_f) = run(true);
+        let (y_c, g_c, s_c) = run(false);
+        assert_eq!(y_f, y_c, "{dtype:?}: output");
+        for (i, (a, c)) in g_f.iter().zip(&g_c).enumerate() {
+            assert_eq!(a, c, "{dtype:?}: gradient of input {i}");
+        }
+        assert_eq!(s_f.len(), 3);
+        for (a, c) in s_f.iter().zip(&s_c) {
+            assert_eq!(a.as_ref().map(|s| &s.mean), c.as_ref().map(|s| &s.mean));
+            assert_eq!(a.as_ref().map(|s| &s.var), c.as_ref().map(|s| &s.var));
+        }
+    }
+}
+
+#[test]
+fn trunk_gradients_match_finite_differences() {
+    let (b, l) = (2, 28);
+    let mask = DropoutMask {
+        mask: Arc::new(dropout_mask(12, b * 8, l - 4, 0.2)),
+        p: 0.2,
+    };
+    check_fd(
+        &trunk_shapes(b, l),
+        500,
+        &|t| run_trunk(t, &mask, true).0,
+        "conv trunk",
+    );
 }

@@ -23,6 +23,7 @@ pub mod conv1d;
 pub mod conv_block;
 pub mod dropout;
 pub(crate) mod pool;
+pub mod trunk;
 pub mod winograd;
 
 use candle_core::{bail, CpuStorage, DType, Device, Layout, Result, Storage, Tensor};
