@@ -13,7 +13,7 @@ use starflow_training::train::{calibration_set, Quiet};
 
 use crate::calibration::{Calibration, CalibrationMethod, CALIBRATION_FILE, CALIBRATION_SET};
 use crate::ensemble::ensemble_pass;
-use crate::evaluate::{evaluate_passes, Joint};
+use crate::evaluate::{evaluate_passes, Joint, NetworkOutputs};
 use crate::metrics::Evaluation;
 use crate::posterior::Sampler;
 use crate::source::EvalSource;
@@ -45,10 +45,14 @@ pub fn fit_calibration_with(
     let (source, set_seed) = calibration_source(&state.config)?;
     // The maps are fitted to the marginals (and the Gaussian flows' precisions), never to the
     // joint HPD levels, which for a sampled flow cost a log-prob per sample and star.
-    let mut evals = evaluate_passes(run_dir, &source, &[sampler.with(None)], Joint::Skip)?;
+    let mut outputs = None;
+    let own = sampler.with(None);
+    let mut evals = evaluate_passes(run_dir, &source, &[own], Joint::Skip, Some(&mut outputs))?;
     let own = evals.remove(0);
     let verdict = match method {
-        CalibrationMethod::Quantile => width_helps(run_dir, &source, sampler, &own, method)?,
+        CalibrationMethod::Quantile => {
+            width_helps(run_dir, &source, sampler, &own, method, &mut outputs)?
+        }
         CalibrationMethod::Affine => None,
     };
     let widen = verdict == Some(true);
@@ -71,6 +75,7 @@ fn width_helps(
     sampler: Sampler,
     own: &Evaluation,
     method: CalibrationMethod,
+    outputs: &mut Option<NetworkOutputs>,
 ) -> Result<Option<bool>> {
     let (even, odd): (Vec<usize>, Vec<usize>) = (0..own.stars.len()).partition(|i| i % 2 == 0);
     let half = own.subset(&even);
@@ -80,7 +85,7 @@ fn width_helps(
     }
     let without = Calibration::fit_with(&half, method, false);
     let settings = [sampler.with(Some(with)), sampler.with(Some(without))];
-    let scored = evaluate_passes(run_dir, source, &settings, Joint::Skip)?;
+    let scored = evaluate_passes(run_dir, source, &settings, Joint::Skip, Some(outputs))?;
     let held_out = |e: &Evaluation| odd.iter().map(|&i| e.star_nll_z[i]).sum::<f64>();
     let (a, b) = (held_out(&scored[0]), held_out(&scored[1]));
     tracing::info!(
