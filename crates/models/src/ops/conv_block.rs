@@ -32,17 +32,7 @@ impl ConvBlockOp {
     }
 
     fn fwd<T: Elem>(&self, x: &[T], w: &[T], params: &[T], d: Dims) -> (Vec<T>, Vec<T>) {
-        let c = d.c_out;
-        let z = conv_fwd(x, w, &params[..c], d);
-        let ones = vec![T::of(1.0); c];
-        let zeros = vec![T::of(0.0); c];
-        let (gamma, beta) = if self.block.has_norm() {
-            (&params[c..2 * c], &params[2 * c..3 * c])
-        } else {
-            (&ones[..], &zeros[..])
-        };
-        let out = self.block.fwd(&z, gamma, beta, c, d.l_out());
-        (out, z)
+        fused_fwd(&self.block, x, w, params, d)
     }
 
     fn bwd_typed<T: Elem>(
@@ -55,35 +45,91 @@ impl ConvBlockOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let op = "starflow-conv-block backward";
         let d = self.dims(x.shape(), w.shape())?;
-        let c = d.c_out;
         let (dz, dgamma, dbeta) = with_cpu_slice::<T, _>(op, params, |ps| {
-            let ones = vec![T::of(1.0); c];
-            let gamma = if self.block.has_norm() {
-                &ps[c..2 * c]
-            } else {
-                &ones[..]
-            };
             with_cpu_slice::<T, _>(op, gout, |gos| {
-                Ok(self.block.bwd(z, gamma, gos, c, d.l_out()))
+                Ok(fused_bwd_block(&self.block, ps, gos, z, d))
             })
         })?;
-        let (dw, db) = with_cpu_slice::<T, _>(op, x, |xs| Ok(conv_bwd_weight(xs, &dz, d)))?;
-        let dx = if x.track_op() {
-            let dx = with_cpu_slice::<T, _>(op, w, |ws| Ok(conv_bwd_input(ws, &dz, d)))?;
-            Some(Tensor::from_vec(dx, x.shape(), x.device())?)
-        } else {
-            None
-        };
-        let mut dparams = db;
-        dparams.extend(dgamma);
-        dparams.extend(dbeta);
+        let (dx, dw, dparams) = with_cpu_slice::<T, _>(op, x, |xs| {
+            with_cpu_slice::<T, _>(op, w, |ws| {
+                Ok(fused_bwd_conv(
+                    xs,
+                    ws,
+                    &dz,
+                    (dgamma, dbeta),
+                    d,
+                    x.track_op(),
+                ))
+            })
+        })?;
         let dev = x.device();
         Ok((
-            dx,
+            dx.map(|dx| Tensor::from_vec(dx, x.shape(), dev))
+                .transpose()?,
             Some(Tensor::from_vec(dw, w.shape(), dev)?),
             Some(Tensor::from_vec(dparams, params.shape(), dev)?),
         ))
     }
+}
+
+/// A fused block's forward on contiguous data, with its per-channel parameters packed as the op
+/// takes them (`[bias | γ | β]`, or the bias alone without BatchNorm): returns `(out, z)`. Shared
+/// by [`conv_block`] and the training trunk ([`super::trunk`]).
+pub(crate) fn fused_fwd<T: Elem>(
+    block: &BlockOp,
+    x: &[T],
+    w: &[T],
+    params: &[T],
+    d: Dims,
+) -> (Vec<T>, Vec<T>) {
+    let c = d.c_out;
+    let z = conv_fwd(x, w, &params[..c], d);
+    let ones = vec![T::of(1.0); c];
+    let zeros = vec![T::of(0.0); c];
+    let (gamma, beta) = if block.has_norm() {
+        (&params[c..2 * c], &params[2 * c..3 * c])
+    } else {
+        (&ones[..], &zeros[..])
+    };
+    let out = block.fwd(&z, gamma, beta, c, d.l_out());
+    (out, z)
+}
+
+/// The first half of a fused block's backward: through its element-wise part to `(dz, dγ, dβ)`
+/// (the last two empty without BatchNorm). Split from [`fused_bwd_conv`] so that the trunk can
+/// free the output gradient before the convolution's gradients are allocated.
+pub(crate) fn fused_bwd_block<T: Elem>(
+    block: &BlockOp,
+    params: &[T],
+    gout: &[T],
+    z: &[T],
+    d: Dims,
+) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let c = d.c_out;
+    let ones = vec![T::of(1.0); c];
+    let gamma = if block.has_norm() {
+        &params[c..2 * c]
+    } else {
+        &ones[..]
+    };
+    block.bwd(z, gamma, gout, c, d.l_out())
+}
+
+/// The second half: from `dz` through the convolution to the input gradient (when `want_dx`), the
+/// weight gradient and the packed parameters' gradient `[db | dγ | dβ]`.
+pub(crate) fn fused_bwd_conv<T: Elem>(
+    x: &[T],
+    w: &[T],
+    dz: &[T],
+    (dgamma, dbeta): (Vec<T>, Vec<T>),
+    d: Dims,
+    want_dx: bool,
+) -> (Option<Vec<T>>, Vec<T>, Vec<T>) {
+    let (dw, mut dparams) = conv_bwd_weight(x, dz, d);
+    let dx = want_dx.then(|| conv_bwd_input(w, dz, d));
+    dparams.extend(dgamma);
+    dparams.extend(dbeta);
+    (dx, dw, dparams)
 }
 
 impl Drop for ConvBlockOp {

@@ -19,7 +19,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 use super::block::{block_op, check, BatchStats, BlockNorm, BlockOp, DropoutMask};
-use super::conv1d::{conv_bwd_input, conv_bwd_weight, conv_fwd, dims, Dims};
+use super::conv1d::{dims, Dims};
+use super::conv_block::{fused_bwd_block, fused_bwd_conv, fused_fwd};
 use super::{contiguous_slice, with_cpu_slice, Elem};
 
 /// One block of the trunk: its convolution weights, its bias, the block's BatchNorm (the batch's
@@ -64,21 +65,6 @@ struct TrunkOp {
     saved: Mutex<Option<SavedAny>>,
 }
 
-/// The per-channel `(bias, γ, β)` of a stage from its packed parameters (γ = 1, β = 0 without
-/// BatchNorm).
-fn split_params<T: Elem>(p: &[T], stage: &Stage) -> (Vec<T>, Vec<T>, Vec<T>) {
-    let c = stage.d.c_out;
-    if stage.block.has_norm() {
-        (
-            p[..c].to_vec(),
-            p[c..2 * c].to_vec(),
-            p[2 * c..3 * c].to_vec(),
-        )
-    } else {
-        (p.to_vec(), vec![T::of(1.0); c], vec![T::of(0.0); c])
-    }
-}
-
 impl TrunkOp {
     /// Runs the stages in order; returns the output and what the backward needs.
     fn fwd<T: Elem>(&self, x: &[T], w: &[T], p: &[T]) -> (Vec<T>, Saved<T>) {
@@ -90,12 +76,9 @@ impl TrunkOp {
         let mut h: Option<Vec<T>> = None;
         for stage in &self.stages {
             let ws = &w[w_at..w_at + stage.n_weights()];
-            let (bias, gamma, beta) = split_params(&p[p_at..p_at + stage.n_params], stage);
+            let ps = &p[p_at..p_at + stage.n_params];
             let input = h.as_deref().unwrap_or(x);
-            let z = conv_fwd(input, ws, &bias, stage.d);
-            let out = stage
-                .block
-                .fwd(&z, &gamma, &beta, stage.d.c_out, stage.d.l_out());
+            let (out, z) = fused_fwd(&stage.block, input, ws, ps, stage.d);
             saved.zs.push(z);
             if let Some(prev) = h.replace(out) {
                 saved.inputs.push(prev);
@@ -124,29 +107,20 @@ impl TrunkOp {
         for (k, stage) in self.stages.iter().enumerate().rev() {
             w_at -= stage.n_weights();
             p_at -= stage.n_params;
-            let (_, gamma, _) = split_params(&p[p_at..p_at + stage.n_params], stage);
-            let c = stage.d.c_out;
-            // The output gradient is freed as soon as the block's backward has read it.
+            let ws = &w[w_at..w_at + stage.n_weights()];
+            let ps = &p[p_at..p_at + stage.n_params];
+            // The output gradient is freed as soon as the block's element-wise backward has read it.
             let grad = g.take();
-            let (dz, dgamma, dbeta) = stage.block.bwd(
-                &saved.zs[k],
-                &gamma,
-                grad.as_deref().unwrap_or(gout),
-                c,
-                stage.d.l_out(),
-            );
+            let gout = grad.as_deref().unwrap_or(gout);
+            let (dz, dgamma, dbeta) =
+                fused_bwd_block(&stage.block, ps, gout, &saved.zs[k], stage.d);
             drop(grad);
             let input = if k == 0 { x } else { &saved.inputs[k - 1] };
-            let (dwk, db) = conv_bwd_weight(input, &dz, stage.d);
+            let want = k > 0 || want_dx;
+            let (dx, dwk, dpk) = fused_bwd_conv(input, ws, &dz, (dgamma, dbeta), stage.d, want);
             dw[w_at..w_at + stage.n_weights()].copy_from_slice(&dwk);
-            let dpk = &mut dp[p_at..p_at + stage.n_params];
-            dpk[..c].copy_from_slice(&db);
-            if stage.block.has_norm() {
-                dpk[c..2 * c].copy_from_slice(&dgamma);
-                dpk[2 * c..].copy_from_slice(&dbeta);
-            }
-            g = (k > 0 || want_dx)
-                .then(|| conv_bwd_input(&w[w_at..w_at + stage.n_weights()], &dz, stage.d));
+            dp[p_at..p_at + stage.n_params].copy_from_slice(&dpk);
+            g = dx;
         }
         (g, dw, dp)
     }
