@@ -238,8 +238,18 @@ fn announce(c: &Calibration) {
         );
         return;
     }
+    let kinds = match &c.kinds {
+        Some(k) => format!(
+            ", one map per label for each of {} kinds of star (k-means on the noise level and the means)",
+            k.centres.len()
+        ),
+        None if c.kinds_declined => {
+            ", maps per kind of star tried and declined (no lower held-out NLL)".to_string()
+        }
+        None => String::new(),
+    };
     eprintln!(
-        "recalibration ({}) fitted on {} {} stars: {}",
+        "recalibration ({}{kinds}) fitted on {} {} stars: {}",
         match (c.maps.is_empty(), &c.width) {
             (true, _) => "one shift and scale per label".to_string(),
             (false, None) if c.width_declined =>

@@ -49,51 +49,95 @@ pub fn fit_calibration_with(
     let own = sampler.with(None);
     let mut evals = evaluate_passes(run_dir, &source, &[own], Joint::Skip, Some(&mut outputs))?;
     let own = evals.remove(0);
-    let verdict = match method {
+    let parts = match method {
         CalibrationMethod::Quantile => {
-            width_helps(run_dir, &source, sampler, &own, method, &mut outputs)?
+            held_out_parts(run_dir, &source, sampler, &own, method, &mut outputs)?
         }
-        CalibrationMethod::Affine => None,
+        CalibrationMethod::Affine => Parts::default(),
     };
-    let widen = verdict == Some(true);
-    let mut c = fit_marked(Calibration::fit_with(&own, method, widen), set_seed);
-    c.width_declined = verdict == Some(false);
+    let mut c = fit_marked(
+        Calibration::fit_parts(&own, method, parts.widen, parts.by_kind),
+        set_seed,
+    );
+    c.width_declined = parts.width_declined;
+    c.kinds_declined = parts.kinds_declined;
     c.epochs_done = state.epochs_done;
     Ok(c)
 }
 
-/// Whether the per-star widening ([`crate::WidthMap`]) lowers the NLL of stars it was not fitted
-/// on (`None` when there are too few stars for one): recalibrations with and without it are fitted on the even-numbered stars of `own` (the
-/// model's own posteriors on the calibration stars) and scored on the odd-numbered ones, in one
-/// more pass over the set. A widening acts about each posterior's mean, which pulls the modes of
-/// a two-mode posterior apart: measured on 10,000 stars of seed 1001, CNNModel + full_flow's
-/// recalibrated NLL was -2.128 without it and -1.694 with it (its own posteriors -1.871), while
-/// every TinyCNN run and CNNModel's Gaussian flows gained 0.05-0.14.
-fn width_helps(
+/// Which optional parts of a recalibration [`held_out_parts`] kept, and which it declined.
+#[derive(Debug, Default, PartialEq)]
+struct Parts {
+    widen: bool,
+    by_kind: bool,
+    width_declined: bool,
+    kinds_declined: bool,
+}
+
+/// Which of the per-star widening ([`crate::WidthMap`]) and the per-kind maps
+/// ([`crate::KindMaps`]) to keep: recalibrations with neither, with the widening, and with both
+/// are fitted on the even-numbered stars of `own` (the model's own posteriors on the calibration
+/// stars) and scored on the odd-numbered ones, in one more pass over the set, and the one with the
+/// lowest held-out NLL is kept (the simpler on a tie). A widening acts about each posterior's mean,
+/// which pulls the modes of a two-mode posterior apart: measured on 10,000 stars of seed 1001,
+/// CNNModel + full_flow's recalibrated NLL was -2.128 without it and -1.694 with it (its own
+/// posteriors -1.871), while every TinyCNN run and CNNModel's Gaussian flows gained 0.05-0.14.
+fn held_out_parts(
     run_dir: &Path,
     source: &EvalSource,
     sampler: Sampler,
     own: &Evaluation,
     method: CalibrationMethod,
     outputs: &mut Option<NetworkOutputs>,
-) -> Result<Option<bool>> {
+) -> Result<Parts> {
     let (even, odd): (Vec<usize>, Vec<usize>) = (0..own.stars.len()).partition(|i| i % 2 == 0);
     let half = own.subset(&even);
-    let with = Calibration::fit_with(&half, method, true);
-    if with.width.is_none() {
-        return Ok(None);
+    let full = Calibration::fit_parts(&half, method, true, true);
+    if full.width.is_none() && full.kinds.is_none() {
+        return Ok(Parts::default());
     }
-    let without = Calibration::fit_with(&half, method, false);
-    let settings = [sampler.with(Some(with)), sampler.with(Some(without))];
+    let mut candidates = vec![(
+        (false, false),
+        Calibration::fit_parts(&half, method, false, false),
+    )];
+    if full.width.is_some() {
+        candidates.push((
+            (true, false),
+            Calibration::fit_parts(&half, method, true, false),
+        ));
+    }
+    let kinds_tried = full.kinds.is_some();
+    if kinds_tried {
+        candidates.push(((true, true), full));
+    }
+    let settings: Vec<_> = candidates
+        .iter()
+        .map(|(_, c)| sampler.with(Some(c.clone())))
+        .collect();
     let scored = evaluate_passes(run_dir, source, &settings, Joint::Skip, Some(outputs))?;
-    let held_out = |e: &Evaluation| odd.iter().map(|&i| e.star_nll_z[i]).sum::<f64>();
-    let (a, b) = (held_out(&scored[0]), held_out(&scored[1]));
+    let held_out: Vec<f64> = scored
+        .iter()
+        .map(|e| odd.iter().map(|&i| e.star_nll_z[i]).sum::<f64>() / odd.len() as f64)
+        .collect();
+    let mut best = 0;
+    for (k, nll) in held_out.iter().enumerate() {
+        if *nll < held_out[best] {
+            best = k;
+        }
+    }
     tracing::info!(
-        with = a / odd.len() as f64,
-        without = b / odd.len() as f64,
-        "per-star widening: held-out NLL of the calibration stars"
+        global_maps = held_out[0],
+        widened = held_out.get(1).copied(),
+        widened_and_by_kind = kinds_tried.then(|| held_out[held_out.len() - 1]),
+        "recalibration parts: held-out NLL of the calibration stars"
     );
-    Ok(Some(a < b))
+    let (widen, by_kind) = candidates[best].0;
+    Ok(Parts {
+        widen,
+        by_kind,
+        width_declined: candidates.len() > 1 && !widen,
+        kinds_declined: kinds_tried && !by_kind,
+    })
 }
 
 /// The stars a config's recalibration is fitted on: its synthetic calibration set when it draws

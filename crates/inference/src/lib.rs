@@ -23,6 +23,7 @@ pub mod calibration;
 pub mod ensemble;
 pub mod evaluate;
 pub mod fitting;
+pub mod kind_maps;
 pub mod kinds;
 pub mod marginal;
 pub mod metrics;
@@ -47,6 +48,7 @@ pub use fitting::{
     fit_ensemble_calibration, load_or_fit_calibration, load_or_fit_ensemble_calibration,
     EnsembleCalibration, EnsembleFit, CALIBRATION_FIT_SAMPLES, ENSEMBLE_CALIBRATION_FILE,
 };
+pub use kind_maps::KindMaps;
 pub use marginal::MarginalMap;
 pub use metrics::{Evaluation, LabelErrors, LabelMetrics, POOLED_DRAWS};
 pub use posterior::{chi2_cdf, PosteriorSettings, Sampler, MAX_SAMPLES};

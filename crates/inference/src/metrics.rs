@@ -121,9 +121,31 @@ impl Evaluation {
                 v.clone()
             }
         };
+        // The pooled draws hold the same number per star in the stars' order: keep those of `keep`.
+        let n = self.stars.len();
+        let per_star = self.standardized_draws.first().map_or(0, Vec::len) / n.max(1);
+        let standardized_draws = if per_star > 0
+            && self
+                .standardized_draws
+                .iter()
+                .all(|v| v.len() == per_star * n)
+        {
+            self.standardized_draws
+                .iter()
+                .map(|v| {
+                    keep.iter()
+                        .flat_map(|&i| &v[i * per_star..(i + 1) * per_star])
+                        .copied()
+                        .collect()
+                })
+                .collect()
+        } else {
+            self.standardized_draws.clone()
+        };
         Evaluation {
             n_stars: keep.len(),
             stars: keep.iter().map(|&i| self.stars[i].clone()).collect(),
+            standardized_draws,
             star_nll_z: keep
                 .iter()
                 .filter_map(|&i| self.star_nll_z.get(i).copied())
