@@ -379,16 +379,10 @@ fn fit_radial<'a>(
 /// pooled draws of a sampled flow cannot be told apart star by star.
 fn fit_kinds(eval: &Evaluation, width: &dyn Fn(&StarPrediction, usize) -> f64) -> Option<KindMaps> {
     let d = eval.labels.len();
-    if eval.label_scale.len() != d || eval.stars.is_empty() {
+    if eval.label_scale.len() != d {
         return None;
     }
-    let pooled = eval.standardized_draws.first().map_or(0, Vec::len);
-    let per_star = pooled / eval.stars.len();
-    if per_star * eval.stars.len() != pooled
-        || eval.standardized_draws.iter().any(|v| v.len() != pooled)
-    {
-        return None;
-    }
+    let per_star = eval.draws_per_star()?;
     let stars: Vec<KindStar> = eval
         .stars
         .iter()

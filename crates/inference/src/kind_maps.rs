@@ -197,13 +197,18 @@ fn kmeans(points: &[Vec<f64>], k: usize) -> Vec<Vec<f64>> {
     }
 }
 
-/// The 95 % of `points` nearest their mean.
-fn central(points: &[Vec<f64>]) -> Vec<Vec<f64>> {
+/// The mean of `points`.
+fn centroid(points: &[Vec<f64>]) -> Vec<f64> {
     let dim = points.first().map_or(0, Vec::len);
     let n = points.len() as f64;
-    let mean: Vec<f64> = (0..dim)
+    (0..dim)
         .map(|a| points.iter().map(|p| p[a]).sum::<f64>() / n)
-        .collect();
+        .collect()
+}
+
+/// The 95 % of `points` nearest their mean.
+fn central(points: &[Vec<f64>]) -> Vec<Vec<f64>> {
+    let mean = centroid(points);
     let from_mean: Vec<f64> = points.iter().map(|p| dist2(&mean, p)).collect();
     let mut sorted = from_mean.clone();
     sorted.sort_by(f64::total_cmp);
@@ -223,11 +228,7 @@ fn central(points: &[Vec<f64>]) -> Vec<Vec<f64>> {
 /// `k` starting centres: the point nearest the points' mean, then each time the point farthest
 /// from the centres so far.
 fn farthest_first(points: &[Vec<f64>], k: usize) -> Vec<Vec<f64>> {
-    let dim = points.first().map_or(0, Vec::len);
-    let n = points.len() as f64;
-    let mean: Vec<f64> = (0..dim)
-        .map(|a| points.iter().map(|p| p[a]).sum::<f64>() / n)
-        .collect();
+    let mean = centroid(points);
     let Some(first) = points
         .iter()
         .min_by(|a, b| dist2(&mean, a).total_cmp(&dist2(&mean, b)))

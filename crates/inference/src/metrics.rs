@@ -121,16 +121,10 @@ impl Evaluation {
                 v.clone()
             }
         };
-        // The pooled draws hold the same number per star in the stars' order: keep those of `keep`.
-        let n = self.stars.len();
-        let per_star = self.standardized_draws.first().map_or(0, Vec::len) / n.max(1);
-        let standardized_draws = if per_star > 0
-            && self
+        // Keep the pooled draws of the stars at `keep` when they can be told apart.
+        let standardized_draws = match self.draws_per_star() {
+            Some(per_star) if per_star > 0 => self
                 .standardized_draws
-                .iter()
-                .all(|v| v.len() == per_star * n)
-        {
-            self.standardized_draws
                 .iter()
                 .map(|v| {
                     keep.iter()
@@ -138,9 +132,8 @@ impl Evaluation {
                         .copied()
                         .collect()
                 })
-                .collect()
-        } else {
-            self.standardized_draws.clone()
+                .collect(),
+            _ => self.standardized_draws.clone(),
         };
         Evaluation {
             n_stars: keep.len(),
@@ -153,6 +146,21 @@ impl Evaluation {
             precisions: pick(&self.precisions),
             ..self.clone()
         }
+    }
+
+    /// How many of [`Evaluation::standardized_draws`] each star holds, when every label's pool
+    /// holds the same number per star in the stars' order (0 for Gaussian flows, which pool
+    /// none); `None` without stars or when the pools cannot be told apart star by star.
+    pub fn draws_per_star(&self) -> Option<usize> {
+        let n = self.stars.len();
+        let pooled = self.standardized_draws.first().map_or(0, Vec::len);
+        let per_star = pooled / n.max(1);
+        (n > 0
+            && self
+                .standardized_draws
+                .iter()
+                .all(|v| v.len() == per_star * n))
+        .then_some(per_star)
     }
 
     /// A star's posterior means in z-units ([`Evaluation::label_scale`]; NaN without it).
