@@ -8,7 +8,13 @@ use crate::config::BackboneConfig;
 use crate::{ModelError, Result};
 
 /// Names accepted by [`backbone`].
-pub const BACKBONE_NAMES: &[&str] = &["cnn", "tiny_cnn", "tiny_cnn_deep"];
+pub const BACKBONE_NAMES: &[&str] = &[
+    "cnn",
+    "tiny_cnn",
+    "tiny_cnn_deep",
+    "tiny_cnn_readout",
+    "tiny_cnn_pool2",
+];
 
 /// Builds the backbone called `name` (one of [`BACKBONE_NAMES`]) with parameters from `vb`.
 pub fn backbone(name: &str, cfg: &BackboneConfig, vb: VarBuilder) -> Result<Box<dyn Backbone>> {
@@ -16,6 +22,8 @@ pub fn backbone(name: &str, cfg: &BackboneConfig, vb: VarBuilder) -> Result<Box<
         "cnn" => Ok(Box::new(crate::cnn::cnn_model(cfg, vb)?)),
         "tiny_cnn" => Ok(Box::new(crate::tiny_cnn::tiny_cnn(cfg, vb)?)),
         "tiny_cnn_deep" => Ok(Box::new(crate::tiny_cnn::tiny_cnn_deep(cfg, vb)?)),
+        "tiny_cnn_readout" => Ok(Box::new(crate::tiny_cnn::tiny_cnn_readout(cfg, vb)?)),
+        "tiny_cnn_pool2" => Ok(Box::new(crate::tiny_cnn::tiny_cnn_pool2(cfg, vb)?)),
         _ => Err(ModelError::UnknownBackbone {
             name: name.to_string(),
             valid: BACKBONE_NAMES,

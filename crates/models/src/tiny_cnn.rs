@@ -7,9 +7,12 @@
 //! Variable names follow the PyTorch reference's `nn.Sequential` indices (`model.0`, `model.2`, ...), so the
 //! safetensors keys match a converted PyTorch state dict.
 //!
-//! `tiny_cnn_deep` is the same network with two more k3 128 -> 128 blocks (`deep.0`, `deep.1`) after
-//! the k3 block: the architecture study of issue 32 (`results/learning-curve`) tried it as a stronger
-//! backbone; at the same number of epochs it trained worse (held-out NLL 0.11 worse on both seeds).
+//! Variants from the architecture study of issue 32 (`results/learning-curve`), same keys otherwise:
+//! - `tiny_cnn_deep`: two more k3 128 -> 128 blocks (`deep.0`, `deep.1`) after the k3 block. At the
+//!   same number of epochs it trained worse (held-out NLL 0.11 worse on both seeds).
+//! - `tiny_cnn_readout`: 96 position templates per channel in the length-axis Linear instead of 32.
+//!   At the quick grid it was no better (t_eff 15.10 against 15.05 K, same seed and stars).
+//! - `tiny_cnn_pool2`: the first block pooled by 2, so everything after it runs at half the length.
 
 use candle_core::{Result as CandleResult, Tensor};
 use candle_nn::{linear, Linear, Module, VarBuilder};
@@ -19,8 +22,10 @@ use crate::config::BackboneConfig;
 use crate::layers::{BlockSpec, Pool};
 use crate::Result;
 
-/// Output width of the length-axis Linear.
+/// Output width of the length-axis Linear (the reference's).
 const LEN_FEATURES: usize = 32;
+/// Output width of the length-axis Linear in `tiny_cnn_readout`.
+const READOUT_LEN_FEATURES: usize = 96;
 
 /// The reference's TinyCNN backbone (and its deeper variant, `tiny_cnn_deep`).
 #[derive(Debug)]
@@ -29,6 +34,7 @@ pub struct TinyCnn {
     cfg: BackboneConfig,
     trunk: Trunk,
     final_len: usize,
+    len_features: usize,
     len_linear: Linear,
     linear1: Linear,
     output: Linear,
@@ -74,20 +80,61 @@ fn deep_specs(p: f64) -> Vec<BlockSpec> {
     s
 }
 
+/// TinyCNN's blocks with the first block pooled by 2: every later block runs at half the length,
+/// so a step costs about half and the receptive field in wavelength doubles. At the full GALAH
+/// grid (4,096 px per camera) a line spans ~4 px, so TinyCNN's receptive field (~70 px) covers a
+/// quarter of the wavelength it covers at the quick grid; halving the length keeps lines resolved.
+fn pool2_specs(p: f64) -> Vec<BlockSpec> {
+    let mut s = specs(p);
+    s[0].pool = Pool::Window(2);
+    s
+}
+
 /// Builds [`TinyCnn`] from `vb` (name `"tiny_cnn"` in [`crate::backbone`]).
 pub fn tiny_cnn(cfg: &BackboneConfig, vb: VarBuilder) -> Result<TinyCnn> {
-    build("tiny_cnn", &specs(cfg.dropout), cfg, vb)
+    build("tiny_cnn", &specs(cfg.dropout), LEN_FEATURES, cfg, vb)
+}
+
+/// Builds TinyCNN with a wider length-axis readout (`"tiny_cnn_readout"`): 96 position templates per
+/// channel instead of 32, so that the head can weigh more line regions apart (log g is read from the
+/// ratio of ionised to neutral lines at fixed wavelengths). The trunk is TinyCNN's.
+pub fn tiny_cnn_readout(cfg: &BackboneConfig, vb: VarBuilder) -> Result<TinyCnn> {
+    build(
+        "tiny_cnn_readout",
+        &specs(cfg.dropout),
+        READOUT_LEN_FEATURES,
+        cfg,
+        vb,
+    )
+}
+
+/// Builds TinyCNN with its first block pooled by 2 (`"tiny_cnn_pool2"`), the same head.
+pub fn tiny_cnn_pool2(cfg: &BackboneConfig, vb: VarBuilder) -> Result<TinyCnn> {
+    build(
+        "tiny_cnn_pool2",
+        &pool2_specs(cfg.dropout),
+        LEN_FEATURES,
+        cfg,
+        vb,
+    )
 }
 
 /// Builds the deeper TinyCNN (`"tiny_cnn_deep"`): two more k3 128 -> 128 blocks at the lowest
 /// resolution, the same head.
 pub fn tiny_cnn_deep(cfg: &BackboneConfig, vb: VarBuilder) -> Result<TinyCnn> {
-    build("tiny_cnn_deep", &deep_specs(cfg.dropout), cfg, vb)
+    build(
+        "tiny_cnn_deep",
+        &deep_specs(cfg.dropout),
+        LEN_FEATURES,
+        cfg,
+        vb,
+    )
 }
 
 fn build(
     name: &'static str,
     specs: &[BlockSpec],
+    len_features: usize,
     cfg: &BackboneConfig,
     vb: VarBuilder,
 ) -> Result<TinyCnn> {
@@ -98,8 +145,9 @@ fn build(
         cfg: *cfg,
         trunk,
         final_len,
-        len_linear: linear(final_len, LEN_FEATURES, vb.pp("model.25"))?,
-        linear1: linear(channels * LEN_FEATURES, 128, vb.pp("model.28"))?,
+        len_features,
+        len_linear: linear(final_len, len_features, vb.pp("model.25"))?,
+        linear1: linear(channels * len_features, 128, vb.pp("model.28"))?,
         output: linear(128, cfg.n_params, vb.pp("model.30"))?,
     })
 }
@@ -127,7 +175,7 @@ impl Backbone for TinyCnn {
             .len_linear
             .forward(&h.reshape((b * c, l))?)?
             .relu()?
-            .reshape((b, c * LEN_FEATURES))?;
+            .reshape((b, c * self.len_features))?;
         let h = self.linear1.forward(&h)?.relu()?;
         self.output.forward(&h)
     }

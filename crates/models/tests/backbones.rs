@@ -149,6 +149,20 @@ fn tiny_cnn_deep_matches_reference() {
 }
 
 #[test]
+fn tiny_cnn_readout_matches_reference() {
+    check_against_reference("tiny_cnn_readout", 2, 201, true, ComputePath::Fast);
+    check_against_reference("tiny_cnn_readout", 3, 201, false, ComputePath::Fast);
+}
+
+#[test]
+fn tiny_cnn_pool2_matches_reference() {
+    check_against_reference("tiny_cnn_pool2", 2, 201, true, ComputePath::Fast);
+    // Long enough that the k5 32 -> 32 layer takes the Winograd kernels at half the length.
+    check_against_reference("tiny_cnn_pool2", 2, 1400, true, ComputePath::Fast);
+    check_against_reference("tiny_cnn_pool2", 3, 201, false, ComputePath::Fast);
+}
+
+#[test]
 fn tiny_cnn_matches_reference_eval() {
     check_against_reference("tiny_cnn", 1, 127, false, ComputePath::Fast);
     check_against_reference("tiny_cnn", 3, 201, false, ComputePath::Fast);

@@ -221,12 +221,20 @@ pub fn tiny_deep_blocks(p: f64) -> Vec<RefBlock> {
     blocks
 }
 
+/// TinyCNN with its first block pooled by 2 (`tiny_cnn_pool2`).
+pub fn tiny_pool2_blocks(p: f64) -> Vec<RefBlock> {
+    let mut blocks = tiny_blocks(p);
+    blocks[0].pool = RefPool::Window(2);
+    blocks
+}
+
 /// The blocks of backbone `kind` with base dropout `p`.
 pub fn blocks_of(kind: &str, p: f64) -> Vec<RefBlock> {
     match kind {
         "cnn" => cnn_blocks(p),
-        "tiny_cnn" => tiny_blocks(p),
+        "tiny_cnn" | "tiny_cnn_readout" => tiny_blocks(p),
         "tiny_cnn_deep" => tiny_deep_blocks(p),
+        "tiny_cnn_pool2" => tiny_pool2_blocks(p),
         other => panic!("no reference for {other}"),
     }
 }
@@ -479,19 +487,21 @@ pub fn reference(
     } else {
         let (c, l) = (h.c, h.l);
         let (wl, bl) = (get("model.25.weight"), get("model.25.bias"));
+        // Width of the length-axis readout: 32 (the reference's), 96 in `tiny_cnn_readout`.
+        let nf = wl.len() / l;
         let (w1, b1) = (get("model.28.weight"), get("model.28.bias"));
         let (w2, b2) = (get("model.30.weight"), get("model.30.bias"));
-        let a0 = linear_fwd(&h.v, b * c, l, wl, bl, 32);
+        let a0 = linear_fwd(&h.v, b * c, l, wl, bl, nf);
         let r0: Vec<f64> = a0.iter().map(|v| v.max(0.0)).collect();
-        let a1 = linear_fwd(&r0, b, c * 32, w1, b1, 128);
+        let a1 = linear_fwd(&r0, b, c * nf, w1, b1, 128);
         let r1: Vec<f64> = a1.iter().map(|v| v.max(0.0)).collect();
         y = linear_fwd(&r1, b, 128, w2, b2, n_params);
         dh = dy.map(|dy| {
             let (mut dr1, dw2, db2) = linear_bwd(&r1, b, 128, w2, n_params, dy);
             relu_mask(&mut dr1, &a1);
-            let (mut dr0, dw1, db1) = linear_bwd(&r0, b, c * 32, w1, 128, &dr1);
+            let (mut dr0, dw1, db1) = linear_bwd(&r0, b, c * nf, w1, 128, &dr1);
             relu_mask(&mut dr0, &a0);
-            let (dh, dwl, dbl) = linear_bwd(&h.v, b * c, l, wl, 32, &dr0);
+            let (dh, dwl, dbl) = linear_bwd(&h.v, b * c, l, wl, nf, &dr0);
             for (n, g) in [
                 ("model.30.weight", dw2),
                 ("model.30.bias", db2),
