@@ -13,6 +13,7 @@
 //! - `tiny_cnn_readout`: 96 position templates per channel in the length-axis Linear instead of 32.
 //!   At the quick grid it was no better (t_eff 15.10 against 15.05 K, same seed and stars).
 //! - `tiny_cnn_pool2`: the first block pooled by 2, so everything after it runs at half the length.
+//!   At full size it was worse (t_eff 13.1 against 11.8 K after 30 epochs, same host and stars).
 
 use candle_core::{Result as CandleResult, Tensor};
 use candle_nn::{linear, Linear, Module, VarBuilder};
@@ -27,7 +28,7 @@ const LEN_FEATURES: usize = 32;
 /// Output width of the length-axis Linear in `tiny_cnn_readout`.
 const READOUT_LEN_FEATURES: usize = 96;
 
-/// The reference's TinyCNN backbone (and its deeper variant, `tiny_cnn_deep`).
+/// The reference's TinyCNN backbone (and its variants `tiny_cnn_deep`, `tiny_cnn_readout`, `tiny_cnn_pool2`).
 #[derive(Debug)]
 pub struct TinyCnn {
     name: &'static str,
@@ -81,9 +82,10 @@ fn deep_specs(p: f64) -> Vec<BlockSpec> {
 }
 
 /// TinyCNN's blocks with the first block pooled by 2: every later block runs at half the length,
-/// so a step costs about half and the receptive field in wavelength doubles. At the full GALAH
-/// grid (4,096 px per camera) a line spans ~4 px, so TinyCNN's receptive field (~70 px) covers a
-/// quarter of the wavelength it covers at the quick grid; halving the length keeps lines resolved.
+/// so a step costs 0.59x and the receptive field in wavelength doubles. The hypothesis: at the full
+/// GALAH grid (4,096 px per camera) a line spans ~4 px, so TinyCNN's ~70-px receptive field covers a
+/// quarter of the wavelength it covers at the quick grid. Measured, it was wrong: after 30 epochs
+/// at full size t_eff was 1.3 K worse (`results/learning-curve`), so full resolution carries more.
 fn pool2_specs(p: f64) -> Vec<BlockSpec> {
     let mut s = specs(p);
     s[0].pool = Pool::Window(2);
