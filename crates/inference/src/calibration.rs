@@ -175,6 +175,19 @@ impl Calibration {
         widen: bool,
         by_kind: bool,
     ) -> Self {
+        Self::fit_parts_as(eval, method, widen, by_kind, eval.stars.len())
+    }
+
+    /// [`Calibration::fit_parts`] with the widening's form ([`WidthMap::fit_as`]) chosen for a set
+    /// of `form_stars` stars: the held-out check fits on half of the calibration stars and must
+    /// score the form the whole set gets.
+    pub fn fit_parts_as(
+        eval: &Evaluation,
+        method: CalibrationMethod,
+        widen: bool,
+        by_kind: bool,
+        form_stars: usize,
+    ) -> Self {
         let d = eval.labels.len();
         if eval.n_stars < MIN_CALIBRATION_STARS {
             tracing::warn!(
@@ -200,7 +213,7 @@ impl Calibration {
             };
         }
         let width_map = match method {
-            CalibrationMethod::Quantile if widen => WidthMap::fit(eval),
+            CalibrationMethod::Quantile if widen => WidthMap::fit_as(eval, form_stars),
             _ => None,
         };
         let width = |s: &StarPrediction, j: usize| {
@@ -665,9 +678,10 @@ pub const MIN_WIDTH_STARS: usize = 250;
 /// The most bins a [`WidthMap`] covariate is fitted with.
 const MAX_WIDTH_BINS: usize = 8;
 
-/// Below this many calibration stars [`WidthMap::fit`] fits the noise level alone, as a hinge
-/// (two slopes of `ln w` in `ln σ̂`, meeting at the median star) by maximum likelihood on every star
-/// (`fit_noise_hinge`), instead of per-bin quantiles of four covariates. A real-data user's maps
+/// Below this many calibration stars [`WidthMap::fit`] fits hinges by maximum likelihood on every
+/// star ([`fit_hinges`]: two slopes of `ln w` in `ln σ̂`, meeting at the median star, and from
+/// [`MEAN_HINGES_FROM`] stars the same in each label's posterior mean) instead of per-bin quantiles
+/// of four covariates. A real-data user's maps
 /// come from the validation split (1,200 stars in the quick profile's split of 6,000): there the
 /// binned map, 4 bins of 300 stars per covariate, was too noisy to lower the NLL of held-out
 /// calibration stars and the check declined it for every run. Measured with the maps of six TinyCNN
@@ -680,7 +694,21 @@ const MAX_WIDTH_BINS: usize = 8;
 /// calibration stars the binned map of four covariates is kept: it reached 18 of 18 there.
 pub const PARAMETRIC_WIDTH_BELOW: usize = 4_000;
 
-/// Standardised errors beyond this many half-widths count as this many in [`fit_noise_hinge`]: one
+/// From this many calibration stars (and below [`PARAMETRIC_WIDTH_BELOW`]) the widening has one
+/// hinge per label's posterior mean beside the noise hinge ([`fit_hinges`]); below it, the noise
+/// hinge alone. Measured on the real-data path (maps on the validation split alone, refitted both
+/// ways on the same runs, TinyCNN's three flows; `results/quick-realish-31337/tune-1001-hinges/`):
+/// - 1,200 validation stars (quick profile; 10,000 stars of tuning seed 1001): named per-kind cells
+///   44 against 43 of 54, but the NLL worse for two runs (by 0.011 and 0.061);
+/// - 2,400 validation stars (the same recipe on 12,000 stars): on the tuning seed the NLL better for
+///   every run (by 0.022, 0.047, 0.052); on 10,000 stars of seed 20261208, looked at once after
+///   the choice, better by 0.013, 0.046, 0.048, with 46 against 39 of 54 named cells;
+/// - full size, 2,228 validation stars (`results/learning-curve/`): the held-out check below
+///   declines any widening for that run (held-out NLL -5.976 against -5.979), so its maps stay
+///   global; forced on, the mean hinges gave 17 against 15 of 18 named cells on seed 20261207.
+pub const MEAN_HINGES_FROM: usize = 2_000;
+
+/// Standardised errors beyond this many half-widths count as this many in [`fit_hinges`]: one
 /// wild star would otherwise set the width of its noise range (the global quantile map still sees
 /// its tail).
 const HINGE_CLIP: f64 = 6.0;
@@ -715,42 +743,91 @@ fn segment(knots: &[f64], v: f64) -> (usize, f64) {
     (k, (v - knots[k - 1]) / (knots[k] - knots[k - 1]))
 }
 
-/// The noise covariate of a [`WidthMap`] for few calibration stars: per label, `ln w` piecewise
-/// linear in the noise level `ln σ̂` through three knots (the lowest, median and highest noise
-/// level), the values at the knots fitted by maximum likelihood of the Gaussian scale model
-/// `e ~ N(0, w²)` over every star (errors clipped at [`HINGE_CLIP`]), then centred so that the
-/// stars' geometric mean width is 1 (the global map that follows sets the overall scale). Its
-/// negative log-likelihood is convex in the knot values, so Newton's method finds the optimum.
-fn fit_noise_hinge(stars: &[WidthStar], d: usize) -> WidthCovariate {
-    let mut x: Vec<f64> = stars.iter().map(|s| s.x[0]).collect();
-    x.sort_by(f64::total_cmp);
-    let (lo, hi) = (x[0], x[x.len() - 1]);
-    let mid = x[x.len() / 2];
-    let knots: Vec<f64> = if lo < mid && mid < hi {
-        vec![lo, mid, hi]
-    } else if lo < hi {
-        vec![lo, hi]
-    } else {
-        vec![lo]
-    };
-    let basis: Vec<Vec<f64>> = stars.iter().map(|s| hat_basis(&knots, s.x[0])).collect();
-    let log_width = (0..d)
-        .map(|j| {
-            let e2: Vec<f64> = stars
-                .iter()
-                .map(|s| s.e[j].min(HINGE_CLIP).powi(2))
-                .collect();
-            let theta = newton_scale_fit(&basis, &e2, knots.len());
-            let mean = basis.iter().map(|b| dot(b, &theta)).sum::<f64>() / basis.len() as f64;
-            theta.iter().map(|t| t - mean).collect()
+/// The covariates of a [`WidthMap`] for few calibration stars: per label, `ln w` a sum of one
+/// piecewise-linear function per covariate of `names` (the noise level `ln σ̂` first, then, from
+/// [`MEAN_HINGES_FROM`] stars, each label's posterior mean), each through three knots (the covariate's lowest, median and highest
+/// value). All knot values are fitted at once by maximum likelihood of the Gaussian scale model
+/// `e ~ N(0, w²)` over every star (errors clipped at [`HINGE_CLIP`]); each covariate after the first
+/// has its median knot fixed at 0, which the first covariate's level absorbs. Each covariate is then
+/// centred so that the stars' geometric mean width from it is 1 (the global map that follows sets
+/// the overall scale). The negative log-likelihood is convex in the knot values, so Newton's method
+/// finds the optimum.
+///
+/// Why the means as well as the noise: with the noise alone, the real-data path at full size left
+/// metal-poor stars' t_eff and log g intervals too narrow (68 % intervals covering 60-61 %, pull std
+/// 1.17) and cool and hot stars' t_eff intervals too wide (72-76 %), on 10,000 stars of seed
+/// 20261207 with maps fitted on 2,228 validation stars. Four hinges of three knots are 9 values per
+/// label, fewer than the binned map's 4 × 8, whose per-bin quantiles were too noisy below
+/// [`PARAMETRIC_WIDTH_BELOW`] stars; on 1,200 stars they still cost NLL ([`MEAN_HINGES_FROM`]).
+fn fit_hinges(stars: &[WidthStar], names: &[String], d: usize) -> Vec<WidthCovariate> {
+    let knots: Vec<(Vec<f64>, [f64; 2])> = (0..names.len())
+        .map(|c| {
+            let mut x: Vec<f64> = stars.iter().map(|s| s.x[c]).collect();
+            x.sort_by(f64::total_cmp);
+            let (lo, hi) = (x[0], x[x.len() - 1]);
+            let mid = x[x.len() / 2];
+            let k = if lo < mid && mid < hi {
+                vec![lo, mid, hi]
+            } else if lo < hi {
+                vec![lo, hi]
+            } else {
+                vec![lo]
+            };
+            (k, [lo, hi])
         })
         .collect();
-    WidthCovariate {
-        name: NOISE_COVARIATE.into(),
-        knots,
-        range: Some([lo, hi]),
-        log_width,
+    // Columns of the joint basis: every knot of the first covariate, every knot but the middle one
+    // of the others (their hats sum to 1 like the first's, which would make the fit singular).
+    let fixed = |c: usize| (c > 0).then(|| knots[c].0.len() / 2);
+    let columns: Vec<(usize, usize)> = (0..names.len())
+        .flat_map(|c| {
+            (0..knots[c].0.len())
+                .filter(move |&k| Some(k) != fixed(c))
+                .map(move |k| (c, k))
+        })
+        .collect();
+    let basis: Vec<Vec<f64>> = stars
+        .iter()
+        .map(|s| {
+            let hats: Vec<Vec<f64>> = (0..names.len())
+                .map(|c| hat_basis(&knots[c].0, s.x[c]))
+                .collect();
+            columns.iter().map(|&(c, k)| hats[c][k]).collect()
+        })
+        .collect();
+    let mut log_width = vec![vec![Vec::new(); d]; names.len()];
+    for j in 0..d {
+        let e2: Vec<f64> = stars
+            .iter()
+            .map(|s| s.e[j].min(HINGE_CLIP).powi(2))
+            .collect();
+        let theta = newton_scale_fit(&basis, &e2, columns.len());
+        for c in 0..names.len() {
+            let mut values = vec![0.0; knots[c].0.len()];
+            for (&(cc, k), t) in columns.iter().zip(&theta) {
+                if cc == c {
+                    values[k] = *t;
+                }
+            }
+            let mean = stars
+                .iter()
+                .map(|s| dot(&hat_basis(&knots[c].0, s.x[c]), &values))
+                .sum::<f64>()
+                / stars.len() as f64;
+            log_width[c][j] = values.iter().map(|v| v - mean).collect();
+        }
     }
+    names
+        .iter()
+        .zip(knots)
+        .zip(log_width)
+        .map(|((name, (knots, range)), log_width)| WidthCovariate {
+            name: name.clone(),
+            knots,
+            range: Some(range),
+            log_width,
+        })
+        .collect()
 }
 
 /// The weights of linear interpolation through `knots` at `v` (clamped to the outer knots).
@@ -848,8 +925,14 @@ impl WidthMap {
     /// Fits the widening to an unscaled evaluation. The noise covariate is used when every star
     /// carries a noise level, the label means when the evaluation knows its label scaling; `None`
     /// with fewer than 2 [`MIN_WIDTH_STARS`] stars or no covariate. Below
-    /// [`PARAMETRIC_WIDTH_BELOW`] stars with noise levels, the noise level alone, as a hinge.
+    /// [`PARAMETRIC_WIDTH_BELOW`] stars with noise levels, one hinge per covariate ([`fit_hinges`]).
     pub fn fit(eval: &Evaluation) -> Option<Self> {
+        Self::fit_as(eval, eval.stars.len())
+    }
+
+    /// [`WidthMap::fit`] with the form (binned, hinges with or without the means) that a set of
+    /// `form_stars` stars gets, whatever the number of stars it is fitted on.
+    pub fn fit_as(eval: &Evaluation, form_stars: usize) -> Option<Self> {
         let d = eval.labels.len();
         let with_noise = eval
             .stars
@@ -900,9 +983,13 @@ impl WidthMap {
         if n_bins < 2 || names.is_empty() {
             return None;
         }
-        if with_noise && stars.len() < PARAMETRIC_WIDTH_BELOW {
+        if with_noise && form_stars < PARAMETRIC_WIDTH_BELOW {
             return Some(WidthMap {
-                covariates: vec![fit_noise_hinge(&stars, d)],
+                covariates: if form_stars < MEAN_HINGES_FROM {
+                    fit_hinges(&stars, &names[..1], d)
+                } else {
+                    fit_hinges(&stars, &names, d)
+                },
             });
         }
         let mut map = WidthMap {
@@ -1406,7 +1493,7 @@ mod width {
 
     #[test]
     fn few_stars_get_a_noise_hinge_that_follows_the_noise_on_new_stars() {
-        // 1,200 stars: the real-data path's validation split.
+        // 1,200 stars: the quick profile's validation split on the real-data path.
         let fitted = Calibration::fit(&evaluation(stars(1200, 7)), CalibrationMethod::Quantile);
         let map = fitted.width.as_ref().expect("a width map on 1,200 stars");
         assert_eq!(map.covariates.len(), 1);
@@ -1414,19 +1501,13 @@ mod width {
         assert_eq!(hinge.name, NOISE_COVARIATE);
         assert_eq!(hinge.knots.len(), 3);
         // Label 0's true scale is exp(0.5 (noise + 3.5)): ln w rises by 0.5 per unit of noise.
-        let [lo, hi] = hinge.range.unwrap();
-        let slope = (hinge.log_width(0, hi) - hinge.log_width(0, lo)) / (hi - lo);
-        assert!((slope - 0.5).abs() < 0.1, "slope {slope}");
+        let s = slope(hinge, 0);
+        assert!((s - 0.5).abs() < 0.1, "slope {s}");
         // Label 2 is right everywhere: nearly flat.
-        assert!((hinge.log_width(2, hi) - hinge.log_width(2, lo)).abs() < 0.15);
-        let mut global = fitted.clone();
-        global.width = None;
-        global.kinds = None;
-        let test = stars(8000, 8);
+        assert!(slope(hinge, 2).abs() < 0.1);
         let noise = |s: &StarPrediction| s.noise.unwrap();
         for q in [0, 3] {
-            let with = quarter_coverage(&fitted.resolved(), &test, 0, q, noise);
-            let without = quarter_coverage(&global.resolved(), &test, 0, q, noise);
+            let (with, without) = with_and_without_widening(&fitted, 0, q, &noise);
             // The map's own noise at 1,200 stars (each slope ±0.1) leaves a few points; without the
             // widening the quarter is ~18 points off.
             assert!(
@@ -1440,7 +1521,80 @@ mod width {
         }
         // From 4,000 stars on, the binned map of every covariate.
         let many = Calibration::fit(&evaluation(stars(4000, 9)), CalibrationMethod::Quantile);
-        assert_eq!(many.width.unwrap().covariates.len(), 4);
+        assert!(many.width.unwrap().covariates[0].knots.len() > 3);
+    }
+
+    #[test]
+    fn enough_stars_get_mean_hinges_that_follow_the_type_on_new_stars() {
+        // 2,400 stars: between MEAN_HINGES_FROM and PARAMETRIC_WIDTH_BELOW.
+        let fitted = Calibration::fit(&evaluation(stars(2400, 7)), CalibrationMethod::Quantile);
+        let map = fitted.width.as_ref().expect("a width map on 2,400 stars");
+        let names: Vec<&str> = map.covariates.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, [NOISE_COVARIATE, "t_eff", "log_g", "fe_h"]);
+        assert!(map.covariates.iter().all(|c| c.knots.len() == 3));
+        let s = slope(&map.covariates[0], 0);
+        assert!((s - 0.5).abs() < 0.08, "noise slope {s}");
+        // Label 1's true scale is exp(0.3 z1), z1 its own posterior mean.
+        let s = slope(&map.covariates[2], 1);
+        assert!((s - 0.3).abs() < 0.06, "log g mean slope {s}");
+        // Label 2 is right everywhere: nearly flat in every covariate.
+        for c in &map.covariates {
+            assert!(slope(c, 2).abs() < 0.08, "{}: {}", c.name, slope(c, 2));
+        }
+        let noise = |s: &StarPrediction| s.noise.unwrap();
+        let kind = |s: &StarPrediction| s.mean[1];
+        for (label, key) in [(0, &noise as &dyn Fn(&StarPrediction) -> f64), (1, &kind)] {
+            for q in [0, 3] {
+                let (with, without) = with_and_without_widening(&fitted, label, q, key);
+                assert!(
+                    (with - 68.3).abs() < 0.4 * (without - 68.3).abs(),
+                    "label {label} quarter {q}: {with:.1} % with, {without:.1} % without"
+                );
+                assert!(
+                    (without - 68.3).abs() > 6.0,
+                    "label {label} quarter {q}: {without:.1} % without"
+                );
+            }
+        }
+        // One star fewer than MEAN_HINGES_FROM: the noise hinge alone.
+        let fewer = Calibration::fit(
+            &evaluation(stars(MEAN_HINGES_FROM - 1, 7)),
+            CalibrationMethod::Quantile,
+        );
+        assert_eq!(fewer.width.unwrap().covariates.len(), 1);
+        // The held-out check fits on half of the set: it gets the whole set's form.
+        let half = Calibration::fit_parts_as(
+            &evaluation(stars(1200, 7)),
+            CalibrationMethod::Quantile,
+            true,
+            false,
+            2400,
+        );
+        assert_eq!(half.width.unwrap().covariates.len(), 4);
+    }
+
+    /// `ln w` of label `j` per unit of covariate `c` from its lowest to its highest value.
+    fn slope(c: &WidthCovariate, j: usize) -> f64 {
+        let [lo, hi] = c.range.unwrap();
+        (c.log_width(j, hi) - c.log_width(j, lo)) / (hi - lo)
+    }
+
+    /// 68.3 % coverage of label `j` in the quarter `q` by `key` of 8,000 new stars, with `fitted`'s
+    /// widening and without it (the per-label maps kept).
+    fn with_and_without_widening(
+        fitted: &Calibration,
+        j: usize,
+        q: usize,
+        key: &dyn Fn(&StarPrediction) -> f64,
+    ) -> (f64, f64) {
+        let mut global = fitted.clone();
+        global.width = None;
+        global.kinds = None;
+        let test = stars(8000, 8);
+        (
+            quarter_coverage(&fitted.resolved(), &test, j, q, key),
+            quarter_coverage(&global.resolved(), &test, j, q, key),
+        )
     }
 
     #[test]

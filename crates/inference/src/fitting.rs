@@ -92,19 +92,16 @@ fn held_out_parts(
 ) -> Result<Parts> {
     let (even, odd): (Vec<usize>, Vec<usize>) = (0..own.stars.len()).partition(|i| i % 2 == 0);
     let half = own.subset(&even);
-    let full = Calibration::fit_parts(&half, method, true, true);
+    // The widening each half-fit tries is the form the whole set gets (`fit_parts_as`).
+    let fit =
+        |widen, by_kind| Calibration::fit_parts_as(&half, method, widen, by_kind, own.stars.len());
+    let full = fit(true, true);
     if full.width.is_none() && full.kinds.is_none() {
         return Ok(Parts::default());
     }
-    let mut candidates = vec![(
-        (false, false),
-        Calibration::fit_parts(&half, method, false, false),
-    )];
+    let mut candidates = vec![((false, false), fit(false, false))];
     if full.width.is_some() {
-        candidates.push((
-            (true, false),
-            Calibration::fit_parts(&half, method, true, false),
-        ));
+        candidates.push(((true, false), fit(true, false)));
     }
     let kinds_tried = full.kinds.is_some();
     if kinds_tried {
