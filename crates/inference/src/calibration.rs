@@ -795,37 +795,41 @@ fn fit_hinges(stars: &[WidthStar], names: &[String], d: usize) -> Vec<WidthCovar
             columns.iter().map(|&(c, k)| hats[c][k]).collect()
         })
         .collect();
-    let mut log_width = vec![vec![Vec::new(); d]; names.len()];
-    for j in 0..d {
-        let e2: Vec<f64> = stars
-            .iter()
-            .map(|s| s.e[j].min(HINGE_CLIP).powi(2))
-            .collect();
-        let theta = newton_scale_fit(&basis, &e2, columns.len());
-        for c in 0..names.len() {
-            let mut values = vec![0.0; knots[c].0.len()];
-            for (&(cc, k), t) in columns.iter().zip(&theta) {
-                if cc == c {
-                    values[k] = *t;
-                }
-            }
-            let mean = stars
+    // Per label and covariate, `ln w` at the covariate's knots, centred over the stars.
+    let per_label: Vec<Vec<Vec<f64>>> = (0..d)
+        .map(|j| {
+            let e2: Vec<f64> = stars
                 .iter()
-                .map(|s| dot(&hat_basis(&knots[c].0, s.x[c]), &values))
-                .sum::<f64>()
-                / stars.len() as f64;
-            log_width[c][j] = values.iter().map(|v| v - mean).collect();
-        }
-    }
+                .map(|s| s.e[j].min(HINGE_CLIP).powi(2))
+                .collect();
+            let theta = newton_scale_fit(&basis, &e2, columns.len());
+            (0..names.len())
+                .map(|c| {
+                    let mut values = vec![0.0; knots[c].0.len()];
+                    for (&(cc, k), t) in columns.iter().zip(&theta) {
+                        if cc == c {
+                            values[k] = *t;
+                        }
+                    }
+                    let mean = stars
+                        .iter()
+                        .map(|s| dot(&hat_basis(&knots[c].0, s.x[c]), &values))
+                        .sum::<f64>()
+                        / stars.len() as f64;
+                    values.iter().map(|v| v - mean).collect()
+                })
+                .collect()
+        })
+        .collect();
     names
         .iter()
         .zip(knots)
-        .zip(log_width)
-        .map(|((name, (knots, range)), log_width)| WidthCovariate {
+        .enumerate()
+        .map(|(c, (name, (knots, range)))| WidthCovariate {
             name: name.clone(),
             knots,
             range: Some(range),
-            log_width,
+            log_width: per_label.iter().map(|l| l[c].clone()).collect(),
         })
         .collect()
 }
