@@ -786,14 +786,18 @@ fn fit_hinges(stars: &[WidthStar], names: &[String], d: usize) -> Vec<WidthCovar
                 .map(move |k| (c, k))
         })
         .collect();
-    let basis: Vec<Vec<f64>> = stars
+    // Per star and covariate, the weights of its knots; the joint basis takes its columns.
+    let hats: Vec<Vec<Vec<f64>>> = stars
         .iter()
         .map(|s| {
-            let hats: Vec<Vec<f64>> = (0..names.len())
+            (0..names.len())
                 .map(|c| hat_basis(&knots[c].0, s.x[c]))
-                .collect();
-            columns.iter().map(|&(c, k)| hats[c][k]).collect()
+                .collect()
         })
+        .collect();
+    let basis: Vec<Vec<f64>> = hats
+        .iter()
+        .map(|h| columns.iter().map(|&(c, k)| h[c][k]).collect())
         .collect();
     // Per label and covariate, `ln w` at the covariate's knots, centred over the stars.
     let per_label: Vec<Vec<Vec<f64>>> = (0..d)
@@ -811,11 +815,8 @@ fn fit_hinges(stars: &[WidthStar], names: &[String], d: usize) -> Vec<WidthCovar
                             values[k] = *t;
                         }
                     }
-                    let mean = stars
-                        .iter()
-                        .map(|s| dot(&hat_basis(&knots[c].0, s.x[c]), &values))
-                        .sum::<f64>()
-                        / stars.len() as f64;
+                    let mean =
+                        hats.iter().map(|h| dot(&h[c], &values)).sum::<f64>() / stars.len() as f64;
                     values.iter().map(|v| v - mean).collect()
                 })
                 .collect()
