@@ -204,8 +204,9 @@ impl PosteriorArgs {
             })?;
         eprintln!(
             "ensemble of {} runs: the equal-weight mixture of their posteriors, recalibrated as a \
-             whole (quantile maps fitted on {} {} stars: {})",
+             whole ({} fitted on {} {} stars: {})",
             runs.len(),
+            describe_parts(&c),
             c.n_stars,
             c.fitted_on,
             describe_maps(&c)
@@ -238,6 +239,18 @@ fn announce(c: &Calibration) {
         );
         return;
     }
+    eprintln!(
+        "recalibration ({}) fitted on {} {} stars: {}",
+        describe_parts(c),
+        c.n_stars,
+        c.fitted_on,
+        describe_maps(c)
+    );
+}
+
+/// What a recalibration is made of: its maps, the per-star widening and the maps per kind of star
+/// it has, or that the held-out check declined them.
+fn describe_parts(c: &Calibration) -> String {
     let kinds = match &c.kinds {
         Some(k) => format!(
             ", one map per label for each of {} kinds of star (k-means on the noise level and the means)",
@@ -248,31 +261,25 @@ fn announce(c: &Calibration) {
         }
         None => String::new(),
     };
-    eprintln!(
-        "recalibration ({}{kinds}) fitted on {} {} stars: {}",
-        match (c.maps.is_empty(), &c.width) {
-            (true, _) => "one shift and scale per label".to_string(),
-            (false, None) if c.width_declined =>
-                "quantile maps; a per-star widening was tried and \
-                declined, as it did not lower the NLL of held-out calibration stars"
-                    .to_string(),
-            (false, None) => "quantile maps".to_string(),
-            (false, Some(w)) => format!(
-                "quantile maps after a per-star widening by {}",
-                w.covariates
-                    .iter()
-                    .map(|v| match v.name.as_str() {
-                        starflow_inference::NOISE_COVARIATE => "noise level".to_string(),
-                        label => format!("{label} mean"),
-                    })
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        },
-        c.n_stars,
-        c.fitted_on,
-        describe_maps(c)
-    );
+    let maps = match (c.maps.is_empty(), &c.width) {
+        (true, _) => "one shift and scale per label".to_string(),
+        (false, None) if c.width_declined => "quantile maps; a per-star widening was tried and \
+            declined, as it did not lower the NLL of held-out calibration stars"
+            .to_string(),
+        (false, None) => "quantile maps".to_string(),
+        (false, Some(w)) => format!(
+            "quantile maps after a per-star widening by {}",
+            w.covariates
+                .iter()
+                .map(|v| match v.name.as_str() {
+                    starflow_inference::NOISE_COVARIATE => "noise level".to_string(),
+                    label => format!("{label} mean"),
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    format!("{maps}{kinds}")
 }
 
 /// Each label's map as its shift and scale, for stderr.

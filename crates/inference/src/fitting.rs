@@ -13,9 +13,9 @@ use starflow_training::train::{calibration_set, Quiet};
 
 use crate::calibration::{Calibration, CalibrationMethod, CALIBRATION_FILE, CALIBRATION_SET};
 use crate::ensemble::ensemble_pass;
-use crate::evaluate::{evaluate_passes, Joint, NetworkOutputs};
+use crate::evaluate::{evaluate_passes, Joint};
 use crate::metrics::Evaluation;
-use crate::posterior::Sampler;
+use crate::posterior::{PosteriorSettings, Sampler};
 use crate::source::EvalSource;
 
 /// Posterior samples per star with which `train` (the command line and Python) fits a sampled
@@ -50,9 +50,9 @@ pub fn fit_calibration_with(
     let mut evals = evaluate_passes(run_dir, &source, &[own], Joint::Skip, Some(&mut outputs))?;
     let own = evals.remove(0);
     let parts = match method {
-        CalibrationMethod::Quantile => {
-            held_out_parts(run_dir, &source, sampler, &own, method, &mut outputs)?
-        }
+        CalibrationMethod::Quantile => held_out_parts(&own, method, sampler, |settings| {
+            evaluate_passes(run_dir, &source, settings, Joint::Skip, Some(&mut outputs))
+        })?,
         CalibrationMethod::Affine => Parts::default(),
     };
     let mut c = fit_marked(
@@ -76,19 +76,20 @@ struct Parts {
 
 /// Which of the per-star widening ([`crate::WidthMap`]) and the per-kind maps
 /// ([`crate::KindMaps`]) to keep: recalibrations with neither, with the widening, and with both
-/// are fitted on the even-numbered stars of `own` (the model's own posteriors on the calibration
-/// stars) and scored on the odd-numbered ones, in one more pass over the set, and the one with the
-/// lowest held-out NLL is kept (the simpler on a tie). A widening acts about each posterior's mean,
-/// which pulls the modes of a two-mode posterior apart: measured on 10,000 stars of seed 1001,
-/// CNNModel + full_flow's recalibrated NLL was -2.128 without it and -1.694 with it (its own
-/// posteriors -1.871), while every TinyCNN run and CNNModel's Gaussian flows gained 0.05-0.14.
+/// are fitted on the even-numbered stars of `own` (the posteriors to recalibrate, on the
+/// calibration stars) and scored on the odd-numbered ones by `score` (one more pass over the set,
+/// each setting's posteriors on every star in order), and the one with the lowest held-out NLL is
+/// kept (the simpler on a tie). A widening acts about each posterior's mean, which pulls the
+/// modes of a two-mode posterior apart: measured on 10,000 stars of seed 1001, CNNModel +
+/// full_flow's recalibrated NLL was -2.128 without it and -1.694 with it (its own posteriors
+/// -1.871), while every TinyCNN run and CNNModel's Gaussian flows gained 0.05-0.14. An ensemble's
+/// mixture is where such posteriors are most likely (members that disagree), so its maps pass
+/// the same check ([`fit_ensemble_calibration`]).
 fn held_out_parts(
-    run_dir: &Path,
-    source: &EvalSource,
-    sampler: Sampler,
     own: &Evaluation,
     method: CalibrationMethod,
-    outputs: &mut Option<NetworkOutputs>,
+    sampler: Sampler,
+    mut score: impl FnMut(&[PosteriorSettings]) -> Result<Vec<Evaluation>>,
 ) -> Result<Parts> {
     let (even, odd): (Vec<usize>, Vec<usize>) = (0..own.stars.len()).partition(|i| i % 2 == 0);
     let half = own.subset(&even);
@@ -111,7 +112,7 @@ fn held_out_parts(
         .iter()
         .map(|(_, c)| sampler.with(Some(c.clone())))
         .collect();
-    let scored = evaluate_passes(run_dir, source, &settings, Joint::Skip, Some(outputs))?;
+    let scored = score(&settings)?;
     let held_out: Vec<f64> = scored
         .iter()
         .map(|e| odd.iter().map(|&i| e.star_nll_z[i]).sum::<f64>() / odd.len() as f64)
@@ -193,11 +194,24 @@ pub fn fit_ensemble_calibration(runs: &[PathBuf], sampler: Sampler) -> Result<Ca
     };
     // As for a single run, the maps never read the joint HPD levels: skipped, they cost nothing
     // (here a mixture log-prob at up to HPD_SAMPLES pooled samples per star).
+    let method = CalibrationMethod::Quantile;
     let e = ensemble_pass(runs, &source, &sampler.with(None), Joint::Skip)?;
-    Ok(fit_marked(
-        Calibration::fit(&e, CalibrationMethod::Quantile),
+    // The candidates are scored by a pass of the ensemble each: the members' network outputs are
+    // not kept between passes as a single run's are (K times the memory), so the check costs up
+    // to three more passes over the calibration stars.
+    let parts = held_out_parts(&e, method, sampler, |settings| {
+        settings
+            .iter()
+            .map(|s| ensemble_pass(runs, &source, s, Joint::Skip))
+            .collect()
+    })?;
+    let mut c = fit_marked(
+        Calibration::fit_parts(&e, method, parts.widen, parts.by_kind),
         set_seed,
-    ))
+    );
+    c.width_declined = parts.width_declined;
+    c.kinds_declined = parts.kinds_declined;
+    Ok(c)
 }
 
 /// File in the first run's directory holding the maps of the last ensemble it led, with what
@@ -213,6 +227,10 @@ pub struct EnsembleFit {
     pub epochs_done: Vec<usize>,
     pub n_samples: usize,
     pub seed: u64,
+    /// The optional parts passed the held-out check (true for every fit since 2026-12-07; a file
+    /// written before, without the field, had the widening unchecked and is fitted again).
+    #[serde(default)]
+    pub held_out_check: bool,
 }
 
 /// The content of [`ENSEMBLE_CALIBRATION_FILE`].
@@ -244,6 +262,7 @@ pub fn load_or_fit_ensemble_calibration(runs: &[PathBuf], sampler: Sampler) -> R
         epochs_done: states.iter().map(|s| s.epochs_done).collect(),
         n_samples: sampler.n_samples,
         seed: sampler.seed,
+        held_out_check: true,
     };
     let cfg = &states[0].config;
     let path = first.join(ENSEMBLE_CALIBRATION_FILE);

@@ -590,6 +590,30 @@ fn ensemble_calibration_is_fitted_on_the_first_runs_calibration_set() {
     );
 }
 
+/// An ensemble's maps take their optional parts (the per-star widening, the maps per kind) through
+/// the same held-out check as a single run's: fitted on half the calibration stars, scored on the
+/// other half. With 600 stars a widening can be fitted on the whole set (2 x MIN_WIDTH_STARS) but
+/// not on a half, so the check keeps none, for the run and for the ensemble of its copies alike;
+/// before the check covered ensembles, their maps always had it.
+#[test]
+fn ensemble_maps_pass_the_held_out_check_as_a_runs_do() {
+    use starflow_inference::{fit_ensemble_calibration, MIN_WIDTH_STARS};
+    let dir = tempfile::tempdir().unwrap();
+    let run = run_with_calibration_set(dir.path(), "diagonal_gaussian", 600, 9);
+    // The first fit generates the calibration set.
+    let single = fit_calibration(&run, Sampler::new(200, 2)).unwrap();
+    let set = EvalSource::dir(&dir.path().join("data-calibration-9"));
+    let own = starflow_inference::evaluate_on(&run, &set, &PosteriorSettings::own(200, 2)).unwrap();
+    assert!(own.n_stars >= 2 * MIN_WIDTH_STARS && own.n_stars / 2 < 2 * MIN_WIDTH_STARS);
+    let unchecked = Calibration::fit(&own, CalibrationMethod::Quantile);
+    assert!(unchecked.width.is_some(), "600 stars can fit a widening");
+    let ensemble = fit_ensemble_calibration(&[run.clone(), run], Sampler::new(200, 2)).unwrap();
+    for c in [&single, &ensemble] {
+        assert_eq!(c.n_stars, 600);
+        assert!(c.width.is_none() && c.kinds.is_none(), "{c:?}");
+    }
+}
+
 /// Fitting skips the joint HPD levels (a log-prob per sample and star for a sampled flow), which
 /// the maps never read: the fit equals one made from a full evaluation of the validation split,
 /// so the sampler's stream is the same too.
@@ -630,6 +654,17 @@ fn ensemble_calibration_is_kept_for_the_same_ensemble() {
     std::fs::write(&file, serde_json::to_string(&saved).unwrap()).unwrap();
     let read = load_or_fit_ensemble_calibration(&two, Sampler::new(100, 3)).unwrap();
     assert_eq!(read.n_stars, fresh.n_stars + 1);
+    // A file written before the held-out check covered ensembles (no `held_out_check`, the mark
+    // still in it): fitted again.
+    let mut old: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let fitted_for = old["fitted_for"].as_object_mut().unwrap();
+    assert!(fitted_for.remove("held_out_check").is_some());
+    std::fs::write(&file, old.to_string()).unwrap();
+    assert_eq!(
+        load_or_fit_ensemble_calibration(&two, Sampler::new(100, 3)).unwrap(),
+        fresh
+    );
     // Another seed, then another member list: fitted again.
     let reseeded = load_or_fit_ensemble_calibration(&two, Sampler::new(100, 4)).unwrap();
     assert_eq!(

@@ -5,6 +5,8 @@
 # (the maps' stars on the real-data path of issue 29) and the rest but a few trains. Scored like
 # full_size.sh: 3,000 stars of seed 20261201 (The Cannon's test stars) and 10,000 of seed 20261207.
 # Usage: full_size_stars.sh N FLOW NAME      (e.g. 14000 full_flow n11620-e30)
+# SEED=43 full_size_stars.sh ... trains with run.seed 43 (another ensemble member: same stars, same
+# split, another initialisation and batch order); the default is the config's 42.
 set -e
 cd "$(git rev-parse --show-toplevel)"
 S=${STARFLOW:-./target/release/starflow}
@@ -28,7 +30,7 @@ out=runs/full/$3
 /usr/bin/time -f "%e s wall" $S train --config configs/full.toml --backbone tiny_cnn --flow $2 \
   --set data.dir=$d --set data.synthetic=false \
   --set data.train_fraction=$train --set data.val_fraction=$val --set data.test_fraction=$test \
-  --set optim.epochs=30 --set optim.patience=30 --out $out > $out.train.log 2>&1
+  --set optim.epochs=30 --set optim.patience=30 --set run.seed=${SEED:-42} --out $out > $out.train.log 2>&1
 for s in 20261201-3000 20261207-10000; do
   $S evaluate --run $out --data data/heldout-full-$s > $out.heldout-$s.txt 2>&1
 done
