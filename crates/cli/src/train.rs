@@ -257,14 +257,14 @@ fn describe_parts(c: &Calibration) -> String {
             k.centres.len()
         ),
         None if c.kinds_declined => {
-            ", maps per kind of star tried and declined (no lower held-out NLL)".to_string()
+            ", maps per kind of star tried and declined (held-out NLL higher beyond its noise)".to_string()
         }
         None => String::new(),
     };
     let maps = match (c.maps.is_empty(), &c.width) {
         (true, _) => "one shift and scale per label".to_string(),
         (false, None) if c.width_declined => "quantile maps; a per-star widening was tried and \
-            declined, as it did not lower the NLL of held-out calibration stars"
+            declined, as it raised the NLL of held-out calibration stars beyond their noise"
             .to_string(),
         (false, None) => "quantile maps".to_string(),
         (false, Some(w)) => format!(

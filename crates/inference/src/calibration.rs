@@ -117,9 +117,9 @@ pub struct Calibration {
     /// or with fewer than 2 [`MIN_WIDTH_STARS`] stars).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub width: Option<WidthMap>,
-    /// A widening was fitted and then declined: it did not lower the NLL of the stars it was not
-    /// fitted on (`fit_calibration_with`), as for posteriors with two modes, which a widening
-    /// about the mean pulls apart.
+    /// A widening was fitted and then declined: it raised the NLL of the stars it was not fitted
+    /// on by more than their noise (`fit_calibration_with`), as for posteriors with two modes,
+    /// which a widening about the mean pulls apart.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub width_declined: bool,
     /// Per-kind maps that replace `maps` for the stars of each kind ([`KindMaps`]; none in files
@@ -129,8 +129,8 @@ pub struct Calibration {
     /// [`MIN_KIND_STARS`]: crate::kind_maps::MIN_KIND_STARS
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kinds: Option<KindMaps>,
-    /// Per-kind maps were fitted and then declined: they did not lower the NLL of the stars they
-    /// were not fitted on (`fit_calibration_with`).
+    /// Per-kind maps were fitted and then declined: they raised the NLL of the stars they were not
+    /// fitted on by more than their noise (`fit_calibration_with`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub kinds_declined: bool,
     /// The joint map applied before the per-label ones (Gaussian flows; none in files written
