@@ -13,9 +13,9 @@ h=data/heldout-full-20261209-10000
 out=runs/full/$name; mkdir -p $out
 for s in 20261201-3000 20261209-10000; do
   d=data/heldout-full-$s
-  /usr/bin/time -f "%e s wall, %M kB peak" $S evaluate --run $a --member $b --data $d --out $out/ensemble-$s > $out/ensemble.heldout-$s.txt 2>&1
+  /usr/bin/time -f "%e s wall, %M kB peak" $S evaluate -v --run $a --member $b --data $d --out $out/ensemble-$s > $out/ensemble.heldout-$s.txt 2>&1
   for r in $a $b; do
-    $S evaluate --run $r --data $d --out $out/$(basename $r)-$s > $out/$(basename $r).heldout-$s.txt 2>&1
+    [ -f $out/$(basename $r)-$s/metrics.json ] || $S evaluate --run $r --data $d --out $out/$(basename $r)-$s > $out/$(basename $r).heldout-$s.txt 2>&1
   done
 done
 d=data/heldout-full-20261209-10000
