@@ -152,7 +152,17 @@ pub struct Calibration {
     /// that changing `data.calibration_n` or `data.calibration_seed` refits them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub set_seed: Option<u64>,
+    /// The rule by which the held-out check chose the optional parts ([`HELD_OUT_RULE`] for maps
+    /// fitted by `fit_calibration_with` and `fit_ensemble_calibration` now; 0 for maps fitted any
+    /// other way, and in files written before the field, whose rule was the lowest held-out NLL).
+    #[serde(default)]
+    pub held_out_rule: u32,
 }
+
+/// The held-out check's current rule, recorded in each calibration it chose: 2, the richest
+/// candidate within two standard errors of the lowest held-out NLL (2026-12-07). Saved maps of
+/// another rule are fitted again, so that a run's maps are the ones the current code fits.
+pub const HELD_OUT_RULE: u32 = 2;
 
 impl Calibration {
     /// Fits the maps to an (unscaled) evaluation, normally of the validation split. A label with
@@ -210,6 +220,7 @@ impl Calibration {
                 epochs_done: 0,
                 too_few_stars: true,
                 set_seed: None,
+                held_out_rule: 0,
             };
         }
         let width_map = match method {
@@ -280,6 +291,7 @@ impl Calibration {
             epochs_done: 0,
             too_few_stars: false,
             set_seed: None,
+            held_out_rule: 0,
         }
     }
 
@@ -1096,6 +1108,7 @@ impl Calibration {
         match serde_json::from_str::<Calibration>(&text) {
             Ok(c)
                 if c.epochs_done == state.epochs_done
+                    && c.held_out_rule == HELD_OUT_RULE
                     && c.labels == state.scaler.names
                     && c.fitted_on_config_stars(&state.config) =>
             {
@@ -1103,7 +1116,8 @@ impl Calibration {
             }
             Ok(_) => {
                 tracing::info!(
-                    "{}: fitted for other weights or another calibration set, fitting again",
+                    "{}: fitted for other weights, another calibration set or by an older \
+                     held-out rule, fitting again",
                     path.display()
                 );
                 None

@@ -1,7 +1,8 @@
 //! Fitting a run's recalibration, and keeping it: the maps are fitted on the stars its config
 //! names (a synthetic calibration set, else the validation split), saved beside the weights in
-//! `calibration.json`, and fitted again only when the weights or those stars change. The same for
-//! an ensemble's maps, kept in its first run.
+//! `calibration.json`, and fitted again only when the weights or those stars change, or when an
+//! older rule of the held-out check chose their parts. The same for an ensemble's maps, kept in
+//! its first run.
 
 use std::path::{Path, PathBuf};
 
@@ -11,7 +12,9 @@ use starflow_training::error::{Result, TrainError};
 use starflow_training::run::{write_text, RunDir};
 use starflow_training::train::{calibration_set, Quiet};
 
-use crate::calibration::{Calibration, CalibrationMethod, CALIBRATION_FILE, CALIBRATION_SET};
+use crate::calibration::{
+    Calibration, CalibrationMethod, CALIBRATION_FILE, CALIBRATION_SET, HELD_OUT_RULE,
+};
 use crate::ensemble::ensemble_pass;
 use crate::evaluate::{evaluate_passes, Joint};
 use crate::metrics::Evaluation;
@@ -61,6 +64,7 @@ pub fn fit_calibration_with(
     );
     c.width_declined = parts.width_declined;
     c.kinds_declined = parts.kinds_declined;
+    c.held_out_rule = HELD_OUT_RULE;
     c.epochs_done = state.epochs_done;
     Ok(c)
 }
@@ -258,6 +262,7 @@ pub fn fit_ensemble_calibration(runs: &[PathBuf], sampler: Sampler) -> Result<Ca
     );
     c.width_declined = parts.width_declined;
     c.kinds_declined = parts.kinds_declined;
+    c.held_out_rule = HELD_OUT_RULE;
     Ok(c)
 }
 
@@ -274,10 +279,6 @@ pub struct EnsembleFit {
     pub epochs_done: Vec<usize>,
     pub n_samples: usize,
     pub seed: u64,
-    /// The optional parts passed the held-out check (true for every fit since 2026-12-07; a file
-    /// written before, without the field, had the widening unchecked and is fitted again).
-    #[serde(default)]
-    pub held_out_check: bool,
 }
 
 /// The content of [`ENSEMBLE_CALIBRATION_FILE`].
@@ -309,13 +310,18 @@ pub fn load_or_fit_ensemble_calibration(runs: &[PathBuf], sampler: Sampler) -> R
         epochs_done: states.iter().map(|s| s.epochs_done).collect(),
         n_samples: sampler.n_samples,
         seed: sampler.seed,
-        held_out_check: true,
     };
     let cfg = &states[0].config;
     let path = first.join(ENSEMBLE_CALIBRATION_FILE);
     if let Ok(text) = std::fs::read_to_string(&path) {
         match serde_json::from_str::<EnsembleCalibration>(&text) {
-            Ok(s) if s.fitted_for == fitted_for && s.calibration.fitted_on_config_stars(cfg) => {
+            // A file from before ensembles went through the held-out check, or of an older rule,
+            // has `held_out_rule` 0 or older: fitted again.
+            Ok(s)
+                if s.fitted_for == fitted_for
+                    && s.calibration.held_out_rule == HELD_OUT_RULE
+                    && s.calibration.fitted_on_config_stars(cfg) =>
+            {
                 return Ok(s.calibration)
             }
             Ok(_) => tracing::info!(

@@ -37,7 +37,7 @@ pub mod train_run;
 
 pub use calibration::{
     Calibration, CalibrationMethod, WidthCovariate, WidthMap, CALIBRATION_FILE, CALIBRATION_SET,
-    MIN_CALIBRATION_STARS, MIN_WIDTH_STARS, NOISE_COVARIATE, PARAMETRIC_WIDTH_BELOW,
+    HELD_OUT_RULE, MIN_CALIBRATION_STARS, MIN_WIDTH_STARS, NOISE_COVARIATE, PARAMETRIC_WIDTH_BELOW,
 };
 pub use ensemble::evaluate_ensemble;
 pub use evaluate::{

@@ -246,9 +246,32 @@ fn calibration_is_saved_and_reused_until_the_run_changes() {
     // One from another state of the run is refitted.
     let stale = Calibration {
         epochs_done: 99,
-        ..edited
+        ..edited.clone()
     };
     std::fs::write(&path, serde_json::to_string(&stale).unwrap()).unwrap();
+    assert_eq!(
+        load_or_fit_calibration(&run, Sampler::new(100, 1)).unwrap(),
+        a
+    );
+    // So is one whose parts an older held-out rule chose, or a file from before the rule was
+    // recorded (no `held_out_rule`).
+    assert_eq!(a.held_out_rule, starflow_inference::HELD_OUT_RULE);
+    let older = Calibration {
+        held_out_rule: starflow_inference::HELD_OUT_RULE - 1,
+        ..edited.clone()
+    };
+    std::fs::write(&path, serde_json::to_string(&older).unwrap()).unwrap();
+    assert_eq!(
+        load_or_fit_calibration(&run, Sampler::new(100, 1)).unwrap(),
+        a
+    );
+    let mut unmarked = serde_json::to_value(&edited).unwrap();
+    assert!(unmarked
+        .as_object_mut()
+        .unwrap()
+        .remove("held_out_rule")
+        .is_some());
+    std::fs::write(&path, unmarked.to_string()).unwrap();
     assert_eq!(
         load_or_fit_calibration(&run, Sampler::new(100, 1)).unwrap(),
         a
@@ -626,6 +649,7 @@ fn fitting_without_the_joint_levels_gives_the_same_maps() {
     let got = fit_calibration(&run, Sampler::new(100, 1)).unwrap();
     let mut expected = Calibration::fit(&full, CalibrationMethod::Quantile);
     expected.epochs_done = got.epochs_done;
+    expected.held_out_rule = got.held_out_rule;
     assert_eq!(got, expected);
 }
 
@@ -654,12 +678,13 @@ fn ensemble_calibration_is_kept_for_the_same_ensemble() {
     std::fs::write(&file, serde_json::to_string(&saved).unwrap()).unwrap();
     let read = load_or_fit_ensemble_calibration(&two, Sampler::new(100, 3)).unwrap();
     assert_eq!(read.n_stars, fresh.n_stars + 1);
-    // A file written before the held-out check covered ensembles (no `held_out_check`, the mark
+    // A file written before the held-out check covered ensembles (no `held_out_rule`, the mark
     // still in it): fitted again.
+    assert_eq!(fresh.held_out_rule, starflow_inference::HELD_OUT_RULE);
     let mut old: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
-    let fitted_for = old["fitted_for"].as_object_mut().unwrap();
-    assert!(fitted_for.remove("held_out_check").is_some());
+    let calibration = old["calibration"].as_object_mut().unwrap();
+    assert!(calibration.remove("held_out_rule").is_some());
     std::fs::write(&file, old.to_string()).unwrap();
     assert_eq!(
         load_or_fit_ensemble_calibration(&two, Sampler::new(100, 3)).unwrap(),
