@@ -1108,9 +1108,8 @@ impl Calibration {
         match serde_json::from_str::<Calibration>(&text) {
             Ok(c)
                 if c.epochs_done == state.epochs_done
-                    && c.held_out_rule == HELD_OUT_RULE
                     && c.labels == state.scaler.names
-                    && c.fitted_on_config_stars(&state.config) =>
+                    && c.current_for(&state.config) =>
             {
                 Some(c)
             }
@@ -1127,6 +1126,13 @@ impl Calibration {
                 None
             }
         }
+    }
+
+    /// Whether these maps are what the current code fits on the stars `cfg` names now: fitted
+    /// there ([`Calibration::fitted_on_config_stars`]) with the parts the current
+    /// [`HELD_OUT_RULE`] chose. A run's saved maps and an ensemble's are reused only then.
+    pub fn current_for(&self, cfg: &TrainConfig) -> bool {
+        self.held_out_rule == HELD_OUT_RULE && self.fitted_on_config_stars(cfg)
     }
 
     /// Whether these maps were fitted on the stars `cfg` names now: its calibration set, of the
@@ -1529,14 +1535,7 @@ mod width {
             let (with, without) = with_and_without_widening(&fitted, 0, q, &noise);
             // The map's own noise at 1,200 stars (each slope ±0.1) leaves a few points; without the
             // widening the quarter is ~18 points off.
-            assert!(
-                (with - 68.3).abs() < 0.4 * (without - 68.3).abs(),
-                "quarter {q}: {with:.1} % with, {without:.1} % without"
-            );
-            assert!(
-                (without - 68.3).abs() > 10.0,
-                "quarter {q}: {without:.1} % without"
-            );
+            assert_widening_mends(with, without, 10.0, &format!("quarter {q}"));
         }
         // From 4,000 stars on, the binned map of every covariate.
         let many = Calibration::fit(&evaluation(stars(4000, 9)), CalibrationMethod::Quantile);
@@ -1565,14 +1564,8 @@ mod width {
         for (label, key) in [(0, &noise as &dyn Fn(&StarPrediction) -> f64), (1, &kind)] {
             for q in [0, 3] {
                 let (with, without) = with_and_without_widening(&fitted, label, q, key);
-                assert!(
-                    (with - 68.3).abs() < 0.4 * (without - 68.3).abs(),
-                    "label {label} quarter {q}: {with:.1} % with, {without:.1} % without"
-                );
-                assert!(
-                    (without - 68.3).abs() > 6.0,
-                    "label {label} quarter {q}: {without:.1} % without"
-                );
+                let what = format!("label {label} quarter {q}");
+                assert_widening_mends(with, without, 6.0, &what);
             }
         }
         // One star fewer than MEAN_HINGES_FROM: the noise hinge alone.
@@ -1614,6 +1607,19 @@ mod width {
             quarter_coverage(&fitted.resolved(), &test, j, q, key),
             quarter_coverage(&global.resolved(), &test, j, q, key),
         )
+    }
+
+    /// The widening brings a quarter's 68.3 % coverage (`with`) to within 0.4 of the distance it
+    /// is off without it (`without`), which must be more than `off` points.
+    fn assert_widening_mends(with: f64, without: f64, off: f64, what: &str) {
+        assert!(
+            (with - 68.3).abs() < 0.4 * (without - 68.3).abs(),
+            "{what}: {with:.1} % with, {without:.1} % without"
+        );
+        assert!(
+            (without - 68.3).abs() > off,
+            "{what}: {without:.1} % without"
+        );
     }
 
     #[test]

@@ -17,7 +17,7 @@ use crate::calibration::{
 };
 use crate::ensemble::ensemble_pass;
 use crate::evaluate::{evaluate_passes, Joint};
-use crate::metrics::Evaluation;
+use crate::metrics::{mean_and_se, Evaluation};
 use crate::posterior::{PosteriorSettings, Sampler};
 use crate::source::EvalSource;
 
@@ -58,13 +58,7 @@ pub fn fit_calibration_with(
         })?,
         CalibrationMethod::Affine => Parts::default(),
     };
-    let mut c = fit_marked(
-        Calibration::fit_parts(&own, method, parts.widen, parts.by_kind),
-        set_seed,
-    );
-    c.width_declined = parts.width_declined;
-    c.kinds_declined = parts.kinds_declined;
-    c.held_out_rule = HELD_OUT_RULE;
+    let mut c = parts.fit(&own, method, set_seed);
     c.epochs_done = state.epochs_done;
     Ok(c)
 }
@@ -78,13 +72,33 @@ struct Parts {
     kinds_declined: bool,
 }
 
+impl Parts {
+    /// The recalibration of `eval` with these parts, marked with what the check declined, the
+    /// rule it chose by, and the calibration set it was fitted on ([`fit_marked`]).
+    fn fit(
+        &self,
+        eval: &Evaluation,
+        method: CalibrationMethod,
+        set_seed: Option<u64>,
+    ) -> Calibration {
+        let mut c = fit_marked(
+            Calibration::fit_parts(eval, method, self.widen, self.by_kind),
+            set_seed,
+        );
+        c.width_declined = self.width_declined;
+        c.kinds_declined = self.kinds_declined;
+        c.held_out_rule = HELD_OUT_RULE;
+        c
+    }
+}
+
 /// Which of the per-star widening ([`crate::WidthMap`]) and the per-kind maps
 /// ([`crate::KindMaps`]) to keep: recalibrations with neither, with the widening, and with both
 /// are fitted on the even-numbered stars of `own` (the posteriors to recalibrate, on the
 /// calibration stars) and scored on the odd-numbered ones by `score` (one more pass over the set,
-/// each setting's posteriors on every star in order), and the richest whose held-out NLL is within
-/// the noise of the lowest is kept ([`richest_within_noise`]). A widening acts about each posterior's mean, which pulls the
-/// modes of a two-mode posterior apart: measured on 10,000 stars of seed 1001, CNNModel +
+/// each setting's posteriors on every star in order), and the richest whose held-out NLL is
+/// within the noise of the lowest is kept ([`richest_within_noise`]). A widening acts about each
+/// posterior's mean, which pulls the modes of a two-mode posterior apart: measured on 10,000 stars of seed 1001, CNNModel +
 /// full_flow's recalibrated NLL was -2.128 without it and -1.694 with it (its own posteriors
 /// -1.871), while every TinyCNN run and CNNModel's Gaussian flows gained 0.05-0.14. An ensemble's
 /// mixture is where such posteriors are most likely (members that disagree), so its maps pass
@@ -121,7 +135,7 @@ fn held_out_parts(
         .iter()
         .map(|e| odd.iter().map(|&i| e.star_nll_z[i]).collect())
         .collect();
-    let held_out: Vec<f64> = per_star.iter().map(|v| mean(v)).collect();
+    let held_out: Vec<f64> = per_star.iter().map(|v| mean_and_se(v).0).collect();
     tracing::info!(
         global_maps = held_out[0],
         widened = held_out.get(1).copied(),
@@ -157,7 +171,7 @@ const TIE_STANDARD_ERRORS: f64 = 2.0;
 /// standard errors: a widening pulled CNNModel + full_flow's two posterior modes apart at a cost
 /// of 0.43 nats per star.
 fn richest_within_noise(per_star: &[Vec<f64>]) -> usize {
-    let means: Vec<f64> = per_star.iter().map(|v| mean(v)).collect();
+    let means: Vec<f64> = per_star.iter().map(|v| mean_and_se(v).0).collect();
     let best = (0..means.len())
         .min_by(|&a, &b| means[a].total_cmp(&means[b]))
         .unwrap_or(0);
@@ -169,10 +183,7 @@ fn richest_within_noise(per_star: &[Vec<f64>]) -> usize {
                 .zip(&per_star[best])
                 .map(|(a, b)| a - b)
                 .collect();
-            let n = diff.len() as f64;
-            let m = mean(&diff);
-            let var = diff.iter().map(|d| (d - m).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
-            let se = (var / n).sqrt();
+            let (m, se) = mean_and_se(&diff);
             tracing::info!(
                 candidate = k,
                 lowest = best,
@@ -183,10 +194,6 @@ fn richest_within_noise(per_star: &[Vec<f64>]) -> usize {
             m <= TIE_STANDARD_ERRORS * se
         })
         .unwrap_or(best)
-}
-
-fn mean(v: &[f64]) -> f64 {
-    v.iter().sum::<f64>() / v.len().max(1) as f64
 }
 
 /// The stars a config's recalibration is fitted on: its synthetic calibration set when it draws
@@ -256,14 +263,7 @@ pub fn fit_ensemble_calibration(runs: &[PathBuf], sampler: Sampler) -> Result<Ca
             .map(|s| ensemble_pass(runs, &source, s, Joint::Skip))
             .collect()
     })?;
-    let mut c = fit_marked(
-        Calibration::fit_parts(&e, method, parts.widen, parts.by_kind),
-        set_seed,
-    );
-    c.width_declined = parts.width_declined;
-    c.kinds_declined = parts.kinds_declined;
-    c.held_out_rule = HELD_OUT_RULE;
-    Ok(c)
+    Ok(parts.fit(&e, method, set_seed))
 }
 
 /// File in the first run's directory holding the maps of the last ensemble it led, with what
@@ -315,13 +315,9 @@ pub fn load_or_fit_ensemble_calibration(runs: &[PathBuf], sampler: Sampler) -> R
     let path = first.join(ENSEMBLE_CALIBRATION_FILE);
     if let Ok(text) = std::fs::read_to_string(&path) {
         match serde_json::from_str::<EnsembleCalibration>(&text) {
-            // A file from before ensembles went through the held-out check, or of an older rule,
-            // has `held_out_rule` 0 or older: fitted again.
-            Ok(s)
-                if s.fitted_for == fitted_for
-                    && s.calibration.held_out_rule == HELD_OUT_RULE
-                    && s.calibration.fitted_on_config_stars(cfg) =>
-            {
+            // A file from before ensembles went through the held-out check has `held_out_rule` 0:
+            // fitted again, as one of an older rule.
+            Ok(s) if s.fitted_for == fitted_for && s.calibration.current_for(cfg) => {
                 return Ok(s.calibration)
             }
             Ok(_) => tracing::info!(

@@ -241,7 +241,7 @@ pub(crate) fn assemble(
 }
 
 /// Mean and its standard error.
-fn mean_and_se(v: &[f64]) -> (f64, f64) {
+pub(crate) fn mean_and_se(v: &[f64]) -> (f64, f64) {
     let n = v.len() as f64;
     let mean = v.iter().sum::<f64>() / n;
     let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
