@@ -159,10 +159,12 @@ pub struct Calibration {
     pub held_out_rule: u32,
 }
 
-/// The held-out check's current rule, recorded in each calibration it chose: 2, the richest
-/// candidate within two standard errors of the lowest held-out NLL (2026-12-07). Saved maps of
-/// another rule are fitted again, so that a run's maps are the ones the current code fits.
-pub const HELD_OUT_RULE: u32 = 2;
+/// The held-out check's current rule, recorded in each calibration it chose: 3, the richest
+/// candidate within two standard errors of the lowest held-out NLL, every calibration star held
+/// out once over two folds (2026-12-07; rule 2 held out the odd-numbered half only, rule 1 took
+/// the lowest). Saved maps of another rule are fitted again, so that a run's maps are the ones
+/// the current code fits.
+pub const HELD_OUT_RULE: u32 = 3;
 
 impl Calibration {
     /// Fits the maps to an (unscaled) evaluation, normally of the validation split. A label with
