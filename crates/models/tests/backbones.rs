@@ -163,6 +163,13 @@ fn tiny_cnn_pool2_matches_reference() {
 }
 
 #[test]
+fn tiny_cnn_wide_matches_reference() {
+    // At 201 px both k5 64-channel layers (at 201 and 67 outputs) take the Winograd kernels.
+    check_against_reference("tiny_cnn_wide", 2, 201, true, ComputePath::Fast);
+    check_against_reference("tiny_cnn_wide", 3, 201, false, ComputePath::Fast);
+}
+
+#[test]
 fn tiny_cnn_matches_reference_eval() {
     check_against_reference("tiny_cnn", 1, 127, false, ComputePath::Fast);
     check_against_reference("tiny_cnn", 3, 201, false, ComputePath::Fast);

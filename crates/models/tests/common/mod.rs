@@ -228,6 +228,14 @@ pub fn tiny_pool2_blocks(p: f64) -> Vec<RefBlock> {
     blocks
 }
 
+/// TinyCNN with 64 channels in its first three blocks (`tiny_cnn_wide`).
+pub fn tiny_wide_blocks(p: f64) -> Vec<RefBlock> {
+    let mut blocks = tiny_blocks(p);
+    blocks[0].c_out = 64;
+    blocks[1].c_out = 64;
+    blocks
+}
+
 /// The blocks of backbone `kind` with base dropout `p`.
 pub fn blocks_of(kind: &str, p: f64) -> Vec<RefBlock> {
     match kind {
@@ -235,6 +243,7 @@ pub fn blocks_of(kind: &str, p: f64) -> Vec<RefBlock> {
         "tiny_cnn" | "tiny_cnn_readout" => tiny_blocks(p),
         "tiny_cnn_deep" => tiny_deep_blocks(p),
         "tiny_cnn_pool2" => tiny_pool2_blocks(p),
+        "tiny_cnn_wide" => tiny_wide_blocks(p),
         other => panic!("no reference for {other}"),
     }
 }
