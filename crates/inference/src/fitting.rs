@@ -135,10 +135,17 @@ fn held_out_parts(
     if kinds_tried {
         candidates.push((width_tried, true));
     }
+    // Each half's richest fit is its (true, true) candidate when the maps per kind are tried.
     let settings: Vec<_> = halves
         .iter()
-        .flat_map(|h| candidates.iter().map(move |&c| (h, c)))
-        .map(|(h, c)| sampler.with(Some(fit(h, c))))
+        .zip(richest)
+        .flat_map(|(h, rich)| {
+            candidates.iter().map(move |&c| match c {
+                (true, true) => rich.clone(),
+                _ => fit(h, c),
+            })
+        })
+        .map(|c| sampler.with(Some(c)))
         .collect();
     let scored: Vec<Vec<f64>> = score(&settings)?
         .into_iter()

@@ -13,8 +13,9 @@
 //! - `tiny_cnn_readout`: 96 position templates per channel in the length-axis Linear instead of 32.
 //!   At the quick grid it was no better (t_eff 15.10 against 15.05 K, same seed and stars).
 //! - `tiny_cnn_pool2`: the first block pooled by 2, so everything after it runs at half the length.
-//! - `tiny_cnn_wide`: 64 channels instead of 32 in the blocks at full and a third of the resolution.
 //!   At full size it was worse (t_eff 13.1 against 11.8 K after 30 epochs, same host and stars).
+//! - `tiny_cnn_wide`: 64 channels instead of 32 in the blocks at full and a third of the resolution.
+//!   At the quick grid it was no better (log g 0.0528 against 0.0525 dex, same seed and stars).
 
 use candle_core::{Result as CandleResult, Tensor};
 use candle_nn::{linear, Linear, Module, VarBuilder};
@@ -95,7 +96,8 @@ fn pool2_specs(p: f64) -> Vec<BlockSpec> {
 }
 
 /// TinyCNN's blocks with 64 channels instead of 32 in the three blocks before the second pooling,
-/// the ones at full and a third of the resolution: a forward costs ~2.4x TinyCNN's. The hypothesis
+/// the ones at full and a third of the resolution: ~2.4x TinyCNN's multiply-adds in a forward, ~1.6x
+/// its training step measured. The hypothesis
 /// (issue 32): at the full grid TinyCNN underfits. On its own 11,672 training stars its log g
 /// error is 0.036 dex and flat in signal-to-noise, where the marginal CRLB of the brightest stars
 /// is 0.008 (`results/learning-curve`), and halving the full-resolution blocks' work

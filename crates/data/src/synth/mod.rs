@@ -1245,8 +1245,9 @@ pub struct SynthData {
     pub crlb_marginal: Vec<f64>,
 }
 
-/// The per-star random stream: star `i` always gets the same numbers whatever the thread count.
-fn star_rng(seed: u64, i: usize) -> ChaCha8Rng {
+/// The per-star random stream: star `i` always gets the same numbers whatever the thread count
+/// (public so that tools can redraw a set's stars with [`draw_star`]).
+pub fn star_rng(seed: u64, i: usize) -> ChaCha8Rng {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     rng.set_stream(i as u64);
     rng
