@@ -4,6 +4,7 @@ tellurics, edge, microturbulence offset, the tilts, the per-species offsets x_fe
 products with log g; fitted on the even-numbered stars and scored (R^2) on the odd ones.
 
 Usage: python nuisance_regression.py PREDICTIONS.csv DATA_DIR NUISANCES.csv
+PREDICTIONS.csv: `starflow evaluate`'s or cannon_baseline.py's, with a `row` column.
 NUISANCES.csv: `cargo run --release -p starflow-data --example nuisances -- SEED N 4096` for the
 set's seed and size. Needs numpy.
 """
@@ -24,7 +25,12 @@ def main(pred_path, data_dir, nuis_path):
     labels = np.load(os.path.join(data_dir, "labels.npy"))
     nu = np.genfromtxt(nuis_path, delimiter=",", names=True)
     assert np.allclose(nu["log_g"], labels[:, 5], atol=1e-5), "nuisances of another set"
+    # starflow's `*_mean` columns or cannon_baseline.py's `*_pred`; stars without a finite
+    # estimate of every label (a failed Cannon fit) are left out.
     rows = list(csv.DictReader(open(pred_path)))
+    key = "_mean" if "t_eff_mean" in rows[0] else "_pred"
+    est = lambda r, name: float(r[name + key])
+    rows = [r for r in rows if all(np.isfinite(est(r, k)) for k in ("t_eff", "log_g", "fe_h"))]
     idx = np.array([int(r["row"]) for r in rows])
     names = [c for c in nu.dtype.names if c not in ("row", "t_eff", "log_g", "fe_h", "snr")]
     x_nu = np.column_stack([nu[c][idx] for c in names])
@@ -36,7 +42,7 @@ def main(pred_path, data_dir, nuis_path):
     bright = snr >= np.quantile(snr, 0.75)
     print(f"{pred_path}: {len(idx)} stars; fitted on the even-numbered, scored on the odd")
     for name, j in (("t_eff", 4), ("log_g", 5), ("fe_h", 6)):
-        e = np.array([float(r[name + "_mean"]) for r in rows]) - labels[idx, j]
+        e = np.array([est(r, name) for r in rows]) - labels[idx, j]
 
         def held_out_residual(x, where):
             b, *_ = np.linalg.lstsq(x[fit & where], e[fit & where], rcond=None)
