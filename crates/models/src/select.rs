@@ -15,6 +15,7 @@ pub const BACKBONE_NAMES: &[&str] = &[
     "tiny_cnn_readout",
     "tiny_cnn_pool2",
     "tiny_cnn_wide",
+    "tiny_cnn_skip",
 ];
 
 /// Builds the backbone called `name` (one of [`BACKBONE_NAMES`]) with parameters from `vb`.
@@ -26,6 +27,7 @@ pub fn backbone(name: &str, cfg: &BackboneConfig, vb: VarBuilder) -> Result<Box<
         "tiny_cnn_readout" => Ok(Box::new(crate::tiny_cnn::tiny_cnn_readout(cfg, vb)?)),
         "tiny_cnn_pool2" => Ok(Box::new(crate::tiny_cnn::tiny_cnn_pool2(cfg, vb)?)),
         "tiny_cnn_wide" => Ok(Box::new(crate::tiny_cnn::tiny_cnn_wide(cfg, vb)?)),
+        "tiny_cnn_skip" => Ok(Box::new(crate::tiny_cnn::tiny_cnn_skip(cfg, vb)?)),
         _ => Err(ModelError::UnknownBackbone {
             name: name.to_string(),
             valid: BACKBONE_NAMES,

@@ -170,6 +170,12 @@ fn tiny_cnn_wide_matches_reference() {
 }
 
 #[test]
+fn tiny_cnn_skip_matches_reference() {
+    check_against_reference("tiny_cnn_skip", 2, 201, true, ComputePath::Fast);
+    check_against_reference("tiny_cnn_skip", 3, 201, false, ComputePath::Fast);
+}
+
+#[test]
 fn tiny_cnn_matches_reference_eval() {
     check_against_reference("tiny_cnn", 1, 127, false, ComputePath::Fast);
     check_against_reference("tiny_cnn", 3, 201, false, ComputePath::Fast);

@@ -45,6 +45,12 @@ pub struct DataConfig {
     pub augment_noise: f64,
     /// Drop rows with non-finite values instead of failing.
     pub drop_nonfinite: bool,
+    /// Auxiliary training targets: a `.npy` file in `dir` with one row per star of the labels
+    /// file and `model.aux_outputs` columns (a synthetic set's `abundances.npy`: each star's
+    /// drawn abundance offsets; for GALAH, its per-element abundances, blank = NaN = missing).
+    /// The network predicts them beside the labels during training only
+    /// (`crate::aux_targets`). Empty: none.
+    pub aux_file: String,
     /// Split fractions and seed.
     pub train_fraction: f64,
     pub val_fraction: f64,
@@ -68,6 +74,7 @@ impl Default for DataConfig {
             flux_floor: 0.2,
             augment_noise: 0.0,
             drop_nonfinite: false,
+            aux_file: String::new(),
             train_fraction: 0.70,
             val_fraction: 0.15,
             test_fraction: 0.15,
@@ -95,6 +102,9 @@ pub struct ModelConfig {
     pub offdiagonal: starflow_flows::OffDiagonal,
     /// Base dropout probability.
     pub dropout: f64,
+    /// Extra outputs of the backbone's head for the auxiliary targets (`data.aux_file`'s
+    /// columns); part of the checkpoint's shape, so kept for inference, which ignores them.
+    pub aux_outputs: usize,
     /// `fast` (fused CPU kernels) or `stock` (candle's ops; CPU speed comparisons only, its conv1d
     /// backward is wrong in candle 0.11.1).
     #[serde(with = "named")]
@@ -110,6 +120,7 @@ impl Default for ModelConfig {
             flow_kernels: 10,
             offdiagonal: starflow_flows::OffDiagonal::Absolute,
             dropout: 0.1,
+            aux_outputs: 0,
             compute_path: starflow_models::ComputePath::Fast,
         }
     }
@@ -145,6 +156,9 @@ pub struct OptimConfig {
     pub offdiagonal_warmup_epochs: usize,
     /// Stop with an error after this many consecutive non-finite steps.
     pub max_bad_steps: usize,
+    /// Weight of the auxiliary targets' mean squared z-error in the training loss (0 with
+    /// `data.aux_file` set: predicted but not trained).
+    pub aux_weight: f64,
 }
 
 impl Default for OptimConfig {
@@ -164,6 +178,7 @@ impl Default for OptimConfig {
             patience: 0,
             offdiagonal_warmup_epochs: 0,
             max_bad_steps: 20,
+            aux_weight: 1.0,
         }
     }
 }
@@ -263,6 +278,14 @@ const SETTINGS: &[Setting] = &[
         Accepts::Text("true or false"),
         Check::Type,
     ),
+    Setting::new(
+        "data.aux_file",
+        Accepts::Text("a file name in data.dir, with model.aux_outputs > 0; empty for none"),
+        Check::Custom(|c| {
+            let (file, k) = (&c.data.aux_file, c.model.aux_outputs);
+            (!file.is_empty() && k == 0).then(|| Invalid::new("data.aux_file", file))
+        }),
+    ),
     Setting::number(
         "data.train_fraction",
         "a number in (0, 1], with train + val + test = 1",
@@ -308,6 +331,7 @@ const SETTINGS: &[Setting] = &[
         |c| c.model.dropout,
         |x| (0.0..0.5).contains(&x),
     ),
+    Setting::count("model.aux_outputs", |c| c.model.aux_outputs, 0, 4_096),
     Setting::named::<starflow_models::ComputePath>("model.compute_path"),
     Setting::count("optim.batch_size", |c| c.optim.batch_size, 1, 65_536),
     Setting::count("optim.epochs", |c| c.optim.epochs, 1, 100_000),
@@ -367,6 +391,12 @@ const SETTINGS: &[Setting] = &[
         |c| c.optim.max_bad_steps,
         1,
         1_000_000,
+    ),
+    Setting::number(
+        "optim.aux_weight",
+        "a number >= 0",
+        |c| c.optim.aux_weight,
+        |x| x.is_finite() && x >= 0.0,
     ),
     Setting::seed("run.seed"),
     Setting::new(

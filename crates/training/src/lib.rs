@@ -6,6 +6,7 @@
 //! directory format (see [`run`]); it knows nothing of inference,
 //! command lines, tables or plots.
 
+pub mod aux_targets;
 pub mod config;
 pub mod error;
 pub mod model;

@@ -29,6 +29,9 @@ pub struct StarModel {
     pub varmap: VarMap,
     /// The backbone's device (`run.device`); the flow runs on [`FLOW_DEVICE`].
     pub device: Device,
+    /// Head outputs after the flow's parameters, for the auxiliary targets
+    /// (`model.aux_outputs`; [`crate::aux_targets`]).
+    pub aux_outputs: usize,
 }
 
 impl std::fmt::Debug for StarModel {
@@ -186,7 +189,7 @@ impl StarModel {
     ) -> Result<Self> {
         let flow = build_flow(cfg, dim)?;
         let bcfg = BackboneConfig {
-            n_params: flow.n_params(),
+            n_params: flow.n_params() + cfg.model.aux_outputs,
             input_len,
             dropout: cfg.model.dropout,
             path: cfg.model.compute_path,
@@ -198,6 +201,7 @@ impl StarModel {
             flow,
             varmap,
             device: device.clone(),
+            aux_outputs: cfg.model.aux_outputs,
         })
     }
 
@@ -208,23 +212,34 @@ impl StarModel {
     /// nothing for a backward pass and the result is detached, so these parameters carry no
     /// gradient.
     pub fn params(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        Ok(self.outputs(x, train)?.0)
+    }
+
+    /// [`StarModel::params`], and the auxiliary outputs `(b, aux_outputs)` in f64 on the host
+    /// when the model has any.
+    pub fn outputs(&self, x: &Tensor, train: bool) -> Result<(Tensor, Option<Tensor>)> {
         let forward = || self.backbone.forward_t(x, train);
         let theta = if train {
             forward()?
         } else {
             starflow_models::ops::inference(forward)?.detach()
         };
-        Ok(theta.to_device(&FLOW_DEVICE)?.to_dtype(DType::F64)?)
+        let host =
+            |t: Tensor| -> Result<Tensor> { Ok(t.to_device(&FLOW_DEVICE)?.to_dtype(DType::F64)?) };
+        if self.aux_outputs == 0 {
+            return Ok((host(theta)?, None));
+        }
+        let p = self.flow.n_params();
+        let aux = host(theta.narrow(1, p, self.aux_outputs)?)?;
+        Ok((host(theta.narrow(1, 0, p)?)?, Some(aux)))
     }
 
     /// Per-star negative log-likelihood `(b,)` of z-scored labels `y: (b, d)`.
     pub fn nll(&self, x: &Tensor, y: &Tensor, train: bool) -> Result<Tensor> {
-        self.nll_gated(x, y, train, true)
+        self.nll_of(self.params(x, train)?, y, true)
     }
 
-    /// [`StarModel::nll`], with the off-diagonal outputs of a full-covariance layer held at zero
-    /// (and so given no gradient) unless `offdiagonal`: the warm-up of
-    /// `optim.offdiagonal_warmup_epochs`.
+    /// [`StarModel::nll`] with the off-diagonal gate of [`StarModel::nll_of`].
     pub fn nll_gated(
         &self,
         x: &Tensor,
@@ -232,7 +247,14 @@ impl StarModel {
         train: bool,
         offdiagonal: bool,
     ) -> Result<Tensor> {
-        let mut params = self.params(x, train)?;
+        self.nll_of(self.params(x, train)?, y, offdiagonal)
+    }
+
+    /// The per-star negative log-likelihood `(b,)` of `y` under flow parameters `params` (from
+    /// [`StarModel::outputs`]), with the off-diagonal outputs of a full-covariance layer held at
+    /// zero (and so given no gradient) unless `offdiagonal`: the warm-up of
+    /// `optim.offdiagonal_warmup_epochs`.
+    pub fn nll_of(&self, mut params: Tensor, y: &Tensor, offdiagonal: bool) -> Result<Tensor> {
         let cols = self.offdiagonal_columns();
         if !offdiagonal && !cols.is_empty() {
             let p = self.flow.n_params();

@@ -6,9 +6,11 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use starflow_data::{
-    epoch_order, Batcher, Dataset, FluxTransform, LabelScaler, LoadOptions, Split, SplitFractions,
+    epoch_order, Batch, Batcher, Dataset, FluxTransform, LabelScaler, LoadOptions, Split,
+    SplitFractions,
 };
 
+use crate::aux_targets::{masked_mse, AuxTargets};
 use crate::config::{DataConfig, Named, TrainConfig};
 use crate::error::{Result, TrainError};
 use crate::model::{device, StarModel};
@@ -525,6 +527,10 @@ struct Trainer<'o> {
     attempts: u64,
     /// Non-finite steps in a row; training stops at `optim.max_bad_steps`.
     consecutive_bad: usize,
+    /// The auxiliary targets (`data.aux_file`), and the epoch's running sum of their loss over
+    /// applied steps (logged at the epoch's end).
+    aux: Option<AuxTargets>,
+    aux_loss_sum: f64,
 }
 
 impl<'o> Trainer<'o> {
@@ -540,12 +546,31 @@ impl<'o> Trainer<'o> {
         // The device first: a GPU this build or machine lacks is refused before anything is
         // generated.
         let dev = device(cfg.run.device.name())?;
+        if cfg.data.aux_file.is_empty() && cfg.model.aux_outputs > 0 {
+            return Err(TrainError::config(
+                &run.root,
+                format!(
+                    "model.aux_outputs = {} but data.aux_file is empty: name the file of \
+                     auxiliary targets in data.dir, or set model.aux_outputs = 0",
+                    cfg.model.aux_outputs
+                ),
+            ));
+        }
         std::fs::create_dir_all(run.checkpoint_dir())
             .map_err(|e| TrainError::io(run.checkpoint_dir(), e))?;
         run.remove_stale_files(previous.as_ref());
         set_threads(cfg.run.threads);
         let data = prepare_data(&cfg, observer)?;
         let dim = data.scaler.mean.len();
+        let aux = match cfg.data.aux_file.as_str() {
+            "" => None,
+            file => Some(AuxTargets::load(
+                &cfg.data.dir.join(file),
+                &data.dataset,
+                cfg.model.aux_outputs,
+                &data.split.train,
+            )?),
+        };
         let model = StarModel::new(&cfg, data.dataset.n_pix(), dim, &dev)?;
         let adam = Adam::new(
             starflow_models::named_trainable_vars(&model.varmap),
@@ -561,6 +586,8 @@ impl<'o> Trainer<'o> {
             adam,
             attempts: 0,
             consecutive_bad: 0,
+            aux,
+            aux_loss_sum: 0.0,
         };
         match previous {
             Some(st) => t.resume_from(st, observer)?,
@@ -669,6 +696,7 @@ impl<'o> Trainer<'o> {
         }
         observer.epoch_start(epoch, self.cfg.optim.epochs, order.len().div_ceil(bs));
         let (mut sum, mut count, mut skipped) = (0.0, 0usize, 0usize);
+        self.aux_loss_sum = 0.0;
         let augment = NoiseAugment {
             factor: self.cfg.data.augment_noise,
             seed,
@@ -681,7 +709,7 @@ impl<'o> Trainer<'o> {
             } else {
                 self.batcher().batch(rows)?
             };
-            match self.step(epoch, lr, &b.x, &b.y)? {
+            match self.step(epoch, lr, &b)? {
                 (value, true) => {
                     sum += value * b.indices.len() as f64;
                     count += b.indices.len();
@@ -711,28 +739,47 @@ impl<'o> Trainer<'o> {
                 });
             }
         }
+        if let Some(aux) = &self.aux {
+            tracing::info!(
+                epoch,
+                file = %aux.path().display(),
+                mse = mean_or_nan(self.aux_loss_sum, count),
+                "auxiliary targets' mean squared z-error (training stars)"
+            );
+        }
         Ok((mean_or_nan(sum, count), skipped))
     }
 
-    /// One optimiser step on a batch; returns its loss and whether the step was applied (not when
-    /// the loss or the gradient was not finite).
-    fn step(&mut self, epoch: usize, lr: f64, x: &Tensor, y: &Tensor) -> Result<(f64, bool)> {
+    /// One optimiser step on a batch; returns its mean NLL and whether the step was applied (not
+    /// when the loss or the gradient was not finite). With auxiliary targets the loss minimised is
+    /// the mean NLL plus `optim.aux_weight` times their masked mean squared z-error.
+    fn step(&mut self, epoch: usize, lr: f64, b: &Batch) -> Result<(f64, bool)> {
         self.pause_if(self.opts.pause_at == Some(PauseAt::Step(self.attempts)));
         let offdiagonal = epoch >= self.cfg.optim.offdiagonal_warmup_epochs;
-        let nll = self.model.nll_gated(x, y, true, offdiagonal)?;
+        let (params, aux_pred) = self.model.outputs(&b.x, true)?;
+        let nll = self.model.nll_of(params, &b.y, offdiagonal)?;
         let mut loss = nll.mean_all()?;
+        let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let mut aux_value = 0.0;
+        if let (Some(aux), Some(pred)) = (&self.aux, aux_pred) {
+            let (target, mask) = aux.batch(&b.indices)?;
+            let mse = masked_mse(&pred, &target, &mask)?;
+            aux_value = mse.to_scalar::<f64>()?;
+            loss = (loss + (mse * self.cfg.optim.aux_weight)?)?;
+        }
         if self.opts.inject_nan_steps.contains(&self.attempts) {
             loss = (loss * f64::NAN)?;
         }
         self.attempts += 1;
-        let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        let applied = value.is_finite() && self.adam.step(&loss.backward()?, lr)?.applied;
+        let total = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let applied = total.is_finite() && self.adam.step(&loss.backward()?, lr)?.applied;
         if applied {
             self.consecutive_bad = 0;
+            self.aux_loss_sum += aux_value * b.indices.len() as f64;
         } else {
             self.consecutive_bad += 1;
         }
-        Ok((value, applied))
+        Ok((if total.is_finite() { value } else { total }, applied))
     }
 
     /// The validation NLL in eval mode.

@@ -345,3 +345,67 @@ fn full_gaussian_starts_and_warms_up_as_the_diagonal_gaussian() {
         assert!((x - y).abs() < 1e-4 * x.abs().max(1.0), "{na:?} vs {nb:?}");
     }
 }
+
+/// Auxiliary targets (`data.aux_file`): extra head rows trained beside the flow. With weight 0 the
+/// run is the plain run exactly (the extra rows get no gradient and the shared weights start the
+/// same, `seeded_init` drawing row-major); with weight 1 it differs; a file of the wrong shape is
+/// the user's to fix, named.
+#[test]
+fn auxiliary_targets_train_extra_head_rows_and_a_bad_file_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let plain_cfg = tiny(&data, "diagonal_gaussian", "tiny_cnn");
+    let plain = dir.path().join("plain");
+    train(&plain_cfg, &opts(&plain), &Quiet).unwrap();
+    // Targets that follow the labels (t_eff and fe_h), one entry missing.
+    let labels = starflow_data::npy::NpyArray::open(data.join("labels.npy"))
+        .unwrap()
+        .to_f64_vec();
+    let n = labels.len() / 8;
+    let mut aux: Vec<f64> = (0..n)
+        .flat_map(|i| [labels[i * 8 + 4], labels[i * 8 + 6]])
+        .collect();
+    aux[3] = f64::NAN;
+    starflow_data::npy::write_npy(data.join("aux.npy"), &[n, 2], &aux).unwrap();
+    let with = |weight: f64, outputs: usize| {
+        let mut cfg = plain_cfg.clone();
+        cfg.data.aux_file = "aux.npy".into();
+        cfg.model.aux_outputs = outputs;
+        cfg.optim.aux_weight = weight;
+        cfg
+    };
+    let zero = dir.path().join("zero");
+    train(&with(0.0, 2), &opts(&zero), &Quiet).unwrap();
+    assert_eq!(
+        metrics_without_seconds(&plain),
+        metrics_without_seconds(&zero)
+    );
+    let one = dir.path().join("one");
+    train(&with(1.0, 2), &opts(&one), &Quiet).unwrap();
+    assert_ne!(
+        metrics_without_seconds(&plain),
+        metrics_without_seconds(&one)
+    );
+    // The trained run loads (inference ignores the extra rows) and gives finite NLLs.
+    let (_, model) = starflow_training::load_run(&one).unwrap();
+    assert_eq!(model.aux_outputs, 2);
+
+    let e = train(&with(1.0, 3), &opts(&dir.path().join("bad")), &Quiet).unwrap_err();
+    assert!(e.is_user_error(), "{e}");
+    let msg = e.to_string();
+    for needle in ["aux.npy", "has 2 columns", "model.aux_outputs = 3"] {
+        assert!(msg.contains(needle), "{msg} lacks {needle:?}");
+    }
+    let mut unpaired = plain_cfg.clone();
+    unpaired.data.aux_file = "aux.npy".into();
+    let e = unpaired
+        .validate(Path::new("my.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("data.aux_file"), "{e}");
+    let mut headless = plain_cfg.clone();
+    headless.model.aux_outputs = 2;
+    let e = train(&headless, &opts(&dir.path().join("headless")), &Quiet).unwrap_err();
+    assert!(e.is_user_error(), "{e}");
+    assert!(e.to_string().contains("data.aux_file is empty"), "{e}");
+}

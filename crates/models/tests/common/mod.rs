@@ -240,7 +240,7 @@ pub fn tiny_wide_blocks(p: f64) -> Vec<RefBlock> {
 pub fn blocks_of(kind: &str, p: f64) -> Vec<RefBlock> {
     match kind {
         "cnn" => cnn_blocks(p),
-        "tiny_cnn" | "tiny_cnn_readout" => tiny_blocks(p),
+        "tiny_cnn" | "tiny_cnn_readout" | "tiny_cnn_skip" => tiny_blocks(p),
         "tiny_cnn_deep" => tiny_deep_blocks(p),
         "tiny_cnn_pool2" => tiny_pool2_blocks(p),
         "tiny_cnn_wide" => tiny_wide_blocks(p),
@@ -502,13 +502,37 @@ pub fn reference(
         let (w2, b2) = (get("model.30.weight"), get("model.30.bias"));
         let a0 = linear_fwd(&h.v, b * c, l, wl, bl, nf);
         let r0: Vec<f64> = a0.iter().map(|v| v.max(0.0)).collect();
-        let a1 = linear_fwd(&r0, b, c * nf, w1, b1, 128);
+        // `tiny_cnn_skip`: a Linear from the input pixels, joined after each star's trunk features.
+        let skip = params
+            .get("skip.weight")
+            .map(|ws| (ws, get("skip.bias"), ws.len() / len));
+        let ns = skip.map_or(0, |s| s.2);
+        let s_out = skip.map(|(ws, bs, ns)| linear_fwd(x, b, len, ws, bs, ns));
+        let (nt, nj) = (c * nf, c * nf + ns);
+        let joined: Vec<f64> = (0..b)
+            .flat_map(|i| {
+                let tail = s_out.as_ref().map_or(&[][..], |s| &s[i * ns..(i + 1) * ns]);
+                r0[i * nt..(i + 1) * nt].iter().chain(tail).copied()
+            })
+            .collect();
+        let a1 = linear_fwd(&joined, b, nj, w1, b1, 128);
         let r1: Vec<f64> = a1.iter().map(|v| v.max(0.0)).collect();
         y = linear_fwd(&r1, b, 128, w2, b2, n_params);
         dh = dy.map(|dy| {
             let (mut dr1, dw2, db2) = linear_bwd(&r1, b, 128, w2, n_params, dy);
             relu_mask(&mut dr1, &a1);
-            let (mut dr0, dw1, db1) = linear_bwd(&r0, b, c * nf, w1, 128, &dr1);
+            let (djoined, dw1, db1) = linear_bwd(&joined, b, nj, w1, 128, &dr1);
+            let mut dr0: Vec<f64> = (0..b)
+                .flat_map(|i| djoined[i * nj..i * nj + nt].iter().copied())
+                .collect();
+            if let Some((ws, _, ns)) = skip {
+                let ds: Vec<f64> = (0..b)
+                    .flat_map(|i| djoined[i * nj + nt..(i + 1) * nj].iter().copied())
+                    .collect();
+                let (_, dws, dbs) = linear_bwd(x, b, len, ws, ns, &ds);
+                grads.insert("skip.weight".to_string(), dws);
+                grads.insert("skip.bias".to_string(), dbs);
+            }
             relu_mask(&mut dr0, &a0);
             let (dh, dwl, dbl) = linear_bwd(&h.v, b * c, l, wl, nf, &dr0);
             for (n, g) in [
