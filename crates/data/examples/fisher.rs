@@ -7,26 +7,14 @@
 //! `cargo run --release -p starflow-data --example fisher -- SEED N [PIXELS_PER_CAMERA] > out.csv`
 
 use starflow_data::synth::{
-    draw_star, nuisance_param_names, nuisance_prior_precision, star_rng, Model, SynthConfig,
+    draw_star, nuisance_param_names, nuisance_prior_precision, star_rng, Model,
 };
 
+#[path = "common/set_args.rs"]
+mod set_args;
+
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let arg = |i: usize, default: usize| match args.get(i) {
-        None => default,
-        Some(v) => v.parse().unwrap_or_else(|_| {
-            eprintln!(
-                "fisher: `{v}` is not a whole number; usage: fisher SEED N [PIXELS_PER_CAMERA]"
-            );
-            std::process::exit(2)
-        }),
-    };
-    let cfg = SynthConfig {
-        seed: arg(0, 42) as u64,
-        n: arg(1, 100),
-        pixels_per_camera: arg(2, 4096),
-        ..SynthConfig::default()
-    };
+    let cfg = set_args::synth_config("fisher", 100);
     let model = Model::new(&cfg);
     let mut scratch = model.crlb_scratch();
     let names = nuisance_param_names();

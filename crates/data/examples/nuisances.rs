@@ -4,25 +4,13 @@
 //!
 //! `cargo run --release -p starflow-data --example nuisances -- SEED N [PIXELS_PER_CAMERA] > out.csv`
 
-use starflow_data::synth::{draw_star, lines::N_SPECIES, star_rng, SynthConfig};
+use starflow_data::synth::{draw_star, lines::N_SPECIES, star_rng};
+
+#[path = "common/set_args.rs"]
+mod set_args;
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let arg = |i: usize, default: usize| {
-        match args.get(i) {
-        None => default,
-        Some(v) => v.parse().unwrap_or_else(|_| {
-            eprintln!("nuisances: `{v}` is not a whole number; usage: nuisances SEED N [PIXELS_PER_CAMERA]");
-            std::process::exit(2)
-        }),
-    }
-    };
-    let cfg = SynthConfig {
-        seed: arg(0, 42) as u64,
-        n: arg(1, 1000),
-        pixels_per_camera: arg(2, 4096),
-        ..SynthConfig::default()
-    };
+    let cfg = set_args::synth_config("nuisances", 1000);
     let mut header = vec!["row,t_eff,log_g,fe_h,snr,a_li,telluric,edge,d_xi".to_string()];
     header.extend((0..4).map(|c| format!("tilt{c}_offset,tilt{c}_slope")));
     header.extend((0..N_SPECIES).map(|s| format!("x_fe{s}")));
