@@ -7,7 +7,9 @@
 //! apart is in the spectrum (the marginal Cramér–Rao bound counts them), but the NLL of three
 //! labels gives the network no direct signal to pull the offsets apart from log g. Asking it to
 //! predict them as well is that signal. GALAH DR4 publishes per-element abundances, so a real-data
-//! user has such targets too; a synthetic set writes its drawn ones as `abundances.npy`.
+//! user has such targets too. `starflow synth` does not write a synthetic set's drawn ones: the
+//! `nuisances` example of `starflow-data` prints them (`results/learning-curve/scripts/aux_screen.sh`
+//! turns them into `abundances.npy`).
 //!
 //! The file (`data.aux_file` in `data.dir`) holds one row per star of the labels file, any number
 //! of columns (`model.aux_outputs`). A non-finite entry is a missing value (GALAH leaves
@@ -58,12 +60,12 @@ impl AuxTargets {
             ));
         }
         let all = arr.to_f64_vec();
-        let mut raw = Vec::with_capacity(dataset.len() * k);
+        // The usable stars' rows, then z-scored column by column in place.
+        let mut z = Vec::with_capacity(dataset.len() * k);
         for i in 0..dataset.len() {
             let r = dataset.file_row(i);
-            raw.extend_from_slice(&all[r * k..(r + 1) * k]);
+            z.extend_from_slice(&all[r * k..(r + 1) * k]);
         }
-        let mut z = raw;
         for c in 0..k {
             let (mean, std) = column_stats(train.iter().map(|&i| z[i * k + c]));
             if !(std.is_finite() && std > 0.0) {
@@ -83,11 +85,6 @@ impl AuxTargets {
             k,
             path: file.to_path_buf(),
         })
-    }
-
-    /// Columns per star.
-    pub fn width(&self) -> usize {
-        self.k
     }
 
     /// The file the targets came from.

@@ -46,8 +46,8 @@ pub struct DataConfig {
     /// Drop rows with non-finite values instead of failing.
     pub drop_nonfinite: bool,
     /// Auxiliary training targets: a `.npy` file in `dir` with one row per star of the labels
-    /// file and `model.aux_outputs` columns (a synthetic set's `abundances.npy`: each star's
-    /// drawn abundance offsets; for GALAH, its per-element abundances, blank = NaN = missing).
+    /// file and `model.aux_outputs` columns (for GALAH, its per-element abundances, blank = NaN =
+    /// missing; for a synthetic set, the drawn offsets the `nuisances` example prints).
     /// The network predicts them beside the labels during training only
     /// (`crate::aux_targets`). Empty: none.
     pub aux_file: String,
