@@ -67,10 +67,16 @@ pub struct EvaluateArgs {
     /// the same ensemble; --raw for the mixture as it is).
     #[arg(long = "member", value_name = "RUN")]
     pub members: Vec<PathBuf>,
-    /// Output directory (default RUN/eval-<split>, or RUN/eval-data for --data/--spectra;
-    /// `-raw` is appended with --raw, `-ensemble` with --member, `-ensemble-raw` with both).
+    /// Output directory (default RUN/eval-<split>, or for --data/--spectra RUN/eval-data-<NAME>,
+    /// NAME the data's directory (or the spectra file's stem when it is not spectra.npy); `-raw`
+    /// is appended with --raw, `-ensemble` with --member, `-ensemble-raw` with both). An
+    /// evaluation of the same stars there is replaced; one of other stars is kept (exit 2)
+    /// unless --force.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Replace an evaluation of other stars in the output directory.
+    #[arg(long)]
+    pub force: bool,
     #[command(flatten)]
     pub posterior: PosteriorArgs,
 }
@@ -520,37 +526,27 @@ pub fn evaluate(a: &EvaluateArgs) -> anyhow::Result<()> {
         _ => EvalSource::Split(a.split.clone()),
     };
     source.check_quickly(&a.run)?;
-    let (e, suffix) = if a.members.is_empty() {
+    let suffix = match (a.members.is_empty(), a.posterior.raw) {
+        (true, false) => "",
+        (true, true) => "-raw",
+        (false, false) => "-ensemble",
+        (false, true) => "-ensemble-raw",
+    };
+    let dir = a
+        .out
+        .clone()
+        .unwrap_or_else(|| a.run.join(format!("eval-{}{suffix}", source.folder_name())));
+    refuse_other_evaluation(&dir, &source, a.force)?;
+    let e = if a.members.is_empty() {
         let cal = a.posterior.calibration(&a.run, || None)?;
-        let e = starflow_inference::evaluate_on(
-            &a.run,
-            &source,
-            &a.posterior.sampler().with(cal.clone()),
-        )?;
-        (e, if cal.is_some() { "" } else { "-raw" })
+        starflow_inference::evaluate_on(&a.run, &source, &a.posterior.sampler().with(cal))?
     } else {
         let runs: Vec<PathBuf> = std::iter::once(a.run.clone())
             .chain(a.members.iter().cloned())
             .collect();
         let cal = a.posterior.ensemble_calibration(&runs)?;
-        let e = starflow_inference::evaluate_ensemble(
-            &runs,
-            &source,
-            &a.posterior.sampler().with(cal.clone()),
-        )?;
-        (
-            e,
-            if cal.is_some() {
-                "-ensemble"
-            } else {
-                "-ensemble-raw"
-            },
-        )
+        starflow_inference::evaluate_ensemble(&runs, &source, &a.posterior.sampler().with(cal))?
     };
-    let dir = a
-        .out
-        .clone()
-        .unwrap_or_else(|| a.run.join(format!("eval-{}{suffix}", source.name())));
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let names: Vec<String> = e.labels.iter().map(|l| l.name.clone()).collect();
     write_text(
@@ -648,6 +644,22 @@ fn interrupt_flag() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
         }
     }
     flag
+}
+
+/// An evaluation of other stars in `dir` is kept unless `force`: the error names what it was of,
+/// what would replace it, and both ways on (exit 2). Checked before the evaluation (minutes).
+fn refuse_other_evaluation(dir: &Path, source: &EvalSource, force: bool) -> Result<(), UserError> {
+    match source.other_evaluation_in(dir) {
+        Some(other) if !force => Err(UserError(format!(
+            "{}: holds {other}; evaluating {} here would replace its predictions.csv and metrics.json; choose another --out, or pass --force to replace it",
+            dir.display(),
+            match source.data_files() {
+                Some(f) => format!("{} and {}", f.spectra, f.labels),
+                None => format!("the run's {} split", source.name()),
+            }
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// An existing table at `out` is kept unless `force`: the error names it, its size and age, and

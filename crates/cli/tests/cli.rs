@@ -4,6 +4,8 @@
 
 mod common;
 
+use std::path::Path;
+
 use common::{starflow, text};
 
 fn synth(dir: &std::path::Path) {
@@ -152,6 +154,71 @@ fn train_evaluate_predict_from_the_command_line() {
     );
 }
 
+/// A second held-out set's evaluation lands in its own folder; pointed with `--out` at the first
+/// set's folder it is refused (exit 2, the first set's files unchanged) unless `--force`; the same
+/// set's evaluation may replace itself.
+fn evaluations_of_two_sets_are_both_kept(d: &Path, run: &Path, held: &Path) {
+    let second = d.join("second");
+    common::synth(&second, 30, 64);
+    let eval = |data: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "evaluate",
+            "--run",
+            run.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--samples",
+            "50",
+        ];
+        args.extend_from_slice(extra);
+        starflow(&args)
+    };
+    let first = run.join("eval-data-held");
+    let before = common::read(&first.join("predictions.csv"));
+    let o = eval(&second, &[]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    assert_eq!(
+        std::fs::read_to_string(run.join("eval-data-second/predictions.csv"))
+            .unwrap()
+            .lines()
+            .count(),
+        31
+    );
+    let o = eval(&second, &["--out", first.to_str().unwrap()]);
+    let (_, se) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{se}");
+    assert!(
+        se.contains("eval-data-held")
+            && se.contains("held/spectra.npy")
+            && se.contains("second/spectra.npy")
+            && se.contains("--force")
+            && !se.contains("panicked"),
+        "{se}"
+    );
+    assert_eq!(common::read(&first.join("predictions.csv")), before);
+    // The same stars again: replaced without a word (the run may have been recalibrated).
+    let o = eval(held, &[]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    let o = eval(&second, &["--out", first.to_str().unwrap(), "--force"]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    let metrics: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(first.join("metrics.json")).unwrap())
+            .unwrap();
+    assert_eq!(metrics["n_stars"], 30);
+    // Nor is a split's evaluation replaced by a set's.
+    common::ok(&[
+        "evaluate",
+        "--run",
+        run.to_str().unwrap(),
+        "--samples",
+        "50",
+    ]);
+    let o = eval(&second, &["--out", run.join("eval-test").to_str().unwrap()]);
+    let (_, se) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{se}");
+    assert!(se.contains("the run's test split"), "{se}");
+}
+
 /// `evaluate --data DIR` scores a run on another labelled set (here one drawn with another seed):
 /// every row is evaluated, the Cramér–Rao ratios come from that set's own bound files, the
 /// figures carry standard errors, and the joint HPD coverage is reported.
@@ -198,9 +265,10 @@ fn evaluate_on_a_held_out_data_set() {
     assert!(so.contains("full_gaussian on data (57 stars)"), "{so}");
     assert!(so.contains(" ± "), "standard errors are printed: {so}");
     assert!(so.contains("joint (3-D HPD regions)"), "{so}");
-    let metrics: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("eval-data/metrics.json")).unwrap())
-            .unwrap();
+    let metrics: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(run.join("eval-data-held/metrics.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(metrics["n_stars"], 57);
     assert_eq!(metrics["joint_coverage"].as_array().unwrap().len(), 2);
     assert!(metrics["nll_se"].as_f64().unwrap() > 0.0);
@@ -214,7 +282,7 @@ fn evaluate_on_a_held_out_data_set() {
         );
         assert!(l["se"]["coverage_68"].as_f64().unwrap() > 0.0, "{l}");
     }
-    let csv = std::fs::read_to_string(run.join("eval-data/predictions.csv")).unwrap();
+    let csv = std::fs::read_to_string(run.join("eval-data-held/predictions.csv")).unwrap();
     assert_eq!(csv.lines().count(), 58);
     assert!(csv.lines().next().unwrap().ends_with(",hpd,nll"), "{csv}");
     // Each star's `nll` is its term of the run's NLL (physical units): their mean is that NLL.
@@ -229,6 +297,14 @@ fn evaluate_on_a_held_out_data_set() {
         (mean - nll).abs() < 1e-9 * nll.abs().max(1.0),
         "{mean} vs {nll}"
     );
+    assert_eq!(
+        metrics["data"]["spectra"].as_str().unwrap(),
+        std::fs::canonicalize(held.join("spectra.npy"))
+            .unwrap()
+            .to_str()
+            .unwrap()
+    );
+    evaluations_of_two_sets_are_both_kept(d, &run, &held);
     // Another pixel grid is refused with the file named.
     let other = d.join("other");
     common::synth(&other, 20, 32);

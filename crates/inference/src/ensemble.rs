@@ -95,6 +95,7 @@ pub(crate) fn ensemble_pass(
         start,
     )?;
     e.standardized_draws = pass.draws;
+    e.data = source.data_files();
     let snr = star_snr(&rows.dataset, &rows.indices);
     e.by_kind = by_kind(&e.stars, &state.scaler.names, snr.as_deref());
     e.by_snr = by_snr(&e.stars, &state.scaler.names, snr.as_deref());

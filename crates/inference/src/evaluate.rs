@@ -152,6 +152,7 @@ pub(crate) fn evaluate_passes(
                 start,
             )?;
             e.standardized_draws = p.draws;
+            e.data = source.data_files();
             e.precisions = p.precisions;
             e.by_kind = by_kind(&e.stars, &state.scaler.names, snr.as_deref());
             e.by_snr = by_snr(&e.stars, &state.scaler.names, snr.as_deref());

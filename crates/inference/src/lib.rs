@@ -50,7 +50,7 @@ pub use fitting::{
 };
 pub use kind_maps::KindMaps;
 pub use marginal::MarginalMap;
-pub use metrics::{Evaluation, LabelErrors, LabelMetrics, POOLED_DRAWS};
+pub use metrics::{DataFiles, Evaluation, LabelErrors, LabelMetrics, POOLED_DRAWS};
 pub use posterior::{chi2_cdf, PosteriorSettings, Sampler, MAX_SAMPLES};
 pub use predict::{
     batches, predict, Fluxes, Predictor, SpectraFile, SpectraRows, SpectraSlice, PREDICT_BATCH,

@@ -58,6 +58,11 @@ pub struct LabelErrors {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Evaluation {
     pub split: String,
+    /// The labelled files evaluated, when they were not a split of the run's own data: two
+    /// evaluations of other sets can be told apart, and `starflow evaluate` refuses to replace
+    /// one set's results with another's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<DataFiles>,
     pub n_stars: usize,
     pub flow: String,
     pub backbone: String,
@@ -175,6 +180,13 @@ impl Evaluation {
     }
 }
 
+/// The labelled files an evaluation was of, as absolute paths ([`Evaluation::data`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataFiles {
+    pub spectra: String,
+    pub labels: String,
+}
+
 /// Samples per star kept in [`Evaluation::standardized_draws`]: with a validation split of a
 /// thousand stars, tens of thousands of draws fix the pooled quantiles far better than the
 /// errors' own are fixed.
@@ -212,6 +224,7 @@ pub(crate) fn assemble(
     let (joint_coverage, joint_coverage_se) = joint_coverage(&stars);
     Ok(Evaluation {
         split: split.to_string(),
+        data: None,
         n_stars: stars.len(),
         flow,
         backbone: state.config.model.backbone.clone(),

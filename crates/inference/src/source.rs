@@ -8,6 +8,8 @@ use starflow_training::error::{Result, TrainError};
 use starflow_training::run::{RunDir, RunState};
 use starflow_training::train::{prepare_data, Prepared, Quiet};
 
+use crate::metrics::DataFiles;
+
 /// Where the stars of an evaluation come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum EvalSource {
@@ -49,6 +51,97 @@ impl EvalSource {
             EvalSource::Files { .. } => "data",
         }
     }
+
+    /// The files of a labelled set as absolute paths (as given where they cannot be resolved),
+    /// which [`crate::Evaluation::data`] records; `None` for a split of the run's own data.
+    pub fn data_files(&self) -> Option<DataFiles> {
+        let EvalSource::Files { spectra, labels } = self else {
+            return None;
+        };
+        let absolute = |p: &Path| {
+            std::fs::canonicalize(p)
+                .unwrap_or_else(|_| p.to_path_buf())
+                .display()
+                .to_string()
+        };
+        Some(DataFiles {
+            spectra: absolute(spectra),
+            labels: absolute(labels),
+        })
+    }
+
+    /// The name of this source's default output folder inside a run, `eval-<this>`: the split, or
+    /// for other files `data-` and the name of the spectra's directory (of the spectra file
+    /// itself when it is not called `spectra.npy`), so that evaluations of two held-out sets
+    /// land side by side instead of one replacing the other.
+    pub fn folder_name(&self) -> String {
+        let EvalSource::Files { spectra, .. } = self else {
+            return self.name().to_string();
+        };
+        let path = std::fs::canonicalize(spectra).unwrap_or_else(|_| spectra.clone());
+        let named = if path.file_name().is_some_and(|f| f == "spectra.npy") {
+            path.parent().and_then(Path::file_name)
+        } else {
+            path.file_stem()
+        };
+        let tag: String = named
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        match tag.as_str() {
+            "" => "data".to_string(),
+            _ => format!("data-{tag}"),
+        }
+    }
+
+    /// What an earlier evaluation in `dir` (its `metrics.json`) was of, when that was not this
+    /// source: a split of the run's data, or other files. `None` when `dir` holds no evaluation,
+    /// or one of the same stars, which a new evaluation may replace (the run recalibrated, say).
+    /// An evaluation of files written before the files were recorded, or a `metrics.json` that
+    /// cannot be read, counts as other stars: nothing says they were these.
+    pub fn other_evaluation_in(&self, dir: &Path) -> Option<String> {
+        let path = dir.join("metrics.json");
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(e) => {
+                return Some(format!(
+                    "an evaluation whose metrics.json cannot be read ({e})"
+                ))
+            }
+        };
+        let Ok(saved) = serde_json::from_str::<SavedSource>(&text) else {
+            return Some("an evaluation whose metrics.json cannot be parsed".into());
+        };
+        let same = match (self, &saved.data) {
+            (EvalSource::Split(s), None) => *s == saved.split,
+            (EvalSource::Files { .. }, Some(files)) => self.data_files().as_ref() == Some(files),
+            _ => false,
+        };
+        (!same).then(|| match saved.data {
+            Some(f) => format!("the evaluation of {} and {}", f.spectra, f.labels),
+            None if saved.split == "data" => {
+                "an evaluation of other files (which ones was not recorded)".into()
+            }
+            None => format!("the evaluation of the run's {} split", saved.split),
+        })
+    }
+}
+
+/// What [`EvalSource::other_evaluation_in`] reads of a saved `metrics.json`.
+#[derive(serde::Deserialize)]
+struct SavedSource {
+    split: String,
+    #[serde(default)]
+    data: Option<DataFiles>,
 }
 
 /// The stars of `source` for a run: the data set, its flux transform, the rows to evaluate and
@@ -170,4 +263,65 @@ fn unknown_split(name: &str, run_dir: &Path) -> TrainError {
 pub(crate) fn star_snr(dataset: &Dataset, indices: &[usize]) -> Option<Vec<f64>> {
     let column = dataset.column("SNR")?;
     Some(indices.iter().map(|&i| column[i]).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files(spectra: &Path) -> EvalSource {
+        EvalSource::Files {
+            spectra: spectra.to_path_buf(),
+            labels: spectra.with_file_name("labels.npy"),
+        }
+    }
+
+    #[test]
+    fn folders_are_named_after_the_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = dir.path().join("held out #2");
+        std::fs::create_dir(&held).unwrap();
+        std::fs::write(held.join("spectra.npy"), b"").unwrap();
+        assert_eq!(EvalSource::dir(&held).folder_name(), "data-held_out__2");
+        assert_eq!(
+            files(&held.join("survey-a.npy")).folder_name(),
+            "data-survey-a"
+        );
+        assert_eq!(EvalSource::Split("val".into()).folder_name(), "val");
+    }
+
+    #[test]
+    fn only_an_evaluation_of_the_same_stars_may_be_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("eval");
+        let a = files(&dir.path().join("a.npy"));
+        let b = files(&dir.path().join("b.npy"));
+        let test = EvalSource::Split("test".into());
+        assert_eq!(a.other_evaluation_in(&out), None, "nothing there yet");
+        std::fs::create_dir(&out).unwrap();
+        let save = |split: &str, data: Option<DataFiles>| {
+            let json = serde_json::json!({ "split": split, "data": data });
+            std::fs::write(out.join("metrics.json"), json.to_string()).unwrap();
+        };
+        save("data", a.data_files());
+        assert_eq!(a.other_evaluation_in(&out), None);
+        let other = b.other_evaluation_in(&out).unwrap();
+        assert!(other.contains("a.npy"), "{other}");
+        assert!(test.other_evaluation_in(&out).is_some());
+        save("test", None);
+        assert_eq!(test.other_evaluation_in(&out), None);
+        assert!(EvalSource::Split("val".into())
+            .other_evaluation_in(&out)
+            .unwrap()
+            .contains("test split"));
+        assert!(a.other_evaluation_in(&out).is_some());
+        // Written before the files were recorded: nothing says they were these.
+        save("data", None);
+        assert!(a
+            .other_evaluation_in(&out)
+            .unwrap()
+            .contains("not recorded"));
+        std::fs::write(out.join("metrics.json"), "{").unwrap();
+        assert!(a.other_evaluation_in(&out).is_some());
+    }
 }
