@@ -274,7 +274,12 @@ fn describe_parts(c: &Calibration) -> String {
             .to_string(),
         (false, None) => "quantile maps".to_string(),
         (false, Some(w)) => format!(
-            "quantile maps after a per-star widening by {}",
+            "quantile maps after a per-star widening{} by {}",
+            match (c.shifts(), c.shift_declined) {
+                (true, _) => " and shift",
+                (false, true) => " (its shift tried and declined)",
+                (false, false) => "",
+            },
             w.covariates
                 .iter()
                 .map(|v| match v.name.as_str() {

@@ -13,7 +13,7 @@ use starflow_training::run::{write_text, RunDir};
 use starflow_training::train::{calibration_set, Quiet};
 
 use crate::calibration::{
-    Calibration, CalibrationMethod, CALIBRATION_FILE, CALIBRATION_SET, HELD_OUT_RULE,
+    Calibration, CalibrationMethod, Parts, CALIBRATION_FILE, CALIBRATION_SET, HELD_OUT_RULE,
 };
 use crate::ensemble::ensemble_pass;
 use crate::evaluate::{evaluate_passes, Joint};
@@ -56,7 +56,7 @@ pub fn fit_calibration_with(
         CalibrationMethod::Quantile => held_out_parts(&own, method, sampler, |settings| {
             evaluate_passes(run_dir, &source, settings, Joint::Skip, Some(&mut outputs))
         })?,
-        CalibrationMethod::Affine => Parts::default(),
+        CalibrationMethod::Affine => Chosen::default(),
     };
     let mut c = parts.fit(&own, method, set_seed);
     c.epochs_done = state.epochs_done;
@@ -65,14 +65,14 @@ pub fn fit_calibration_with(
 
 /// Which optional parts of a recalibration [`held_out_parts`] kept, and which it declined.
 #[derive(Debug, Default, PartialEq)]
-struct Parts {
-    widen: bool,
-    by_kind: bool,
+struct Chosen {
+    parts: Parts,
     width_declined: bool,
+    shift_declined: bool,
     kinds_declined: bool,
 }
 
-impl Parts {
+impl Chosen {
     /// The recalibration of `eval` with these parts, marked with what the check declined, the
     /// rule it chose by, and the calibration set it was fitted on ([`fit_marked`]).
     fn fit(
@@ -82,22 +82,24 @@ impl Parts {
         set_seed: Option<u64>,
     ) -> Calibration {
         let mut c = fit_marked(
-            Calibration::fit_parts(eval, method, self.widen, self.by_kind),
+            Calibration::fit_form(eval, method, self.parts, eval.stars.len()),
             set_seed,
         );
         c.width_declined = self.width_declined;
+        c.shift_declined = self.shift_declined;
         c.kinds_declined = self.kinds_declined;
         c.held_out_rule = HELD_OUT_RULE;
         c
     }
 }
 
-/// Which of the per-star widening ([`crate::WidthMap`]) and the per-kind maps
-/// ([`crate::KindMaps`]) to keep, by two-fold cross-fitting on the calibration stars of `own`
-/// (the posteriors to recalibrate): recalibrations with neither, with the widening, and with both
-/// are fitted on the even-numbered stars and scored on the odd-numbered ones, and fitted on the
-/// odd and scored on the even, by `score` (one more pass over the set per fold, each setting's
-/// posteriors on every star in order). Every calibration star is so scored once by maps that did
+/// Which of the per-star widening ([`crate::WidthMap`]), its shifts of the posteriors' centres
+/// and the per-kind maps ([`crate::KindMaps`]) to keep, by two-fold cross-fitting on the
+/// calibration stars of `own` (the posteriors to recalibrate): recalibrations with none, with the
+/// widening, with its shifts (where its form has them), and with the maps per kind (where the set
+/// is large enough) are fitted on the even-numbered stars and scored on the odd-numbered ones,
+/// and fitted on the odd and scored on the even, by `score` (one more pass over the set per fold,
+/// each setting's posteriors on every star in order). Every calibration star is so scored once by maps that did
 /// not see it, and the richest candidate whose held-out NLL is within the noise of the lowest is
 /// kept ([`richest_within_noise`]). A widening acts about each posterior's mean, which pulls the
 /// modes of a two-mode posterior apart: measured on 10,000 stars of seed 1001, CNNModel +
@@ -114,36 +116,56 @@ fn held_out_parts(
     method: CalibrationMethod,
     sampler: Sampler,
     mut score: impl FnMut(&[PosteriorSettings]) -> Result<Vec<Evaluation>>,
-) -> Result<Parts> {
+) -> Result<Chosen> {
     let (even, odd): (Vec<usize>, Vec<usize>) = (0..own.stars.len()).partition(|i| i % 2 == 0);
     let halves = [own.subset(&even), own.subset(&odd)];
-    // The widening each half-fit tries is the form the whole set gets (`fit_parts_as`).
-    let fit = |half: &Evaluation, (widen, by_kind): (bool, bool)| {
-        Calibration::fit_parts_as(half, method, widen, by_kind, own.stars.len())
+    // The widening each half-fit tries is the form the whole set gets (`fit_form`).
+    let fit = |half: &Evaluation, parts: Parts| {
+        Calibration::fit_form(half, method, parts, own.stars.len())
     };
-    let richest: Vec<Calibration> = halves.iter().map(|h| fit(h, (true, true))).collect();
+    let all = Parts {
+        widen: true,
+        shift: true,
+        by_kind: true,
+    };
+    let richest: Vec<Calibration> = halves.iter().map(|h| fit(h, all)).collect();
     // A part is tried only where both folds fitted it.
     let width_tried = richest.iter().all(|c| c.width.is_some());
+    let shift_tried = richest.iter().all(Calibration::shifts);
     let kinds_tried = richest.iter().all(|c| c.kinds.is_some());
     if !width_tried && !kinds_tried {
-        return Ok(Parts::default());
+        return Ok(Chosen::default());
     }
-    let mut candidates = vec![(false, false)];
+    // From the simplest to the richest.
+    let mut candidates = vec![Parts::default()];
     if width_tried {
-        candidates.push((true, false));
+        candidates.push(Parts {
+            widen: true,
+            ..Parts::default()
+        });
+    }
+    if shift_tried {
+        candidates.push(Parts {
+            widen: true,
+            shift: true,
+            by_kind: false,
+        });
     }
     if kinds_tried {
-        candidates.push((width_tried, true));
+        candidates.push(Parts {
+            widen: width_tried,
+            shift: shift_tried,
+            by_kind: true,
+        });
     }
-    // Each half's richest fit is its (true, true) candidate when the maps per kind are tried.
+    // Each half's richest fit is its last candidate when every part is tried.
     let settings: Vec<_> = halves
         .iter()
         .zip(richest)
         .flat_map(|(h, rich)| {
-            candidates.iter().map(move |&c| match c {
-                (true, true) => rich.clone(),
-                _ => fit(h, c),
-            })
+            candidates
+                .iter()
+                .map(move |&c| if c == all { rich.clone() } else { fit(h, c) })
         })
         .map(|c| sampler.with(Some(c)))
         .collect();
@@ -153,18 +175,21 @@ fn held_out_parts(
         .collect();
     let per_star = cross_fitted(&scored, candidates.len());
     let held_out: Vec<f64> = per_star.iter().map(|v| mean_and_se(v).0).collect();
-    tracing::info!(
-        global_maps = held_out[0],
-        widened = width_tried.then(|| held_out[1]),
-        widened_and_by_kind = kinds_tried.then(|| held_out[held_out.len() - 1]),
-        "recalibration parts: held-out NLL of the calibration stars (two folds)"
-    );
-    let (widen, by_kind) = candidates[richest_within_noise(&per_star)];
-    Ok(Parts {
-        widen,
-        by_kind,
-        width_declined: width_tried && !widen,
-        kinds_declined: kinds_tried && !by_kind,
+    for (parts, nll) in candidates.iter().zip(&held_out) {
+        tracing::info!(
+            widen = parts.widen,
+            shift = parts.shift,
+            by_kind = parts.by_kind,
+            held_out_nll = nll,
+            "recalibration parts: held-out NLL of the calibration stars (two folds)"
+        );
+    }
+    let parts = candidates[richest_within_noise(&per_star)];
+    Ok(Chosen {
+        parts,
+        width_declined: width_tried && !parts.widen,
+        shift_declined: shift_tried && parts.widen && !parts.shift,
+        kinds_declined: kinds_tried && !parts.by_kind,
     })
 }
 

@@ -36,8 +36,9 @@ pub mod star;
 pub mod train_run;
 
 pub use calibration::{
-    Calibration, CalibrationMethod, WidthCovariate, WidthMap, CALIBRATION_FILE, CALIBRATION_SET,
-    HELD_OUT_RULE, MIN_CALIBRATION_STARS, MIN_WIDTH_STARS, NOISE_COVARIATE, PARAMETRIC_WIDTH_BELOW,
+    Calibration, CalibrationMethod, Parts, WidthCovariate, WidthMap, CALIBRATION_FILE,
+    CALIBRATION_SET, HELD_OUT_RULE, MIN_CALIBRATION_STARS, MIN_WIDTH_STARS, NOISE_COVARIATE,
+    PARAMETRIC_WIDTH_BELOW,
 };
 pub use ensemble::evaluate_ensemble;
 pub use evaluate::{
