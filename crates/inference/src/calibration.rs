@@ -1492,7 +1492,7 @@ mod min_stars {
 }
 
 #[cfg(test)]
-mod width {
+pub(crate) mod width {
     use super::*;
     use crate::metrics::LabelMetrics;
     use rand::{Rng, SeedableRng};
@@ -1509,7 +1509,7 @@ mod width {
     }
 
     /// `n` stars with unit model widths, their noise levels, type covariates and errors.
-    fn stars(n: usize, seed: u64) -> Vec<StarPrediction> {
+    pub(crate) fn stars(n: usize, seed: u64) -> Vec<StarPrediction> {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         (0..n)
             .map(|row| {
@@ -1536,7 +1536,7 @@ mod width {
             .collect()
     }
 
-    fn evaluation(stars: Vec<StarPrediction>) -> Evaluation {
+    pub(crate) fn evaluation(stars: Vec<StarPrediction>) -> Evaluation {
         Evaluation {
             n_stars: stars.len(),
             labels: ["t_eff", "log_g", "fe_h"]
@@ -1552,7 +1552,7 @@ mod width {
         }
     }
 
-    fn summary(s: &StarPrediction) -> PosteriorSummary {
+    pub(crate) fn summary(s: &StarPrediction) -> PosteriorSummary {
         PosteriorSummary {
             mean: s.mean.clone(),
             std: s.std.clone(),

@@ -415,65 +415,22 @@ fn fit_marked(mut c: Calibration, set_seed: Option<u64>) -> Calibration {
 
 #[cfg(test)]
 mod tests {
-    use rand::{Rng, SeedableRng};
-    use rand_distr::{Distribution, StandardNormal};
-    use starflow_flows::PosteriorSummary;
-
     use super::{cross_fitted, held_out_parts, richest_within_noise, Chosen};
-    use crate::calibration::CalibrationMethod;
-    use crate::metrics::{Evaluation, LabelMetrics};
+    use crate::calibration::{width, CalibrationMethod};
+    use crate::metrics::Evaluation;
     use crate::posterior::{PosteriorSettings, Sampler};
-    use crate::star::StarPrediction;
 
-    /// `n` stars with unit model widths whose label-0 errors grow with the noise level (so the
-    /// widening is worth its place) and, on the stars for which `biased` holds (by position), whose
-    /// label-0 truth lies `0.5 z1` below the posterior mean (`z1` the log g mean).
+    /// The calibration tests' stars (errors growing with the noise level and the type, so the
+    /// widening is worth its place), those for which `biased` holds (by position) with their
+    /// label-0 truth `0.5 z1` below the posterior mean (`z1` the log g mean).
     fn stars(n: usize, biased: impl Fn(usize) -> bool) -> Evaluation {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(31);
-        let stars: Vec<StarPrediction> = (0..n)
-            .map(|row| {
-                let noise: f64 = rng.random_range(-4.5..-2.5);
-                let z: [f64; 3] = std::array::from_fn(|_| StandardNormal.sample(&mut rng));
-                let mut truth: Vec<f64> = (0..3)
-                    .map(|j| {
-                        let e: f64 = StandardNormal.sample(&mut rng);
-                        let scale = if j == 0 {
-                            (0.5 * (noise + 3.5)).exp()
-                        } else {
-                            1.0
-                        };
-                        z[j] + scale * e
-                    })
-                    .collect();
-                if biased(row) {
-                    truth[0] -= 0.5 * z[1];
-                }
-                StarPrediction {
-                    row,
-                    mean: z.to_vec(),
-                    std: vec![1.0; 3],
-                    quantiles: vec![[0.0; 5]; 3],
-                    truth: Some(truth),
-                    pit: None,
-                    hpd: None,
-                    nll: None,
-                    noise: Some(noise),
-                }
-            })
-            .collect();
-        Evaluation {
-            n_stars: stars.len(),
-            labels: ["t_eff", "log_g", "fe_h"]
-                .iter()
-                .map(|n| LabelMetrics {
-                    name: n.to_string(),
-                    ..Default::default()
-                })
-                .collect(),
-            label_scale: vec![[0.0, 1.0]; 3],
-            stars,
-            ..Default::default()
+        let mut stars = width::stars(n, 31);
+        for (i, s) in stars.iter_mut().enumerate() {
+            if biased(i) {
+                s.truth.as_mut().unwrap()[0] -= 0.5 * s.mean[1];
+            }
         }
+        width::evaluation(stars)
     }
 
     /// Each star's NLL of its truth under the posteriors of `settings`: the unit Gaussian at the
@@ -485,12 +442,7 @@ mod tests {
             .iter()
             .map(|s| {
                 let t = s.truth.as_ref().unwrap();
-                let summary = PosteriorSummary {
-                    mean: s.mean.clone(),
-                    std: s.std.clone(),
-                    cov: vec![1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0],
-                    quantiles: vec![[0.0; 5]; 3],
-                };
+                let summary = width::summary(s);
                 let (x, log_jacobian) = match &resolved {
                     Some(r) => {
                         let f = r.frame(&summary, s.noise);
